@@ -1,0 +1,3 @@
+// Placeholder replaced in the next commit.
+#include "gtest/gtest.h"
+TEST(DecodeAttentionCpuTest, Builds) {}
