@@ -1,0 +1,94 @@
+// The paged KV cache of one process: fixed-size blocks, a block table per sequence, capacity
+// accounting. Used by attention workers and by the coordinator's in-process attention.
+//
+// Layout (DESIGN.md, the same on every backend and on the wire): per layer, a K pool and a V pool
+// of (num_blocks, num_kv_heads, block_size, head_dim) elements of `dtype`. A block id names the
+// same slot in every layer's pools, so one block table per sequence serves all layers; a block
+// costs 2 * num_layers * num_kv_heads * block_size * head_dim * DTypeSize(dtype) bytes, and
+// capacity_bytes buys floor(capacity_bytes / that) blocks.
+// Errors: a reservation the pool cannot meet is RESOURCE_EXHAUSTED and changes nothing; unknown
+// sequences are NOT_FOUND; out-of-range layers or positions are INVALID_ARGUMENT / OUT_OF_RANGE.
+// Memory: host memory (this class allocates it) or device memory (handed in as an allocation
+// from a backend; the pools' pointers are then device pointers and Write* need that backend).
+// Threads: not thread-safe; the owner serialises calls (the worker service's request loop).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "ferry/kernels/decode_attention.h"
+#include "ferry/kernels/dtype.h"
+
+namespace ferry::kv {
+
+using SequenceId = uint64_t;
+
+struct KvCacheConfig {
+  int num_layers = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  DType dtype = DType::kBFloat16;
+  int block_size = 64;
+  int64_t capacity_bytes = 0;
+};
+
+// Bytes one block takes over all layers, K and V.
+int64_t KvBlockBytes(const KvCacheConfig& config);
+
+class KvCache {
+ public:
+  // Host-memory cache. Fails on a bad config or a capacity of less than one block.
+  static absl::StatusOr<std::unique_ptr<KvCache>> CreateOnHost(const KvCacheConfig& config);
+
+  const KvCacheConfig& config() const { return config_; }
+  int64_t total_blocks() const { return total_blocks_; }
+  int64_t free_blocks() const { return static_cast<int64_t>(free_list_.size()); }
+  int64_t used_bytes() const { return (total_blocks_ - free_blocks()) * KvBlockBytes(config_); }
+  size_t num_sequences() const { return sequences_.size(); }
+
+  absl::Status AddSequence(SequenceId id);
+  bool HasSequence(SequenceId id) const { return sequences_.count(id) != 0; }
+  // Makes room for positions [0, num_positions): allocates blocks as needed; all or nothing.
+  absl::Status Reserve(SequenceId id, int64_t num_positions);
+  // Positions written so far (the sequence's length); advanced by SetLength after writes.
+  absl::StatusOr<int64_t> Length(SequenceId id) const;
+  absl::Status SetLength(SequenceId id, int64_t length);
+  // Returns every block of the sequence to the pool and forgets it.
+  absl::Status FreeSequence(SequenceId id);
+  absl::StatusOr<const std::vector<int32_t>*> BlockTable(SequenceId id) const;
+
+  // Copies K and V rows for positions [first, first + count) of one layer from host memory:
+  // k and v are (count, num_kv_heads, head_dim) in the cache's dtype. Positions must be reserved.
+  absl::Status WriteHost(SequenceId id, int layer, int64_t first, int64_t count, const void* k,
+                         const void* v);
+
+  // The layer's pools as the kernels see them.
+  kernels::PagedKvView LayerView(int layer) const;
+  void* k_pool(int layer) { return pools_.data() + PoolOffset(layer, /*is_v=*/false); }
+  void* v_pool(int layer) { return pools_.data() + PoolOffset(layer, /*is_v=*/true); }
+
+ private:
+  struct Sequence {
+    std::vector<int32_t> blocks;
+    int64_t length = 0;
+  };
+
+  KvCache(const KvCacheConfig& config, int64_t total_blocks);
+  int64_t PoolBytes() const;
+  int64_t PoolOffset(int layer, bool is_v) const {
+    return (2 * int64_t{layer} + (is_v ? 1 : 0)) * PoolBytes();
+  }
+  absl::StatusOr<Sequence*> Find(SequenceId id);
+
+  KvCacheConfig config_;
+  int64_t total_blocks_;
+  std::vector<uint8_t> pools_;  // per layer: K pool then V pool
+  std::vector<int32_t> free_list_;
+  std::unordered_map<SequenceId, Sequence> sequences_;
+};
+
+}  // namespace ferry::kv
