@@ -26,9 +26,10 @@ struct KvSpan {
 // Floats of K (and of V) converted to float32 per chunk: 8 KiB each, so both stay in L1.
 constexpr int kSpanChunkFloats = 2048;
 
-// Floats of scratch AttendSpan needs per call: K and V chunks, scores, running max and sum.
+// Floats of scratch AttendSpan needs per call: K and V chunks, scores (rows padded by up to one
+// vector of 16), running max and sum.
 constexpr int64_t AttendSpanScratchFloats(int head_dim, int group) {
-  return 2 * kSpanChunkFloats + int64_t{group} * (kSpanChunkFloats / head_dim + 2);
+  return 2 * kSpanChunkFloats + int64_t{group} * (kSpanChunkFloats / head_dim + 16 + 2);
 }
 
 // Attention of `group` query heads (q_scaled: (group, head_dim), softmax scale already applied)

@@ -1,0 +1,153 @@
+// CPU decode attention bandwidth, beside the machine's memcpy and plain-read bandwidth measured
+// in the same run. Reports GB/s of K+V read and the ratio to each baseline.
+//
+//   build/bin/bench_cpu_decode_attention [--threads=N] [--benchmark_filter=...]
+//
+// memcpy GB/s counts bytes read plus bytes written (a copy of B bytes moves 2B); read GB/s is a
+// multi-threaded sum over a buffer far larger than the caches. Attention GB/s counts the K and V
+// bytes of the attended ranges (each read once).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "benchmark/benchmark.h"
+#include "decode_problem.h"
+#include "ferry/kernels/cpu_attention.h"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using ferry::kernels::ThreadPool;
+
+int g_threads = 0;
+ThreadPool& Pool() {
+  static ThreadPool pool(g_threads);
+  return pool;
+}
+
+std::map<std::string, std::vector<double>>& Bandwidths() {
+  static std::map<std::string, std::vector<double>> samples;
+  return samples;
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+constexpr int64_t kBaselineBytes = int64_t{1} << 30;  // 1 GiB: far past any cache
+
+void BM_Memcpy(benchmark::State& state) {
+  std::vector<uint8_t> src(kBaselineBytes, 1), dst(kBaselineBytes, 0);
+  ThreadPool& pool = Pool();
+  const int64_t parts = pool.num_threads();
+  for (auto _ : state) {
+    const auto start = Clock::now();
+    pool.ParallelFor(parts, [&](int64_t p) {
+      const int64_t begin = kBaselineBytes * p / parts, end = kBaselineBytes * (p + 1) / parts;
+      std::memcpy(dst.data() + begin, src.data() + begin, end - begin);
+    });
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    state.SetIterationTime(seconds);
+    Bandwidths()["memcpy"].push_back(2.0 * kBaselineBytes / seconds / 1e9);
+  }
+  benchmark::DoNotOptimize(dst.data());
+  state.SetBytesProcessed(state.iterations() * 2 * kBaselineBytes);
+}
+BENCHMARK(BM_Memcpy)->UseManualTime()->Iterations(8)->Unit(benchmark::kMillisecond);
+
+void BM_Read(benchmark::State& state) {
+  std::vector<uint64_t> data(kBaselineBytes / 8, 3);
+  ThreadPool& pool = Pool();
+  const int64_t parts = pool.num_threads();
+  std::vector<uint64_t> sums(parts);
+  for (auto _ : state) {
+    const auto start = Clock::now();
+    pool.ParallelFor(parts, [&](int64_t p) {
+      const int64_t n = data.size();
+      uint64_t a = 0, b = 0, c = 0, d = 0;
+      for (int64_t i = n * p / parts; i + 4 <= n * (p + 1) / parts; i += 4) {
+        a += data[i]; b += data[i + 1]; c += data[i + 2]; d += data[i + 3];
+      }
+      sums[p] = a + b + c + d;
+    });
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    state.SetIterationTime(seconds);
+    Bandwidths()["read"].push_back(kBaselineBytes / seconds / 1e9);
+  }
+  benchmark::DoNotOptimize(sums.data());
+  state.SetBytesProcessed(state.iterations() * kBaselineBytes);
+}
+BENCHMARK(BM_Read)->UseManualTime()->Iterations(8)->Unit(benchmark::kMillisecond);
+
+// Args: batch, q heads, kv heads, context, head dim, dtype (0 bf16, 1 fp16, 2 fp32).
+void BM_DecodeAttention(benchmark::State& state) {
+  ferry::kernels::reference::DecodeProblemShape shape;
+  const int batch = state.range(0);
+  shape.seq_lens.assign(batch, static_cast<int32_t>(state.range(3)));
+  shape.num_q_heads = state.range(1);
+  shape.num_kv_heads = state.range(2);
+  shape.head_dim = state.range(4);
+  shape.dtype = state.range(5) == 0   ? ferry::DType::kBFloat16
+                : state.range(5) == 1 ? ferry::DType::kFloat16
+                                      : ferry::DType::kFloat32;
+  shape.block_size = 64;
+  auto problem = ferry::kernels::reference::MakeRandomDecodeProblem(shape, 42);
+  const auto args = problem.Args();
+  ThreadPool& pool = Pool();
+  char name[128];
+  std::snprintf(name, sizeof(name), "decode b=%d hq=%d hkv=%d ctx=%d d=%d %s", batch,
+                shape.num_q_heads, shape.num_kv_heads, shape.seq_lens[0], shape.head_dim,
+                std::string(ferry::DTypeName(shape.dtype)).c_str());
+  for (auto _ : state) {
+    const auto start = Clock::now();
+    if (!ferry::kernels::DecodeAttentionCpu(args, pool).ok()) state.SkipWithError("failed");
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    state.SetIterationTime(seconds);
+    Bandwidths()[name].push_back(problem.kv_bytes_read() / seconds / 1e9);
+  }
+  state.SetBytesProcessed(state.iterations() * problem.kv_bytes_read());
+  state.SetLabel(std::string(ferry::DTypeName(shape.dtype)) + " " +
+                 ferry::kernels::CpuKernelIsa());
+}
+BENCHMARK(BM_DecodeAttention)
+    ->ArgNames({"batch", "hq", "hkv", "ctx", "d", "dtype"})
+    ->Args({1, 32, 8, 131072, 128, 0})
+    ->Args({1, 32, 8, 32768, 128, 0})
+    ->Args({8, 32, 8, 32768, 128, 0})
+    ->Args({1, 32, 32, 32768, 128, 0})
+    ->Args({64, 32, 8, 4096, 128, 0})
+    ->Args({1, 32, 8, 32768, 64, 0})
+    ->Args({1, 32, 8, 32768, 256, 0})
+    ->Args({1, 32, 8, 32768, 128, 1})
+    ->Args({1, 32, 8, 32768, 128, 2})
+    ->UseManualTime()
+    ->MinTime(1.0)
+    ->Unit(benchmark::kMillisecond);
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--threads=", 10) == 0) g_threads = std::atoi(argv[i] + 10);
+  }
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  const double memcpy_bw = Median(Bandwidths()["memcpy"]);
+  const double read_bw = Median(Bandwidths()["read"]);
+  std::printf("\nthreads %d, isa %s; baselines (median): memcpy %.2f GB/s (read+write), "
+              "read %.2f GB/s\n",
+              Pool().num_threads(), ferry::kernels::CpuKernelIsa(), memcpy_bw, read_bw);
+  std::printf("%-46s %10s %10s %10s\n", "case", "GB/s", "/memcpy", "/read");
+  for (const auto& [name, samples] : Bandwidths()) {
+    if (name == "memcpy" || name == "read") continue;
+    const double bw = Median(samples);
+    std::printf("%-46s %10.2f %10.2f %10.2f\n", name.c_str(), bw, bw / memcpy_bw, bw / read_bw);
+  }
+  return 0;
+}
