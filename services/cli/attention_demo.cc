@@ -1,4 +1,4 @@
-#include "attention_demo.h"
+#include "services/cli/attention_demo.h"
 
 #include <algorithm>
 #include <chrono>
