@@ -3,6 +3,9 @@
 
 #include "CLI/CLI.hpp"
 #include "attention_demo.h"
+#include "model_commands.h"
+#include "spdlog/sinks/stdout_color_sinks.h"
+#include "spdlog/spdlog.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"ferry: heterogeneous attention-offloading runtime"};
@@ -27,14 +30,79 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 4096));
   attention->add_option("--seed", attention_options.seed);
 
+  CLI::App* model = app.add_subcommand("model", "model checkpoints");
+  model->require_subcommand(1);
+  ferry::cli::MakeTinyFlags tiny;
+  CLI::App* make_tiny = model->add_subcommand(
+      "make-tiny", "write a small deterministic random checkpoint in Hugging Face layout");
+  make_tiny->add_option("--out", tiny.options.out_dir, "output folder")->required();
+  make_tiny->add_option("--arch", tiny.arch, "llama, mistral or qwen2")
+      ->check(CLI::IsMember({"llama", "mistral", "qwen2"}));
+  make_tiny->add_option("--layers", tiny.options.num_layers)->check(CLI::Range(1, 256));
+  make_tiny->add_option("--hidden", tiny.options.hidden_size)->check(CLI::Range(2, 65536));
+  make_tiny->add_option("--intermediate", tiny.options.intermediate_size, "0: 2 * hidden")
+      ->check(CLI::Range(0, 262144));
+  make_tiny->add_option("--heads", tiny.options.num_heads)->check(CLI::Range(1, 1024));
+  make_tiny->add_option("--kv-heads", tiny.options.num_kv_heads)->check(CLI::Range(1, 1024));
+  make_tiny->add_option("--head-dim", tiny.options.head_dim, "0: hidden / heads")
+      ->check(CLI::Range(0, 1024));
+  make_tiny->add_option("--vocab", tiny.options.vocab_size)->check(CLI::Range(4, 1 << 22));
+  make_tiny->add_option("--seed", tiny.options.seed);
+  make_tiny->add_option("--dtype", tiny.dtype, "bf16, fp16 or fp32")
+      ->check(CLI::IsMember({"bf16", "fp16", "fp32"}));
+  make_tiny->add_option("--max-positions", tiny.options.max_positions)
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
+  make_tiny->add_flag("--tie-embeddings", tiny.options.tie_word_embeddings);
+  make_tiny->add_flag("--attention-bias", tiny.options.attention_bias, "llama: q/k/v/o biases");
+  make_tiny->add_option("--rope", tiny.rope, "default or llama3")
+      ->check(CLI::IsMember({"default", "llama3"}));
+  make_tiny->add_option("--rope-theta", tiny.options.rope_theta);
+  make_tiny->add_option("--config-form", tiny.config_form, "transformers key form: 4 or 5")
+      ->check(CLI::IsMember({4, 5}));
+
+  ferry::cli::GenerateLocalOptions gen;
+  CLI::App* generate = app.add_subcommand("generate", "generate tokens");
+  bool local = false;
+  generate->add_flag("--local", local, "in-process generation (the only mode so far)");
+  generate->add_option("--model", gen.model_dir, "Hugging Face model folder")->required();
+  auto* prompt_opt = generate->add_option("--prompt", gen.prompt, "prompt text (needs tokenizer.json)");
+  auto* ids_opt = generate->add_option("--prompt-ids", gen.prompt_ids, "prompt token ids")
+                      ->delimiter(',');
+  prompt_opt->excludes(ids_opt);
+  generate->add_option("--max-tokens", gen.max_tokens, "new tokens")->check(CLI::Range(0, 1 << 24));
+  generate->add_option("--temperature", gen.temperature, "0: greedy")->check(CLI::Range(0.0, 100.0));
+  generate->add_option("--top-p", gen.top_p)->check(CLI::Range(0.0, 1.0));
+  generate->add_option("--top-k", gen.top_k, "0: off")->check(CLI::Range(0, 1 << 24));
+  generate->add_option("--seed", gen.seed);
+  generate->add_flag("--ignore-eos", gen.ignore_eos);
+  generate->add_flag("--json", gen.json, "JSON lines on stdout");
+  generate->add_flag("--strict", gen.strict, "refuse checkpoints with unused tensors");
+  generate->add_option("--threads", gen.threads, "attention threads")->check(CLI::Range(1, 1024));
+  generate->add_option("--kv-dtype", gen.kv_dtype, "in-process KV cache dtype")
+      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
+  generate->add_option("--dump-logits", gen.dump_logits,
+                       "write the logits that chose the last token to this JSON file");
+
   CLI11_PARSE(app, argc, argv);
 
+  // Logs go to stderr so that stdout carries only tokens (or JSON lines).
+  spdlog::set_default_logger(spdlog::stderr_color_mt("ferry"));
+
+  absl::Status status;
   if (attention->parsed()) {
-    const absl::Status status = ferry::cli::RunAttentionDemo(attention_options);
-    if (!status.ok()) {
-      std::fprintf(stderr, "ferry: %s\n", status.ToString().c_str());
-      return 1;
+    status = ferry::cli::RunAttentionDemo(attention_options);
+  } else if (make_tiny->parsed()) {
+    status = ferry::cli::RunMakeTiny(tiny);
+  } else if (generate->parsed()) {
+    if (!local) {
+      status = absl::UnimplementedError("generate: only --local is available so far");
+    } else {
+      status = ferry::cli::RunGenerateLocal(gen);
     }
+  }
+  if (!status.ok()) {
+    std::fprintf(stderr, "ferry: %s\n", status.ToString().c_str());
+    return 1;
   }
   return 0;
 }
