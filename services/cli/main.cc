@@ -6,6 +6,9 @@
 #include "CLI/CLI.hpp"
 #include "services/cli/attention_demo.h"
 #include "services/cli/cluster_commands.h"
+#include "services/cli/model_commands.h"
+#include "spdlog/sinks/stdout_color_sinks.h"
+#include "spdlog/spdlog.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"ferry: heterogeneous attention-offloading runtime"};
@@ -30,6 +33,59 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 4096));
   attention->add_option("--seed", attention_options.seed);
 
+  CLI::App* model = app.add_subcommand("model", "model checkpoints");
+  model->require_subcommand(1);
+  ferry::cli::MakeTinyFlags tiny;
+  CLI::App* make_tiny = model->add_subcommand(
+      "make-tiny", "write a small deterministic random checkpoint in Hugging Face layout");
+  make_tiny->add_option("--out", tiny.options.out_dir, "output folder")->required();
+  make_tiny->add_option("--arch", tiny.arch, "llama, mistral or qwen2")
+      ->check(CLI::IsMember({"llama", "mistral", "qwen2"}));
+  make_tiny->add_option("--layers", tiny.options.num_layers)->check(CLI::Range(1, 256));
+  make_tiny->add_option("--hidden", tiny.options.hidden_size)->check(CLI::Range(2, 65536));
+  make_tiny->add_option("--intermediate", tiny.options.intermediate_size, "0: 2 * hidden")
+      ->check(CLI::Range(0, 262144));
+  make_tiny->add_option("--heads", tiny.options.num_heads)->check(CLI::Range(1, 1024));
+  make_tiny->add_option("--kv-heads", tiny.options.num_kv_heads)->check(CLI::Range(1, 1024));
+  make_tiny->add_option("--head-dim", tiny.options.head_dim, "0: hidden / heads")
+      ->check(CLI::Range(0, 1024));
+  make_tiny->add_option("--vocab", tiny.options.vocab_size)->check(CLI::Range(4, 1 << 22));
+  make_tiny->add_option("--seed", tiny.options.seed);
+  make_tiny->add_option("--dtype", tiny.dtype, "bf16, fp16 or fp32")
+      ->check(CLI::IsMember({"bf16", "fp16", "fp32"}));
+  make_tiny->add_option("--max-positions", tiny.options.max_positions)
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 24));
+  make_tiny->add_flag("--tie-embeddings", tiny.options.tie_word_embeddings);
+  make_tiny->add_flag("--attention-bias", tiny.options.attention_bias, "llama: q/k/v/o biases");
+  make_tiny->add_option("--rope", tiny.rope, "default or llama3")
+      ->check(CLI::IsMember({"default", "llama3"}));
+  make_tiny->add_option("--rope-theta", tiny.options.rope_theta);
+  make_tiny->add_option("--config-form", tiny.config_form, "transformers key form: 4 or 5")
+      ->check(CLI::IsMember({4, 5}));
+
+  ferry::cli::GenerateLocalOptions gen;
+  CLI::App* generate = app.add_subcommand("generate", "generate tokens");
+  bool local = false;
+  generate->add_flag("--local", local, "in-process generation (the only mode so far)");
+  generate->add_option("--model", gen.model_dir, "Hugging Face model folder")->required();
+  auto* prompt_opt = generate->add_option("--prompt", gen.prompt, "prompt text (needs tokenizer.json)");
+  auto* ids_opt = generate->add_option("--prompt-ids", gen.prompt_ids, "prompt token ids")
+                      ->delimiter(',');
+  prompt_opt->excludes(ids_opt);
+  generate->add_option("--max-tokens", gen.max_tokens, "new tokens")->check(CLI::Range(0, 1 << 24));
+  generate->add_option("--temperature", gen.temperature, "0: greedy")->check(CLI::Range(0.0, 100.0));
+  generate->add_option("--top-p", gen.top_p)->check(CLI::Range(0.0, 1.0));
+  generate->add_option("--top-k", gen.top_k, "0: off")->check(CLI::Range(0, 1 << 24));
+  generate->add_option("--seed", gen.seed);
+  generate->add_flag("--ignore-eos", gen.ignore_eos);
+  generate->add_flag("--json", gen.json, "JSON lines on stdout");
+  generate->add_flag("--strict", gen.strict, "refuse checkpoints with unused tensors");
+  generate->add_option("--threads", gen.threads, "attention threads")->check(CLI::Range(1, 1024));
+  generate->add_option("--kv-dtype", gen.kv_dtype, "in-process KV cache dtype")
+      ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
+  generate->add_option("--dump-logits", gen.dump_logits,
+                       "write the logits that chose the last token to this JSON file");
+
   CLI::App* cluster = app.add_subcommand("cluster", "inspect and change the cluster");
   cluster->require_subcommand(1);
   std::string coordinator = "127.0.0.1:50051";
@@ -38,37 +94,45 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   cluster->add_option("--timeout-ms", timeout_ms, "deadline of each call")
       ->check(CLI::Range(1, 600000));
-  CLI::App* status = cluster->add_subcommand("status", "table of workers");
+  CLI::App* cluster_status = cluster->add_subcommand("status", "table of workers");
   CLI::App* drain = cluster->add_subcommand("drain", "drain a worker: its KV moves, it leaves");
   std::string drain_id;
   drain->add_option("id", drain_id, "worker id")->required();
   // Let `ferry cluster status --coordinator=X` pass the parent's options after the subcommand.
-  status->fallthrough();
+  cluster_status->fallthrough();
   drain->fallthrough();
 
   CLI11_PARSE(app, argc, argv);
 
-  auto fail = [](const absl::Status& status) {
+  // Logs go to stderr so that stdout carries only tokens (or JSON lines).
+  spdlog::set_default_logger(spdlog::stderr_color_mt("ferry"));
+
+  absl::Status status;
+  const std::chrono::milliseconds timeout(timeout_ms);
+  if (cluster_status->parsed()) {
+    auto workers = ferry::cli::ListWorkers(coordinator, timeout);
+    status = workers.status();
+    if (workers.ok()) ferry::cli::PrintWorkerTable(*workers, std::cout);
+  } else if (drain->parsed()) {
+    auto state = ferry::cli::DrainWorker(coordinator, drain_id, timeout);
+    status = state.status();
+    if (state.ok()) {
+      std::printf("worker %s: %s\n", drain_id.c_str(), ferry::v1::WorkerState_Name(*state).c_str());
+    }
+  } else if (attention->parsed()) {
+    status = ferry::cli::RunAttentionDemo(attention_options);
+  } else if (make_tiny->parsed()) {
+    status = ferry::cli::RunMakeTiny(tiny);
+  } else if (generate->parsed()) {
+    if (!local) {
+      status = absl::UnimplementedError("generate: only --local is available so far");
+    } else {
+      status = ferry::cli::RunGenerateLocal(gen);
+    }
+  }
+  if (!status.ok()) {
     std::fprintf(stderr, "ferry: %s\n", status.ToString().c_str());
     return 1;
-  };
-  const std::chrono::milliseconds timeout(timeout_ms);
-  if (status->parsed()) {
-    auto workers = ferry::cli::ListWorkers(coordinator, timeout);
-    if (!workers.ok()) return fail(workers.status());
-    ferry::cli::PrintWorkerTable(*workers, std::cout);
-    return 0;
-  }
-  if (drain->parsed()) {
-    auto state = ferry::cli::DrainWorker(coordinator, drain_id, timeout);
-    if (!state.ok()) return fail(state.status());
-    std::printf("worker %s: %s\n", drain_id.c_str(), ferry::v1::WorkerState_Name(*state).c_str());
-    return 0;
-  }
-
-  if (attention->parsed()) {
-    const absl::Status demo_status = ferry::cli::RunAttentionDemo(attention_options);
-    if (!demo_status.ok()) return fail(demo_status);
   }
   return 0;
 }

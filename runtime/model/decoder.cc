@@ -1,0 +1,106 @@
+#include "runtime/model/decoder.h"
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "ferry/status.h"
+#include "runtime/model/dense_ops.h"
+
+namespace ferry::model {
+
+Decoder::Decoder(const Model& model, AttentionStep& attention)
+    : model_(model),
+      attention_(attention),
+      inv_freq_(RopeInvFreq(model.config.rope, model.config.head_dim)) {}
+
+absl::Status Decoder::Forward(std::span<const SeqChunk> chunks, std::vector<float>* logits) {
+  const ModelConfig& c = model_.config;
+  const int hidden = c.hidden_size, hd = c.head_dim, inter = c.intermediate_size;
+  const int q_out = c.num_heads * hd, kv_out = c.num_kv_heads * hd;
+  const int qkv_out = q_out + 2 * kv_out;
+
+  rows_.clear();
+  for (const SeqChunk& chunk : chunks) {
+    if (chunk.tokens.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("decoder: empty chunk for sequence ", chunk.seq));
+    }
+    for (size_t i = 0; i < chunk.tokens.size(); ++i) {
+      const int32_t token = chunk.tokens[i];
+      if (token < 0 || token >= c.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("decoder: token id ", token,
+                                                       " is outside the vocabulary [0, ",
+                                                       c.vocab_size, ")"));
+      }
+      const int64_t position = chunk.start_position + static_cast<int64_t>(i);
+      if (position >= c.max_position_embeddings) {
+        return absl::OutOfRangeError(absl::StrCat("decoder: position ", position,
+                                                  " is beyond max_position_embeddings ",
+                                                  c.max_position_embeddings));
+      }
+      rows_.push_back(StepRow{chunk.seq, position});
+    }
+  }
+  const int64_t n = static_cast<int64_t>(rows_.size());
+  FERRY_RETURN_IF_ERROR(attention_.BeginStep(rows_));
+
+  x_.resize(n * hidden);
+  h_.resize(n * hidden);
+  qkv_.resize(n * qkv_out);
+  q_.resize(n * q_out);
+  k_.resize(n * kv_out);
+  v_.resize(n * kv_out);
+  attn_.resize(n * q_out);
+  gate_up_.resize(n * 2 * inter);
+  act_.resize(n * inter);
+  cos_sin_.resize(n * hd);
+
+  int64_t r = 0;
+  for (const SeqChunk& chunk : chunks) {
+    for (int32_t token : chunk.tokens) {
+      std::memcpy(&x_[r * hidden], &model_.embed[int64_t{token} * hidden], hidden * sizeof(float));
+      RopeCosSin(inv_freq_, rows_[r].position, &cos_sin_[r * hd]);
+      ++r;
+    }
+  }
+
+  for (int l = 0; l < c.num_layers; ++l) {
+    const LayerWeights& w = model_.layers[l];
+    RmsNorm(x_.data(), w.input_norm.data(), n, hidden, c.rms_norm_eps, h_.data());
+    Linear(h_.data(), n, hidden, w.wqkv.data(), qkv_out, w.bqkv.empty() ? nullptr : w.bqkv.data(),
+           qkv_.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const float* row = &qkv_[i * qkv_out];
+      float* q = &q_[i * q_out];
+      float* k = &k_[i * kv_out];
+      std::memcpy(q, row, q_out * sizeof(float));
+      std::memcpy(k, row + q_out, kv_out * sizeof(float));
+      std::memcpy(&v_[i * kv_out], row + q_out + kv_out, kv_out * sizeof(float));
+      ApplyRope(q, c.num_heads, hd, &cos_sin_[i * hd]);
+      ApplyRope(k, c.num_kv_heads, hd, &cos_sin_[i * hd]);
+    }
+    FERRY_RETURN_IF_ERROR(attention_.Attend(l, q_.data(), k_.data(), v_.data(), attn_.data()));
+    Linear(attn_.data(), n, q_out, w.wo.data(), hidden, w.bo.empty() ? nullptr : w.bo.data(),
+           x_.data(), /*accumulate=*/true);
+    RmsNorm(x_.data(), w.post_norm.data(), n, hidden, c.rms_norm_eps, h_.data());
+    Linear(h_.data(), n, hidden, w.w_gate_up.data(), 2 * inter, nullptr, gate_up_.data());
+    SwiGlu(gate_up_.data(), n, inter, act_.data());
+    Linear(act_.data(), n, inter, w.w_down.data(), hidden, nullptr, x_.data(), /*accumulate=*/true);
+  }
+  FERRY_RETURN_IF_ERROR(attention_.EndStep());
+
+  // Only each chunk's last row goes through the final norm and the LM head.
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+  last_.resize(num_chunks * hidden);
+  int64_t end = 0;
+  for (int64_t i = 0; i < num_chunks; ++i) {
+    end += static_cast<int64_t>(chunks[i].tokens.size());
+    RmsNorm(&x_[(end - 1) * hidden], model_.final_norm.data(), 1, hidden, c.rms_norm_eps,
+            &last_[i * hidden]);
+  }
+  logits->resize(num_chunks * c.vocab_size);
+  Linear(last_.data(), num_chunks, hidden, model_.lm_head_data(), c.vocab_size, nullptr,
+         logits->data());
+  return absl::OkStatus();
+}
+
+}  // namespace ferry::model

@@ -1,0 +1,43 @@
+// `ferry model make-tiny` and `ferry generate --local`: the CLI's model commands. main.cc parses
+// the flags into these option structs; these functions do the work and return a status whose
+// message the CLI prints. Output: tokens on stdout as they come (or JSON lines with --json), logs
+// on stderr.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "runtime/model/tiny_checkpoint.h"
+
+namespace ferry::cli {
+
+struct MakeTinyFlags {
+  ferry::model::TinyCheckpointOptions options;
+  std::string arch = "llama";   // llama | mistral | qwen2
+  std::string dtype = "bf16";   // bf16 | fp16 | fp32
+  std::string rope = "default"; // default | llama3
+  int config_form = 5;          // transformers key form: 4 or 5
+};
+absl::Status RunMakeTiny(MakeTinyFlags flags);
+
+struct GenerateLocalOptions {
+  std::string model_dir;
+  std::string prompt;
+  std::vector<int32_t> prompt_ids;
+  int max_tokens = 16;
+  double temperature = 0.0;
+  double top_p = 1.0;
+  int top_k = 0;
+  uint64_t seed = 0;
+  bool ignore_eos = false;
+  bool json = false;
+  bool strict = false;
+  int threads = 1;
+  std::string kv_dtype = "fp32";  // the in-process KV cache's dtype
+  std::string dump_logits;        // write the logits that chose the last token (JSON) here
+};
+absl::Status RunGenerateLocal(const GenerateLocalOptions& options);
+
+}  // namespace ferry::cli
