@@ -1,0 +1,279 @@
+#include "runtime/scheduler/batch_scheduler.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "runtime/common/log.h"
+
+namespace ferry::scheduler {
+namespace {
+
+double Milliseconds(std::chrono::steady_clock::duration d) {
+  return std::chrono::duration<double, std::milli>(d).count();
+}
+
+}  // namespace
+
+BatchScheduler::BatchScheduler(model::Decoder& decoder, BatchSchedulerOptions options)
+    : decoder_(decoder), options_(std::move(options)) {
+  thread_ = std::thread([this] { Loop(); });
+}
+
+BatchScheduler::~BatchScheduler() { Stop(); }
+
+absl::StatusOr<uint64_t> BatchScheduler::Submit(GenerationRequest request,
+                                                GenerationCallbacks callbacks) {
+  if (request.prompt.empty()) return absl::InvalidArgumentError("the prompt has no tokens");
+  if (static_cast<int64_t>(request.prompt.size()) > options_.max_prompt_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat("the prompt has more than ",
+                                                   options_.max_prompt_tokens, " tokens"));
+  }
+  const int vocab = decoder_.model().config.vocab_size;
+  for (int32_t token : request.prompt) {
+    if (token < 0 || token >= vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("prompt token ", token, " is outside the vocabulary [0, ", vocab, ")"));
+    }
+  }
+  if (request.max_tokens < 1) return absl::InvalidArgumentError("max_tokens must be >= 1");
+  const int64_t max_positions = decoder_.model().config.max_position_embeddings;
+  if (max_positions > 0 &&
+      static_cast<int64_t>(request.prompt.size()) + request.max_tokens > max_positions) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prompt (", request.prompt.size(), ") + max_tokens (", request.max_tokens,
+        ") exceeds the model's ", max_positions, " positions"));
+  }
+  if (absl::Status valid = model::ValidateSamplingParams(request.sampling); !valid.ok()) {
+    return valid;
+  }
+  if (!callbacks.on_finish) return absl::InvalidArgumentError("on_finish is required");
+
+  auto active = std::make_unique<Active>();
+  active->request = std::move(request);
+  active->callbacks = std::move(callbacks);
+  active->sampler = std::make_unique<model::Sampler>(active->request.sampling);
+  active->submitted = Clock::now();
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (stopping_) return absl::UnavailableError("the scheduler is stopping");
+  if (static_cast<int>(queue_.size()) >= options_.max_queued) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the queue is full (", options_.max_queued, " requests)"));
+  }
+  active->id = next_id_++;
+  const uint64_t id = active->id;
+  queue_.push_back(std::move(active));
+  wake_.notify_all();
+  return id;
+}
+
+void BatchScheduler::Cancel(uint64_t id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  cancelled_.insert(id);
+  wake_.notify_all();
+}
+
+void BatchScheduler::Stop() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+size_t BatchScheduler::running() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return running_count_;
+}
+
+size_t BatchScheduler::queued() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return queue_.size();
+}
+
+int64_t BatchScheduler::steps() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return steps_;
+}
+
+void BatchScheduler::Finish(Active& active, FinishReason reason, const absl::Status& error) {
+  if (active.added_to_attention) {
+    if (absl::Status freed = decoder_.attention().FreeSequence(active.id); !freed.ok()) {
+      FERRY_LOG_ERROR("request {}: freeing its kv failed: {}", active.id, freed.ToString());
+    }
+    active.added_to_attention = false;
+  }
+  const Clock::time_point now = Clock::now();
+  GenerationTimings timings;
+  const bool admitted = active.admitted != Clock::time_point();
+  timings.queue_ms = Milliseconds((admitted ? active.admitted : now) - active.submitted);
+  if (!active.generated.empty()) {
+    timings.time_to_first_token_ms = Milliseconds(active.first_token - active.submitted);
+  }
+  timings.total_ms = Milliseconds(now - active.submitted);
+  timings.prompt_tokens = static_cast<int>(active.request.prompt.size());
+  timings.generated_tokens = static_cast<int>(active.generated.size());
+  active.callbacks.on_finish(reason, error, timings);
+}
+
+void BatchScheduler::TakeCancellations() {
+  std::vector<std::unique_ptr<Active>> cancelled_queued;
+  std::set<uint64_t> cancelled;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (cancelled_.empty()) return;
+    cancelled.swap(cancelled_);
+    for (auto it = queue_.begin(); it != queue_.end();) {
+      if (cancelled.count((*it)->id)) {
+        cancelled_queued.push_back(std::move(*it));
+        it = queue_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (auto& active : cancelled_queued) Finish(*active, FinishReason::kCancelled, absl::OkStatus());
+  for (auto& active : running_) {
+    if (active && cancelled.count(active->id)) {
+      Finish(*active, FinishReason::kCancelled, absl::OkStatus());
+      active.reset();
+    }
+  }
+  std::erase(running_, nullptr);
+}
+
+bool BatchScheduler::Step() {
+  // Decode rows first, so that reading long prompts never stalls generation.
+  struct Part {
+    Active* owner;
+    bool prefill;
+    int64_t tokens;
+  };
+  std::vector<model::SeqChunk> chunks;
+  std::vector<Part> parts;
+  int64_t budget = options_.step_token_budget;
+  for (auto& active : running_) {
+    const int64_t prompt = static_cast<int64_t>(active->request.prompt.size());
+    if (active->prompt_read < prompt || budget <= 0) continue;
+    chunks.push_back({active->id, prompt + static_cast<int64_t>(active->generated.size()) - 1,
+                      std::span<const int32_t>(&active->generated.back(), 1)});
+    parts.push_back({active.get(), false, 1});
+    --budget;
+  }
+  for (auto& active : running_) {
+    const int64_t remaining =
+        static_cast<int64_t>(active->request.prompt.size()) - active->prompt_read;
+    if (remaining <= 0) continue;
+    const int64_t n = std::min<int64_t>({remaining, options_.prefill_chunk_tokens, budget});
+    if (n <= 0) break;
+    chunks.push_back({active->id, active->prompt_read,
+                      std::span<const int32_t>(active->request.prompt.data() + active->prompt_read,
+                                               static_cast<size_t>(n))});
+    parts.push_back({active.get(), true, n});
+    budget -= n;
+  }
+  if (chunks.empty()) return false;
+
+  std::vector<float> logits;
+  const absl::Status status = decoder_.Forward(chunks, &logits);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++steps_;
+  }
+  if (!status.ok()) {
+    // The step changed no sequence's length (AttentionStep's contract), so it can be retried.
+    if (status.code() == absl::StatusCode::kResourceExhausted && parts.size() > 1) {
+      Active* newest = parts[0].owner;
+      for (const Part& part : parts) newest = part.owner->id > newest->id ? part.owner : newest;
+      FERRY_LOG_WARN("request {}: {}; failing it so the others continue", newest->id,
+                     status.ToString());
+      Finish(*newest, FinishReason::kError, status);
+      std::erase_if(running_, [&](const auto& a) { return a.get() == newest; });
+    } else {
+      FERRY_LOG_ERROR("decoder step failed: {}", status.ToString());
+      for (const Part& part : parts) {
+        Finish(*part.owner, FinishReason::kError, status);
+        std::erase_if(running_, [&](const auto& a) { return a.get() == part.owner; });
+      }
+    }
+    return true;
+  }
+
+  const int vocab = decoder_.model().config.vocab_size;
+  std::vector<Active*> finished;
+  for (size_t i = 0; i < parts.size(); ++i) {
+    Active& active = *parts[i].owner;
+    if (parts[i].prefill) {
+      active.prompt_read += parts[i].tokens;
+      if (active.prompt_read < static_cast<int64_t>(active.request.prompt.size())) continue;
+    }
+    const int32_t token = active.sampler->Sample(
+        std::span<const float>(logits.data() + i * static_cast<size_t>(vocab), vocab));
+    if (active.generated.empty()) active.first_token = Clock::now();
+    active.generated.push_back(token);
+    if (active.callbacks.on_token) {
+      active.callbacks.on_token(static_cast<int>(active.generated.size()) - 1, token);
+    }
+    const auto& stops = active.request.stop_tokens;
+    const auto& eos = options_.eos_token_ids;
+    const bool stop = std::find(stops.begin(), stops.end(), token) != stops.end() ||
+                      (!active.request.ignore_eos &&
+                       std::find(eos.begin(), eos.end(), token) != eos.end());
+    if (stop) {
+      Finish(active, FinishReason::kStop, absl::OkStatus());
+      finished.push_back(&active);
+    } else if (static_cast<int>(active.generated.size()) >= active.request.max_tokens) {
+      Finish(active, FinishReason::kLength, absl::OkStatus());
+      finished.push_back(&active);
+    }
+  }
+  std::erase_if(running_, [&](const auto& a) {
+    return std::find(finished.begin(), finished.end(), a.get()) != finished.end();
+  });
+  return true;
+}
+
+void BatchScheduler::Loop() {
+  while (true) {
+    std::vector<std::unique_ptr<Active>> admitted;
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] {
+        return stopping_ || !queue_.empty() || !running_.empty() || !cancelled_.empty();
+      });
+      if (stopping_) break;
+      while (!queue_.empty() &&
+             static_cast<int>(running_.size() + admitted.size()) < options_.max_running) {
+        admitted.push_back(std::move(queue_.front()));
+        queue_.pop_front();
+      }
+    }
+    for (auto& active : admitted) {
+      active->admitted = Clock::now();
+      if (absl::Status added = decoder_.attention().AddSequence(active->id); !added.ok()) {
+        Finish(*active, FinishReason::kError, added);
+        continue;
+      }
+      active->added_to_attention = true;
+      running_.push_back(std::move(active));
+    }
+    TakeCancellations();
+    Step();
+    std::lock_guard<std::mutex> lock(mutex_);
+    running_count_ = running_.size();
+  }
+  // Shutting down: nothing more will run.
+  std::deque<std::unique_ptr<Active>> queued;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    queued.swap(queue_);
+  }
+  const absl::Status stopping = absl::UnavailableError("the scheduler stopped");
+  for (auto& active : running_) Finish(*active, FinishReason::kCancelled, stopping);
+  for (auto& active : queued) Finish(*active, FinishReason::kCancelled, stopping);
+  running_.clear();
+  std::lock_guard<std::mutex> lock(mutex_);
+  running_count_ = 0;
+}
+
+}  // namespace ferry::scheduler

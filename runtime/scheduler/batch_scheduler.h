@@ -1,0 +1,123 @@
+// Continuous batching of generation requests over one Decoder.
+//
+// Submit() queues a request; the scheduler thread admits queued requests at step boundaries (up
+// to max_running), and each step runs one Decoder::Forward over a mixed batch: one decode row
+// for every sequence that is generating, then prefill chunks of the prompts still being read,
+// at most prefill_chunk_tokens per sequence and step_token_budget rows in all, so a long prompt
+// is read over several steps and never stalls the others' decoding. Tokens are sampled per
+// request (its own Sampler and seed) and delivered through the request's callbacks as they come.
+// A request finishes on max_tokens (LENGTH), a stop token or, unless ignore_eos, an end token of
+// the model (STOP, the token included), on Cancel (CANCELLED) or on an error (ERROR). Its KV is
+// freed when it finishes, whatever the reason.
+// KV exhaustion: when a step fails with RESOURCE_EXHAUSTED, the most recently admitted request
+// of the step fails with that error and the step is retried without it, so the others go on.
+// Threads: Submit and Cancel may be called from any thread. Callbacks run on the scheduler
+// thread: keep them short (push to a queue). The Decoder is used only by the scheduler thread.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "runtime/model/decoder.h"
+#include "runtime/model/sampler.h"
+
+namespace ferry::scheduler {
+
+enum class FinishReason { kLength, kStop, kCancelled, kError };
+
+struct GenerationRequest {
+  std::vector<int32_t> prompt;
+  model::SamplingParams sampling;
+  int max_tokens = 16;
+  std::vector<int32_t> stop_tokens;
+  bool ignore_eos = false;
+};
+
+struct GenerationTimings {
+  double queue_ms = 0;
+  double time_to_first_token_ms = 0;
+  double total_ms = 0;
+  int prompt_tokens = 0;
+  int generated_tokens = 0;
+};
+
+struct GenerationCallbacks {
+  std::function<void(int index, int32_t token)> on_token;
+  // Called exactly once, last.
+  std::function<void(FinishReason reason, const absl::Status& error,
+                     const GenerationTimings& timings)>
+      on_finish;
+};
+
+struct BatchSchedulerOptions {
+  int max_running = 64;
+  int max_queued = 4096;
+  int prefill_chunk_tokens = 256;
+  int step_token_budget = 512;
+  std::vector<int32_t> eos_token_ids;
+  int64_t max_prompt_tokens = 1 << 20;
+};
+
+class BatchScheduler {
+ public:
+  // `decoder` must outlive the scheduler. Starts the scheduler thread.
+  BatchScheduler(model::Decoder& decoder, BatchSchedulerOptions options);
+  ~BatchScheduler();  // Stop()s
+
+  // Validates and queues; returns the request id. INVALID_ARGUMENT for bad requests,
+  // RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE after Stop.
+  absl::StatusOr<uint64_t> Submit(GenerationRequest request, GenerationCallbacks callbacks);
+  // Finishes the request as CANCELLED at the next step boundary; unknown ids are ignored.
+  void Cancel(uint64_t id);
+  // Cancels everything, finishes the step in progress and joins the thread.
+  void Stop();
+
+  size_t running() const;
+  size_t queued() const;
+  int64_t steps() const;
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  struct Active {
+    uint64_t id = 0;
+    GenerationRequest request;
+    GenerationCallbacks callbacks;
+    std::unique_ptr<model::Sampler> sampler;
+    int64_t prompt_read = 0;  // prompt tokens already in the KV cache
+    std::vector<int32_t> generated;
+    bool added_to_attention = false;
+    Clock::time_point submitted, admitted, first_token;
+  };
+
+  void Loop();
+  // One decoder step over the running requests; returns false when there was nothing to do.
+  bool Step();
+  void Finish(Active& active, FinishReason reason, const absl::Status& error);
+  void TakeCancellations();
+
+  model::Decoder& decoder_;
+  const BatchSchedulerOptions options_;
+
+  mutable std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<std::unique_ptr<Active>> queue_;
+  std::set<uint64_t> cancelled_;
+  bool stopping_ = false;
+  uint64_t next_id_ = 1;
+  size_t running_count_ = 0;
+  int64_t steps_ = 0;
+
+  std::vector<std::unique_ptr<Active>> running_;  // scheduler thread only
+  std::thread thread_;
+};
+
+}  // namespace ferry::scheduler
