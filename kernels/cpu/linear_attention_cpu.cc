@@ -9,6 +9,17 @@
 #include "ferry/kernels/cpu_linear_attention.h"
 #include "ferry/status.h"
 
+// The hot loops are rank-1 updates and dot products of length d; an AVX2 copy doubles their
+// vector width over the x86-64 baseline, picked at load time. Both copies sum in the same order
+// (fixed partial sums, no FMA contraction under -std=c++20), so they agree bit for bit.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FERRY_LINEAR_CLONES __attribute__((target_clones("avx2", "default")))
+#define FERRY_LINEAR_INLINE inline __attribute__((always_inline))
+#else
+#define FERRY_LINEAR_CLONES
+#define FERRY_LINEAR_INLINE inline
+#endif
+
 namespace ferry::kernels {
 namespace {
 
@@ -39,19 +50,24 @@ Problem MakeProblem(const LinearAttentionConfig& config) {
 float EluPlusOne(float x) { return x > 0.0f ? x + 1.0f : std::exp(x); }
 float EluPlusOneDerivative(float x) { return x > 0.0f ? 1.0f : std::exp(x); }
 
-float Norm(const float* x, int d) {
+// Eight partial sums in a fixed order: the compiler vectorises them (a single running sum cannot
+// be reordered without -ffast-math), and the result stays deterministic.
+// Inlined so that each copy of the callers vectorises it for its own instruction set.
+FERRY_LINEAR_INLINE float Dot(const float* a, const float* b, int d) {
+  float partial[8] = {};
+  int i = 0;
+  for (; i + 8 <= d; i += 8) {
+    for (int l = 0; l < 8; ++l) partial[l] += a[i + l] * b[i + l];
+  }
   float sum = 0.0f;
-  for (int i = 0; i < d; ++i) sum += x[i] * x[i];
-  return std::sqrt(sum);
-}
-
-float Dot(const float* a, const float* b, int d) {
-  float sum = 0.0f;
-  for (int i = 0; i < d; ++i) sum += a[i] * b[i];
+  for (; i < d; ++i) sum += a[i] * b[i];
+  for (int l = 0; l < 8; ++l) sum += partial[l];
   return sum;
 }
 
-void Axpy(float alpha, const float* x, float* y, int d) {
+FERRY_LINEAR_INLINE float Norm(const float* x, int d) { return std::sqrt(Dot(x, x, d)); }
+
+FERRY_LINEAR_INLINE void Axpy(float alpha, const float* x, float* y, int d) {
   for (int i = 0; i < d; ++i) y[i] += alpha * x[i];
 }
 
@@ -127,7 +143,8 @@ float Numerator(const Problem& p, const StateView& st, const float* u, float* nu
 }
 
 // One token: appends (k, v), then writes the outputs of the group's q heads (adjacent rows).
-void Step(const Problem& p, const StateView& st, const float* q_rows, const float* k,
+// The forward and decode both run it, so their outputs agree bit for bit.
+FERRY_LINEAR_CLONES void Step(const Problem& p, const StateView& st, const float* q_rows, const float* k,
           const float* v, float* out_rows, float* scratch) {
   const int d = p.d;
   float* kf = scratch;
@@ -320,6 +337,8 @@ absl::Status LinearAttentionDecodeCpu(const LinearAttentionDecodeArgs& args, Thr
   return absl::OkStatus();
 }
 
+namespace {
+
 // Backward of one (sequence, kv head), from the empty state. With u_i the effective query of a q
 // head, dnum_i = dout_i / den_i and dden_i = -(dout_i . o_i) / den_i (unnormalised: dnum_i =
 // dout_i, dden_i = 0):
@@ -329,143 +348,148 @@ absl::Status LinearAttentionDecodeCpu(const LinearAttentionDecodeArgs& args, Thr
 // summed over the group's q heads. For kOnePlusXMaxNorm u_i = c_i q_i with c_i = 1 / (a_i b_i):
 // dq_i += c_i du_i, and dc_i = q_i . du_i reaches the q and k that attain the running maxima
 // through da_i = -dc_i c_i / a_i and db_i = -dc_i c_i / b_i (d||x|| / dx = x / ||x||).
+FERRY_LINEAR_CLONES void BackwardTask(const LinearAttentionBackwardArgs& args, const Problem& p,
+                                      int64_t task) {
+  const int d = p.d;
+  const int group = p.group;
+  const int64_t seq = task / p.num_kv_heads;
+  const int kv_head = static_cast<int>(task % p.num_kv_heads);
+  const int64_t first = args.cu_seqlens[seq];
+  const int64_t len = args.cu_seqlens[seq + 1] - first;
+  if (len == 0) return;
+  auto q_at = [&](int64_t i, int g) {
+    return ((first + i) * p.num_q_heads + int64_t{kv_head} * group + g) * d;
+  };
+  auto kv_at = [&](int64_t i) { return ((first + i) * p.num_kv_heads + kv_head) * d; };
+
+  std::vector<float> state(p.layout.stride, 0.0f);
+  const StateView st = View(p, state.data());
+  std::vector<float> kf(d), num(d), o(d), du(d);
+  // Per (position, q head of the group): u, dnum and dden, kept for the reverse pass.
+  std::vector<float> us(len * group * d), dnums(len * group * d), ddens(len * group);
+  // Max-norm gradients: da / db summed onto the position that attains the running maximum.
+  std::vector<float> q_norm_grad, k_norm_grad, q_norms, k_norms;
+  std::vector<int64_t> q_argmax(group, -1);
+  int64_t k_argmax = -1;
+  if (p.lifted()) {
+    q_norm_grad.assign(len * group, 0.0f);
+    k_norm_grad.assign(len, 0.0f);
+    q_norms.assign(len * group, 0.0f);
+    k_norms.assign(len, 0.0f);
+  }
+
+  for (int64_t i = 0; i < len; ++i) {
+    const float* k = args.k + kv_at(i);
+    const float prev_k_norm = *st.k_norm;
+    AppendKv(p, st, k, args.v + kv_at(i), kf.data());
+    if (p.lifted()) {
+      k_norms[i] = Norm(k, d);
+      // Strictly greater: the first position attaining the maximum keeps it, as documented.
+      if (k_argmax < 0 || *st.k_norm > prev_k_norm) k_argmax = i;
+    }
+    for (int g = 0; g < group; ++g) {
+      const float* q = args.q + q_at(i, g);
+      const float* dout = args.dout + q_at(i, g);
+      const float q_norm = Norm(q, d);
+      const float prev_q_norm = st.q_norm[g];
+      st.q_norm[g] = std::max(st.q_norm[g], q_norm);
+      if (p.lifted()) {
+        q_norms[i * group + g] = q_norm;
+        if (q_argmax[g] < 0 || st.q_norm[g] > prev_q_norm) q_argmax[g] = i;
+      }
+      float* u = &us[(i * group + g) * d];
+      float* dnum = &dnums[(i * group + g) * d];
+      QueryFeatures(p, q, st.q_norm[g], *st.k_norm, u);
+      const float den = Numerator(p, st, u, num.data());
+      float dden = 0.0f;
+      if (p.normalize) {
+        for (int c = 0; c < d; ++c) o[c] = num[c] / den;
+        dden = -Dot(dout, o.data(), d) / den;
+        for (int c = 0; c < d; ++c) dnum[c] = dout[c] / den;
+      } else {
+        std::memcpy(dnum, dout, sizeof(float) * d);
+      }
+      ddens[i * group + g] = dden;
+      for (int a = 0; a < d; ++a) {
+        du[a] = Dot(st.s + int64_t{a} * d, dnum, d) + st.z[a] * dden;
+      }
+      float* dq = args.dq + q_at(i, g);
+      switch (p.feature_map) {
+        case LinearFeatureMap::kOnePlusXMaxNorm: {
+          const float a_norm = std::max(kLinearNormFloor, st.q_norm[g]);
+          const float b_norm = std::max(kLinearNormFloor, *st.k_norm);
+          const float inv_a = 1.0f / a_norm;
+          const float inv_b = 1.0f / b_norm;
+          for (int c = 0; c < d; ++c) dq[c] = (du[c] * inv_a) * inv_b;
+          // dc c = dc / (a b); da = -dc c / a, db = -dc c / b. The floor has no gradient.
+          const float dc_c = ((Dot(q, du.data(), d) * inv_a) * inv_b);
+          if (st.q_norm[g] > kLinearNormFloor) {
+            q_norm_grad[q_argmax[g] * group + g] -= dc_c * inv_a;
+          }
+          if (*st.k_norm > kLinearNormFloor) k_norm_grad[k_argmax] -= dc_c * inv_b;
+          break;
+        }
+        case LinearFeatureMap::kEluPlusOne:
+          for (int c = 0; c < d; ++c) dq[c] = du[c] * EluPlusOneDerivative(q[c]);
+          break;
+        case LinearFeatureMap::kIdentity:
+          std::memcpy(dq, du.data(), sizeof(float) * d);
+          break;
+      }
+    }
+  }
+  if (p.lifted()) {
+    for (int64_t i = 0; i < len; ++i) {
+      for (int g = 0; g < group; ++g) {
+        const float grad = q_norm_grad[i * group + g];
+        if (grad == 0.0f) continue;
+        const float* q = args.q + q_at(i, g);
+        Axpy(grad / q_norms[i * group + g], q, args.dq + q_at(i, g), d);
+      }
+    }
+  }
+
+  // Reverse pass: R, r, W accumulate the suffix sums.
+  std::vector<float> r_mat(int64_t{d} * d, 0.0f), r_vec(d, 0.0f), w_vec(d, 0.0f);
+  for (int64_t j = len - 1; j >= 0; --j) {
+    for (int g = 0; g < group; ++g) {
+      const float* u = &us[(j * group + g) * d];
+      const float* dnum = &dnums[(j * group + g) * d];
+      const float dden = ddens[j * group + g];
+      for (int a = 0; a < d; ++a) Axpy(u[a], dnum, r_mat.data() + int64_t{a} * d, d);
+      Axpy(dden, u, r_vec.data(), d);
+      if (p.lifted()) Axpy(1.0f, dnum, w_vec.data(), d);
+    }
+    const float* k = args.k + kv_at(j);
+    const float* v = args.v + kv_at(j);
+    float* dk = args.dk + kv_at(j);
+    float* dv = args.dv + kv_at(j);
+    KeyFeatures(p, k, kf.data());
+    if (p.lifted()) {
+      std::memcpy(dv, w_vec.data(), sizeof(float) * d);
+    } else {
+      std::fill(dv, dv + d, 0.0f);
+    }
+    for (int a = 0; a < d; ++a) {
+      const float* row = r_mat.data() + int64_t{a} * d;
+      const float dphi = Dot(row, v, d) + r_vec[a];
+      dk[a] = p.feature_map == LinearFeatureMap::kEluPlusOne
+                  ? dphi * EluPlusOneDerivative(k[a])
+                  : dphi;
+      Axpy(kf[a], row, dv, d);
+    }
+    if (p.lifted() && k_norm_grad[j] != 0.0f) Axpy(k_norm_grad[j] / k_norms[j], k, dk, d);
+  }
+}
+
+}  // namespace
+
 absl::Status LinearAttentionBackwardCpu(const LinearAttentionBackwardArgs& args,
                                         ThreadPool& pool) {
   FERRY_RETURN_IF_ERROR(ValidateLinearAttentionBackwardArgs(args));
   const Problem p = MakeProblem(args.config);
-  const int d = p.d;
-  const int group = p.group;
-  const int64_t num_tasks = int64_t{args.config.num_seqs} * p.num_kv_heads;
-  pool.ParallelFor(num_tasks, [&](int64_t task) {
-    const int64_t seq = task / p.num_kv_heads;
-    const int kv_head = static_cast<int>(task % p.num_kv_heads);
-    const int64_t first = args.cu_seqlens[seq];
-    const int64_t len = args.cu_seqlens[seq + 1] - first;
-    if (len == 0) return;
-    auto q_at = [&](int64_t i, int g) {
-      return ((first + i) * p.num_q_heads + int64_t{kv_head} * group + g) * d;
-    };
-    auto kv_at = [&](int64_t i) { return ((first + i) * p.num_kv_heads + kv_head) * d; };
-
-    std::vector<float> state(p.layout.stride, 0.0f);
-    const StateView st = View(p, state.data());
-    std::vector<float> kf(d), num(d), o(d), du(d);
-    // Per (position, q head of the group): u, dnum and dden, kept for the reverse pass.
-    std::vector<float> us(len * group * d), dnums(len * group * d), ddens(len * group);
-    // Max-norm gradients: da / db summed onto the position that attains the running maximum.
-    std::vector<float> q_norm_grad, k_norm_grad, q_norms, k_norms;
-    std::vector<int64_t> q_argmax(group, -1);
-    int64_t k_argmax = -1;
-    if (p.lifted()) {
-      q_norm_grad.assign(len * group, 0.0f);
-      k_norm_grad.assign(len, 0.0f);
-      q_norms.assign(len * group, 0.0f);
-      k_norms.assign(len, 0.0f);
-    }
-
-    for (int64_t i = 0; i < len; ++i) {
-      const float* k = args.k + kv_at(i);
-      const float prev_k_norm = *st.k_norm;
-      AppendKv(p, st, k, args.v + kv_at(i), kf.data());
-      if (p.lifted()) {
-        k_norms[i] = Norm(k, d);
-        // Strictly greater: the first position attaining the maximum keeps it, as documented.
-        if (k_argmax < 0 || *st.k_norm > prev_k_norm) k_argmax = i;
-      }
-      for (int g = 0; g < group; ++g) {
-        const float* q = args.q + q_at(i, g);
-        const float* dout = args.dout + q_at(i, g);
-        const float q_norm = Norm(q, d);
-        const float prev_q_norm = st.q_norm[g];
-        st.q_norm[g] = std::max(st.q_norm[g], q_norm);
-        if (p.lifted()) {
-          q_norms[i * group + g] = q_norm;
-          if (q_argmax[g] < 0 || st.q_norm[g] > prev_q_norm) q_argmax[g] = i;
-        }
-        float* u = &us[(i * group + g) * d];
-        float* dnum = &dnums[(i * group + g) * d];
-        QueryFeatures(p, q, st.q_norm[g], *st.k_norm, u);
-        const float den = Numerator(p, st, u, num.data());
-        float dden = 0.0f;
-        if (p.normalize) {
-          for (int c = 0; c < d; ++c) o[c] = num[c] / den;
-          dden = -Dot(dout, o.data(), d) / den;
-          for (int c = 0; c < d; ++c) dnum[c] = dout[c] / den;
-        } else {
-          std::memcpy(dnum, dout, sizeof(float) * d);
-        }
-        ddens[i * group + g] = dden;
-        for (int a = 0; a < d; ++a) {
-          du[a] = Dot(st.s + int64_t{a} * d, dnum, d) + st.z[a] * dden;
-        }
-        float* dq = args.dq + q_at(i, g);
-        switch (p.feature_map) {
-          case LinearFeatureMap::kOnePlusXMaxNorm: {
-            const float a_norm = std::max(kLinearNormFloor, st.q_norm[g]);
-            const float b_norm = std::max(kLinearNormFloor, *st.k_norm);
-            const float inv_a = 1.0f / a_norm;
-            const float inv_b = 1.0f / b_norm;
-            for (int c = 0; c < d; ++c) dq[c] = (du[c] * inv_a) * inv_b;
-            // dc c = dc / (a b); da = -dc c / a, db = -dc c / b. The floor has no gradient.
-            const float dc_c = ((Dot(q, du.data(), d) * inv_a) * inv_b);
-            if (st.q_norm[g] > kLinearNormFloor) {
-              q_norm_grad[q_argmax[g] * group + g] -= dc_c * inv_a;
-            }
-            if (*st.k_norm > kLinearNormFloor) k_norm_grad[k_argmax] -= dc_c * inv_b;
-            break;
-          }
-          case LinearFeatureMap::kEluPlusOne:
-            for (int c = 0; c < d; ++c) dq[c] = du[c] * EluPlusOneDerivative(q[c]);
-            break;
-          case LinearFeatureMap::kIdentity:
-            std::memcpy(dq, du.data(), sizeof(float) * d);
-            break;
-        }
-      }
-    }
-    if (p.lifted()) {
-      for (int64_t i = 0; i < len; ++i) {
-        for (int g = 0; g < group; ++g) {
-          const float grad = q_norm_grad[i * group + g];
-          if (grad == 0.0f) continue;
-          const float* q = args.q + q_at(i, g);
-          Axpy(grad / q_norms[i * group + g], q, args.dq + q_at(i, g), d);
-        }
-      }
-    }
-
-    // Reverse pass: R, r, W accumulate the suffix sums.
-    std::vector<float> r_mat(int64_t{d} * d, 0.0f), r_vec(d, 0.0f), w_vec(d, 0.0f);
-    for (int64_t j = len - 1; j >= 0; --j) {
-      for (int g = 0; g < group; ++g) {
-        const float* u = &us[(j * group + g) * d];
-        const float* dnum = &dnums[(j * group + g) * d];
-        const float dden = ddens[j * group + g];
-        for (int a = 0; a < d; ++a) Axpy(u[a], dnum, r_mat.data() + int64_t{a} * d, d);
-        Axpy(dden, u, r_vec.data(), d);
-        if (p.lifted()) Axpy(1.0f, dnum, w_vec.data(), d);
-      }
-      const float* k = args.k + kv_at(j);
-      const float* v = args.v + kv_at(j);
-      float* dk = args.dk + kv_at(j);
-      float* dv = args.dv + kv_at(j);
-      KeyFeatures(p, k, kf.data());
-      if (p.lifted()) {
-        std::memcpy(dv, w_vec.data(), sizeof(float) * d);
-      } else {
-        std::fill(dv, dv + d, 0.0f);
-      }
-      for (int a = 0; a < d; ++a) {
-        const float* row = r_mat.data() + int64_t{a} * d;
-        const float dphi = Dot(row, v, d) + r_vec[a];
-        dk[a] = p.feature_map == LinearFeatureMap::kEluPlusOne
-                    ? dphi * EluPlusOneDerivative(k[a])
-                    : dphi;
-        Axpy(kf[a], row, dv, d);
-      }
-      if (p.lifted() && k_norm_grad[j] != 0.0f) Axpy(k_norm_grad[j] / k_norms[j], k, dk, d);
-    }
-  });
+  pool.ParallelFor(int64_t{args.config.num_seqs} * p.num_kv_heads,
+                   [&](int64_t task) { BackwardTask(args, p, task); });
   return absl::OkStatus();
 }
 
