@@ -82,8 +82,7 @@ void KeyFeatures(const Problem& p, const float* k, float* out) {
 
 // The effective query u: phi(q), or q / (a b) for kOnePlusXMaxNorm with a, b the floored running
 // max norms. Dividing by a then by b keeps every intermediate within float range.
-void QueryFeatures(const Problem& p, const float* q, float q_max_norm, float k_max_norm,
-                   float* u) {
+void QueryFeatures(const Problem& p, const float* q, float q_max_norm, float k_max_norm, float* u) {
   switch (p.feature_map) {
     case LinearFeatureMap::kOnePlusXMaxNorm: {
       const float inv_a = 1.0f / std::max(kLinearNormFloor, q_max_norm);
@@ -144,8 +143,8 @@ float Numerator(const Problem& p, const StateView& st, const float* u, float* nu
 
 // One token: appends (k, v), then writes the outputs of the group's q heads (adjacent rows).
 // The forward and decode both run it, so their outputs agree bit for bit.
-FERRY_LINEAR_CLONES void Step(const Problem& p, const StateView& st, const float* q_rows, const float* k,
-          const float* v, float* out_rows, float* scratch) {
+FERRY_LINEAR_CLONES void Step(const Problem& p, const StateView& st, const float* q_rows,
+                              const float* k, const float* v, float* out_rows, float* scratch) {
   const int d = p.d;
   float* kf = scratch;
   float* u = scratch + d;
@@ -186,7 +185,9 @@ absl::Status CheckCuSeqlens(int num_seqs, const int32_t* cu_seqlens, int64_t tot
 }
 
 absl::Status CheckTensor(const void* ptr, const char* name, int64_t elements) {
-  if (elements > 0 && ptr == nullptr) return absl::InvalidArgumentError(absl::StrCat(name, " is null"));
+  if (elements > 0 && ptr == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat(name, " is null"));
+  }
   return absl::OkStatus();
 }
 
@@ -196,14 +197,13 @@ absl::Status ValidateLinearAttentionConfig(const LinearAttentionConfig& config) 
   if (config.num_seqs < 0) return absl::InvalidArgumentError("num_seqs must be >= 0");
   if (config.num_kv_heads <= 0) return absl::InvalidArgumentError("num_kv_heads must be > 0");
   if (config.num_q_heads <= 0 || config.num_q_heads % config.num_kv_heads != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("num_q_heads (", config.num_q_heads, ") must be a positive multiple of ",
-                     "num_kv_heads (", config.num_kv_heads, ")"));
+    return absl::InvalidArgumentError(absl::StrCat("num_q_heads (", config.num_q_heads,
+                                                   ") must be a positive multiple of ",
+                                                   "num_kv_heads (", config.num_kv_heads, ")"));
   }
   if (config.head_dim < 1 || config.head_dim > kMaxLinearHeadDim) {
-    return absl::InvalidArgumentError(absl::StrCat("head_dim ", config.head_dim,
-                                                   " is not supported (1 to ", kMaxLinearHeadDim,
-                                                   ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "head_dim ", config.head_dim, " is not supported (1 to ", kMaxLinearHeadDim, ")"));
   }
   switch (config.feature_map) {
     case LinearFeatureMap::kOnePlusXMaxNorm:
@@ -275,9 +275,9 @@ absl::Status ValidateLinearAttentionDecodeArgs(const LinearAttentionDecodeArgs& 
   for (int s = 0; s < c.num_seqs; ++s) {
     const int32_t slot = args.state_slots[s];
     if (slot < 0 || slot >= args.num_state_slots) {
-      return absl::InvalidArgumentError(absl::StrCat("state_slots[", s, "] = ", slot,
-                                                     " is outside [0, num_state_slots = ",
-                                                     args.num_state_slots, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("state_slots[", s, "] = ", slot,
+                       " is outside [0, num_state_slots = ", args.num_state_slots, ")"));
     }
     if (used[slot]) {
       return absl::InvalidArgumentError(
@@ -326,13 +326,12 @@ absl::Status LinearAttentionDecodeCpu(const LinearAttentionDecodeArgs& args, Thr
     const int64_t seq = task / p.num_kv_heads;
     const int kv_head = static_cast<int>(task % p.num_kv_heads);
     const int64_t slot = args.state_slots != nullptr ? args.state_slots[seq] : seq;
-    const StateView st =
-        View(p, args.states + (slot * p.num_kv_heads + kv_head) * p.layout.stride);
+    const StateView st = View(p, args.states + (slot * p.num_kv_heads + kv_head) * p.layout.stride);
     std::vector<float> scratch(3 * d);
     const int64_t q_row = seq * p.num_q_heads + int64_t{kv_head} * p.group;
     const int64_t kv_row = seq * p.num_kv_heads + kv_head;
-    Step(p, st, args.q + q_row * d, args.k + kv_row * d, args.v + kv_row * d,
-         args.out + q_row * d, scratch.data());
+    Step(p, st, args.q + q_row * d, args.k + kv_row * d, args.v + kv_row * d, args.out + q_row * d,
+         scratch.data());
   });
   return absl::OkStatus();
 }
@@ -473,9 +472,8 @@ FERRY_LINEAR_CLONES void BackwardTask(const LinearAttentionBackwardArgs& args, c
     for (int a = 0; a < d; ++a) {
       const float* row = r_mat.data() + int64_t{a} * d;
       const float dphi = Dot(row, v, d) + r_vec[a];
-      dk[a] = p.feature_map == LinearFeatureMap::kEluPlusOne
-                  ? dphi * EluPlusOneDerivative(k[a])
-                  : dphi;
+      dk[a] =
+          p.feature_map == LinearFeatureMap::kEluPlusOne ? dphi * EluPlusOneDerivative(k[a]) : dphi;
       Axpy(kf[a], row, dv, d);
     }
     if (p.lifted() && k_norm_grad[j] != 0.0f) Axpy(k_norm_grad[j] / k_norms[j], k, dk, d);
@@ -484,8 +482,7 @@ FERRY_LINEAR_CLONES void BackwardTask(const LinearAttentionBackwardArgs& args, c
 
 }  // namespace
 
-absl::Status LinearAttentionBackwardCpu(const LinearAttentionBackwardArgs& args,
-                                        ThreadPool& pool) {
+absl::Status LinearAttentionBackwardCpu(const LinearAttentionBackwardArgs& args, ThreadPool& pool) {
   FERRY_RETURN_IF_ERROR(ValidateLinearAttentionBackwardArgs(args));
   const Problem p = MakeProblem(args.config);
   pool.ParallelFor(int64_t{args.config.num_seqs} * p.num_kv_heads,

@@ -74,8 +74,9 @@ Problem MakeProblem(const Variant& variant, const std::vector<int32_t>& lengths,
   p.cu_seqlens.assign(1, 0);
   for (int32_t len : lengths) p.cu_seqlens.push_back(p.cu_seqlens.back() + len);
   // Elu and identity sums grow with d; keep their weights O(1) so float32 is tested, not luck.
-  const float feature_scale =
-      variant.feature_map == LinearFeatureMap::kOnePlusXMaxNorm ? 1.0f : 1.0f / std::sqrt(float(head_dim));
+  const float feature_scale = variant.feature_map == LinearFeatureMap::kOnePlusXMaxNorm
+                                  ? 1.0f
+                                  : 1.0f / std::sqrt(float(head_dim));
   p.q = RandomVector(p.q_size(), rng, qk_scale * feature_scale);
   p.k = RandomVector(p.kv_size(), rng, qk_scale);
   p.v = RandomVector(p.kv_size(), rng, v_scale);
@@ -85,9 +86,8 @@ Problem MakeProblem(const Variant& variant, const std::vector<int32_t>& lengths,
 std::vector<double> ToDouble(const std::vector<float>& x) { return {x.begin(), x.end()}; }
 
 std::vector<double> Reference(const Problem& p) {
-  return reference::LinearAttentionReference(p.config, p.cu_seqlens.data(),
-                                             ToDouble(p.q).data(), ToDouble(p.k).data(),
-                                             ToDouble(p.v).data());
+  return reference::LinearAttentionReference(p.config, p.cu_seqlens.data(), ToDouble(p.q).data(),
+                                             ToDouble(p.k).data(), ToDouble(p.v).data());
 }
 
 // ||actual - expected|| / ||expected|| over elements [begin, end).
@@ -180,7 +180,9 @@ TEST(LinearAttentionCpuTest, HeadDim256AndSmallHeadDims) {
 TEST(LinearAttentionCpuTest, VarlenBatchWithEmptyAndLengthOneSequencesAndGqaShapes) {
   ThreadPool pool(2);
   std::mt19937 rng(13);
-  struct Heads { int q, kv; };
+  struct Heads {
+    int q, kv;
+  };
   for (const Variant& variant : kVariants) {
     for (Heads heads : {Heads{3, 3}, Heads{8, 2}, Heads{4, 1}}) {
       const Problem p = MakeProblem(variant, {1, 0, 5, 1, 37, 0, 1}, heads.q, heads.kv, 64, rng);
@@ -222,15 +224,22 @@ TEST(LinearAttentionCpuTest, ChunkedForwardThroughStateEqualsOneForward) {
     Problem head = whole, tail = whole;
     head.cu_seqlens.assign(1, 0);
     tail.cu_seqlens.assign(1, 0);
-    head.q.clear(); head.k.clear(); head.v.clear();
-    tail.q.clear(); tail.k.clear(); tail.v.clear();
+    head.q.clear();
+    head.k.clear();
+    head.v.clear();
+    tail.q.clear();
+    tail.k.clear();
+    tail.v.clear();
     for (size_t s = 0; s < lengths.size(); ++s) {
       for (int32_t i = 0; i < lengths[s]; ++i) {
         Problem& part = i < splits[s] ? head : tail;
         const int64_t t = whole.cu_seqlens[s] + i;
-        part.q.insert(part.q.end(), whole.q.begin() + t * q_width, whole.q.begin() + (t + 1) * q_width);
-        part.k.insert(part.k.end(), whole.k.begin() + t * kv_width, whole.k.begin() + (t + 1) * kv_width);
-        part.v.insert(part.v.end(), whole.v.begin() + t * kv_width, whole.v.begin() + (t + 1) * kv_width);
+        part.q.insert(part.q.end(), whole.q.begin() + t * q_width,
+                      whole.q.begin() + (t + 1) * q_width);
+        part.k.insert(part.k.end(), whole.k.begin() + t * kv_width,
+                      whole.k.begin() + (t + 1) * kv_width);
+        part.v.insert(part.v.end(), whole.v.begin() + t * kv_width,
+                      whole.v.begin() + (t + 1) * kv_width);
       }
       head.cu_seqlens.push_back(head.cu_seqlens.back() + splits[s]);
       tail.cu_seqlens.push_back(tail.cu_seqlens.back() + lengths[s] - splits[s]);
@@ -248,7 +257,8 @@ TEST(LinearAttentionCpuTest, ChunkedForwardThroughStateEqualsOneForward) {
     for (size_t s = 0; s < lengths.size(); ++s) {
       for (int32_t i = 0; i < lengths[s]; ++i) {
         const bool in_head = i < splits[s];
-        const int64_t part_t = in_head ? head.cu_seqlens[s] + i : tail.cu_seqlens[s] + i - splits[s];
+        const int64_t part_t =
+            in_head ? head.cu_seqlens[s] + i : tail.cu_seqlens[s] + i - splits[s];
         const std::vector<float>& part_out = in_head ? head_out : tail_out;
         const int64_t t = whole.cu_seqlens[s] + i;
         for (int64_t e = 0; e < q_width; ++e) {
@@ -283,12 +293,17 @@ TEST(LinearAttentionCpuTest, PrefillThenDecodeStepsEqualOneForward) {
     // Prefill every sequence's first tokens into a dense state, then scatter to the slots.
     Problem pre = whole;
     pre.cu_seqlens.assign(1, 0);
-    pre.q.clear(); pre.k.clear(); pre.v.clear();
+    pre.q.clear();
+    pre.k.clear();
+    pre.v.clear();
     for (size_t s = 0; s < lengths.size(); ++s) {
       const int64_t t = whole.cu_seqlens[s];
-      pre.q.insert(pre.q.end(), whole.q.begin() + t * q_width, whole.q.begin() + (t + prefill[s]) * q_width);
-      pre.k.insert(pre.k.end(), whole.k.begin() + t * kv_width, whole.k.begin() + (t + prefill[s]) * kv_width);
-      pre.v.insert(pre.v.end(), whole.v.begin() + t * kv_width, whole.v.begin() + (t + prefill[s]) * kv_width);
+      pre.q.insert(pre.q.end(), whole.q.begin() + t * q_width,
+                   whole.q.begin() + (t + prefill[s]) * q_width);
+      pre.k.insert(pre.k.end(), whole.k.begin() + t * kv_width,
+                   whole.k.begin() + (t + prefill[s]) * kv_width);
+      pre.v.insert(pre.v.end(), whole.v.begin() + t * kv_width,
+                   whole.v.begin() + (t + prefill[s]) * kv_width);
       pre.cu_seqlens.push_back(pre.cu_seqlens.back() + prefill[s]);
     }
     std::vector<float> dense(pre.state_size());
@@ -471,6 +486,31 @@ TEST(LinearAttentionCpuTest, AllZeroQueriesAndKeysGiveTheRunningMeanOfV) {
   }
   const BackwardResult grads = Backward(p, RandomVector(p.q_size(), rng), pool);
   EXPECT_EQ(CountNaN(grads.dq) + CountNaN(grads.dk) + CountNaN(grads.dv), 0);
+}
+
+TEST(LinearAttentionCpuTest, EmptyBatchesAndEmptySequencesNeedNoBuffers) {
+  ThreadPool pool(2);
+  LinearAttentionForwardArgs args;
+  args.config = {0, 4, 2, 64, LinearFeatureMap::kOnePlusXMaxNorm, true};
+  const std::vector<int32_t> none = {0};
+  args.cu_seqlens = none.data();
+  EXPECT_TRUE(LinearAttentionForwardCpu(args, pool).ok());
+  // Two empty sequences pass their initial state through unchanged.
+  const std::vector<int32_t> empty = {0, 0, 0};
+  args.config.num_seqs = 2;
+  args.cu_seqlens = empty.data();
+  const int64_t stride = MakeLinearStateLayout(64, 2).stride;
+  std::mt19937 rng(23);
+  const std::vector<float> initial = RandomVector(2 * 2 * stride, rng);
+  std::vector<float> final_state(initial.size(), 0.0f);
+  args.initial_state = initial.data();
+  args.final_state = final_state.data();
+  EXPECT_TRUE(LinearAttentionForwardCpu(args, pool).ok());
+  EXPECT_EQ(final_state, initial);
+  LinearAttentionBackwardArgs backward;
+  backward.config = args.config;
+  backward.cu_seqlens = empty.data();
+  EXPECT_TRUE(LinearAttentionBackwardCpu(backward, pool).ok());
 }
 
 // Bad input: an error naming the field, and nothing written.

@@ -116,11 +116,11 @@ struct LinearAttentionConfig {
 
 struct LinearAttentionForwardArgs {
   LinearAttentionConfig config;
-  const int32_t* cu_seqlens = nullptr;  // (num_seqs + 1)
-  int64_t total_tokens = 0;             // must equal cu_seqlens[num_seqs]
-  const float* q = nullptr;             // (total_tokens, num_q_heads, head_dim)
-  const float* k = nullptr;             // (total_tokens, num_kv_heads, head_dim)
-  const float* v = nullptr;             // (total_tokens, num_kv_heads, head_dim)
+  const int32_t* cu_seqlens = nullptr;   // (num_seqs + 1)
+  int64_t total_tokens = 0;              // must equal cu_seqlens[num_seqs]
+  const float* q = nullptr;              // (total_tokens, num_q_heads, head_dim)
+  const float* k = nullptr;              // (total_tokens, num_kv_heads, head_dim)
+  const float* v = nullptr;              // (total_tokens, num_kv_heads, head_dim)
   const float* initial_state = nullptr;  // optional (num_seqs, num_kv_heads, stride); null: empty
   float* out = nullptr;                  // (total_tokens, num_q_heads, head_dim)
   float* final_state = nullptr;          // optional (num_seqs, num_kv_heads, stride)
