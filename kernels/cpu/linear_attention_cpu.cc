@@ -30,6 +30,7 @@ struct Problem {
   int num_kv_heads = 0;
   LinearFeatureMap feature_map = LinearFeatureMap::kOnePlusXMaxNorm;
   bool normalize = true;
+  DType dtype = DType::kFloat32;
   LinearStateLayout layout;
 
   bool lifted() const { return feature_map == LinearFeatureMap::kOnePlusXMaxNorm; }
@@ -43,6 +44,7 @@ Problem MakeProblem(const LinearAttentionConfig& config) {
   p.group = config.num_q_heads / config.num_kv_heads;
   p.feature_map = config.feature_map;
   p.normalize = config.normalize;
+  p.dtype = config.dtype;
   p.layout = MakeLinearStateLayout(p.d, p.group);
   return p;
 }
@@ -164,6 +166,54 @@ FERRY_LINEAR_CLONES void Step(const Problem& p, const StateView& st, const float
   }
 }
 
+// Per-task buffers for one token's rows widened to float32 (bf16 / fp16 inputs) and Step's scratch.
+struct TokenBuffers {
+  explicit TokenBuffers(const Problem& p)
+      : q(int64_t{p.group} * p.d), k(p.d), v(p.d), out(int64_t{p.group} * p.d), scratch(3 * p.d) {}
+  std::vector<float> q, k, v, out, scratch;
+};
+
+struct TokenIo {
+  DType dtype;
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+};
+
+// n elements from element `offset` of `base` as float32: fp32 is read in place.
+const float* LoadRow(const void* base, DType dtype, int64_t offset, int64_t n, float* buffer) {
+  if (dtype == DType::kFloat32) return static_cast<const float*>(base) + offset;
+  const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
+  if (dtype == DType::kBFloat16) {
+    for (int64_t i = 0; i < n; ++i) buffer[i] = BFloat16BitsToFloat(src[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) buffer[i] = Float16BitsToFloat(src[i]);
+  }
+  return buffer;
+}
+
+// Runs Step for one token whose q / out rows start at element q_offset and k / v rows at
+// kv_offset; fp32 outputs are written in place, others rounded from a float32 row.
+void Token(const Problem& p, const StateView& st, const TokenIo& io, int64_t q_offset,
+           int64_t kv_offset, TokenBuffers& buf) {
+  const int64_t q_elems = int64_t{p.group} * p.d;
+  const float* q = LoadRow(io.q, io.dtype, q_offset, q_elems, buf.q.data());
+  const float* k = LoadRow(io.k, io.dtype, kv_offset, p.d, buf.k.data());
+  const float* v = LoadRow(io.v, io.dtype, kv_offset, p.d, buf.v.data());
+  if (io.dtype == DType::kFloat32) {
+    Step(p, st, q, k, v, static_cast<float*>(io.out) + q_offset, buf.scratch.data());
+    return;
+  }
+  Step(p, st, q, k, v, buf.out.data(), buf.scratch.data());
+  uint16_t* out = static_cast<uint16_t*>(io.out) + q_offset;
+  if (io.dtype == DType::kBFloat16) {
+    for (int64_t i = 0; i < q_elems; ++i) out[i] = FloatToBFloat16Bits(buf.out[i]);
+  } else {
+    for (int64_t i = 0; i < q_elems; ++i) out[i] = FloatToFloat16Bits(buf.out[i]);
+  }
+}
+
 absl::Status CheckCuSeqlens(int num_seqs, const int32_t* cu_seqlens, int64_t total_tokens) {
   if (cu_seqlens == nullptr) return absl::InvalidArgumentError("cu_seqlens is null");
   if (cu_seqlens[0] != 0) {
@@ -219,6 +269,11 @@ absl::Status ValidateLinearAttentionConfig(const LinearAttentionConfig& config) 
       return absl::InvalidArgumentError(
           absl::StrCat("feature_map ", static_cast<int>(config.feature_map), " is unknown"));
   }
+  if (config.dtype != DType::kFloat32 && config.dtype != DType::kBFloat16 &&
+      config.dtype != DType::kFloat16) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("dtype ", static_cast<int>(config.dtype), " is not fp32, bf16 or fp16"));
+  }
   return absl::OkStatus();
 }
 
@@ -238,6 +293,9 @@ absl::Status ValidateLinearAttentionForwardArgs(const LinearAttentionForwardArgs
 absl::Status ValidateLinearAttentionBackwardArgs(const LinearAttentionBackwardArgs& args) {
   const LinearAttentionConfig& c = args.config;
   FERRY_RETURN_IF_ERROR(ValidateLinearAttentionConfig(c));
+  if (c.dtype != DType::kFloat32) {
+    return absl::InvalidArgumentError("dtype: the backward takes fp32 only");
+  }
   FERRY_RETURN_IF_ERROR(CheckCuSeqlens(c.num_seqs, args.cu_seqlens, args.total_tokens));
   const int64_t q_elems = args.total_tokens * c.num_q_heads * c.head_dim;
   const int64_t kv_elems = args.total_tokens * c.num_kv_heads * c.head_dim;
@@ -293,6 +351,7 @@ absl::Status LinearAttentionForwardCpu(const LinearAttentionForwardArgs& args, T
   const Problem p = MakeProblem(args.config);
   const int d = p.d;
   const int64_t stride = p.layout.stride;
+  const TokenIo io{p.dtype, args.q, args.k, args.v, args.out};
   const int64_t num_tasks = int64_t{args.config.num_seqs} * p.num_kv_heads;
   pool.ParallelFor(num_tasks, [&](int64_t task) {
     const int64_t seq = task / p.num_kv_heads;
@@ -303,12 +362,11 @@ absl::Status LinearAttentionForwardCpu(const LinearAttentionForwardArgs& args, T
       std::memcpy(state.data(), args.initial_state + task * stride, sizeof(float) * stride);
     }
     const StateView st = View(p, state.data());
-    std::vector<float> scratch(3 * d);
+    TokenBuffers buffers(p);
     for (int64_t t = args.cu_seqlens[seq]; t < args.cu_seqlens[seq + 1]; ++t) {
       const int64_t q_row = t * p.num_q_heads + int64_t{kv_head} * p.group;
       const int64_t kv_row = t * p.num_kv_heads + kv_head;
-      Step(p, st, args.q + q_row * d, args.k + kv_row * d, args.v + kv_row * d,
-           args.out + q_row * d, scratch.data());
+      Token(p, st, io, q_row * d, kv_row * d, buffers);
     }
     if (args.final_state != nullptr) {
       std::memcpy(args.final_state + task * stride, state.data(), sizeof(float) * stride);
@@ -320,6 +378,7 @@ absl::Status LinearAttentionForwardCpu(const LinearAttentionForwardArgs& args, T
 absl::Status LinearAttentionDecodeCpu(const LinearAttentionDecodeArgs& args, ThreadPool& pool) {
   FERRY_RETURN_IF_ERROR(ValidateLinearAttentionDecodeArgs(args));
   const Problem p = MakeProblem(args.config);
+  const TokenIo io{p.dtype, args.q, args.k, args.v, args.out};
   const int d = p.d;
   const int64_t num_tasks = int64_t{args.config.num_seqs} * p.num_kv_heads;
   pool.ParallelFor(num_tasks, [&](int64_t task) {
@@ -327,11 +386,10 @@ absl::Status LinearAttentionDecodeCpu(const LinearAttentionDecodeArgs& args, Thr
     const int kv_head = static_cast<int>(task % p.num_kv_heads);
     const int64_t slot = args.state_slots != nullptr ? args.state_slots[seq] : seq;
     const StateView st = View(p, args.states + (slot * p.num_kv_heads + kv_head) * p.layout.stride);
-    std::vector<float> scratch(3 * d);
+    TokenBuffers buffers(p);
     const int64_t q_row = seq * p.num_q_heads + int64_t{kv_head} * p.group;
     const int64_t kv_row = seq * p.num_kv_heads + kv_head;
-    Step(p, st, args.q + q_row * d, args.k + kv_row * d, args.v + kv_row * d, args.out + q_row * d,
-         scratch.data());
+    Token(p, st, io, q_row * d, kv_row * d, buffers);
   });
   return absl::OkStatus();
 }

@@ -387,6 +387,82 @@ TEST(LinearAttentionCpuTest, DecodeWithoutSlotsFromEmptyStateIsTheFirstToken) {
   }
 }
 
+// bf16 / fp16 inputs and outputs, float32 state: against float64 on the rounded inputs, where
+// the output's own rounding dominates: at most the unit roundoff per element (2^-8 = 3.9e-3 for
+// bf16, 2^-11 = 4.9e-4 for fp16; measured 1.7e-3 and 2.3e-4); tolerances are those bounds plus
+// room for the float32 error.
+TEST(LinearAttentionCpuTest, HalfPrecisionInputsMatchReferenceAndDecode) {
+  ThreadPool pool(2);
+  std::mt19937 rng(25);
+  struct Half {
+    DType dtype;
+    double tolerance;
+  };
+  for (Half half : {Half{DType::kBFloat16, 4e-3}, Half{DType::kFloat16, 5e-4}}) {
+    auto to_bits = [&](float x) {
+      return half.dtype == DType::kBFloat16 ? FloatToBFloat16Bits(x) : FloatToFloat16Bits(x);
+    };
+    auto to_float = [&](uint16_t b) {
+      return half.dtype == DType::kBFloat16 ? BFloat16BitsToFloat(b) : Float16BitsToFloat(b);
+    };
+    auto round = [&](std::vector<float>& x) {
+      std::vector<uint16_t> bits(x.size());
+      for (size_t i = 0; i < x.size(); ++i) {
+        bits[i] = to_bits(x[i]);
+        x[i] = to_float(bits[i]);
+      }
+      return bits;
+    };
+    for (const Variant& variant : kVariants) {
+      Problem p = MakeProblem(variant, {1, 30, 90}, 4, 2, 64, rng);
+      const std::vector<uint16_t> q = round(p.q), k = round(p.k), v = round(p.v);
+      std::vector<uint16_t> out_bits(p.q_size(), 0x7fff);  // NaN in both formats
+      LinearAttentionForwardArgs args = ForwardArgs(p, nullptr);
+      args.config.dtype = half.dtype;
+      args.q = q.data();
+      args.k = k.data();
+      args.v = v.data();
+      args.out = out_bits.data();
+      ASSERT_TRUE(LinearAttentionForwardCpu(args, pool).ok());
+      std::vector<float> out(out_bits.size());
+      for (size_t i = 0; i < out.size(); ++i) out[i] = to_float(out_bits[i]);
+      ExpectMatchesReference(p, out, half.tolerance,
+                             std::string(DTypeName(half.dtype)) + " " + variant.name);
+
+      // Decode the 30-token sequence's last token from a prefill of its first 29 tokens: the
+      // same bits as the forward.
+      const int64_t q_width = int64_t{p.config.num_q_heads} * p.config.head_dim;
+      const int64_t kv_width = int64_t{p.config.num_kv_heads} * p.config.head_dim;
+      const std::vector<int32_t> prefix = {0, 29};
+      std::vector<float> state(int64_t{p.config.num_kv_heads} *
+                               MakeLinearStateLayout(64, 2).stride);
+      std::vector<uint16_t> prefix_out(29 * q_width);
+      LinearAttentionForwardArgs pre = args;
+      pre.config.num_seqs = 1;
+      pre.cu_seqlens = prefix.data();
+      pre.total_tokens = 29;
+      pre.q = q.data() + 1 * q_width;
+      pre.k = k.data() + 1 * kv_width;
+      pre.v = v.data() + 1 * kv_width;
+      pre.out = prefix_out.data();
+      pre.final_state = state.data();
+      ASSERT_TRUE(LinearAttentionForwardCpu(pre, pool).ok());
+      std::vector<uint16_t> step_out(q_width);
+      LinearAttentionDecodeArgs decode;
+      decode.config = pre.config;
+      decode.q = q.data() + 30 * q_width;
+      decode.k = k.data() + 30 * kv_width;
+      decode.v = v.data() + 30 * kv_width;
+      decode.states = state.data();
+      decode.num_state_slots = 1;
+      decode.out = step_out.data();
+      ASSERT_TRUE(LinearAttentionDecodeCpu(decode, pool).ok());
+      EXPECT_TRUE(std::equal(step_out.begin(), step_out.end(), out_bits.begin() + 30 * q_width))
+          << DTypeName(half.dtype) << " " << variant.name;
+    }
+  }
+}
+
 struct BackwardResult {
   std::vector<float> dq, dk, dv;
 };
@@ -579,6 +655,9 @@ TEST(LinearAttentionCpuTest, BadInputIsAnErrorNamingTheField) {
   a.total_tokens = 8;
   expect_error(a, "total_tokens");
   a = ok_args;
+  a.config.dtype = static_cast<DType>(7);
+  expect_error(a, "dtype");
+  a = ok_args;
   a.q = nullptr;
   expect_error(a, "q is null");
   a = ok_args;
@@ -594,6 +673,9 @@ TEST(LinearAttentionCpuTest, BadInputIsAnErrorNamingTheField) {
   b.v = good.v.data();
   const absl::Status no_dout = LinearAttentionBackwardCpu(b, pool);
   EXPECT_NE(std::string(no_dout.message()).find("dout"), std::string::npos) << no_dout;
+  b.config.dtype = DType::kBFloat16;
+  const absl::Status half = LinearAttentionBackwardCpu(b, pool);
+  EXPECT_NE(std::string(half.message()).find("dtype"), std::string::npos) << half;
 
   std::vector<float> states(good.state_size() * 2, 0.0f);
   std::vector<float> decode_out = Poisoned(good.q_size());

@@ -4,8 +4,10 @@
 //   cu_seqlens  (num_seqs + 1) int32: sequence s owns tokens [cu_seqlens[s], cu_seqlens[s + 1]);
 //               cu_seqlens[0] == 0, non-decreasing, cu_seqlens[num_seqs] == total_tokens. Empty
 //               sequences are allowed (they pass the state through).
-//   q, out      (total_tokens, num_q_heads, head_dim)   float32, row-major
-//   k, v        (total_tokens, num_kv_heads, head_dim)  float32
+//   q, out      (total_tokens, num_q_heads, head_dim)   config.dtype, row-major
+//   k, v        (total_tokens, num_kv_heads, head_dim)  config.dtype
+//   config.dtype: fp32, bf16 or fp16 for the forward and decode (inputs widened to float32 on
+//   load, outputs rounded to nearest even on store); the backward takes fp32 only.
 //   GQA: q head h reads kv head h / (num_q_heads / num_kv_heads). head_dim in [1, 256] (the CUDA
 //   kernels serve 64, 128 and 256; the CPU takes any, so tests can use small ones).
 //
@@ -37,7 +39,7 @@
 //   (that is phi(x) = [1, x] lifted to d + 1 with the scale applied at the query). Otherwise
 //     num_i = S_i^T phi(q_i),       den_i = phi(q_i) . z_i.
 //   o_i = num_i / den_i (normalised) or num_i (unnormalised).
-// Numerics: float32 inputs, state and accumulation. Squared norms must be finite in float32
+// Numerics: float32 state and accumulation. Squared norms must be finite in float32
 // (|x| up to about 1e18). Normalised outputs are 0 / 0 = NaN where the denominator is 0, and are
 // ill-conditioned near it; no epsilon is added, so every backend computes the same function:
 // for kOnePlusXMaxNorm every w_ij is 0 only when q_i is anti-parallel to each k_j, j <= i, and
@@ -67,6 +69,8 @@
 #pragma once
 
 #include <cstdint>
+
+#include "ferry/kernels/dtype.h"
 
 namespace ferry::kernels {
 
@@ -112,22 +116,23 @@ struct LinearAttentionConfig {
   int head_dim = 0;
   LinearFeatureMap feature_map = LinearFeatureMap::kOnePlusXMaxNorm;
   bool normalize = true;
+  DType dtype = DType::kFloat32;  // of q, k, v, out (the state is float32 always)
 };
 
 struct LinearAttentionForwardArgs {
   LinearAttentionConfig config;
   const int32_t* cu_seqlens = nullptr;   // (num_seqs + 1)
   int64_t total_tokens = 0;              // must equal cu_seqlens[num_seqs]
-  const float* q = nullptr;              // (total_tokens, num_q_heads, head_dim)
-  const float* k = nullptr;              // (total_tokens, num_kv_heads, head_dim)
-  const float* v = nullptr;              // (total_tokens, num_kv_heads, head_dim)
+  const void* q = nullptr;               // (total_tokens, num_q_heads, head_dim)
+  const void* k = nullptr;               // (total_tokens, num_kv_heads, head_dim)
+  const void* v = nullptr;               // (total_tokens, num_kv_heads, head_dim)
   const float* initial_state = nullptr;  // optional (num_seqs, num_kv_heads, stride); null: empty
-  float* out = nullptr;                  // (total_tokens, num_q_heads, head_dim)
+  void* out = nullptr;                   // (total_tokens, num_q_heads, head_dim)
   float* final_state = nullptr;          // optional (num_seqs, num_kv_heads, stride)
 };
 
 // Gradients of sum(dout * out) for a forward with the same config, cu_seqlens, q, k, v and no
-// initial state.
+// initial state. float32 only (config.dtype must be kFloat32).
 struct LinearAttentionBackwardArgs {
   LinearAttentionConfig config;
   const int32_t* cu_seqlens = nullptr;
@@ -145,15 +150,15 @@ struct LinearAttentionBackwardArgs {
 // output, equal to what the forward would give for that token. config.num_seqs is the batch.
 struct LinearAttentionDecodeArgs {
   LinearAttentionConfig config;
-  const float* q = nullptr;  // (num_seqs, num_q_heads, head_dim)
-  const float* k = nullptr;  // (num_seqs, num_kv_heads, head_dim)
-  const float* v = nullptr;  // (num_seqs, num_kv_heads, head_dim)
-  float* states = nullptr;   // (num_state_slots, num_kv_heads, stride), updated in place
+  const void* q = nullptr;  // (num_seqs, num_q_heads, head_dim)
+  const void* k = nullptr;  // (num_seqs, num_kv_heads, head_dim)
+  const void* v = nullptr;  // (num_seqs, num_kv_heads, head_dim)
+  float* states = nullptr;  // (num_state_slots, num_kv_heads, stride), updated in place
   // Optional (num_seqs): sequence s uses state slot state_slots[s]; distinct, in
   // [0, num_state_slots). Null: sequence s uses slot s (num_state_slots >= num_seqs).
   const int32_t* state_slots = nullptr;
   int num_state_slots = 0;
-  float* out = nullptr;  // (num_seqs, num_q_heads, head_dim)
+  void* out = nullptr;  // (num_seqs, num_q_heads, head_dim)
 };
 
 }  // namespace ferry::kernels
