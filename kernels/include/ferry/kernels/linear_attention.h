@@ -41,12 +41,13 @@
 //   o_i = num_i / den_i (normalised) or num_i (unnormalised).
 // Numerics: float32 state and accumulation. Squared norms must be finite in float32
 // (|x| up to about 1e18). Normalised outputs are 0 / 0 = NaN where the denominator is 0, and are
-// ill-conditioned near it; no epsilon is added, so every backend computes the same function:
-// for kOnePlusXMaxNorm every w_ij is 0 only when q_i is anti-parallel to each k_j, j <= i, and
-// both attain the running maxima (likely only for d = 1, or for a first token whose q opposes
-// its k); for kEluPlusOne den_i underflows to 0 only when every feature of q_i is below about -87.
+// ill-conditioned near it; no epsilon is added, so every backend computes the same function.
+// For kOnePlusXMaxNorm den_i = 0 needs every w_ij = 0, i.e. q_i anti-parallel to each k_j,
+// j <= i, with both at the running maxima (likely only for d = 1, or for a first token whose q
+// opposes its k); for kEluPlusOne den_i underflows to 0 only when every feature of q_i is below
+// about -87.
 //
-// The state. One float32 record of LinearStateLayout(head_dim, group).stride floats per
+// The state. One float32 record of MakeLinearStateLayout(head_dim, group).stride floats per
 // (sequence, kv head), holding everything the recurrence needs, so chunked prefill and decode
 // hand it to each other and a worker can keep or move it as bytes. All-zero is the empty state.
 //   [s_offset, +d*d)   S, row-major: S[a][b] = sum_j phi(k_j)_a v_j,b
@@ -55,7 +56,7 @@
 //   count_offset       n, tokens summarised (float32: exact up to 2^24 tokens)
 //   k_norm_offset      max_j ||k_j||_2 (raw, no floor)
 //   q_norm_offset + g  max_j ||q_j||_2 of the group's g-th q head (raw, no floor), g < group
-//   padding to a multiple of 32 floats (128 bytes), zero.
+//   padding to a multiple of 32 floats (128 bytes), unused (copied through).
 // Every field is kept for every feature map; S and z depend on the feature map, so a state is
 // only valid for the feature map that made it.
 //
