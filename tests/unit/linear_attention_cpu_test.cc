@@ -283,6 +283,59 @@ TEST(LinearAttentionCpuTest, ChunkedForwardThroughStateEqualsOneForward) {
   }
 }
 
+// The state record holds what linear_attention.h says, field by field (the CUDA kernels and the
+// runtime read and write the same bytes).
+TEST(LinearAttentionCpuTest, FinalStateHoldsTheDocumentedSums) {
+  ThreadPool pool(2);
+  std::mt19937 rng(26);
+  for (const Variant& variant : kVariants) {
+    const int d = 16, group = 3;
+    const Problem p = MakeProblem(variant, {11, 0}, group, 1, d, rng);
+    const LinearStateLayout layout = MakeLinearStateLayout(d, group);
+    EXPECT_EQ(layout.stride % 32, 0);
+    std::vector<float> state(p.state_size(), 0.0f);
+    std::vector<float> out = Poisoned(p.q_size());
+    LinearAttentionForwardArgs args = ForwardArgs(p, out.data());
+    args.final_state = state.data();
+    ASSERT_TRUE(LinearAttentionForwardCpu(args, pool).ok());
+    auto phi = [&](double x) {
+      return variant.feature_map == LinearFeatureMap::kEluPlusOne ? (x > 0 ? x + 1 : std::exp(x))
+                                                                  : x;
+    };
+    std::vector<double> s(d * d, 0.0), z(d, 0.0), v_sum(d, 0.0), q_norm(group, 0.0);
+    double k_norm = 0.0;
+    for (int t = 0; t < 11; ++t) {
+      const float* k = &p.k[t * d];
+      const float* v = &p.v[t * d];
+      double norm = 0.0;
+      for (int a = 0; a < d; ++a) {
+        norm += double{k[a]} * k[a];
+        z[a] += phi(k[a]);
+        v_sum[a] += v[a];
+        for (int b = 0; b < d; ++b) s[a * d + b] += phi(k[a]) * v[b];
+      }
+      k_norm = std::max(k_norm, std::sqrt(norm));
+      for (int g = 0; g < group; ++g) {
+        double qn = 0.0;
+        for (int a = 0; a < d; ++a)
+          qn += double{p.q[(t * group + g) * d + a]} * p.q[(t * group + g) * d + a];
+        q_norm[g] = std::max(q_norm[g], std::sqrt(qn));
+      }
+    }
+    auto slice = [&](int64_t offset, int64_t n) {
+      return std::vector<float>(state.begin() + offset, state.begin() + offset + n);
+    };
+    EXPECT_LT(RelativeError(slice(layout.s_offset, d * d), s), 1e-6) << variant.name;
+    EXPECT_LT(RelativeError(slice(layout.z_offset, d), z), 1e-6) << variant.name;
+    EXPECT_LT(RelativeError(slice(layout.v_sum_offset, d), v_sum), 1e-6) << variant.name;
+    EXPECT_EQ(state[layout.count_offset], 11.0f);
+    EXPECT_NEAR(state[layout.k_norm_offset], k_norm, 1e-5 * k_norm);
+    EXPECT_LT(RelativeError(slice(layout.q_norm_offset, group), q_norm), 1e-6) << variant.name;
+    // The empty second sequence leaves its record empty.
+    for (int64_t i = layout.stride; i < 2 * layout.stride; ++i) ASSERT_EQ(state[i], 0.0f);
+  }
+}
+
 // Prefill of the first tokens, then one decode step per remaining token with a batch that
 // shrinks as sequences end and states kept in shuffled slots of a larger pool.
 TEST(LinearAttentionCpuTest, PrefillThenDecodeStepsEqualOneForward) {
