@@ -32,7 +32,7 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::CreateOnHost(const KvCacheConf
 
 KvCache::KvCache(const KvCacheConfig& config, int64_t total_blocks)
     : config_(config), total_blocks_(total_blocks) {
-  pools_.resize(2 * config.num_layers * PoolBytes());
+  pools_.reset(new uint8_t[2 * config.num_layers * PoolBytes()]);
   free_list_.reserve(total_blocks);
   // Lowest ids are handed out first (popped from the back).
   for (int64_t b = total_blocks - 1; b >= 0; --b) free_list_.push_back(static_cast<int32_t>(b));

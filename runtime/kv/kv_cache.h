@@ -68,8 +68,8 @@ class KvCache {
 
   // The layer's pools as the kernels see them.
   kernels::PagedKvView LayerView(int layer) const;
-  void* k_pool(int layer) { return pools_.data() + PoolOffset(layer, /*is_v=*/false); }
-  void* v_pool(int layer) { return pools_.data() + PoolOffset(layer, /*is_v=*/true); }
+  void* k_pool(int layer) { return pools_.get() + PoolOffset(layer, /*is_v=*/false); }
+  void* v_pool(int layer) { return pools_.get() + PoolOffset(layer, /*is_v=*/true); }
 
  private:
   struct Sequence {
@@ -86,7 +86,9 @@ class KvCache {
 
   KvCacheConfig config_;
   int64_t total_blocks_;
-  std::vector<uint8_t> pools_;  // per layer: K pool then V pool
+  // Per layer: K pool then V pool. Left uninitialised: the kernels read only written positions,
+  // and untouched pages of a large capacity then cost no memory until used.
+  std::unique_ptr<uint8_t[]> pools_;
   std::vector<int32_t> free_list_;
   std::unordered_map<SequenceId, Sequence> sequences_;
 };

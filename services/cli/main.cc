@@ -6,6 +6,7 @@
 #include "CLI/CLI.hpp"
 #include "services/cli/attention_demo.h"
 #include "services/cli/cluster_commands.h"
+#include "services/cli/generate_remote.h"
 #include "services/cli/model_commands.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
@@ -66,8 +67,18 @@ int main(int argc, char** argv) {
   ferry::cli::GenerateLocalOptions gen;
   CLI::App* generate = app.add_subcommand("generate", "generate tokens");
   bool local = false;
-  generate->add_flag("--local", local, "in-process generation (the only mode so far)");
-  generate->add_option("--model", gen.model_dir, "Hugging Face model folder")->required();
+  ferry::cli::GenerateRemoteOptions remote;
+  auto* local_opt = generate->add_flag("--local", local, "in-process generation (needs --model)");
+  auto* coordinator_opt =
+      generate->add_option("--coordinator", remote.coordinator, "coordinator host:port");
+  local_opt->excludes(coordinator_opt);
+  generate->add_option("--model", gen.model_dir, "Hugging Face model folder (with --local)");
+  generate->add_option("--concurrency", remote.concurrency, "concurrent streams")
+      ->check(CLI::Range(1, 4096));
+  generate->add_option("--requests", remote.requests, "jobs to submit (a load test when > 1)")
+      ->check(CLI::Range(1, 1 << 20));
+  generate->add_option("--timeout", remote.timeout_s, "deadline of each job, seconds")
+      ->check(CLI::Range(1, 86400));
   auto* prompt_opt = generate->add_option("--prompt", gen.prompt, "prompt text (needs tokenizer.json)");
   auto* ids_opt = generate->add_option("--prompt-ids", gen.prompt_ids, "prompt token ids")
                       ->delimiter(',');
@@ -124,10 +135,11 @@ int main(int argc, char** argv) {
   } else if (make_tiny->parsed()) {
     status = ferry::cli::RunMakeTiny(tiny);
   } else if (generate->parsed()) {
-    if (!local) {
-      status = absl::UnimplementedError("generate: only --local is available so far");
+    if (local) {
+      status = gen.model_dir.empty() ? absl::InvalidArgumentError("--local needs --model")
+                                     : ferry::cli::RunGenerateLocal(gen);
     } else {
-      status = ferry::cli::RunGenerateLocal(gen);
+      status = ferry::cli::RunGenerateRemote(gen, remote);
     }
   }
   if (!status.ok()) {

@@ -1,0 +1,154 @@
+// ferry-coordinator: the front door and the compute side. Loads the model, serves the gRPC API
+// (GenerationService, ClusterService, grpc.health.v1), and runs the continuous-batching
+// scheduler. Flags are parsed here and nowhere else.
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+
+#include "CLI/CLI.hpp"
+#include "runtime/common/log.h"
+#include "runtime/model/attention_step.h"
+#include "runtime/model/checkpoint.h"
+#include "runtime/model/decoder.h"
+#include "runtime/model/tokenizer.h"
+#include "runtime/scheduler/batch_scheduler.h"
+#include "services/coordinator/cluster_service.h"
+#include "services/coordinator/generation_service.h"
+#include "spdlog/sinks/stdout_color_sinks.h"
+
+namespace {
+
+struct Flags {
+  std::string listen = "0.0.0.0:50051";
+  std::string model_dir;
+  std::string device = "cpu";
+  bool local_attention = false;
+  int threads = 0;
+  int64_t kv_capacity = int64_t{4} << 30;
+  std::string kv_dtype = "bf16";
+  int block_size = 64;
+  int max_batch = 64;
+  int prefill_chunk = 256;
+  int step_tokens = 512;
+  int heartbeat_ms = 500;
+  int dead_after_ms = 2000;
+  bool strict = false;
+};
+
+int Fail(const absl::Status& status) {
+  FERRY_LOG_ERROR("coordinator: {}", status.ToString());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Flags flags;
+  CLI::App app{"ferry-coordinator: runs the dense layers and schedules generation jobs"};
+  app.add_option("--listen", flags.listen, "gRPC address host:port")->capture_default_str();
+  app.add_option("--model", flags.model_dir, "Hugging Face model folder")->required();
+  app.add_option("--device", flags.device, "where the dense layers run")
+      ->check(CLI::IsMember({"cpu"}))
+      ->capture_default_str();
+  app.add_flag("--local-attention", flags.local_attention,
+               "run attention in this process (the single-machine mode)");
+  app.add_option("--threads", flags.threads, "attention threads for --local-attention (0: all)")
+      ->check(CLI::Range(0, 1024));
+  app.add_option("--kv-capacity", flags.kv_capacity, "KV bytes for --local-attention")
+      ->check(CLI::Range(int64_t{1} << 20, int64_t{1} << 50));
+  app.add_option("--kv-dtype", flags.kv_dtype)->check(CLI::IsMember({"bf16", "fp16", "fp32"}));
+  app.add_option("--block-size", flags.block_size, "KV positions per block")
+      ->check(CLI::Range(1, 4096));
+  app.add_option("--max-batch", flags.max_batch, "sequences decoded together")
+      ->check(CLI::Range(1, 4096));
+  app.add_option("--prefill-chunk", flags.prefill_chunk, "prompt tokens per sequence per step")
+      ->check(CLI::Range(1, 1 << 20));
+  app.add_option("--step-tokens", flags.step_tokens, "rows per decoder step")
+      ->check(CLI::Range(1, 1 << 20));
+  app.add_option("--heartbeat-ms", flags.heartbeat_ms)->check(CLI::Range(10, 600000));
+  app.add_option("--dead-after-ms", flags.dead_after_ms)->check(CLI::Range(20, 3600000));
+  app.add_flag("--strict", flags.strict, "refuse checkpoints with unused tensors");
+  CLI11_PARSE(app, argc, argv);
+  spdlog::set_default_logger(spdlog::stderr_color_mt("coordinator"));
+
+  // SIGINT and SIGTERM are taken by a waiting thread below, not by handlers.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  if (!flags.local_attention) {
+    return Fail(absl::UnimplementedError(
+        "attention on workers needs the data plane; start with --local-attention"));
+  }
+  ferry::model::LoadOptions load_options;
+  load_options.strict = flags.strict;
+  load_options.show_progress = true;
+  auto model = ferry::model::LoadModel(flags.model_dir, load_options);
+  if (!model.ok()) return Fail(model.status());
+  const ferry::model::ModelConfig& config = (*model)->config;
+  std::unique_ptr<ferry::model::Tokenizer> tokenizer;
+  if (auto loaded = ferry::model::Tokenizer::LoadFromDir(flags.model_dir); loaded.ok()) {
+    tokenizer = std::move(*loaded);
+  } else if (loaded.status().code() != absl::StatusCode::kNotFound) {
+    return Fail(loaded.status());
+  }
+
+  ferry::DType kv_dtype = ferry::DType::kBFloat16;
+  ferry::ParseDType(flags.kv_dtype, &kv_dtype);
+  ferry::model::InProcessAttentionOptions attention_options;
+  attention_options.num_heads = config.num_heads;
+  attention_options.kv = {config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype,
+                          flags.block_size, flags.kv_capacity};
+  attention_options.num_threads =
+      flags.threads > 0 ? flags.threads : static_cast<int>(std::thread::hardware_concurrency());
+  auto attention = ferry::model::InProcessAttention::Create(attention_options);
+  if (!attention.ok()) return Fail(attention.status());
+  ferry::model::Decoder decoder(**model, **attention);
+
+  ferry::scheduler::BatchSchedulerOptions scheduler_options;
+  scheduler_options.max_running = flags.max_batch;
+  scheduler_options.prefill_chunk_tokens = flags.prefill_chunk;
+  scheduler_options.step_token_budget = std::max(flags.step_tokens, flags.max_batch);
+  scheduler_options.eos_token_ids = config.eos_token_ids;
+  ferry::scheduler::BatchScheduler scheduler(decoder, scheduler_options);
+
+  ferry::coordinator::WorkerRegistry::Options registry_options;
+  registry_options.heartbeat_interval = std::chrono::milliseconds(flags.heartbeat_ms);
+  registry_options.dead_after = std::chrono::milliseconds(flags.dead_after_ms);
+  ferry::coordinator::WorkerRegistry registry(registry_options);
+  ferry::v1::ModelShape shape;
+  shape.set_num_layers(config.num_layers);
+  shape.set_num_kv_heads(config.num_kv_heads);
+  shape.set_head_dim(config.head_dim);
+  shape.set_kv_dtype(std::string(ferry::DTypeName(kv_dtype)));
+  shape.set_block_size(flags.block_size);
+  ferry::coordinator::ClusterServiceImpl cluster_service(&registry, shape);
+  ferry::coordinator::GenerationServiceImpl generation_service(&scheduler, tokenizer.get());
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::ServerBuilder builder;
+  int bound_port = 0;
+  builder.AddListeningPort(flags.listen, grpc::InsecureServerCredentials(), &bound_port);
+  builder.RegisterService(&cluster_service);
+  builder.RegisterService(&generation_service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || bound_port == 0) {
+    return Fail(absl::UnavailableError("cannot listen on " + flags.listen));
+  }
+  FERRY_LOG_INFO("coordinator: serving {} ({} layers, {} attention) on {} (port {})",
+                 flags.model_dir, config.num_layers,
+                 flags.local_attention ? "local" : "worker", flags.listen, bound_port);
+
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  FERRY_LOG_INFO("coordinator: signal {}, shutting down", signal_number);
+  scheduler.Stop();  // running requests end as cancelled, their streams close
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  return 0;
+}
