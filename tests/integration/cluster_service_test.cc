@@ -1,9 +1,6 @@
 // Cluster membership over real gRPC on loopback: registration in any start order, heartbeats,
 // drain, death after missed heartbeats, re-registration, bad requests, and the CLI's table.
 #include <grpcpp/grpcpp.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <sstream>
 #include <thread>
@@ -12,24 +9,14 @@
 #include "services/cli/cluster_commands.h"
 #include "services/coordinator/cluster_service.h"
 #include "services/worker/coordinator_link.h"
+#include "test_ports.h"
 
 namespace ferry {
 namespace {
 
 using namespace std::chrono_literals;
 
-// A port nothing listens on right now (bound, read back, released).
-int UnusedPort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof(address));
-  socklen_t length = sizeof(address);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length);
-  close(fd);
-  return ntohs(address.sin_port);
-}
+using testing::UnusedTcpPort;
 
 class CoordinatorServer {
  public:
@@ -83,7 +70,7 @@ worker::CoordinatorLinkOptions LinkOptions(int port, const std::string& data_add
 }
 
 TEST(ClusterServiceTest, WorkerStartedFirstRegistersOnceTheCoordinatorComesUp) {
-  const int port = UnusedPort();
+  const int port = UnusedTcpPort();
   worker::CoordinatorLink link(LinkOptions(port, "127.0.0.1:7001"));
   link.Start();
   std::this_thread::sleep_for(200ms);  // several refused attempts
@@ -108,7 +95,7 @@ TEST(ClusterServiceTest, WorkerStartedFirstRegistersOnceTheCoordinatorComesUp) {
 }
 
 TEST(ClusterServiceTest, DrainReachesTheWorkerAndTheTableShowsIt) {
-  const int port = UnusedPort();
+  const int port = UnusedTcpPort();
   CoordinatorServer server(port, FastOptions());
   worker::CoordinatorLink link(LinkOptions(port, "127.0.0.1:7002"));
   link.Start();
@@ -135,7 +122,7 @@ TEST(ClusterServiceTest, DrainReachesTheWorkerAndTheTableShowsIt) {
 }
 
 TEST(ClusterServiceTest, SilentWorkerIsDeclaredDeadAndComesBackByRegisteringAgain) {
-  const int port = UnusedPort();
+  const int port = UnusedTcpPort();
   CoordinatorServer server(port, FastOptions());
   std::string id;
   {
@@ -163,7 +150,7 @@ TEST(ClusterServiceTest, SilentWorkerIsDeclaredDeadAndComesBackByRegisteringAgai
 }
 
 TEST(ClusterServiceTest, BadRegistrationsAreRejectedAndOthersKeepWorking) {
-  const int port = UnusedPort();
+  const int port = UnusedTcpPort();
   CoordinatorServer server(port, FastOptions());
   auto stub = ferry::v1::ClusterService::NewStub(grpc::CreateChannel(
       "127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));

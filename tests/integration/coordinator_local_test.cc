@@ -1,0 +1,161 @@
+// The ferry-coordinator daemon with in-process attention, driven over gRPC as a user would:
+// health, token parity with in-process generation, concurrent streams, deadlines and bad
+// requests that spare the other requests, and a clean exit on SIGTERM.
+#include <filesystem>
+#include <thread>
+
+#include "daemon.h"
+#include "ferry/v1/generation.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "runtime/model/attention_step.h"
+#include "runtime/model/checkpoint.h"
+#include "runtime/model/generate.h"
+#include "runtime/model/tiny_checkpoint.h"
+#include "test_ports.h"
+
+namespace ferry {
+namespace {
+
+using namespace std::chrono_literals;
+
+struct StreamResult {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  ferry::v1::FinishReason reason = ferry::v1::FINISH_REASON_UNSPECIFIED;
+};
+
+StreamResult Generate(ferry::v1::GenerationService::Stub& stub,
+                      const ferry::v1::GenerateRequest& request,
+                      std::chrono::milliseconds deadline = 30s) {
+  StreamResult result;
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + deadline);
+  auto reader = stub.Generate(&context, request);
+  ferry::v1::GenerateResponse response;
+  while (reader->Read(&response)) {
+    if (response.has_token()) {
+      EXPECT_EQ(response.token().index(), static_cast<int>(result.tokens.size()));
+      result.tokens.push_back(response.token().token_id());
+    } else if (response.has_finished()) {
+      result.reason = response.finished().reason();
+    }
+  }
+  result.status = reader->Finish();
+  return result;
+}
+
+ferry::v1::GenerateRequest Request(std::vector<int32_t> prompt, int max_tokens) {
+  ferry::v1::GenerateRequest request;
+  for (int32_t id : prompt) request.mutable_prompt_token_ids()->add_ids(id);
+  request.set_max_tokens(max_tokens);
+  request.set_ignore_eos(true);
+  return request;
+}
+
+class CoordinatorLocalTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("ferry_coordinator_test_" + std::to_string(getpid()));
+    model::TinyCheckpointOptions tiny;
+    tiny.out_dir = dir_;
+    tiny.seed = 5;
+    ASSERT_TRUE(model::WriteTinyCheckpoint(tiny).ok());
+    address_ = "127.0.0.1:" + std::to_string(testing::UnusedTcpPort());
+    daemon_ = std::make_unique<testing::Daemon>(
+        FERRY_COORDINATOR_BINARY,
+        std::vector<std::string>{"--model", dir_, "--local-attention", "--listen", address_,
+                                 "--threads", "2", "--kv-capacity", "67108864",
+                                 "--kv-dtype", "fp32"},
+        dir_ + ".log");
+    ASSERT_TRUE(daemon_->started());
+    ASSERT_TRUE(daemon_->WaitHealthy(address_, 20s)) << daemon_->Log();
+    stub_ = ferry::v1::GenerationService::NewStub(
+        grpc::CreateChannel(address_, grpc::InsecureChannelCredentials()));
+  }
+  void TearDown() override {
+    daemon_.reset();
+    std::filesystem::remove_all(dir_);
+    std::filesystem::remove(dir_ + ".log");
+  }
+
+  // The tokens in-process generation gives (greedy, fp32 KV as the daemon was started with).
+  std::vector<int32_t> InProcessTokens(const std::vector<int32_t>& prompt, int max_tokens) {
+    auto model = model::LoadModel(dir_);
+    EXPECT_TRUE(model.ok());
+    model::InProcessAttentionOptions options;
+    options.num_heads = (*model)->config.num_heads;
+    options.kv = {(*model)->config.num_layers, (*model)->config.num_kv_heads,
+                  (*model)->config.head_dim, DType::kFloat32, 64, 64 << 20};
+    auto attention = model::InProcessAttention::Create(options);
+    EXPECT_TRUE(attention.ok());
+    model::Decoder decoder(**model, **attention);
+    model::GenerateOptions generate;
+    generate.max_tokens = max_tokens;
+    generate.ignore_eos = true;
+    auto result = model::Generate(decoder, 1, prompt, generate);
+    EXPECT_TRUE(result.ok());
+    return result.ok() ? result->tokens : std::vector<int32_t>{};
+  }
+
+  std::string dir_;
+  std::string address_;
+  std::unique_ptr<testing::Daemon> daemon_;
+  std::unique_ptr<ferry::v1::GenerationService::Stub> stub_;
+};
+
+TEST_F(CoordinatorLocalTest, StreamsTheTokensOfInProcessGeneration) {
+  const std::vector<int32_t> prompt = {3, 14, 15, 92, 65};
+  const StreamResult result = Generate(*stub_, Request(prompt, 12));
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message() << daemon_->Log();
+  EXPECT_EQ(result.reason, ferry::v1::FINISH_REASON_LENGTH);
+  EXPECT_EQ(result.tokens, InProcessTokens(prompt, 12));
+}
+
+TEST_F(CoordinatorLocalTest, ConcurrentStreamsEachGetTheirOwnTokens) {
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 8; ++i) prompts.push_back({i + 1, 2 * i + 7, 100 + i});
+  std::vector<StreamResult> results(prompts.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    threads.emplace_back([&, i] { results[i] = Generate(*stub_, Request(prompts[i], 10)); });
+  }
+  for (auto& thread : threads) thread.join();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << results[i].status.error_message();
+    EXPECT_EQ(results[i].tokens, InProcessTokens(prompts[i], 10)) << "stream " << i;
+  }
+}
+
+TEST_F(CoordinatorLocalTest, DeadlinesAndBadRequestsSpareTheOthers) {
+  // A job far longer than its deadline ends DEADLINE_EXCEEDED.
+  const StreamResult timed_out = Generate(*stub_, Request({1, 2, 3}, 4000), 300ms);
+  EXPECT_EQ(timed_out.status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+  // Bad requests are refused with INVALID_ARGUMENT or FAILED_PRECONDITION.
+  EXPECT_EQ(Generate(*stub_, Request({}, 4)).status.error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(Generate(*stub_, Request({1, 999999}, 4)).status.error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  ferry::v1::GenerateRequest many_stops = Request({1, 2}, 4);
+  for (int i = 0; i < 100; ++i) many_stops.add_stop_token_ids(i);
+  EXPECT_EQ(Generate(*stub_, many_stops).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  ferry::v1::GenerateRequest text = Request({}, 4);
+  text.set_prompt_text("no tokenizer in this model folder");
+  EXPECT_EQ(Generate(*stub_, text).status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  // And the daemon still serves.
+  const std::vector<int32_t> prompt = {9, 8, 7};
+  const StreamResult after = Generate(*stub_, Request(prompt, 6));
+  ASSERT_TRUE(after.status.ok()) << after.status.error_message();
+  EXPECT_EQ(after.tokens, InProcessTokens(prompt, 6));
+}
+
+TEST_F(CoordinatorLocalTest, SigtermExitsCleanlyWhileAStreamIsOpen) {
+  std::thread stream([&] { Generate(*stub_, Request({1, 2, 3}, 4000), 20s); });
+  std::this_thread::sleep_for(200ms);
+  daemon_->Signal(SIGTERM);
+  EXPECT_EQ(daemon_->Wait(10s), 0) << daemon_->Log();
+  stream.join();
+}
+
+}  // namespace
+}  // namespace ferry
