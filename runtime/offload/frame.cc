@@ -61,7 +61,9 @@ absl::StatusOr<FrameHeader> DecodeFrameHeader(const uint8_t* data, size_t size) 
                                                    " (this side speaks ", kFrameVersion, ")"));
   }
   const uint16_t base = header.type & ~kReplyBit;
-  if (base == 0 || base > kMaxFrameType) {
+  // Type 0 with the reply bit is the error reply to a frame whose own type could not be read.
+  const bool untyped_error = base == 0 && header.is_reply() && header.status != 0;
+  if ((base == 0 && !untyped_error) || base > kMaxFrameType) {
     return absl::InvalidArgumentError(absl::StrCat("unknown frame type ", header.type));
   }
   if (Get<uint16_t>(data, 26) != 0 ||

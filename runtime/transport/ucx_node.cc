@@ -410,8 +410,13 @@ void UcxNode::Impl::OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status)
   Peer& peer = self->peers_[id];
   peer.error = UcsToStatus(status, absl::StrCat(self->options_.name, ": peer ", id, " (",
                                                 peer.name, ") failed"));
-  // A peer error is decided here, so it is logged here (once).
-  FERRY_LOG_WARN("{}", peer.error.ToString());
+  // A peer error is decided here, so it is logged here (once). A client going away is routine
+  // for a server; a server going away is not, for its clients.
+  if (peer.name == "accepted") {
+    FERRY_LOG_INFO("{}", peer.error.ToString());
+  } else {
+    FERRY_LOG_WARN("{}", peer.error.ToString());
+  }
   self->FailPeer(id, peer.error);
   // The endpoint is unusable; close it outside the callback.
   self->peer_of_ep_.erase(it);
