@@ -28,6 +28,7 @@ struct TransportCase {
   const char* tls;
   const char* expect;  // substring of ucp_ep_print_info for the data lanes
 };
+void PrintTo(const TransportCase& c, std::ostream* os) { *os << c.name; }
 
 constexpr int kLayers = 2;
 constexpr int kKvHeads = 2;

@@ -16,6 +16,7 @@ struct TransportCase {
   const char* tls;
   const char* expect;  // a substring of ucp_ep_print_info's lanes
 };
+void PrintTo(const TransportCase& c, std::ostream* os) { *os << c.name; }
 
 class UcxNodeTest : public ::testing::TestWithParam<TransportCase> {
  protected:
