@@ -231,6 +231,8 @@ void UcxNode::Impl::Post(std::function<void()> fn) {
     std::lock_guard<std::mutex> lock(commands_mutex_);
     commands_.push_back(std::move(fn));
   }
+  // The progress thread itself (a handler replying) runs the queue on its next turn anyway.
+  if (std::this_thread::get_id() == thread_.get_id()) return;
   uint64_t one = 1;
   [[maybe_unused]] ssize_t n = write(wake_fd_, &one, sizeof(one));
 }
@@ -565,7 +567,9 @@ absl::Status UcxNode::Impl::SendAm(PeerId peer_id, unsigned am_id, uint64_t call
   param.cb.send = &Impl::OnSendDone;
   param.user_data = op;
   // REPLY: the receiver learns which endpoint to answer on.
-  param.flags = UCP_AM_SEND_FLAG_REPLY;
+  param.flags = UCP_AM_SEND_FLAG_REPLY |
+                (op->data.size() <= options_.eager_limit ? UCP_AM_SEND_FLAG_EAGER
+                                                         : UCP_AM_SEND_FLAG_RNDV);
   // The header is copied by UCX before ucp_am_send_nbx returns; the data stays with op.
   void* status_ptr = ucp_am_send_nbx(it->second.ep, am_id, &op->call_id, sizeof(op->call_id),
                                      op->data.data(), op->data.size(), &param);
@@ -762,6 +766,13 @@ CallResult UcxNode::Await(std::future<CallResult>& future, absl::Duration timeou
   if (timeout <= absl::ZeroDuration()) timeout = options_.call_timeout;
   // The progress thread completes every call by its deadline; the slack covers a busy thread.
   const absl::Duration bound = timeout + absl::Seconds(1);
+  // Spin briefly first: a reply within the busy-poll window costs no sleep and wake-up.
+  const auto spin_until = Clock::now() + std::chrono::nanoseconds(
+                                             absl::ToInt64Nanoseconds(options_.busy_poll));
+  while (Clock::now() < spin_until) {
+    if (future.wait_for(std::chrono::seconds(0)) == std::future_status::ready) return future.get();
+    std::this_thread::yield();
+  }
   if (future.wait_for(std::chrono::nanoseconds(absl::ToInt64Nanoseconds(bound))) !=
       std::future_status::ready) {
     return absl::DeadlineExceededError(absl::StrCat(options_.name, ": call not completed"));

@@ -4,8 +4,8 @@
 // Messages are opaque byte buffers (runtime/offload frames them). A request carries a call id in
 // its active-message header; the reply carries the same id back, so a reply finds its caller
 // even when the request's own frame was too broken to parse. Large messages go by UCP's
-// active-message rendezvous (UCX picks eager or RNDV by size; RNDV pulls the payload straight
-// into the receiver's buffer instead of one huge eager message).
+// active-message rendezvous (options.eager_limit; RNDV pulls the payload straight into the
+// receiver's buffer instead of one huge eager message).
 //
 // Reliability: every endpoint uses error-handling mode PEER and UCX keepalive
 // (options.keepalive_interval). Every call has a deadline (options.call_timeout unless given): a
@@ -47,6 +47,10 @@ struct UcxNodeOptions {
   absl::Duration call_timeout = absl::Seconds(2);  // default bound for Call()
   absl::Duration busy_poll = absl::Microseconds(50);  // spin this long after activity, then sleep
   size_t max_message_bytes = size_t{1} << 31;  // larger incoming messages are refused
+  // Messages up to this size go eagerly; larger ones by rendezvous. (UCX's own threshold picks
+  // rendezvous for ~16 KiB on shm, whose handshake costs extra wake-ups of both progress threads;
+  // with PEER error handling the rendezvous data then runs over tcp, as cma is left out.)
+  size_t eager_limit = size_t{256} << 10;
 };
 
 // Incoming request: the peer, the call id to answer, and the message (or why it could not be
