@@ -66,6 +66,18 @@ class KvCache {
   absl::Status WriteHost(SequenceId id, int layer, int64_t first, int64_t count, const void* k,
                          const void* v);
 
+  // Bytes of one block in one pool (one layer, K or V): num_kv_heads * block_size * head_dim
+  // elements, contiguous in the pool. Export and import of blocks (migration) copy these.
+  int64_t BlockPoolBytes() const {
+    return int64_t{config_.num_kv_heads} * config_.block_size * config_.head_dim *
+           DTypeSize(config_.dtype);
+  }
+  // Host address of one block of one layer's K or V pool (host-memory caches only; the caller
+  // checks block against total_blocks()).
+  uint8_t* BlockData(int layer, bool is_v, int32_t block) {
+    return pools_.get() + PoolOffset(layer, is_v) + block * BlockPoolBytes();
+  }
+
   // The layer's pools as the kernels see them.
   kernels::PagedKvView LayerView(int layer) const;
   void* k_pool(int layer) { return pools_.get() + PoolOffset(layer, /*is_v=*/false); }

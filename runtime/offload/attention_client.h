@@ -1,0 +1,126 @@
+// The compute side of the data plane: connections to attention workers, the typed operations of
+// worker_service.h, and one layer's attention over a batch whose KV is spread over workers.
+//
+// AttendLayer sends every shard's request at once (one frame per worker), waits for all of them
+// (each bounded by the call timeout), and merges the partial states with MergeStatesCpu in shard
+// order, so the result is deterministic and equal bit for bit to the same merges done in process.
+// A worker that fails (error reply, dead peer, timeout) is reported in that shard's status; the
+// other shards' states are still merged, and `complete` says which batch entries got every part.
+//
+// Ownership: owns its UcxNode. Threads: one caller at a time (the coordinator's layer loop);
+// the node's progress thread does the I/O. Shapes are as in worker_service.h.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "ferry/kernels/dtype.h"
+#include "runtime/offload/frame.h"
+#include "runtime/transport/ucx_node.h"
+
+namespace ferry::offload {
+
+struct ModelShape {
+  int num_layers = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int block_size = 64;
+  DType dtype = DType::kBFloat16;
+  float softmax_scale = 0.0f;  // 0: 1/sqrt(head_dim)
+  int plan_workers = 0;        // the CPU attention plan (cpu_attention.h); fix it for bit-exactness
+  int kv_tile_size = 0;
+};
+
+struct SequenceEntry {
+  uint64_t sequence = 0;
+  int64_t position = 0;  // OpenSequence: first position held; AppendKv: the position appended
+};
+
+// Partial states: o (n, num_q_heads, head_dim) and lse (n, num_q_heads), float32.
+struct PartialStates {
+  std::vector<float> o;
+  std::vector<float> lse;
+};
+
+// A reply frame whose header was checked and whose status was OK.
+struct ReplyFrame {
+  FrameHeader header;
+  transport::Buffer frame;
+  const uint8_t* payload() const { return frame.data() + kFrameHeaderBytes; }
+};
+
+class AttentionClient {
+ public:
+  static absl::StatusOr<std::unique_ptr<AttentionClient>> Create(
+      const transport::UcxNodeOptions& options);
+
+  // Connects to a worker; returns its index for the calls below.
+  absl::StatusOr<int> AddWorker(const std::string& host, int port);
+  int num_workers() const { return static_cast<int>(peers_.size()); }
+
+  absl::Status Configure(int worker, const ModelShape& shape);
+  absl::Status OpenSequences(int worker, absl::Span<const SequenceEntry> sequences);
+  // k, v: (n, num_kv_heads, head_dim) in the model's dtype, one row per entry.
+  absl::Status AppendKv(int worker, int layer, absl::Span<const SequenceEntry> entries,
+                        const void* k, const void* v);
+  // q (n, num_q_heads, head_dim) float32 for the listed sequences; states over what it holds.
+  absl::StatusOr<PartialStates> Attend(int worker, int layer, absl::Span<const uint64_t> sequences,
+                                       int num_q_heads, const float* q);
+  // A prompt chunk at positions [first, first + tokens): q (tokens, num_q_heads, head_dim);
+  // k and v (tokens, num_kv_heads, head_dim) are appended first unless null.
+  absl::StatusOr<PartialStates> Prefill(int worker, int layer, uint64_t sequence, int64_t first,
+                                        int tokens, int num_q_heads, const float* q,
+                                        const void* k, const void* v);
+  // Returns the number of blocks freed.
+  absl::StatusOr<int64_t> FreeSequences(int worker, absl::Span<const uint64_t> sequences);
+  // Moves a sequence's KV from one worker to another, worker to worker.
+  absl::Status Migrate(int from_worker, uint64_t sequence, const std::string& to_host,
+                       int to_port);
+  // The sequence image (an ImportBlocks frame) and its import elsewhere.
+  absl::StatusOr<transport::Buffer> ExportBlocks(int worker, uint64_t sequence);
+  absl::Status ImportBlocks(int worker, transport::Buffer image);
+
+  // One worker's part of a layer's batch: which batch entries (indices into q) and their
+  // sequence ids on that worker.
+  struct Shard {
+    int worker = 0;
+    std::vector<int> batch_index;
+    std::vector<uint64_t> sequences;
+  };
+  struct LayerResult {
+    PartialStates merged;                    // (batch, num_q_heads, ...) merged over shards
+    std::vector<absl::Status> shard_status;  // one per shard
+    std::vector<bool> complete;              // per batch entry: every shard holding it answered
+  };
+  // q (batch, num_q_heads, head_dim) float32. Fails only on bad arguments; worker failures are
+  // in shard_status.
+  absl::StatusOr<LayerResult> AttendLayer(int layer, int batch, int num_q_heads, const float* q,
+                                          absl::Span<const Shard> shards);
+
+  // Sends a raw frame (tests: malformed frames) and returns the reply frame unchecked.
+  absl::StatusOr<transport::Buffer> CallRaw(int worker, transport::Buffer frame);
+
+  transport::UcxNode& node() { return *node_; }
+  transport::PeerId peer(int worker) const { return peers_[worker]; }
+
+ private:
+  explicit AttentionClient(std::unique_ptr<transport::UcxNode> node) : node_(std::move(node)) {}
+  absl::Status CheckWorker(int worker) const;
+  FrameHeader NewHeader(FrameType type, int layer, uint64_t payload_bytes);
+  std::future<transport::CallResult> Send(int worker, transport::Buffer frame);
+  absl::StatusOr<ReplyFrame> Finish(int worker, const FrameHeader& request,
+                                    std::future<transport::CallResult>& future);
+  absl::StatusOr<ReplyFrame> Call(int worker, const FrameHeader& request, transport::Buffer frame);
+  absl::StatusOr<PartialStates> ReadStates(const ReplyFrame& reply, int n, int num_q_heads) const;
+
+  std::unique_ptr<transport::UcxNode> node_;
+  std::vector<transport::PeerId> peers_;
+  std::vector<ModelShape> shapes_;  // per worker, once configured
+  uint64_t next_request_ = 1;
+};
+
+}  // namespace ferry::offload

@@ -1,0 +1,68 @@
+// The worker service on the data plane: a UcxNode listening for frames and one request thread
+// that runs WorkerService::Handle for each and sends the reply. Entry point for the worker daemon
+// (services/worker wraps this later) and for tests' worker processes.
+//
+// Ownership: owns its node, service and thread. Stop() (and the destructor) stops taking
+// requests, finishes the one in progress, shuts the node down (bounded) and joins the thread.
+// Threads: Start/Stop from one owner thread; requests are handled in arrival order on the
+// request thread (WorkerService is single-threaded; its attention uses its own pool).
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+
+#include "absl/status/statusor.h"
+#include "runtime/offload/worker_service.h"
+#include "runtime/transport/ucx_node.h"
+
+namespace ferry::offload {
+
+struct WorkerServerOptions {
+  transport::UcxNodeOptions node;
+  WorkerServiceOptions service;
+  std::string host = "127.0.0.1";
+  int port = 0;  // 0: any free port
+  // Tests only: hold each Attend this long before handling it (a slow worker, to kill mid-request).
+  absl::Duration attend_delay = absl::ZeroDuration();
+};
+
+class WorkerServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<WorkerServer>> Start(const WorkerServerOptions& options);
+  ~WorkerServer();
+  WorkerServer(const WorkerServer&) = delete;
+  WorkerServer& operator=(const WorkerServer&) = delete;
+
+  int port() const { return port_; }
+  void Stop();
+
+ private:
+  struct Request {
+    transport::PeerId peer;
+    uint64_t call_id;
+    absl::StatusOr<transport::Buffer> message;
+  };
+
+  explicit WorkerServer(const WorkerServerOptions& options) : options_(options) {}
+  void Serve();
+  absl::StatusOr<transport::Buffer> Forward(const std::string& host, int port,
+                                            transport::Buffer frame);
+
+  WorkerServerOptions options_;
+  std::unique_ptr<transport::UcxNode> node_;
+  std::unique_ptr<WorkerService> service_;
+  int port_ = 0;
+  std::thread thread_;
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<Request> queue_;
+  bool stopping_ = false;
+  std::unordered_map<std::string, transport::PeerId> forward_peers_;  // request thread only
+};
+
+}  // namespace ferry::offload

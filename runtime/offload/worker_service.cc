@@ -1,0 +1,609 @@
+#include "runtime/offload/worker_service.h"
+
+#include <algorithm>
+#include <cmath>
+#include <unordered_set>
+
+#include "absl/strings/str_cat.h"
+#include "ferry/status.h"
+
+namespace ferry::offload {
+namespace {
+
+constexpr int64_t kEntryBytes = 16;  // u64 sequence, i64 position
+
+absl::Status LengthMismatch(const FrameHeader& header, int64_t expected) {
+  return absl::InvalidArgumentError(absl::StrCat(FrameTypeName(header.type),
+                                                 ": payload length mismatch: ",
+                                                 header.payload_bytes, " bytes, the shape needs ",
+                                                 expected));
+}
+
+bool ValidDType(uint8_t dtype) { return dtype >= 1 && dtype <= 3; }
+
+}  // namespace
+
+WorkerService::WorkerService(const WorkerServiceOptions& options, transport::BufferPool& pool)
+    : options_(options), pool_(pool), threads_(options.num_threads) {}
+
+WorkerService::~WorkerService() = default;
+
+transport::Buffer WorkerService::Handle(const uint8_t* frame, size_t size) {
+  absl::StatusOr<FrameHeader> header = DecodeFrameHeader(frame, size);
+  if (!header.ok()) {
+    ++errors_answered_;
+    // Keep the request id when the frame is long enough to carry one, so the caller can match.
+    FrameHeader partial;
+    if (size >= 16) std::memcpy(&partial.request_id, frame + 8, sizeof(partial.request_id));
+    return MakeErrorReply(&partial, header.status(), pool_);
+  }
+  absl::StatusOr<transport::Buffer> reply =
+      header->is_reply()
+          ? absl::InvalidArgumentError("a worker takes requests, not replies")
+          : Dispatch(*header, frame + kFrameHeaderBytes);
+  if (!reply.ok()) {
+    ++errors_answered_;
+    return MakeErrorReply(&*header, reply.status(), pool_);
+  }
+  ++requests_served_;
+  return std::move(*reply);
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::Dispatch(const FrameHeader& header,
+                                                          const uint8_t* payload) {
+  PayloadReader reader(payload, header.payload_bytes);
+  switch (header.request_type()) {
+    case FrameType::kConfigure: return Configure(header, reader);
+    case FrameType::kOpenSequence: return OpenSequence(header, reader);
+    case FrameType::kAppendKv: return AppendKv(header, reader);
+    case FrameType::kAttend: return Attend(header, reader);
+    case FrameType::kPrefill: return Prefill(header, reader);
+    case FrameType::kFreeSequence: return FreeSequence(header, reader);
+    case FrameType::kExportBlocks: return ExportBlocks(header, reader);
+    case FrameType::kImportBlocks: return ImportBlocks(header, reader);
+    case FrameType::kMigrate: return Migrate(header, reader);
+  }
+  return absl::InvalidArgumentError(absl::StrCat("unknown frame type ", header.type));
+}
+
+FrameWriter WorkerService::StartReply(const FrameHeader& request, uint64_t payload_bytes,
+                                      const int32_t* shape, uint8_t dtype) {
+  FrameHeader reply;
+  reply.type = static_cast<uint16_t>(request.type | kReplyBit);
+  reply.request_id = request.request_id;
+  reply.layer = request.layer;
+  reply.dtype = dtype;
+  if (shape != nullptr) std::copy(shape, shape + 4, reply.shape);
+  reply.payload_bytes = payload_bytes;
+  return FrameWriter(reply, pool_);
+}
+
+absl::Status WorkerService::RequireConfigured() const {
+  if (cache_ == nullptr) {
+    return absl::FailedPreconditionError("worker not configured: send Configure first");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WorkerService::CheckLayer(const FrameHeader& header) const {
+  if (header.layer < 0 || header.layer >= cache_->config().num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat(FrameTypeName(header.type), ": layer ",
+                                                   header.layer, " out of range [0, ",
+                                                   cache_->config().num_layers, ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WorkerService::CheckKvDtype(const FrameHeader& header) const {
+  if (header.dtype != static_cast<uint8_t>(cache_->config().dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        FrameTypeName(header.type), ": dtype ", static_cast<int>(header.dtype),
+        " but this worker serves ", std::string(DTypeName(cache_->config().dtype)), " (", static_cast<int>(cache_->config().dtype), ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<int> WorkerService::CheckBatch(int32_t n) const {
+  if (n < 1 || n > options_.max_batch) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("batch of ", n, " outside [1, ", options_.max_batch, "]"));
+  }
+  return n;
+}
+
+absl::StatusOr<WorkerService::Sequence*> WorkerService::Find(uint64_t sequence) {
+  auto it = sequences_.find(sequence);
+  if (it == sequences_.end()) {
+    return absl::NotFoundError(absl::StrCat("unknown sequence ", sequence));
+  }
+  return &it->second;
+}
+
+absl::StatusOr<std::vector<WorkerService::Entry>> WorkerService::ReadTable(
+    PayloadReader& reader, int n, bool want_known) const {
+  std::vector<Entry> entries(n);
+  std::unordered_set<uint64_t> seen;
+  for (int i = 0; i < n; ++i) {
+    if (!reader.U64(&entries[i].sequence) || !reader.I64(&entries[i].position)) {
+      return absl::InvalidArgumentError("sequence table truncated");
+    }
+    if (!seen.insert(entries[i].sequence).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence ", entries[i].sequence, " appears twice in one table"));
+    }
+    if (want_known && sequences_.count(entries[i].sequence) == 0) {
+      return absl::NotFoundError(absl::StrCat("unknown sequence ", entries[i].sequence));
+    }
+  }
+  return entries;
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::Configure(const FrameHeader& header,
+                                                           PayloadReader& reader) {
+  kv::KvCacheConfig config;
+  config.num_layers = header.shape[0];
+  config.num_kv_heads = header.shape[1];
+  config.head_dim = header.shape[2];
+  config.block_size = header.shape[3];
+  config.capacity_bytes = options_.kv_capacity_bytes;
+  if (config.num_layers < 1 || config.num_layers > options_.max_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("configure: ", config.num_layers, " layers"));
+  }
+  if (config.num_kv_heads < 1 || config.num_kv_heads > 256) {
+    return absl::InvalidArgumentError(absl::StrCat("configure: ", config.num_kv_heads,
+                                                   " kv heads"));
+  }
+  if (!kernels::IsSupportedHeadDim(config.head_dim)) {
+    return absl::InvalidArgumentError(absl::StrCat("configure: head dim ", config.head_dim,
+                                                   " not served (64, 128, 256)"));
+  }
+  if (config.block_size < 1 || config.block_size > 4096) {
+    return absl::InvalidArgumentError(absl::StrCat("configure: block size ", config.block_size));
+  }
+  if (!ValidDType(header.dtype)) {
+    return absl::InvalidArgumentError(absl::StrCat("configure: dtype ", static_cast<int>(header.dtype)));
+  }
+  config.dtype = static_cast<DType>(header.dtype);
+  if (header.payload_bytes != 16) return LengthMismatch(header, 16);
+  float scale = 0;
+  int32_t workers = 0, tile = 0, zero = 0;
+  reader.F32(&scale);
+  reader.I32(&workers);
+  reader.I32(&tile);
+  reader.I32(&zero);
+  if (!std::isfinite(scale) || scale < 0 || workers < 0 || workers > 1024 || tile < 0 ||
+      tile > (1 << 20) || zero != 0) {
+    return absl::InvalidArgumentError("configure: bad scale, plan or reserved field");
+  }
+  if (cache_ != nullptr) {
+    const kv::KvCacheConfig& old = cache_->config();
+    const bool same = old.num_layers == config.num_layers &&
+                      old.num_kv_heads == config.num_kv_heads &&
+                      old.head_dim == config.head_dim && old.block_size == config.block_size &&
+                      old.dtype == config.dtype;
+    if (!same && !sequences_.empty()) {
+      return absl::FailedPreconditionError(
+          "configure: a different model shape while sequences are held");
+    }
+    if (!same) cache_.reset();
+  }
+  if (cache_ == nullptr) {
+    FERRY_ASSIGN_OR_RETURN(cache_, kv::KvCache::CreateOnHost(config));
+  }
+  softmax_scale_ = scale > 0 ? scale : 1.0f / std::sqrt(static_cast<float>(config.head_dim));
+  plan_.num_workers = workers;
+  plan_.kv_tile_size = tile > 0 ? tile : kernels::CpuDecodeOptions{}.kv_tile_size;
+  FrameWriter writer = StartReply(header, 16, nullptr, 0);
+  writer.I64(cache_->total_blocks());
+  writer.I64(cache_->free_blocks());
+  return writer.Finish();
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::OpenSequence(const FrameHeader& header,
+                                                              PayloadReader& reader) {
+  FERRY_RETURN_IF_ERROR(RequireConfigured());
+  FERRY_ASSIGN_OR_RETURN(const int n, CheckBatch(header.shape[0]));
+  if (header.payload_bytes != static_cast<uint64_t>(n * kEntryBytes)) {
+    return LengthMismatch(header, n * kEntryBytes);
+  }
+  FERRY_ASSIGN_OR_RETURN(std::vector<Entry> entries, ReadTable(reader, n, false));
+  for (const Entry& entry : entries) {
+    if (sequences_.count(entry.sequence) != 0) {
+      return absl::AlreadyExistsError(absl::StrCat("sequence ", entry.sequence, " already open"));
+    }
+    if (entry.position < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", entry.sequence,
+                                                     ": negative first position"));
+    }
+  }
+  for (const Entry& entry : entries) {
+    FERRY_RETURN_IF_ERROR(cache_->AddSequence(entry.sequence));
+    sequences_[entry.sequence] =
+        Sequence{entry.position, std::vector<int64_t>(cache_->config().num_layers, 0)};
+  }
+  return StartReply(header, 0, nullptr, 0).Finish();
+}
+
+absl::Status WorkerService::AppendRows(int layer, const std::vector<Entry>& entries,
+                                       const uint8_t* k, const uint8_t* v) {
+  const kv::KvCacheConfig& config = cache_->config();
+  // Check every entry and the blocks needed before touching anything: all or nothing.
+  int64_t blocks_needed = 0;
+  for (const Entry& entry : entries) {
+    Sequence& sequence = sequences_.at(entry.sequence);
+    const int64_t local = sequence.layer_lengths[layer];
+    if (entry.position != sequence.first_position + local) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence ", entry.sequence, " layer ", layer, ": position ",
+                       entry.position, " is not the next one (",
+                       sequence.first_position + local, ")"));
+    }
+    FERRY_ASSIGN_OR_RETURN(const std::vector<int32_t>* blocks, cache_->BlockTable(entry.sequence));
+    const int64_t want = (local + 1 + config.block_size - 1) / config.block_size;
+    blocks_needed += std::max<int64_t>(0, want - static_cast<int64_t>(blocks->size()));
+  }
+  if (blocks_needed > cache_->free_blocks()) {
+    return absl::ResourceExhaustedError(absl::StrCat("kv cache full: ", blocks_needed,
+                                                     " blocks needed, ", cache_->free_blocks(),
+                                                     " of ", cache_->total_blocks(), " free"));
+  }
+  const int64_t row_bytes = int64_t{config.num_kv_heads} * config.head_dim * DTypeSize(config.dtype);
+  for (size_t i = 0; i < entries.size(); ++i) {
+    FERRY_RETURN_IF_ERROR(AppendRange(entries[i].sequence, layer,
+                                      sequences_.at(entries[i].sequence).layer_lengths[layer], 1,
+                                      k + i * row_bytes, v + i * row_bytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WorkerService::AppendRange(uint64_t id, int layer, int64_t first, int64_t count,
+                                        const uint8_t* k, const uint8_t* v) {
+  Sequence& sequence = sequences_.at(id);
+  FERRY_ASSIGN_OR_RETURN(const int64_t length, cache_->Length(id));
+  FERRY_RETURN_IF_ERROR(cache_->Reserve(id, first + count));
+  FERRY_RETURN_IF_ERROR(cache_->WriteHost(id, layer, first, count, k, v));
+  sequence.layer_lengths[layer] = first + count;
+  return cache_->SetLength(id, std::max(length, first + count));
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::AppendKv(const FrameHeader& header,
+                                                          PayloadReader& reader) {
+  FERRY_RETURN_IF_ERROR(RequireConfigured());
+  FERRY_RETURN_IF_ERROR(CheckLayer(header));
+  FERRY_RETURN_IF_ERROR(CheckKvDtype(header));
+  FERRY_ASSIGN_OR_RETURN(const int n, CheckBatch(header.shape[0]));
+  const kv::KvCacheConfig& config = cache_->config();
+  if (header.shape[1] != config.num_kv_heads || header.shape[2] != config.head_dim ||
+      header.shape[3] != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "append-kv: shape {", header.shape[1], ", ", header.shape[2], "} but this worker serves ",
+        config.num_kv_heads, " kv heads of dim ", config.head_dim));
+  }
+  const int64_t rows = int64_t{n} * config.num_kv_heads * config.head_dim * DTypeSize(config.dtype);
+  const int64_t expected = n * kEntryBytes + 2 * rows;
+  if (header.payload_bytes != static_cast<uint64_t>(expected)) {
+    return LengthMismatch(header, expected);
+  }
+  FERRY_ASSIGN_OR_RETURN(std::vector<Entry> entries, ReadTable(reader, n, true));
+  const uint8_t* k = reader.Take(rows);
+  const uint8_t* v = reader.Take(rows);
+  FERRY_RETURN_IF_ERROR(AppendRows(header.layer, entries, k, v));
+  return StartReply(header, 0, nullptr, 0).Finish();
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::Attend(const FrameHeader& header,
+                                                        PayloadReader& reader) {
+  FERRY_RETURN_IF_ERROR(RequireConfigured());
+  FERRY_RETURN_IF_ERROR(CheckLayer(header));
+  FERRY_RETURN_IF_ERROR(CheckKvDtype(header));
+  FERRY_ASSIGN_OR_RETURN(const int n, CheckBatch(header.shape[0]));
+  const kv::KvCacheConfig& config = cache_->config();
+  const int num_q_heads = header.shape[1];
+  if (num_q_heads < 1 || num_q_heads > options_.max_q_heads ||
+      num_q_heads % config.num_kv_heads != 0 || header.shape[2] != config.head_dim ||
+      header.shape[3] != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "attend: shape {", n, ", ", num_q_heads, ", ", header.shape[2], ", ", header.shape[3],
+        "} does not fit ", config.num_kv_heads, " kv heads of dim ", config.head_dim));
+  }
+  if ((header.flags & ~kFlagWithKv) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("attend: unknown flags ", static_cast<int>(header.flags)));
+  }
+  const bool with_kv = (header.flags & kFlagWithKv) != 0;
+  const int64_t q_bytes = int64_t{n} * num_q_heads * config.head_dim * 4;
+  const int64_t kv_rows =
+      with_kv ? int64_t{n} * config.num_kv_heads * config.head_dim * DTypeSize(config.dtype) : 0;
+  const int64_t expected = n * kEntryBytes + q_bytes + 2 * kv_rows;
+  if (header.payload_bytes != static_cast<uint64_t>(expected)) {
+    return LengthMismatch(header, expected);
+  }
+  FERRY_ASSIGN_OR_RETURN(std::vector<Entry> entries, ReadTable(reader, n, true));
+  const uint8_t* q = reader.Take(q_bytes);
+  if (with_kv) {
+    const uint8_t* k = reader.Take(kv_rows);
+    const uint8_t* v = reader.Take(kv_rows);
+    FERRY_RETURN_IF_ERROR(AppendRows(header.layer, entries, k, v));
+  }
+  indptr_.assign(1, 0);
+  table_.clear();
+  lens_.clear();
+  for (const Entry& entry : entries) {
+    FERRY_ASSIGN_OR_RETURN(const std::vector<int32_t>* blocks, cache_->BlockTable(entry.sequence));
+    table_.insert(table_.end(), blocks->begin(), blocks->end());
+    indptr_.push_back(static_cast<int32_t>(table_.size()));
+    lens_.push_back(static_cast<int32_t>(sequences_.at(entry.sequence).layer_lengths[header.layer]));
+  }
+  const int32_t shape[4] = {n, num_q_heads, config.head_dim, 0};
+  const int64_t states = int64_t{n} * num_q_heads;
+  FrameWriter writer = StartReply(header, states * config.head_dim * 4 + states * 4, shape,
+                                  static_cast<uint8_t>(DType::kFloat32));
+  kernels::DecodeAttentionArgs args;
+  args.num_seqs = n;
+  args.num_q_heads = num_q_heads;
+  args.q = reinterpret_cast<const float*>(q);
+  args.kv = cache_->LayerView(header.layer);
+  args.block_table_indptr = indptr_.data();
+  args.block_table = table_.data();
+  args.seq_lens = lens_.data();
+  args.softmax_scale = softmax_scale_;
+  args.state_o = reinterpret_cast<float*>(writer.Reserve(states * config.head_dim * 4));
+  args.state_lse = reinterpret_cast<float*>(writer.Reserve(states * 4));
+  FERRY_RETURN_IF_ERROR(kernels::DecodeAttentionCpu(args, threads_, plan_));
+  return writer.Finish();
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::Prefill(const FrameHeader& header,
+                                                         PayloadReader& reader) {
+  FERRY_RETURN_IF_ERROR(RequireConfigured());
+  FERRY_RETURN_IF_ERROR(CheckLayer(header));
+  FERRY_RETURN_IF_ERROR(CheckKvDtype(header));
+  const kv::KvCacheConfig& config = cache_->config();
+  const int tokens = header.shape[0];
+  const int num_q_heads = header.shape[1];
+  if (tokens < 1 || tokens > options_.max_prefill_tokens || num_q_heads < 1 ||
+      num_q_heads > options_.max_q_heads || num_q_heads % config.num_kv_heads != 0 ||
+      header.shape[2] != config.head_dim || header.shape[3] != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prefill: shape {", tokens, ", ", num_q_heads, ", ", header.shape[2], ", ",
+        header.shape[3], "} outside limits or not fitting ", config.num_kv_heads,
+        " kv heads of dim ", config.head_dim));
+  }
+  if ((header.flags & ~kFlagWithKv) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("prefill: unknown flags ", static_cast<int>(header.flags)));
+  }
+  const bool with_kv = (header.flags & kFlagWithKv) != 0;
+  const int64_t q_bytes = int64_t{tokens} * num_q_heads * config.head_dim * 4;
+  const int64_t kv_rows = with_kv ? int64_t{tokens} * config.num_kv_heads * config.head_dim *
+                                        DTypeSize(config.dtype)
+                                  : 0;
+  const int64_t expected = kEntryBytes + q_bytes + 2 * kv_rows;
+  if (header.payload_bytes != static_cast<uint64_t>(expected)) {
+    return LengthMismatch(header, expected);
+  }
+  FERRY_ASSIGN_OR_RETURN(std::vector<Entry> entries, ReadTable(reader, 1, true));
+  const uint64_t id = entries[0].sequence;
+  const int64_t first = entries[0].position;
+  Sequence& sequence = sequences_.at(id);
+  const uint8_t* q = reader.Take(q_bytes);
+  if (with_kv) {
+    const int64_t local = sequence.layer_lengths[header.layer];
+    if (first != sequence.first_position + local) {
+      return absl::InvalidArgumentError(absl::StrCat("prefill: sequence ", id, " layer ",
+                                                     header.layer, ": chunk starts at ", first,
+                                                     ", the next position is ",
+                                                     sequence.first_position + local));
+    }
+    FERRY_ASSIGN_OR_RETURN(const std::vector<int32_t>* blocks, cache_->BlockTable(id));
+    const int64_t want = (local + tokens + config.block_size - 1) / config.block_size;
+    const int64_t needed = std::max<int64_t>(0, want - static_cast<int64_t>(blocks->size()));
+    if (needed > cache_->free_blocks()) {
+      return absl::ResourceExhaustedError(absl::StrCat("kv cache full: prefill needs ", needed,
+                                                       " blocks, ", cache_->free_blocks(),
+                                                       " free"));
+    }
+    const uint8_t* k = reader.Take(kv_rows);
+    const uint8_t* v = reader.Take(kv_rows);
+    FERRY_RETURN_IF_ERROR(AppendRange(id, header.layer, local, tokens, k, v));
+  } else if (first < 0) {
+    return absl::InvalidArgumentError("prefill: negative first position");
+  }
+  // Each query is one "sequence" of the decode kernel over the same blocks, cut causally.
+  const int64_t held = sequence.layer_lengths[header.layer];
+  FERRY_ASSIGN_OR_RETURN(const std::vector<int32_t>* blocks, cache_->BlockTable(id));
+  indptr_.assign(1, 0);
+  table_.clear();
+  lens_.assign(tokens, static_cast<int32_t>(held));
+  begins_.assign(tokens, 0);
+  ends_.resize(tokens);
+  for (int t = 0; t < tokens; ++t) {
+    table_.insert(table_.end(), blocks->begin(), blocks->end());
+    indptr_.push_back(static_cast<int32_t>(table_.size()));
+    const int64_t visible = first + t - sequence.first_position + 1;
+    ends_[t] = static_cast<int32_t>(std::clamp<int64_t>(visible, 0, held));
+  }
+  const int32_t shape[4] = {tokens, num_q_heads, config.head_dim, 0};
+  const int64_t states = int64_t{tokens} * num_q_heads;
+  FrameWriter writer = StartReply(header, states * config.head_dim * 4 + states * 4, shape,
+                                  static_cast<uint8_t>(DType::kFloat32));
+  kernels::DecodeAttentionArgs args;
+  args.num_seqs = tokens;
+  args.num_q_heads = num_q_heads;
+  args.q = reinterpret_cast<const float*>(q);
+  args.kv = cache_->LayerView(header.layer);
+  args.block_table_indptr = indptr_.data();
+  args.block_table = table_.data();
+  args.seq_lens = lens_.data();
+  args.kv_begin = begins_.data();
+  args.kv_end = ends_.data();
+  args.softmax_scale = softmax_scale_;
+  args.state_o = reinterpret_cast<float*>(writer.Reserve(states * config.head_dim * 4));
+  args.state_lse = reinterpret_cast<float*>(writer.Reserve(states * 4));
+  FERRY_RETURN_IF_ERROR(kernels::DecodeAttentionCpu(args, threads_, plan_));
+  return writer.Finish();
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::FreeSequence(const FrameHeader& header,
+                                                              PayloadReader& reader) {
+  FERRY_RETURN_IF_ERROR(RequireConfigured());
+  FERRY_ASSIGN_OR_RETURN(const int n, CheckBatch(header.shape[0]));
+  if (header.payload_bytes != static_cast<uint64_t>(n) * 8) return LengthMismatch(header, n * 8);
+  std::vector<uint64_t> ids(n);
+  for (int i = 0; i < n; ++i) {
+    reader.U64(&ids[i]);
+    if (sequences_.count(ids[i]) == 0) {
+      return absl::NotFoundError(absl::StrCat("unknown sequence ", ids[i]));
+    }
+    if (std::find(ids.begin(), ids.begin() + i, ids[i]) != ids.begin() + i) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", ids[i], " listed twice"));
+    }
+  }
+  const int64_t free_before = cache_->free_blocks();
+  for (uint64_t id : ids) {
+    FERRY_RETURN_IF_ERROR(cache_->FreeSequence(id));
+    sequences_.erase(id);
+  }
+  FrameWriter writer = StartReply(header, 8, nullptr, 0);
+  writer.I64(cache_->free_blocks() - free_before);
+  return writer.Finish();
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::ExportImage(uint64_t id, uint64_t request_id) {
+  FERRY_ASSIGN_OR_RETURN(Sequence * sequence, Find(id));
+  FERRY_ASSIGN_OR_RETURN(const std::vector<int32_t>* blocks, cache_->BlockTable(id));
+  const kv::KvCacheConfig& config = cache_->config();
+  const int64_t num_blocks = static_cast<int64_t>(blocks->size());
+  FrameHeader header;
+  header.type = static_cast<uint16_t>(FrameType::kImportBlocks);
+  header.request_id = request_id;
+  header.dtype = static_cast<uint8_t>(config.dtype);
+  header.shape[0] = config.num_layers;
+  header.shape[1] = config.num_kv_heads;
+  header.shape[2] = config.block_size;
+  header.shape[3] = config.head_dim;
+  header.payload_bytes = 8 + 8 + 4 + 4 + 8 * config.num_layers +
+                         num_blocks * config.num_layers * 2 * cache_->BlockPoolBytes();
+  FrameWriter writer(header, pool_);
+  writer.U64(id);
+  writer.I64(sequence->first_position);
+  writer.I32(config.num_layers);
+  writer.I32(static_cast<int32_t>(num_blocks));
+  for (int64_t length : sequence->layer_lengths) writer.I64(length);
+  for (int32_t block : *blocks) {
+    for (int layer = 0; layer < config.num_layers; ++layer) {
+      writer.Bytes(cache_->BlockData(layer, false, block), cache_->BlockPoolBytes());
+      writer.Bytes(cache_->BlockData(layer, true, block), cache_->BlockPoolBytes());
+    }
+  }
+  return writer.Finish();
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::ExportBlocks(const FrameHeader& header,
+                                                              PayloadReader& reader) {
+  FERRY_RETURN_IF_ERROR(RequireConfigured());
+  if (header.payload_bytes != 8) return LengthMismatch(header, 8);
+  uint64_t id = 0;
+  reader.U64(&id);
+  FERRY_ASSIGN_OR_RETURN(transport::Buffer image, ExportImage(id, header.request_id));
+  // The image is an ImportBlocks request; as a reply it is the export's answer.
+  FrameHeader reply = *DecodeFrameHeader(image.data(), image.size());
+  reply.type = static_cast<uint16_t>(header.type | kReplyBit);
+  EncodeFrameHeader(reply, image.data());
+  return image;
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::ImportBlocks(const FrameHeader& header,
+                                                              PayloadReader& reader) {
+  FERRY_RETURN_IF_ERROR(RequireConfigured());
+  FERRY_RETURN_IF_ERROR(CheckKvDtype(header));
+  const kv::KvCacheConfig& config = cache_->config();
+  if (header.shape[0] != config.num_layers || header.shape[1] != config.num_kv_heads ||
+      header.shape[2] != config.block_size || header.shape[3] != config.head_dim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "import-blocks: image shape {", header.shape[0], ", ", header.shape[1], ", ",
+        header.shape[2], ", ", header.shape[3], "} differs from this worker's {",
+        config.num_layers, ", ", config.num_kv_heads, ", ", config.block_size, ", ",
+        config.head_dim, "}"));
+  }
+  uint64_t id = 0;
+  int64_t first = 0;
+  int32_t layers = 0, num_blocks = 0;
+  if (!reader.U64(&id) || !reader.I64(&first) || !reader.I32(&layers) ||
+      !reader.I32(&num_blocks)) {
+    return absl::InvalidArgumentError("import-blocks: image header truncated");
+  }
+  if (layers != config.num_layers || num_blocks < 0 || first < 0) {
+    return absl::InvalidArgumentError("import-blocks: bad layer count, block count or position");
+  }
+  if (sequences_.count(id) != 0) {
+    return absl::AlreadyExistsError(absl::StrCat("import-blocks: sequence ", id,
+                                                 " already held"));
+  }
+  std::vector<int64_t> lengths(layers);
+  int64_t longest = 0;
+  for (int64_t& length : lengths) {
+    if (!reader.I64(&length)) return absl::InvalidArgumentError("import-blocks: lengths truncated");
+    if (length < 0 || length > int64_t{num_blocks} * config.block_size) {
+      return absl::InvalidArgumentError(absl::StrCat("import-blocks: length ", length, " for ",
+                                                     num_blocks, " blocks"));
+    }
+    longest = std::max(longest, length);
+  }
+  if ((longest + config.block_size - 1) / config.block_size != num_blocks) {
+    return absl::InvalidArgumentError("import-blocks: block count does not match the lengths");
+  }
+  const int64_t body = int64_t{num_blocks} * layers * 2 * cache_->BlockPoolBytes();
+  if (reader.remaining() != static_cast<uint64_t>(body)) {
+    return LengthMismatch(header, header.payload_bytes - reader.remaining() + body);
+  }
+  if (num_blocks > cache_->free_blocks()) {
+    return absl::ResourceExhaustedError(absl::StrCat("kv cache full: import needs ", num_blocks,
+                                                     " blocks, ", cache_->free_blocks(),
+                                                     " free"));
+  }
+  FERRY_RETURN_IF_ERROR(cache_->AddSequence(id));
+  FERRY_RETURN_IF_ERROR(cache_->Reserve(id, longest));
+  FERRY_ASSIGN_OR_RETURN(const std::vector<int32_t>* blocks, cache_->BlockTable(id));
+  for (int32_t block : *blocks) {
+    for (int layer = 0; layer < layers; ++layer) {
+      std::memcpy(cache_->BlockData(layer, false, block), reader.Take(cache_->BlockPoolBytes()),
+                  cache_->BlockPoolBytes());
+      std::memcpy(cache_->BlockData(layer, true, block), reader.Take(cache_->BlockPoolBytes()),
+                  cache_->BlockPoolBytes());
+    }
+  }
+  FERRY_RETURN_IF_ERROR(cache_->SetLength(id, longest));
+  sequences_[id] = Sequence{first, std::move(lengths)};
+  return StartReply(header, 0, nullptr, 0).Finish();
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::Migrate(const FrameHeader& header,
+                                                         PayloadReader& reader) {
+  FERRY_RETURN_IF_ERROR(RequireConfigured());
+  uint64_t id = 0;
+  int32_t port = 0, host_length = 0;
+  if (!reader.U64(&id) || !reader.I32(&port) || !reader.I32(&host_length)) {
+    return absl::InvalidArgumentError("migrate: payload truncated");
+  }
+  if (host_length < 1 || host_length > 255 || static_cast<uint64_t>(host_length) !=
+                                                  reader.remaining() || port < 1 || port > 65535) {
+    return absl::InvalidArgumentError("migrate: bad destination address");
+  }
+  const std::string host(reinterpret_cast<const char*>(reader.Take(host_length)), host_length);
+  if (!forward_) return absl::UnimplementedError("migrate: this worker cannot reach others");
+  FERRY_RETURN_IF_ERROR(Find(id).status());
+  FERRY_ASSIGN_OR_RETURN(transport::Buffer image, ExportImage(id, header.request_id));
+  FERRY_ASSIGN_OR_RETURN(transport::Buffer reply, forward_(host, port, std::move(image)));
+  FERRY_ASSIGN_OR_RETURN(FrameHeader reply_header, DecodeFrameHeader(reply.data(), reply.size()));
+  absl::Status imported = ReplyStatus(reply_header, reply.data() + kFrameHeaderBytes);
+  pool_.Release(std::move(reply));
+  if (!imported.ok()) {
+    return absl::Status(imported.code(), absl::StrCat("migrate: destination ", host, ":", port,
+                                                      " refused: ", imported.message()));
+  }
+  // The destination holds it now; only then free it here.
+  FERRY_RETURN_IF_ERROR(cache_->FreeSequence(id));
+  sequences_.erase(id);
+  return StartReply(header, 0, nullptr, 0).Finish();
+}
+
+}  // namespace ferry::offload

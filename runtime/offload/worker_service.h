@@ -1,0 +1,142 @@
+// The attention worker's service: the KV cache of the sequences it holds and the operations of
+// the data plane, one frame in, one reply frame out. Transport-independent (WorkerServer binds it
+// to UCX; the fuzzer and unit tests call Handle directly).
+//
+// Operations (frame.h's header; `n` = shape[0]; table entries are {u64 sequence, i64 position}):
+//   Configure     shape {layers, kv heads, head dim, block size}, dtype; payload {f32 softmax
+//                 scale (0: 1/sqrt(head dim)), i32 cpu workers of the attention plan (0: pool
+//                 size), i32 kv tile, i32 0}. Before any sequence; repeating the same config is
+//                 fine, a different one while sequences live is FAILED_PRECONDITION.
+//                 Reply payload {i64 total blocks, i64 free blocks}.
+//   OpenSequence  payload n x {sequence, first position}: the worker holds the sequence's
+//                 positions from `first position` on (all layers, all KV heads).
+//   AppendKv      layer; shape {n, kv heads, head dim}; table, then K and V (n, kv heads,
+//                 head dim) in the KV dtype. Each position must be the next one of that layer.
+//   Attend        layer; shape {n, q heads, head dim}; table, q (n, q heads, head dim) float32,
+//                 and with kFlagWithKv the new token's K and V as in AppendKv (appended first).
+//                 Reply shape {n, q heads, head dim}: o (n, q heads, head dim) then lse
+//                 (n, q heads), float32 partial states over the positions this worker holds.
+//   Prefill       layer; shape {T, q heads, head dim}; payload {sequence, first position P},
+//                 q (T, q heads, head dim) float32, with kFlagWithKv K and V (T, kv heads,
+//                 head dim) appended at P.. first. Query t (position P + t) attends causally
+//                 over the held positions <= P + t. Reply as Attend, with T states.
+//   FreeSequence  payload n x {sequence}: returns every block. Reply {i64 blocks freed}.
+//   ExportBlocks  payload {sequence}. Reply shape {layers, kv heads, block size, head dim},
+//                 dtype: the sequence image {sequence, first position, i32 layers, i32 blocks,
+//                 i64 length per layer, then per block, per layer, K block then V block}.
+//   ImportBlocks  the image as the payload (shape and dtype as in the export reply); creates the
+//                 sequence here.
+//   Migrate       payload {sequence, i32 port, i32 host length, host bytes}: this worker sends
+//                 the sequence to the worker at host:port (ImportBlocks) and frees it here once
+//                 that worker accepted it.
+// Every field is checked against this worker's state (configured, known sequence, layer in
+// range, dtype and head dim served, lengths that add up, positions in order, sizes within the
+// limits); a bad frame gets an error reply for that request alone and changes nothing. KV that
+// does not fit is RESOURCE_EXHAUSTED. Attention uses DecodeAttentionCpu with the configured plan
+// (cpu workers, kv tile), so the coordinator can reproduce the states bit for bit.
+//
+// Threads: not thread-safe; one thread calls Handle (WorkerServer's request thread).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "ferry/kernels/cpu_attention.h"
+#include "runtime/kv/kv_cache.h"
+#include "runtime/offload/frame.h"
+#include "runtime/transport/buffer_pool.h"
+
+namespace ferry::offload {
+
+struct WorkerServiceOptions {
+  int64_t kv_capacity_bytes = int64_t{1} << 30;
+  int num_threads = 0;         // attention thread pool (0: hardware threads)
+  int max_batch = 4096;        // sequences per Attend / AppendKv / table
+  int max_prefill_tokens = 16384;
+  int max_q_heads = 1024;
+  int max_layers = 1024;
+};
+
+// Sends a frame to another worker and returns its reply frame (used by Migrate).
+using ForwardFn = std::function<absl::StatusOr<transport::Buffer>(
+    const std::string& host, int port, transport::Buffer frame)>;
+
+class WorkerService {
+ public:
+  WorkerService(const WorkerServiceOptions& options, transport::BufferPool& pool);
+  ~WorkerService();
+
+  // Handles one frame (header and payload) and returns the reply frame, an error reply if the
+  // frame is bad or the operation fails.
+  transport::Buffer Handle(const uint8_t* frame, size_t size);
+
+  void SetForwarder(ForwardFn forward) { forward_ = std::move(forward); }
+
+  // For tests and metrics.
+  const kv::KvCache* cache() const { return cache_.get(); }
+  int64_t requests_served() const { return requests_served_; }
+  int64_t errors_answered() const { return errors_answered_; }
+
+ private:
+  struct Sequence {
+    int64_t first_position = 0;
+    std::vector<int64_t> layer_lengths;  // positions held per layer
+  };
+  struct Entry {
+    uint64_t sequence;
+    int64_t position;
+  };
+
+  absl::StatusOr<transport::Buffer> Dispatch(const FrameHeader& header, const uint8_t* payload);
+  absl::StatusOr<transport::Buffer> Configure(const FrameHeader& header, PayloadReader& reader);
+  absl::StatusOr<transport::Buffer> OpenSequence(const FrameHeader& header,
+                                                 PayloadReader& reader);
+  absl::StatusOr<transport::Buffer> AppendKv(const FrameHeader& header, PayloadReader& reader);
+  absl::StatusOr<transport::Buffer> Attend(const FrameHeader& header, PayloadReader& reader);
+  absl::StatusOr<transport::Buffer> Prefill(const FrameHeader& header, PayloadReader& reader);
+  absl::StatusOr<transport::Buffer> FreeSequence(const FrameHeader& header,
+                                                 PayloadReader& reader);
+  absl::StatusOr<transport::Buffer> ExportBlocks(const FrameHeader& header,
+                                                 PayloadReader& reader);
+  absl::StatusOr<transport::Buffer> ImportBlocks(const FrameHeader& header,
+                                                 PayloadReader& reader);
+  absl::StatusOr<transport::Buffer> Migrate(const FrameHeader& header, PayloadReader& reader);
+
+  absl::Status RequireConfigured() const;
+  absl::Status CheckLayer(const FrameHeader& header) const;
+  absl::Status CheckKvDtype(const FrameHeader& header) const;
+  absl::StatusOr<int> CheckBatch(int32_t n) const;
+  absl::StatusOr<std::vector<Entry>> ReadTable(PayloadReader& reader, int n,
+                                               bool want_known) const;
+  absl::StatusOr<Sequence*> Find(uint64_t sequence);
+  // Appends one position per entry of one layer (K and V (n, kv heads, head dim)); checks all
+  // entries before changing anything.
+  absl::Status AppendRows(int layer, const std::vector<Entry>& entries, const uint8_t* k,
+                          const uint8_t* v);
+  absl::Status AppendRange(uint64_t sequence, int layer, int64_t first, int64_t count,
+                           const uint8_t* k, const uint8_t* v);
+  absl::StatusOr<transport::Buffer> ExportImage(uint64_t sequence, uint64_t request_id);
+  // A success reply with `payload_bytes` to fill; the writer is positioned after the header.
+  FrameWriter StartReply(const FrameHeader& request, uint64_t payload_bytes, const int32_t* shape,
+                         uint8_t dtype);
+
+  WorkerServiceOptions options_;
+  transport::BufferPool& pool_;
+  kernels::ThreadPool threads_;
+  std::unique_ptr<kv::KvCache> cache_;
+  float softmax_scale_ = 1.0f;
+  kernels::CpuDecodeOptions plan_;
+  std::unordered_map<uint64_t, Sequence> sequences_;
+  ForwardFn forward_;
+  int64_t requests_served_ = 0;
+  int64_t errors_answered_ = 0;
+  // Scratch reused across requests (block tables of a batch).
+  std::vector<int32_t> indptr_, table_, lens_, begins_, ends_;
+};
+
+}  // namespace ferry::offload

@@ -1,0 +1,114 @@
+// One UCX node: a UCP context and worker driven by a progress thread, a listener, endpoints to
+// peers, and request/reply messaging over UCP active messages.
+//
+// Messages are opaque byte buffers (runtime/offload frames them). A request carries a call id in
+// its active-message header; the reply carries the same id back, so a reply finds its caller
+// even when the request's own frame was too broken to parse. Large messages go by UCP's
+// active-message rendezvous (options.eager_limit; RNDV pulls the payload straight into the
+// receiver's buffer instead of one huge eager message).
+//
+// Reliability: every endpoint uses error-handling mode PEER and UCX keepalive
+// (options.keepalive_interval). Every call has a deadline (options.call_timeout unless given): a
+// peer that dies, resets the connection or stays silent fails each outstanding call to it with an
+// error by then (Unavailable on a peer error, DeadlineExceeded on silence). Shutdown() cancels
+// outstanding calls, force-closes endpoints with a bounded wait and joins the thread; it never
+// hangs.
+//
+// Memory: message buffers come from a BufferPool and go back to it when sent or consumed, so
+// steady traffic reuses the same host allocations (and UCX's registration cache hits for
+// rendezvous). Device memory is not handled here yet: a CUDA worker stages through host buffers
+// until a later change hands device pointers to UCX where `ucx_info -d` reports cuda memory.
+//
+// Threads: every UCX object is touched only by the node's progress thread. Public methods are
+// thread-safe; they post work to that thread and wait for it with a bound. The request handler
+// runs on the progress thread and must not block (hand the message to another thread).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <future>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "runtime/transport/buffer_pool.h"
+
+namespace ferry::transport {
+
+using PeerId = uint64_t;
+
+struct UcxNodeOptions {
+  std::string name = "ucx";     // names the node in logs
+  std::string tls;              // UCX_TLS for this context ("tcp", "sm", ...); empty: environment
+  absl::Duration keepalive_interval = absl::Seconds(1);
+  absl::Duration call_timeout = absl::Seconds(2);  // default bound for Call()
+  absl::Duration busy_poll = absl::Microseconds(50);  // spin this long after activity, then sleep
+  size_t max_message_bytes = size_t{1} << 31;  // larger incoming messages are refused
+  // Messages up to this size go eagerly; larger ones by rendezvous. (UCX's own threshold picks
+  // rendezvous for ~16 KiB on shm, whose handshake costs extra wake-ups of both progress threads;
+  // with PEER error handling the rendezvous data then runs over tcp, as cma is left out.)
+  size_t eager_limit = size_t{256} << 10;
+};
+
+// Incoming request: the peer, the call id to answer, and the message (or why it could not be
+// received, e.g. too large; the handler should still answer so the caller does not wait).
+using RequestHandler =
+    std::function<void(PeerId peer, uint64_t call_id, absl::StatusOr<Buffer> message)>;
+
+using CallResult = absl::StatusOr<Buffer>;
+
+class UcxNode {
+ public:
+  static absl::StatusOr<std::unique_ptr<UcxNode>> Create(const UcxNodeOptions& options);
+  ~UcxNode();  // Shutdown()
+  UcxNode(const UcxNode&) = delete;
+  UcxNode& operator=(const UcxNode&) = delete;
+
+  // Must be set before Listen() if the node serves requests.
+  void SetRequestHandler(RequestHandler handler);
+
+  // Listens on host:port (port 0 picks one); returns the port bound.
+  absl::StatusOr<int> Listen(const std::string& host, int port);
+
+  // Connects to a listener and completes a handshake with it; a peer that cannot be reached is
+  // an error within the call timeout.
+  absl::StatusOr<PeerId> Connect(const std::string& host, int port);
+
+  // Sends a request. The future always completes: with the reply, or with an error no later than
+  // `timeout` (call_timeout when zero) after the call.
+  std::future<CallResult> Call(PeerId peer, Buffer message, absl::Duration timeout = {});
+
+  // Waits for a call's future with a bound (the call's own deadline plus slack).
+  CallResult Await(std::future<CallResult>& future, absl::Duration timeout = {});
+
+  // Answers a request. Errors (the peer is gone) are returned, not logged.
+  absl::Status Reply(PeerId peer, uint64_t call_id, Buffer message);
+
+  // UCX's description of the endpoint (lanes and transports), to check which transport runs.
+  absl::StatusOr<std::string> DescribePeer(PeerId peer);
+
+  // Drops the endpoint; outstanding calls to it fail with Cancelled.
+  void Disconnect(PeerId peer);
+
+  // The error the peer's endpoint reported, or OK while it is healthy.
+  absl::Status PeerStatus(PeerId peer);
+
+  void Shutdown();
+
+  BufferPool& buffers() { return buffers_; }
+  const UcxNodeOptions& options() const { return options_; }
+
+  class Impl;
+
+ private:
+  explicit UcxNode(const UcxNodeOptions& options);
+
+  UcxNodeOptions options_;
+  BufferPool buffers_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ferry::transport

@@ -1,0 +1,152 @@
+// UcxNode over real UCX on 127.0.0.1, once per transport: tcp, and shared memory with PEER error
+// handling (UCX_MM_ERROR_HANDLING=y). Each case checks which transport the endpoint really uses.
+#include "runtime/transport/ucx_node.h"
+
+#include <cstdlib>
+#include <string>
+
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+
+namespace ferry::transport {
+namespace {
+
+struct TransportCase {
+  const char* name;
+  const char* tls;
+  const char* expect;  // a substring of ucp_ep_print_info's lanes
+};
+void PrintTo(const TransportCase& c, std::ostream* os) { *os << c.name; }
+
+class UcxNodeTest : public ::testing::TestWithParam<TransportCase> {
+ protected:
+  void SetUp() override {
+    setenv("UCX_MM_ERROR_HANDLING", "y", 1);
+  }
+  UcxNodeOptions Options(const char* name) {
+    UcxNodeOptions options;
+    options.name = name;
+    options.tls = GetParam().tls;
+    options.keepalive_interval = absl::Milliseconds(300);
+    options.call_timeout = absl::Seconds(2);
+    return options;
+  }
+  // A server that echoes every request back with its first byte incremented (or never answers
+  // when `silent`).
+  std::unique_ptr<UcxNode> StartServer(int* port, bool silent = false) {
+    auto server = UcxNode::Create(Options("server"));
+    EXPECT_TRUE(server.ok()) << server.status();
+    UcxNode* raw = server->get();
+    raw->SetRequestHandler([raw, silent](PeerId peer, uint64_t call_id,
+                                         absl::StatusOr<Buffer> message) {
+      if (silent || !message.ok()) return;
+      if (message->size() > 0) message->data()[0]++;
+      ASSERT_TRUE(raw->Reply(peer, call_id, std::move(*message)).ok());
+    });
+    auto bound = raw->Listen("127.0.0.1", 0);
+    EXPECT_TRUE(bound.ok()) << bound.status();
+    *port = *bound;
+    return std::move(*server);
+  }
+};
+
+TEST_P(UcxNodeTest, EchoSmallAndRendezvousSizesOnTheExpectedTransport) {
+  int port = 0;
+  auto server = StartServer(&port);
+  auto client = UcxNode::Create(Options("client"));
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto peer = (*client)->Connect("127.0.0.1", port);
+  ASSERT_TRUE(peer.ok()) << peer.status();
+  for (size_t size : {size_t{1}, size_t{64}, size_t{8192}, size_t{1} << 20, size_t{24} << 20}) {
+    Buffer message(size);
+    for (size_t i = 0; i < size; ++i) message.data()[i] = static_cast<uint8_t>(i * 7 + 3);
+    auto future = (*client)->Call(*peer, std::move(message));
+    CallResult reply = (*client)->Await(future);
+    ASSERT_TRUE(reply.ok()) << size << ": " << reply.status();
+    ASSERT_EQ(reply->size(), size);
+    EXPECT_EQ(reply->data()[0], static_cast<uint8_t>(4));
+    for (size_t i = 1; i < size; i += 4093) {
+      ASSERT_EQ(reply->data()[i], static_cast<uint8_t>(i * 7 + 3)) << i;
+    }
+  }
+  auto info = (*client)->DescribePeer(*peer);
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_NE(info->find(GetParam().expect), std::string::npos) << *info;
+  if (getenv("FERRY_TEST_VERBOSE")) printf("%s\n", info->c_str());
+  // Buffers come back to the pool and are reused.
+  EXPECT_GT((*client)->buffers().hits(), 0u);
+}
+
+TEST_P(UcxNodeTest, ManyConcurrentCallsAllAnswered) {
+  int port = 0;
+  auto server = StartServer(&port);
+  auto client = UcxNode::Create(Options("client"));
+  ASSERT_TRUE(client.ok());
+  auto peer = (*client)->Connect("127.0.0.1", port);
+  ASSERT_TRUE(peer.ok());
+  std::vector<std::future<CallResult>> futures;
+  for (int i = 0; i < 200; ++i) {
+    Buffer message(16 + i * 1000);
+    message.data()[0] = static_cast<uint8_t>(i);
+    futures.push_back((*client)->Call(*peer, std::move(message)));
+  }
+  for (int i = 0; i < 200; ++i) {
+    CallResult reply = (*client)->Await(futures[i]);
+    ASSERT_TRUE(reply.ok()) << reply.status();
+    EXPECT_EQ(reply->size(), size_t(16 + i * 1000));
+    EXPECT_EQ(reply->data()[0], static_cast<uint8_t>(i + 1));
+  }
+}
+
+TEST_P(UcxNodeTest, SilentPeerTimesOutWithinTheBound) {
+  int port = 0;
+  auto server = StartServer(&port, /*silent=*/true);
+  auto client = UcxNode::Create(Options("client"));
+  ASSERT_TRUE(client.ok());
+  auto peer = (*client)->Connect("127.0.0.1", port);
+  ASSERT_TRUE(peer.ok());
+  const absl::Time start = absl::Now();
+  auto future = (*client)->Call(*peer, Buffer(32), absl::Milliseconds(500));
+  CallResult reply = (*client)->Await(future, absl::Milliseconds(500));
+  const absl::Duration took = absl::Now() - start;
+  EXPECT_EQ(reply.status().code(), absl::StatusCode::kDeadlineExceeded) << reply.status();
+  EXPECT_LT(took, absl::Milliseconds(900));
+}
+
+TEST_P(UcxNodeTest, NobodyListeningFailsWithinTheBound) {
+  int port = 0;
+  { auto gone = StartServer(&port); }  // a port that was just closed
+  auto client = UcxNode::Create(Options("client"));
+  ASSERT_TRUE(client.ok());
+  const absl::Time start = absl::Now();
+  auto peer = (*client)->Connect("127.0.0.1", port);
+  EXPECT_FALSE(peer.ok());
+  EXPECT_LT(absl::Now() - start, absl::Seconds(3));
+}
+
+TEST_P(UcxNodeTest, ShutdownWithOutstandingCallsCancelsThem) {
+  int port = 0;
+  auto server = StartServer(&port, /*silent=*/true);
+  auto client = UcxNode::Create(Options("client"));
+  ASSERT_TRUE(client.ok());
+  auto peer = (*client)->Connect("127.0.0.1", port);
+  ASSERT_TRUE(peer.ok());
+  std::vector<std::future<CallResult>> futures;
+  for (int i = 0; i < 10; ++i) futures.push_back((*client)->Call(*peer, Buffer(1 << 16)));
+  const absl::Time start = absl::Now();
+  (*client)->Shutdown();
+  server->Shutdown();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(3));
+  for (auto& future : futures) {
+    CallResult reply = future.get();  // already set: Shutdown completes every call
+    EXPECT_FALSE(reply.ok());
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Loopback, UcxNodeTest,
+                         ::testing::Values(TransportCase{"tcp", "tcp", "tcp/lo"},
+                                           TransportCase{"shm", "sm,tcp", "memory"}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+}  // namespace
+}  // namespace ferry::transport
