@@ -8,6 +8,7 @@
 // request thread (WorkerService is single-threaded; its attention uses its own pool).
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <memory>
@@ -39,6 +40,10 @@ class WorkerServer {
   WorkerServer& operator=(const WorkerServer&) = delete;
 
   int port() const { return port_; }
+  // KV bytes in use and sequences held, as of the last request handled. Any thread.
+  int64_t kv_used_bytes() const { return kv_used_bytes_.load(); }
+  int32_t sequences_held() const { return sequences_held_.load(); }
+  int64_t kv_capacity_bytes() const { return options_.service.kv_capacity_bytes; }
   void Stop();
 
  private:
@@ -58,6 +63,8 @@ class WorkerServer {
   std::unique_ptr<WorkerService> service_;
   int port_ = 0;
   std::thread thread_;
+  std::atomic<int64_t> kv_used_bytes_{0};
+  std::atomic<int32_t> sequences_held_{0};
   std::mutex mutex_;
   std::condition_variable ready_;
   std::deque<Request> queue_;

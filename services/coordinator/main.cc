@@ -15,6 +15,7 @@
 #include "runtime/model/checkpoint.h"
 #include "runtime/model/decoder.h"
 #include "runtime/model/tokenizer.h"
+#include "runtime/offload/offloaded_attention.h"
 #include "runtime/scheduler/batch_scheduler.h"
 #include "services/coordinator/cluster_service.h"
 #include "services/coordinator/generation_service.h"
@@ -37,6 +38,9 @@ struct Flags {
   int heartbeat_ms = 500;
   int dead_after_ms = 2000;
   bool strict = false;
+  std::string shard = "sequence";
+  int64_t shard_positions = 0;
+  std::string ucx_tls;
 };
 
 int Fail(const absl::Status& status) {
@@ -72,6 +76,14 @@ int main(int argc, char** argv) {
   app.add_option("--heartbeat-ms", flags.heartbeat_ms)->check(CLI::Range(10, 600000));
   app.add_option("--dead-after-ms", flags.dead_after_ms)->check(CLI::Range(20, 3600000));
   app.add_flag("--strict", flags.strict, "refuse checkpoints with unused tensors");
+  app.add_option("--shard", flags.shard, "KV placement on workers: by sequence position range")
+      ->check(CLI::IsMember({"sequence"}))
+      ->capture_default_str();
+  app.add_option("--shard-positions", flags.shard_positions,
+                 "open a new shard on another worker every N positions (0: one worker per "
+                 "sequence)")
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
+  app.add_option("--ucx-tls", flags.ucx_tls, "UCX transports, e.g. tcp (default: UCX's)");
   CLI11_PARSE(app, argc, argv);
   spdlog::set_default_logger(spdlog::stderr_color_mt("coordinator"));
 
@@ -82,10 +94,6 @@ int main(int argc, char** argv) {
   sigaddset(&signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
 
-  if (!flags.local_attention) {
-    return Fail(absl::UnimplementedError(
-        "attention on workers needs the data plane; start with --local-attention"));
-  }
   ferry::model::LoadOptions load_options;
   load_options.strict = flags.strict;
   load_options.show_progress = true;
@@ -101,15 +109,56 @@ int main(int argc, char** argv) {
 
   ferry::DType kv_dtype = ferry::DType::kBFloat16;
   ferry::ParseDType(flags.kv_dtype, &kv_dtype);
-  ferry::model::InProcessAttentionOptions attention_options;
-  attention_options.num_heads = config.num_heads;
-  attention_options.kv = {config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype,
-                          flags.block_size, flags.kv_capacity};
-  attention_options.num_threads =
-      flags.threads > 0 ? flags.threads : static_cast<int>(std::thread::hardware_concurrency());
-  auto attention = ferry::model::InProcessAttention::Create(attention_options);
-  if (!attention.ok()) return Fail(attention.status());
-  ferry::model::Decoder decoder(**model, **attention);
+
+  ferry::coordinator::WorkerRegistry::Options registry_options;
+  registry_options.heartbeat_interval = std::chrono::milliseconds(flags.heartbeat_ms);
+  registry_options.dead_after = std::chrono::milliseconds(flags.dead_after_ms);
+  ferry::coordinator::WorkerRegistry registry(registry_options);
+
+  // Attention: in this process, or on the registered workers through UCX.
+  std::unique_ptr<ferry::model::AttentionStep> attention;
+  std::unique_ptr<ferry::offload::AttentionClient> attention_client;
+  if (flags.local_attention) {
+    ferry::model::InProcessAttentionOptions attention_options;
+    attention_options.num_heads = config.num_heads;
+    attention_options.kv = {config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype,
+                            flags.block_size, flags.kv_capacity};
+    attention_options.num_threads =
+        flags.threads > 0 ? flags.threads : static_cast<int>(std::thread::hardware_concurrency());
+    auto local = ferry::model::InProcessAttention::Create(attention_options);
+    if (!local.ok()) return Fail(local.status());
+    attention = std::move(*local);
+  } else {
+    ferry::transport::UcxNodeOptions node_options;
+    node_options.name = "coordinator";
+    node_options.tls = flags.ucx_tls;
+    auto client = ferry::offload::AttentionClient::Create(node_options);
+    if (!client.ok()) return Fail(client.status());
+    attention_client = std::move(*client);
+    ferry::offload::OffloadedAttentionOptions offload_options;
+    offload_options.num_heads = config.num_heads;
+    offload_options.shape.num_layers = config.num_layers;
+    offload_options.shape.num_kv_heads = config.num_kv_heads;
+    offload_options.shape.head_dim = config.head_dim;
+    offload_options.shape.block_size = flags.block_size;
+    offload_options.shape.dtype = kv_dtype;
+    offload_options.shard_positions = flags.shard_positions;
+    auto directory = [&registry] {
+      std::vector<ferry::offload::WorkerEndpoint> endpoints;
+      for (const auto& worker : registry.List()) {
+        if (worker.state == ferry::coordinator::WorkerState::kDead) continue;
+        const size_t colon = worker.data_address.rfind(':');
+        endpoints.push_back({worker.worker_id, worker.data_address.substr(0, colon),
+                             std::atoi(worker.data_address.c_str() + colon + 1),
+                             worker.kv_capacity_bytes,
+                             worker.state == ferry::coordinator::WorkerState::kReady});
+      }
+      return endpoints;
+    };
+    attention = std::make_unique<ferry::offload::OffloadedAttention>(attention_client.get(),
+                                                                     directory, offload_options);
+  }
+  ferry::model::Decoder decoder(**model, *attention);
 
   ferry::scheduler::BatchSchedulerOptions scheduler_options;
   scheduler_options.max_running = flags.max_batch;
@@ -118,10 +167,6 @@ int main(int argc, char** argv) {
   scheduler_options.eos_token_ids = config.eos_token_ids;
   ferry::scheduler::BatchScheduler scheduler(decoder, scheduler_options);
 
-  ferry::coordinator::WorkerRegistry::Options registry_options;
-  registry_options.heartbeat_interval = std::chrono::milliseconds(flags.heartbeat_ms);
-  registry_options.dead_after = std::chrono::milliseconds(flags.dead_after_ms);
-  ferry::coordinator::WorkerRegistry registry(registry_options);
   ferry::v1::ModelShape shape;
   shape.set_num_layers(config.num_layers);
   shape.set_num_kv_heads(config.num_kv_heads);

@@ -117,11 +117,18 @@ absl::Status WorkerRegistry::Remove(const std::string& worker_id) {
 std::vector<std::string> WorkerRegistry::SweepLocked() {
   std::vector<std::string> died;
   const auto now = options_.clock();
-  for (auto& [id, entry] : workers_) {
-    if (entry.status.state != WorkerState::kDead && now - entry.last_heartbeat > options_.dead_after) {
+  for (auto it = workers_.begin(); it != workers_.end();) {
+    Entry& entry = it->second;
+    if (entry.status.state != WorkerState::kDead &&
+        now - entry.last_heartbeat > options_.dead_after) {
+      if (entry.status.state == WorkerState::kDraining && entry.status.sequences_held == 0) {
+        it = workers_.erase(it);  // drained and gone: it left, it did not die
+        continue;
+      }
       entry.status.state = WorkerState::kDead;
-      died.push_back(id);
+      died.push_back(it->first);
     }
+    ++it;
   }
   return died;
 }

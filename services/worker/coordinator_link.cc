@@ -45,8 +45,15 @@ absl::StatusOr<ferry::v1::RegisterWorkerResponse> CoordinatorLink::WaitRegistere
 }
 
 void CoordinatorLink::Run() {
-  auto channel =
-      grpc::CreateChannel(options_.coordinator_address, grpc::InsecureChannelCredentials());
+  // gRPC's own reconnect backoff grows to minutes; keep it at our retry schedule so a
+  // coordinator that starts late is found within one backoff step.
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS,
+              static_cast<int>(options_.initial_backoff.count()));
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, static_cast<int>(options_.initial_backoff.count()));
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, static_cast<int>(options_.max_backoff.count()));
+  auto channel = grpc::CreateCustomChannel(options_.coordinator_address,
+                                           grpc::InsecureChannelCredentials(), args);
   auto stub = ferry::v1::ClusterService::NewStub(channel);
   ferry::v1::RegisterWorkerRequest registration = options_.registration;
   std::chrono::milliseconds backoff = options_.initial_backoff;
@@ -57,6 +64,9 @@ void CoordinatorLink::Run() {
     if (worker_id.empty()) {
       grpc::ClientContext context;
       context.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+      // Wait (within the deadline) for a connection instead of failing at once while the
+      // channel is between reconnect attempts.
+      context.set_wait_for_ready(true);
       ferry::v1::RegisterWorkerResponse response;
       const grpc::Status status = stub->RegisterWorker(&context, registration, &response);
       if (!status.ok()) {

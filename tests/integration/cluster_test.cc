@@ -1,0 +1,242 @@
+// A whole cluster on loopback, as a user runs it: ferry-coordinator with attention on two
+// ferry-worker daemons over UCX (tcp). Checks token parity with in-process attention, a long
+// sequence spread over both workers, draining a worker mid-generation (its KV migrates, the
+// tokens do not change, the worker leaves), and a SIGKILLed worker (its request fails within the
+// bound, the cluster keeps serving).
+#include <filesystem>
+#include <thread>
+
+#include "daemon.h"
+#include "ferry/v1/cluster.grpc.pb.h"
+#include "ferry/v1/generation.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "runtime/model/attention_step.h"
+#include "runtime/model/checkpoint.h"
+#include "runtime/model/generate.h"
+#include "runtime/model/tiny_checkpoint.h"
+#include "test_ports.h"
+
+namespace ferry {
+namespace {
+
+using namespace std::chrono_literals;
+
+struct StreamResult {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  ferry::v1::FinishReason reason = ferry::v1::FINISH_REASON_UNSPECIFIED;
+  std::string error;
+};
+
+class ClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("ferry_cluster_test_" + std::to_string(getpid()));
+    model::TinyCheckpointOptions tiny;
+    tiny.out_dir = dir_;
+    tiny.seed = 9;
+    ASSERT_TRUE(model::WriteTinyCheckpoint(tiny).ok());
+  }
+  void TearDown() override {
+    workers_.clear();
+    coordinator_.reset();
+    std::filesystem::remove_all(dir_);
+  }
+
+  void StartCluster(int shard_positions) {
+    address_ = "127.0.0.1:" + std::to_string(testing::UnusedTcpPort());
+    coordinator_ = std::make_unique<testing::Daemon>(
+        FERRY_COORDINATOR_BINARY,
+        std::vector<std::string>{"--model", dir_, "--listen", address_, "--ucx-tls", "tcp",
+                                 "--kv-dtype", "fp32", "--heartbeat-ms", "100",
+                                 "--dead-after-ms", "1500", "--shard-positions",
+                                 std::to_string(shard_positions)},
+        dir_ + "/coordinator.log");
+    for (int i = 0; i < 2; ++i) {
+      workers_.push_back(std::make_unique<testing::Daemon>(
+          FERRY_WORKER_BINARY,
+          std::vector<std::string>{"--coordinator", address_, "--kv-capacity", "67108864",
+                                   "--ucx-tls", "tcp", "--threads", "1", "--worker-id",
+                                   "w" + std::to_string(i), "--drain-timeout", "10"},
+          dir_ + "/worker" + std::to_string(i) + ".log"));
+    }
+    ASSERT_TRUE(coordinator_->WaitHealthy(address_, 20s)) << coordinator_->Log();
+    channel_ = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
+    generation_ = ferry::v1::GenerationService::NewStub(channel_);
+    cluster_ = ferry::v1::ClusterService::NewStub(channel_);
+    for (int i = 0; i < 200 && ReadyWorkers() < 2; ++i) std::this_thread::sleep_for(50ms);
+    ASSERT_EQ(ReadyWorkers(), 2) << workers_[0]->Log();
+  }
+
+  ferry::v1::ListWorkersResponse Workers() {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 2s);
+    ferry::v1::ListWorkersResponse response;
+    cluster_->ListWorkers(&context, {}, &response);
+    return response;
+  }
+  int ReadyWorkers() {
+    int ready = 0;
+    const ferry::v1::ListWorkersResponse workers = Workers();
+    for (const auto& w : workers.workers()) ready += w.state() == ferry::v1::WORKER_STATE_READY;
+    return ready;
+  }
+  int SequencesOn(const std::string& id) {
+    const ferry::v1::ListWorkersResponse workers = Workers();
+    for (const auto& w : workers.workers()) {
+      if (w.worker_id() == id) return w.sequences_held();
+    }
+    return -1;
+  }
+
+  StreamResult Generate(const std::vector<int32_t>& prompt, int max_tokens,
+                        std::function<void(int)> on_token = {}) {
+    ferry::v1::GenerateRequest request;
+    for (int32_t id : prompt) request.mutable_prompt_token_ids()->add_ids(id);
+    request.set_max_tokens(max_tokens);
+    request.set_ignore_eos(true);
+    StreamResult result;
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 40s);
+    auto reader = generation_->Generate(&context, request);
+    ferry::v1::GenerateResponse response;
+    while (reader->Read(&response)) {
+      if (response.has_token()) {
+        result.tokens.push_back(response.token().token_id());
+        if (on_token) on_token(static_cast<int>(result.tokens.size()));
+      } else if (response.has_finished()) {
+        result.reason = response.finished().reason();
+        result.error = response.finished().error_message();
+      }
+    }
+    result.status = reader->Finish();
+    return result;
+  }
+
+  std::vector<int32_t> InProcessTokens(const std::vector<int32_t>& prompt, int max_tokens) {
+    auto model = model::LoadModel(dir_);
+    EXPECT_TRUE(model.ok());
+    model::InProcessAttentionOptions options;
+    options.num_heads = (*model)->config.num_heads;
+    options.kv = {(*model)->config.num_layers, (*model)->config.num_kv_heads,
+                  (*model)->config.head_dim, DType::kFloat32, 64, 64 << 20};
+    auto attention = model::InProcessAttention::Create(options);
+    EXPECT_TRUE(attention.ok());
+    model::Decoder decoder(**model, **attention);
+    model::GenerateOptions generate;
+    generate.max_tokens = max_tokens;
+    generate.ignore_eos = true;
+    auto result = model::Generate(decoder, 1, prompt, generate);
+    EXPECT_TRUE(result.ok());
+    return result.ok() ? result->tokens : std::vector<int32_t>{};
+  }
+
+  std::vector<int32_t> Prompt(int length) {
+    std::vector<int32_t> prompt(length);
+    for (int i = 0; i < length; ++i) prompt[i] = (i * 31 + 7) % 500;
+    return prompt;
+  }
+
+  std::string dir_, address_;
+  std::unique_ptr<testing::Daemon> coordinator_;
+  std::vector<std::unique_ptr<testing::Daemon>> workers_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<ferry::v1::GenerationService::Stub> generation_;
+  std::unique_ptr<ferry::v1::ClusterService::Stub> cluster_;
+};
+
+TEST_F(ClusterTest, OffloadedAttentionGivesTheTokensOfInProcessAttention) {
+  StartCluster(0);
+  std::vector<std::vector<int32_t>> prompts = {Prompt(1), Prompt(17), Prompt(300), Prompt(5)};
+  std::vector<StreamResult> results(prompts.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    threads.emplace_back([&, i] { results[i] = Generate(prompts[i], 24); });
+  }
+  for (auto& thread : threads) thread.join();
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << results[i].status.error_message();
+    EXPECT_EQ(results[i].reason, ferry::v1::FINISH_REASON_LENGTH) << results[i].error;
+    EXPECT_EQ(results[i].tokens, InProcessTokens(prompts[i], 24)) << "request " << i;
+  }
+  // Both workers took sequences, and every sequence was freed afterwards.
+  for (int i = 0; i < 100 && (SequencesOn("w0") != 0 || SequencesOn("w1") != 0); ++i) {
+    std::this_thread::sleep_for(50ms);
+  }
+  EXPECT_EQ(SequencesOn("w0"), 0);
+  EXPECT_EQ(SequencesOn("w1"), 0);
+}
+
+TEST_F(ClusterTest, LongSequenceSpreadsOverBothWorkersAndStaysExact) {
+  StartCluster(/*shard_positions=*/64);
+  const std::vector<int32_t> prompt = Prompt(100);
+  std::atomic<bool> spread{false};
+  const StreamResult result = Generate(prompt, 120, [&](int count) {
+    if (count == 60) spread = SequencesOn("w0") == 1 && SequencesOn("w1") == 1;
+  });
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  EXPECT_TRUE(spread.load()) << "the sequence should hold shards on both workers";
+  EXPECT_EQ(result.tokens, InProcessTokens(prompt, 120));
+}
+
+TEST_F(ClusterTest, DrainingAWorkerMovesItsKvAndItLeaves) {
+  StartCluster(0);
+  const std::vector<int32_t> prompt = Prompt(40);
+  std::string drained;
+  const StreamResult result = Generate(prompt, 150, [&](int count) {
+    if (count != 20) return;
+    drained = SequencesOn("w0") == 1 ? "w0" : "w1";
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 2s);
+    ferry::v1::DrainWorkerRequest request;
+    request.set_worker_id(drained);
+    ferry::v1::DrainWorkerResponse response;
+    EXPECT_TRUE(cluster_->DrainWorker(&context, request, &response).ok());
+  });
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message() << coordinator_->Log();
+  EXPECT_EQ(result.reason, ferry::v1::FINISH_REASON_LENGTH) << result.error;
+  EXPECT_EQ(result.tokens, InProcessTokens(prompt, 150));
+  ASSERT_FALSE(drained.empty());
+  const int index = drained == "w0" ? 0 : 1;
+  EXPECT_EQ(workers_[index]->Wait(15s), 0) << workers_[index]->Log();
+  // Gone from the table once its heartbeats stop; the other one serves on.
+  for (int i = 0; i < 100 && Workers().workers_size() != 1; ++i) std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(Workers().workers_size(), 1);
+  const StreamResult after = Generate(Prompt(7), 10);
+  ASSERT_TRUE(after.status.ok()) << after.status.error_message();
+  EXPECT_EQ(after.tokens, InProcessTokens(Prompt(7), 10));
+}
+
+TEST_F(ClusterTest, KilledWorkerFailsItsRequestWithinTheBoundAndTheClusterGoesOn) {
+  StartCluster(0);
+  std::string killed;
+  const auto start = std::chrono::steady_clock::now();
+  std::chrono::steady_clock::time_point kill_time;
+  const StreamResult result = Generate(Prompt(30), 3000, [&](int count) {
+    if (count != 10) return;
+    killed = SequencesOn("w0") == 1 ? "w0" : "w1";
+    workers_[killed == "w0" ? 0 : 1]->Signal(SIGKILL);
+    kill_time = std::chrono::steady_clock::now();
+  });
+  ASSERT_FALSE(killed.empty());
+  const bool failed = !result.status.ok() || result.reason == ferry::v1::FINISH_REASON_ERROR;
+  EXPECT_TRUE(failed) << "a request whose KV died with its worker cannot finish";
+  EXPECT_LT(result.tokens.size(), 3000u);
+  EXPECT_LT(std::chrono::steady_clock::now() - kill_time, 10s)
+      << "the error must come within the dead-peer bound";
+  (void)start;
+  // The survivor takes the next request (the dead one is skipped once declared dead).
+  StreamResult after;
+  for (int attempt = 0; attempt < 20; ++attempt) {
+    after = Generate(Prompt(9), 12);
+    if (after.status.ok() && after.reason == ferry::v1::FINISH_REASON_LENGTH) break;
+    std::this_thread::sleep_for(200ms);
+  }
+  ASSERT_TRUE(after.status.ok()) << after.status.error_message();
+  EXPECT_EQ(after.reason, ferry::v1::FINISH_REASON_LENGTH) << after.error;
+  EXPECT_EQ(after.tokens, InProcessTokens(Prompt(9), 12));
+}
+
+}  // namespace
+}  // namespace ferry
