@@ -1,0 +1,60 @@
+// CPU parity with Hugging Face transformers on the committed tiny checkpoints
+// (tests/data/parity, written by tests/parity/make_models.sh). golden.json holds transformers'
+// greedy tokens (64 per prompt, float64 reference, full recompute) and its logits at the last
+// position; it comes from tests/parity/hf_parity.py run on a machine with transformers, never
+// from Ferry. Here Ferry's CPU decoder must produce the same tokens and logits within 1e-4.
+#include <fstream>
+#include <string>
+
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "runtime/model/checkpoint.h"
+#include "runtime/model/decoder.h"
+#include "runtime/model/generate.h"
+
+namespace ferry::model {
+namespace {
+
+TEST(HfParityTest, GreedyTokensAndLogitsMatchTransformers) {
+  const std::string dir = FERRY_PARITY_DATA_DIR;
+  std::ifstream in(dir + "/golden.json");
+  ASSERT_TRUE(in) << "missing " << dir << "/golden.json";
+  const nlohmann::json golden = nlohmann::json::parse(in);
+  ASSERT_GE(golden["models"].size(), 4u);
+  for (const auto& [name, entry] : golden["models"].items()) {
+    auto model = LoadModel(dir + "/" + name);
+    ASSERT_TRUE(model.ok()) << model.status();
+    const ModelConfig& c = (*model)->config;
+    InProcessAttentionOptions a;
+    a.num_heads = c.num_heads;
+    a.kv.num_layers = c.num_layers;
+    a.kv.num_kv_heads = c.num_kv_heads;
+    a.kv.head_dim = c.head_dim;
+    a.kv.dtype = DType::kFloat32;
+    a.kv.block_size = 16;
+    a.kv.capacity_bytes = 64 * kv::KvBlockBytes(a.kv);
+    auto attention = InProcessAttention::Create(a);
+    ASSERT_TRUE(attention.ok());
+    Decoder decoder(**model, **attention);
+    for (const auto& rec : entry["prompts"]) {
+      const auto prompt = rec["prompt_ids"].get<std::vector<int32_t>>();
+      const auto want = rec["token_ids"].get<std::vector<int32_t>>();
+      GenerateOptions options;
+      options.max_tokens = static_cast<int>(want.size());
+      options.ignore_eos = true;
+      auto result = Generate(decoder, 1, prompt, options);
+      ASSERT_TRUE(result.ok()) << result.status();
+      EXPECT_EQ(result->tokens, want) << name << " prompt of " << prompt.size();
+      const auto ref = rec["last_logits"].get<std::vector<double>>();
+      ASSERT_EQ(result->last_logits.size(), ref.size());
+      double max_diff = 0;
+      for (size_t i = 0; i < ref.size(); ++i) {
+        max_diff = std::max(max_diff, std::abs(result->last_logits[i] - ref[i]));
+      }
+      EXPECT_LT(max_diff, 1e-4) << name << " prompt of " << prompt.size();
+    }
+  }
+}
+
+}  // namespace
+}  // namespace ferry::model
