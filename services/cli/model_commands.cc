@@ -93,6 +93,7 @@ absl::Status RunGenerateLocal(const GenerateLocalOptions& options) {
   gen.sampling.top_k = options.top_k;
   gen.sampling.seed = options.seed;
   gen.ignore_eos = options.ignore_eos;
+  gen.stop_tokens = options.stop_ids;
 
   // Text mode decodes everything generated so far and prints what is new: pieces that only
   // make sense in context (sentencepiece's leading spaces) come out right.
