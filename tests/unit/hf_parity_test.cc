@@ -1,5 +1,6 @@
 // CPU parity with Hugging Face transformers on the committed tiny checkpoints
-// (tests/data/parity, written by tests/parity/make_models.sh). golden.json holds transformers'
+// (tests/data/parity, written by tests/parity/make_models.sh; tests/data/hf_written, written by
+// transformers). golden.json holds transformers'
 // greedy tokens (64 per prompt, float64 reference, full recompute) and its logits at the last
 // position; it comes from tests/parity/hf_parity.py run on a machine with transformers, never
 // from Ferry. Here Ferry's CPU decoder must produce the same tokens and logits within 1e-4.
@@ -15,14 +16,16 @@
 namespace ferry::model {
 namespace {
 
-TEST(HfParityTest, GreedyTokensAndLogitsMatchTransformers) {
-  const std::string dir = FERRY_PARITY_DATA_DIR;
-  std::ifstream in(dir + "/golden.json");
-  ASSERT_TRUE(in) << "missing " << dir << "/golden.json";
+void CheckGolden(const std::string& dir, const std::string& golden_file, size_t min_models,
+                 bool strict) {
+  std::ifstream in(dir + "/" + golden_file);
+  ASSERT_TRUE(in) << "missing " << dir << "/" << golden_file;
   const nlohmann::json golden = nlohmann::json::parse(in);
-  ASSERT_GE(golden["models"].size(), 4u);
+  ASSERT_GE(golden["models"].size(), min_models);
   for (const auto& [name, entry] : golden["models"].items()) {
-    auto model = LoadModel(dir + "/" + name);
+    LoadOptions load;
+    load.strict = strict;
+    auto model = LoadModel(dir + "/" + name, load);
     ASSERT_TRUE(model.ok()) << model.status();
     const ModelConfig& c = (*model)->config;
     InProcessAttentionOptions a;
@@ -54,6 +57,18 @@ TEST(HfParityTest, GreedyTokensAndLogitsMatchTransformers) {
       EXPECT_LT(max_diff, 1e-4) << name << " prompt of " << prompt.size();
     }
   }
+}
+
+// Ferry's make-tiny checkpoints (tests/parity/make_models.sh), reference by transformers.
+TEST(HfParityTest, GreedyTokensAndLogitsMatchTransformers) {
+  CheckGolden(FERRY_PARITY_DATA_DIR "/parity", "golden.json", 4, /*strict=*/false);
+}
+
+// A checkpoint written by transformers' save_pretrained itself (tests/parity/hf_written.py):
+// sharded with model.safetensors.index.json, transformers-5 config.json, generation_config.json
+// beside it; loaded with strict checking (no unused tensors).
+TEST(HfParityTest, TransformersWrittenShardedCheckpoint) {
+  CheckGolden(FERRY_PARITY_DATA_DIR "/hf_written", "hf_written_golden.json", 1, /*strict=*/true);
 }
 
 }  // namespace
