@@ -37,6 +37,14 @@ absl::Status Decoder::Forward(std::span<const SeqChunk> chunks, std::vector<floa
                                                   " is beyond max_position_embeddings ",
                                                   c.max_position_embeddings));
       }
+      // Mistral's sliding window masks keys older than the window; Ferry attends over the whole
+      // sequence, so it refuses positions where the two would differ.
+      if (c.sliding_window > 0 && position >= c.sliding_window) {
+        return absl::UnimplementedError(absl::StrCat("decoder: position ", position,
+                                                     " is beyond the sliding window (",
+                                                     c.sliding_window, "), which Ferry does not "
+                                                     "implement"));
+      }
       rows_.push_back(StepRow{chunk.seq, position});
     }
   }

@@ -53,7 +53,7 @@ struct ModelConfig {
   DType dtype = DType::kBFloat16;  // the checkpoint's declared dtype
   std::vector<int32_t> eos_token_ids;
   int32_t bos_token_id = -1;  // -1: none
-  int64_t sliding_window = 0;  // Mistral: informational (0: none); generation beyond it warns
+  int64_t sliding_window = 0;  // Mistral (0: none); the decoder refuses positions beyond it
 };
 
 // Parses config.json text. Checks that sizes are positive and consistent (heads divide, head_dim

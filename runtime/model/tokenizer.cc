@@ -77,6 +77,27 @@ void FindBos(const Json& node, std::vector<int32_t>* bos) {
   }
 }
 
+// Byte-level BPE from tokenizer.json.
+class BpeTokenizer : public Tokenizer {
+ public:
+  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text, bool add_bos) const override;
+  std::string Decode(std::span<const int32_t> ids) const override;
+
+  absl::Status EncodePiece(std::string_view piece, std::vector<int32_t>* out) const;
+  void PreTokenize(std::string_view text, std::vector<std::string_view>* pieces) const;
+
+  std::unordered_map<std::string, int32_t> vocab_;
+  std::vector<std::string> id_to_token_;
+  std::vector<bool> id_is_added_;
+  std::unordered_map<std::string, int32_t> merge_ranks_;  // "left right" -> rank
+  std::vector<std::pair<std::string, int32_t>> added_;    // sorted longest first
+  std::vector<int32_t> bos_ids_;
+  bool ignore_merges_ = false;
+  int max_digits_ = 3;
+  std::string byte_to_symbol_[256];
+  std::unordered_map<std::string, uint8_t> symbol_to_byte_;
+};
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view json_text) {
@@ -92,7 +113,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view 
     return absl::UnimplementedError(absl::StrCat("tokenizer.json: model type ",
                                                  model.value("type", ""), " is not supported (BPE)"));
   }
-  auto tok = std::unique_ptr<Tokenizer>(new Tokenizer());
+  auto tok = std::make_unique<BpeTokenizer>();
   // GPT-2's byte alphabet: printable bytes stand for themselves, the rest shift to 256 and up.
   int shifted = 0;
   for (int b = 0; b < 256; ++b) {
@@ -157,19 +178,26 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view 
                      : pre.find("\\\\p{N}") != std::string::npos ? 1
                                                                  : 3;
   if (j.contains("post_processor")) FindBos(j["post_processor"], &tok->bos_ids_);
-  return tok;
+  return std::unique_ptr<Tokenizer>(std::move(tok));
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::LoadFromDir(const std::string& dir) {
   const std::string path = dir + "/tokenizer.json";
   std::ifstream in(path, std::ios::binary);
   if (!in) {
-    std::ifstream sp(dir + "/tokenizer.model");
+    std::ifstream sp(dir + "/tokenizer.model", std::ios::binary);
     if (sp) {
-      return absl::UnimplementedError(absl::StrCat(
-          dir, ": only a sentencepiece tokenizer.model; Ferry reads tokenizer.json (use --prompt-ids)"));
+      std::ostringstream bytes;
+      bytes << sp.rdbuf();
+      auto tok = FromSentencePiece(bytes.str());
+      if (!tok.ok()) {
+        return absl::Status(tok.status().code(),
+                            absl::StrCat(dir, "/tokenizer.model: ", tok.status().message()));
+      }
+      return tok;
     }
-    return absl::NotFoundError(absl::StrCat(dir, ": no tokenizer.json (use --prompt-ids)"));
+    return absl::NotFoundError(
+        absl::StrCat(dir, ": no tokenizer.json or tokenizer.model (use --prompt-ids)"));
   }
   std::ostringstream text;
   text << in.rdbuf();
@@ -178,7 +206,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::LoadFromDir(const std::str
   return tok;
 }
 
-void Tokenizer::PreTokenize(std::string_view s, std::vector<std::string_view>* pieces) const {
+void BpeTokenizer::PreTokenize(std::string_view s, std::vector<std::string_view>* pieces) const {
   size_t i = 0;
   const size_t n = s.size();
   auto cls = [&](size_t k) { return Classify(s, k); };
@@ -257,7 +285,7 @@ void Tokenizer::PreTokenize(std::string_view s, std::vector<std::string_view>* p
   }
 }
 
-absl::Status Tokenizer::EncodePiece(std::string_view piece, std::vector<int32_t>* out) const {
+absl::Status BpeTokenizer::EncodePiece(std::string_view piece, std::vector<int32_t>* out) const {
   std::vector<std::string> symbols;
   std::string whole;
   for (unsigned char b : piece) {
@@ -298,7 +326,7 @@ absl::Status Tokenizer::EncodePiece(std::string_view piece, std::vector<int32_t>
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text, bool add_bos) const {
+absl::StatusOr<std::vector<int32_t>> BpeTokenizer::Encode(std::string_view text, bool add_bos) const {
   std::vector<int32_t> ids;
   if (add_bos) ids = bos_ids_;
   std::vector<std::string_view> pieces;
@@ -327,7 +355,7 @@ absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text, bo
   return ids;
 }
 
-std::string Tokenizer::Decode(std::span<const int32_t> ids) const {
+std::string BpeTokenizer::Decode(std::span<const int32_t> ids) const {
   std::string out;
   for (int32_t id : ids) {
     if (id < 0 || static_cast<size_t>(id) >= id_to_token_.size()) continue;

@@ -13,7 +13,7 @@
 // Decode: inverse byte mapping; added tokens are emitted verbatim; invalid UTF-8 is passed through
 // as bytes. Unknown ids decode to nothing.
 // Errors: INVALID_ARGUMENT naming what is wrong in the file; UNIMPLEMENTED for other models
-// (WordPiece, Unigram) and for sentencepiece tokenizer.model files.
+// (WordPiece, Unigram).
 // Threads: immutable after load; Encode/Decode may run concurrently.
 #pragma once
 
@@ -22,7 +22,6 @@
 #include <span>
 #include <string>
 #include <string_view>
-#include <unordered_map>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -31,29 +30,20 @@ namespace ferry::model {
 
 class Tokenizer {
  public:
+  virtual ~Tokenizer() = default;
+  // tokenizer.json (byte-level BPE).
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(std::string_view json_text);
-  // Reads <dir>/tokenizer.json; NOT_FOUND when there is none.
+  // A sentencepiece tokenizer.model (serialised ModelProto) of BPE type, as Llama 2 and Mistral
+  // ship: spaces become U+2581, a dummy prefix is added when the normaliser says so, pieces merge
+  // by highest score (leftmost on ties), unknown characters fall back to <0xXX> byte pieces when
+  // the model has them (else the unk id). Unigram models are UNIMPLEMENTED.
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromSentencePiece(std::string_view model_bytes);
+  // Reads <dir>/tokenizer.json, else <dir>/tokenizer.model; NOT_FOUND when neither is there.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> LoadFromDir(const std::string& dir);
 
-  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text, bool add_bos) const;
-  std::string Decode(std::span<const int32_t> ids) const;
-  int32_t vocab_size() const { return static_cast<int32_t>(id_to_token_.size()); }
-
- private:
-  Tokenizer() = default;
-  absl::Status EncodePiece(std::string_view piece, std::vector<int32_t>* out) const;
-  void PreTokenize(std::string_view text, std::vector<std::string_view>* pieces) const;
-
-  std::unordered_map<std::string, int32_t> vocab_;
-  std::vector<std::string> id_to_token_;
-  std::vector<bool> id_is_added_;
-  std::unordered_map<std::string, int32_t> merge_ranks_;  // "left right" -> rank
-  std::vector<std::pair<std::string, int32_t>> added_;    // sorted longest first
-  std::vector<int32_t> bos_ids_;
-  bool ignore_merges_ = false;
-  int max_digits_ = 3;
-  std::string byte_to_symbol_[256];
-  std::unordered_map<std::string, uint8_t> symbol_to_byte_;
+  virtual absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text,
+                                                      bool add_bos) const = 0;
+  virtual std::string Decode(std::span<const int32_t> ids) const = 0;
 };
 
 }  // namespace ferry::model

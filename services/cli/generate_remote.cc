@@ -36,6 +36,7 @@ ferry::v1::GenerateRequest MakeRequest(const GenerateLocalOptions& job) {
     for (int32_t id : job.prompt_ids) request.mutable_prompt_token_ids()->add_ids(id);
   }
   request.set_max_tokens(job.max_tokens);
+  for (int32_t id : job.stop_ids) request.add_stop_token_ids(id);
   request.set_ignore_eos(job.ignore_eos);
   request.mutable_sampling()->set_temperature(static_cast<float>(job.temperature));
   request.mutable_sampling()->set_top_p(static_cast<float>(job.top_p));

@@ -19,7 +19,7 @@ struct GenerateRemoteOptions {
   int timeout_s = 600;
 };
 
-// Uses the prompt, sampling, max_tokens, ignore_eos and json fields of `job`.
+// Uses the prompt, sampling, max_tokens, stop_ids, ignore_eos and json fields of `job`.
 absl::Status RunGenerateRemote(const GenerateLocalOptions& job,
                                const GenerateRemoteOptions& remote);
 

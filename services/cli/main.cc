@@ -89,6 +89,8 @@ int main(int argc, char** argv) {
   generate->add_option("--top-k", gen.top_k, "0: off")->check(CLI::Range(0, 1 << 24));
   generate->add_option("--seed", gen.seed);
   generate->add_flag("--ignore-eos", gen.ignore_eos);
+  generate->add_option("--stop-ids", gen.stop_ids, "token ids that end generation")
+      ->delimiter(',');
   generate->add_flag("--json", gen.json, "JSON lines on stdout");
   generate->add_flag("--strict", gen.strict, "refuse checkpoints with unused tensors");
   generate->add_option("--threads", gen.threads, "attention threads")->check(CLI::Range(1, 1024));

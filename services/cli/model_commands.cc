@@ -93,12 +93,24 @@ absl::Status RunGenerateLocal(const GenerateLocalOptions& options) {
   gen.sampling.top_k = options.top_k;
   gen.sampling.seed = options.seed;
   gen.ignore_eos = options.ignore_eos;
+  gen.stop_tokens = options.stop_ids;
 
+  // Text mode decodes everything generated so far and prints what is new: pieces that only
+  // make sense in context (sentencepiece's leading spaces) come out right.
+  std::vector<int32_t> generated;
+  std::string printed;
   auto on_token = [&](int index, int32_t token) {
     if (options.json) {
       std::printf("%s\n", nlohmann::json{{"index", index}, {"token_id", token}}.dump().c_str());
     } else if (tokenizer != nullptr) {
-      std::printf("%s", tokenizer->Decode({&token, 1}).c_str());
+      generated.push_back(token);
+      std::string text = tokenizer->Decode(generated);
+      if (text.compare(0, printed.size(), printed) == 0) {
+        std::fputs(text.c_str() + printed.size(), stdout);
+      } else {
+        std::fputs(tokenizer->Decode({&token, 1}).c_str(), stdout);
+      }
+      printed = std::move(text);
     } else {
       std::printf("%s%d", index == 0 ? "" : " ", token);
     }

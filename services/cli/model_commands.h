@@ -32,6 +32,7 @@ struct GenerateLocalOptions {
   int top_k = 0;
   uint64_t seed = 0;
   bool ignore_eos = false;
+  std::vector<int32_t> stop_ids;
   bool json = false;
   bool strict = false;
   int threads = 1;

@@ -82,6 +82,15 @@ class ClusterTest : public ::testing::Test {
     for (const auto& w : workers.workers()) ready += w.state() == ferry::v1::WORKER_STATE_READY;
     return ready;
   }
+  // The worker that reports holding the one running sequence; waits (bounded) for heartbeats.
+  std::string HolderOfTheOnlySequence() {
+    for (int i = 0; i < 100; ++i) {
+      const int on_w0 = SequencesOn("w0"), on_w1 = SequencesOn("w1");
+      if (on_w0 + on_w1 == 1) return on_w0 == 1 ? "w0" : "w1";
+      std::this_thread::sleep_for(20ms);
+    }
+    return "";
+  }
   int SequencesOn(const std::string& id) {
     const ferry::v1::ListWorkersResponse workers = Workers();
     for (const auto& w : workers.workers()) {
@@ -173,7 +182,11 @@ TEST_F(ClusterTest, LongSequenceSpreadsOverBothWorkersAndStaysExact) {
   const std::vector<int32_t> prompt = Prompt(100);
   std::atomic<bool> spread{false};
   const StreamResult result = Generate(prompt, 120, [&](int count) {
-    if (count == 60) spread = SequencesOn("w0") == 1 && SequencesOn("w1") == 1;
+    if (count != 60) return;
+    for (int i = 0; i < 100 && !spread; ++i) {  // heartbeats report within 100 ms
+      spread = SequencesOn("w0") == 1 && SequencesOn("w1") == 1;
+      if (!spread) std::this_thread::sleep_for(20ms);
+    }
   });
   ASSERT_TRUE(result.status.ok()) << result.status.error_message();
   EXPECT_TRUE(spread.load()) << "the sequence should hold shards on both workers";
@@ -186,7 +199,7 @@ TEST_F(ClusterTest, DrainingAWorkerMovesItsKvAndItLeaves) {
   std::string drained;
   const StreamResult result = Generate(prompt, 150, [&](int count) {
     if (count != 20) return;
-    drained = SequencesOn("w0") == 1 ? "w0" : "w1";
+    drained = HolderOfTheOnlySequence();
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + 2s);
     ferry::v1::DrainWorkerRequest request;
@@ -211,11 +224,11 @@ TEST_F(ClusterTest, DrainingAWorkerMovesItsKvAndItLeaves) {
 TEST_F(ClusterTest, KilledWorkerFailsItsRequestWithinTheBoundAndTheClusterGoesOn) {
   StartCluster(0);
   std::string killed;
-  const auto start = std::chrono::steady_clock::now();
   std::chrono::steady_clock::time_point kill_time;
   const StreamResult result = Generate(Prompt(30), 3000, [&](int count) {
     if (count != 10) return;
-    killed = SequencesOn("w0") == 1 ? "w0" : "w1";
+    killed = HolderOfTheOnlySequence();
+    if (killed.empty()) return;
     workers_[killed == "w0" ? 0 : 1]->Signal(SIGKILL);
     kill_time = std::chrono::steady_clock::now();
   });
@@ -225,7 +238,6 @@ TEST_F(ClusterTest, KilledWorkerFailsItsRequestWithinTheBoundAndTheClusterGoesOn
   EXPECT_LT(result.tokens.size(), 3000u);
   EXPECT_LT(std::chrono::steady_clock::now() - kill_time, 10s)
       << "the error must come within the dead-peer bound";
-  (void)start;
   // The survivor takes the next request (the dead one is skipped once declared dead).
   StreamResult after;
   for (int attempt = 0; attempt < 20; ++attempt) {

@@ -1,0 +1,75 @@
+// CPU parity with Hugging Face transformers on the committed tiny checkpoints
+// (tests/data/parity, written by tests/parity/make_models.sh; tests/data/hf_written, written by
+// transformers). golden.json holds transformers'
+// greedy tokens (64 per prompt, float64 reference, full recompute) and its logits at the last
+// position; it comes from tests/parity/hf_parity.py run on a machine with transformers, never
+// from Ferry. Here Ferry's CPU decoder must produce the same tokens and logits within 1e-4.
+#include <fstream>
+#include <string>
+
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "runtime/model/checkpoint.h"
+#include "runtime/model/decoder.h"
+#include "runtime/model/generate.h"
+
+namespace ferry::model {
+namespace {
+
+void CheckGolden(const std::string& dir, const std::string& golden_file, size_t min_models,
+                 bool strict) {
+  std::ifstream in(dir + "/" + golden_file);
+  ASSERT_TRUE(in) << "missing " << dir << "/" << golden_file;
+  const nlohmann::json golden = nlohmann::json::parse(in);
+  ASSERT_GE(golden["models"].size(), min_models);
+  for (const auto& [name, entry] : golden["models"].items()) {
+    LoadOptions load;
+    load.strict = strict;
+    auto model = LoadModel(dir + "/" + name, load);
+    ASSERT_TRUE(model.ok()) << model.status();
+    const ModelConfig& c = (*model)->config;
+    InProcessAttentionOptions a;
+    a.num_heads = c.num_heads;
+    a.kv.num_layers = c.num_layers;
+    a.kv.num_kv_heads = c.num_kv_heads;
+    a.kv.head_dim = c.head_dim;
+    a.kv.dtype = DType::kFloat32;
+    a.kv.block_size = 16;
+    a.kv.capacity_bytes = 64 * kv::KvBlockBytes(a.kv);
+    auto attention = InProcessAttention::Create(a);
+    ASSERT_TRUE(attention.ok());
+    Decoder decoder(**model, **attention);
+    for (const auto& rec : entry["prompts"]) {
+      const auto prompt = rec["prompt_ids"].get<std::vector<int32_t>>();
+      const auto want = rec["token_ids"].get<std::vector<int32_t>>();
+      GenerateOptions options;
+      options.max_tokens = static_cast<int>(want.size());
+      options.ignore_eos = true;
+      auto result = Generate(decoder, 1, prompt, options);
+      ASSERT_TRUE(result.ok()) << result.status();
+      EXPECT_EQ(result->tokens, want) << name << " prompt of " << prompt.size();
+      const auto ref = rec["last_logits"].get<std::vector<double>>();
+      ASSERT_EQ(result->last_logits.size(), ref.size());
+      double max_diff = 0;
+      for (size_t i = 0; i < ref.size(); ++i) {
+        max_diff = std::max(max_diff, std::abs(result->last_logits[i] - ref[i]));
+      }
+      EXPECT_LT(max_diff, 1e-4) << name << " prompt of " << prompt.size();
+    }
+  }
+}
+
+// Ferry's make-tiny checkpoints (tests/parity/make_models.sh), reference by transformers.
+TEST(HfParityTest, GreedyTokensAndLogitsMatchTransformers) {
+  CheckGolden(FERRY_PARITY_DATA_DIR "/parity", "golden.json", 4, /*strict=*/false);
+}
+
+// A checkpoint written by transformers' save_pretrained itself (tests/parity/hf_written.py):
+// sharded with model.safetensors.index.json, transformers-5 config.json, generation_config.json
+// beside it; loaded with strict checking (no unused tensors).
+TEST(HfParityTest, TransformersWrittenShardedCheckpoint) {
+  CheckGolden(FERRY_PARITY_DATA_DIR "/hf_written", "hf_written_golden.json", 1, /*strict=*/true);
+}
+
+}  // namespace
+}  // namespace ferry::model
