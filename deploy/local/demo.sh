@@ -1,17 +1,103 @@
 #!/usr/bin/env bash
-# The main job on one machine. Installs and builds what is missing, then runs Ferry's attention
-# path end to end: a ragged batch whose KV is split over simulated attention workers, each
-# worker's partial states merged with the partial-state algebra and checked against a float64
-# reference, with timings. (Once the daemons land this starts a real local cluster.)
+# The main job on one machine: a real local Ferry cluster. Installs and builds what is missing,
+# makes a tiny model when no --model is given, starts a coordinator and two CPU attention workers
+# (UCX over loopback tcp), streams a generation, runs a small load test, shows the cluster, drains
+# a worker while the cluster runs, and shuts everything down.
 #
-#   ./deploy/local/demo.sh [extra flags for `ferry demo attention`, e.g. --workers=4]
+#   ./deploy/local/demo.sh [--model=DIR] [--prompt=TEXT | --prompt-ids=1,2,3] [--max-tokens=N]
+#                          [--workers=N] [--port=P]
+# Environment: FERRY_BUILD_DIR (default build), FERRY_UCX_TLS (default tcp).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
+model=""
+prompt_args=(--prompt-ids=1,17,42,99,7)
+max_tokens=32
+num_workers=2
+port=${FERRY_DEMO_PORT:-50051}
+for arg in "$@"; do
+  case "$arg" in
+    --model=*) model=${arg#*=} ;;
+    --prompt=*) prompt_args=("--prompt=${arg#*=}") ;;
+    --prompt-ids=*) prompt_args=("$arg") ;;
+    --max-tokens=*) max_tokens=${arg#*=} ;;
+    --workers=*) num_workers=${arg#*=} ;;
+    --port=*) port=${arg#*=} ;;
+    *) echo "demo: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
 build_dir=${FERRY_BUILD_DIR:-build}
-if [ ! -x "$build_dir/bin/ferry" ]; then
+if [ ! -x "$build_dir/bin/ferry-coordinator" ] || [ ! -x "$build_dir/bin/ferry-worker" ]; then
   ./deploy/install-deps.sh
   cmake -S . -B "$build_dir" -G Ninja ${FERRY_CMAKE_ARGS:-}
 fi
-cmake --build "$build_dir" --target ferry
-exec "$build_dir/bin/ferry" demo attention "$@"
+cmake --build "$build_dir" --target ferry ferry-coordinator ferry-worker
+bin=$build_dir/bin
+tls=${FERRY_UCX_TLS:-tcp}
+work=$(mktemp -d /tmp/ferry-demo.XXXXXX)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+if [ -z "$model" ]; then
+  model=$work/tiny-llama
+  "$bin/ferry" model make-tiny --out="$model" >/dev/null
+  echo "demo: made a tiny random Llama checkpoint in $model"
+fi
+
+coordinator=127.0.0.1:$port
+"$bin/ferry-coordinator" --model="$model" --listen="$coordinator" --ucx-tls="$tls" \
+  --heartbeat-ms=200 --dead-after-ms=2000 >"$work/coordinator.log" 2>&1 &
+pids+=($!)
+for i in $(seq 1 "$num_workers"); do
+  "$bin/ferry-worker" --coordinator="$coordinator" --kv-capacity=$((256 << 20)) \
+    --ucx-tls="$tls" --worker-id="cpu$i" >"$work/worker$i.log" 2>&1 &
+  pids+=($!)
+done
+
+echo "demo: waiting for $num_workers workers to register with the coordinator on $coordinator"
+for _ in $(seq 1 150); do
+  ready=$("$bin/ferry" cluster status --coordinator="$coordinator" --timeout-ms=500 2>/dev/null |
+          grep -c READY || true)
+  [ "$ready" -ge "$num_workers" ] && break
+  sleep 0.2
+done
+if [ "${ready:-0}" -lt "$num_workers" ]; then
+  echo "demo: workers did not register; logs:" >&2
+  tail -n 20 "$work"/*.log >&2
+  exit 1
+fi
+"$bin/ferry" cluster status --coordinator="$coordinator"
+
+echo
+echo "demo: one generation, attention on the workers, tokens as they come:"
+"$bin/ferry" generate --coordinator="$coordinator" "${prompt_args[@]}" --max-tokens="$max_tokens"
+
+echo
+echo "demo: the same job in-process (local attention) for comparison:"
+"$bin/ferry" generate --local --model="$model" "${prompt_args[@]}" --max-tokens="$max_tokens" \
+  --kv-dtype=bf16
+
+echo
+echo "demo: 32 jobs over 8 concurrent streams:"
+"$bin/ferry" generate --coordinator="$coordinator" "${prompt_args[@]}" --max-tokens="$max_tokens" \
+  --ignore-eos --requests=32 --concurrency=8
+
+echo
+echo "demo: draining worker cpu1 while a long job runs (its KV moves to the others):"
+"$bin/ferry" generate --coordinator="$coordinator" "${prompt_args[@]}" --max-tokens=200 \
+  --ignore-eos >"$work/long.txt" &
+long=$!
+sleep 0.3
+"$bin/ferry" cluster drain cpu1 --coordinator="$coordinator"
+wait "$long"
+tail -n 1 "$work/long.txt"
+sleep 2.5
+"$bin/ferry" cluster status --coordinator="$coordinator"
+echo
+echo "demo: done (logs were in $work)"
