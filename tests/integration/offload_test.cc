@@ -224,6 +224,46 @@ TEST_P(OffloadTest, SingleWorkerAttendIsBitIdenticalToInProcess) {
   }
 }
 
+TEST_P(OffloadTest, AttendWithTheNewTokensKvEqualsAppendThenAttend) {
+  auto worker0 = StartWorker();
+  auto worker1 = StartWorker();
+  auto client = MakeClient();
+  const int w0 = Connect(*client, *worker0);
+  const int w1 = Connect(*client, *worker1);
+  KvData data({{1, 25}, {2, 40}}, 91);
+  // Both workers hold positions [0, len - 1); the last position comes with the attend.
+  Ranges held = {{1, {0, 24}}, {2, {0, 39}}};
+  FillWorker(*client, w0, data, held);
+  FillWorker(*client, w1, data, held);
+  std::mt19937_64 rng(12);
+  std::vector<float> q = RandomFloats(2 * kQHeads * kHeadDim, rng);
+  const int layer = 1;
+  std::vector<uint16_t> k, v;
+  for (uint64_t id : {1, 2}) {
+    const int64_t last = data.lengths.at(id) - 1;
+    k.insert(k.end(), data.k[layer].at(id).begin() + last * kRow,
+             data.k[layer].at(id).begin() + (last + 1) * kRow);
+    v.insert(v.end(), data.v[layer].at(id).begin() + last * kRow,
+             data.v[layer].at(id).begin() + (last + 1) * kRow);
+  }
+  // Worker 0: one message. Worker 1: AppendKv, then Attend.
+  AttentionClient::Shard fused{w0, {0, 1}, {1, 2}, {24, 39}, k.data(), v.data()};
+  auto one = client->AttendLayer(layer, 2, kQHeads, q.data(), {&fused, 1});
+  ASSERT_TRUE(one.ok() && one->shard_status[0].ok());
+  ASSERT_TRUE(client->AppendKv(w1, layer, std::vector<SequenceEntry>{{1, 24}, {2, 39}}, k.data(),
+                               v.data()).ok());
+  auto two = client->Attend(w1, layer, std::vector<uint64_t>{1, 2}, kQHeads, q.data());
+  ASSERT_TRUE(two.ok()) << two.status();
+  EXPECT_TRUE(BitEqual(one->merged.o, two->o));
+  EXPECT_TRUE(BitEqual(one->merged.lse, two->lse));
+  Ranges whole = {{1, {0, 25}}, {2, {0, 40}}};
+  EXPECT_TRUE(BitEqual(two->o, InProcessAttend(data, whole, layer, {1, 2}, q.data()).o));
+  // The same position again is refused (append-only, in order).
+  auto again = client->AttendLayer(layer, 2, kQHeads, q.data(), {&fused, 1});
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->shard_status[0].code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST_P(OffloadTest, TwoWorkersSplitByRangeMergeBitIdenticallyAndMatchTheReference) {
   auto worker0 = StartWorker();
   auto worker1 = StartWorker();
@@ -458,6 +498,34 @@ TEST_P(OffloadTest, KilledWorkerFailsWithinTheBoundAndOthersKeepWorking) {
   EXPECT_TRUE(next->shard_status[0].ok()) << next->shard_status[0];
   EXPECT_FALSE(next->shard_status[1].ok());
   EXPECT_LT(absl::Now() - again, absl::Seconds(1));
+}
+
+TEST_P(OffloadTest, SilentWorkerTimesOutWithinTheBoundAndRecovers) {
+  auto worker0 = StartWorker();
+  auto worker1 = StartWorker();
+  auto client = MakeClient();
+  const int w0 = Connect(*client, *worker0);
+  const int w1 = Connect(*client, *worker1);
+  KvData data({{1, 10}, {2, 12}}, 81);
+  FillWorker(*client, w0, data, {{1, {0, 10}}});
+  FillWorker(*client, w1, data, {{2, {0, 12}}});
+  std::vector<AttentionClient::Shard> shards = {{w0, {0}, {1}}, {w1, {1}, {2}}};
+  std::mt19937_64 rng(6);
+  std::vector<float> q = RandomFloats(2 * kQHeads * kHeadDim, rng);
+  // A stopped process keeps its sockets open and answers nothing: only the deadline catches it.
+  ASSERT_EQ(kill(worker1->pid(), SIGSTOP), 0);
+  const absl::Time start = absl::Now();
+  auto result = client->AttendLayer(0, 2, kQHeads, q.data(), shards);
+  const absl::Duration took = absl::Now() - start;
+  kill(worker1->pid(), SIGCONT);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_TRUE(result->shard_status[0].ok()) << result->shard_status[0];
+  EXPECT_FALSE(result->shard_status[1].ok());
+  EXPECT_LT(took, absl::Milliseconds(2600));  // the 2 s call bound plus scheduling slack
+  EXPECT_EQ(result->complete, std::vector<bool>({true, false}));
+  // The client keeps working with the survivor.
+  auto next = client->Attend(w0, 1, std::vector<uint64_t>{1}, kQHeads, q.data());
+  EXPECT_TRUE(next.ok()) << next.status();
 }
 
 TEST_P(OffloadTest, MalformedFramesGetErrorRepliesAndTheWorkerKeepsServing) {
