@@ -300,6 +300,8 @@ void UcxNode::Impl::Loop() {
     call.promise.set_value(absl::CancelledError(absl::StrCat(options_.name, ": shutting down")));
   }
   calls_.clear();
+  // Error callbacks fired by the closes below find no peer and do nothing (no second close).
+  peer_of_ep_.clear();
   std::vector<void*> closing;
   for (auto& [id, peer] : peers_) {
     if (peer.ep == nullptr) continue;

@@ -416,6 +416,67 @@ TEST_P(OffloadTest, PrefillThenDecodeMatchesTheReference) {
   EXPECT_LT(kernels::reference::RelativeError(lse, reference.lse), 1e-6);
 }
 
+TEST_P(OffloadTest, PrefillSplitAcrossWorkersMatchesTheReference) {
+  // Worker 0 holds positions [0, 40) of the sequence; the chunk [40, 64) goes to worker 1 with
+  // its K and V, and to worker 0 as queries only. Merged, that is causal attention over [0, p].
+  auto worker0 = StartWorker();
+  auto worker1 = StartWorker();
+  auto client = MakeClient();
+  const int w0 = Connect(*client, *worker0);
+  const int w1 = Connect(*client, *worker1);
+  const uint64_t id = 3;
+  const int64_t split = 40, total = 64;
+  const int tokens = static_cast<int>(total - split);
+  KvData data({{id, total}}, 17);
+  FillWorker(*client, w0, data, {{id, {0, split}}});
+  ASSERT_TRUE(client->OpenSequences(w1, std::vector<SequenceEntry>{{id, split}}).ok());
+  std::mt19937_64 rng(23);
+  std::vector<float> q = RandomFloats(tokens * kQHeads * kHeadDim, rng);
+  const int layer = 0;
+  auto old_part = client->Prefill(w0, layer, id, split, tokens, kQHeads, q.data(), nullptr,
+                                  nullptr);
+  ASSERT_TRUE(old_part.ok()) << old_part.status();
+  auto new_part = client->Prefill(w1, layer, id, split, tokens, kQHeads, q.data(),
+                                  data.k[layer].at(id).data() + split * kRow,
+                                  data.v[layer].at(id).data() + split * kRow);
+  ASSERT_TRUE(new_part.ok()) << new_part.status();
+  const int64_t states = int64_t{tokens} * kQHeads;
+  std::vector<float> parts_o(old_part->o), parts_lse(old_part->lse);
+  parts_o.insert(parts_o.end(), new_part->o.begin(), new_part->o.end());
+  parts_lse.insert(parts_lse.end(), new_part->lse.begin(), new_part->lse.end());
+  std::vector<float> o(states * kHeadDim), lse(states);
+  ASSERT_TRUE(kernels::MergeStatesCpu(parts_o.data(), parts_lse.data(), 2, states, kHeadDim,
+                                      o.data(), lse.data()).ok());
+  kv::KvCacheConfig config{kLayers, kKvHeads, kHeadDim, DType::kBFloat16, kBlockSize, 16 << 20};
+  auto cache = *kv::KvCache::CreateOnHost(config);
+  ASSERT_TRUE(cache->AddSequence(id).ok());
+  ASSERT_TRUE(cache->Reserve(id, total).ok());
+  ASSERT_TRUE(cache->WriteHost(id, layer, 0, total, data.k[layer].at(id).data(),
+                               data.v[layer].at(id).data()).ok());
+  const auto* blocks = *cache->BlockTable(id);
+  std::vector<int32_t> indptr = {0}, table, lens(tokens, total), begins(tokens, 0), ends(tokens);
+  for (int t = 0; t < tokens; ++t) {
+    table.insert(table.end(), blocks->begin(), blocks->end());
+    indptr.push_back(static_cast<int32_t>(table.size()));
+    ends[t] = static_cast<int32_t>(split + t + 1);
+  }
+  kernels::DecodeAttentionArgs args;
+  args.num_seqs = tokens;
+  args.num_q_heads = kQHeads;
+  args.q = q.data();
+  args.kv = cache->LayerView(layer);
+  args.block_table_indptr = indptr.data();
+  args.block_table = table.data();
+  args.seq_lens = lens.data();
+  args.kv_begin = begins.data();
+  args.kv_end = ends.data();
+  args.softmax_scale = 1.0f / std::sqrt(static_cast<float>(kHeadDim));
+  auto reference = kernels::reference::DecodeAttentionReference(args);
+  std::vector<double> got_o(o.begin(), o.end()), got_lse(lse.begin(), lse.end());
+  EXPECT_LT(kernels::reference::RelativeError(got_o, reference.o), 1e-5);
+  EXPECT_LT(kernels::reference::RelativeError(got_lse, reference.lse), 1e-6);
+}
+
 TEST_P(OffloadTest, MigrationMovesKvAndAttentionIsUnchanged) {
   auto worker0 = StartWorker();
   auto worker1 = StartWorker();
