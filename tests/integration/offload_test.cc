@@ -2,9 +2,12 @@
 // the AttentionClient, over tcp and over shared memory (UCX_MM_ERROR_HANDLING=y so shm stays in
 // PEER error mode). Results are compared with the same kernels run in this process (bit for bit,
 // same plan) and with the float64 reference.
+#include <dirent.h>
+
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <future>
 #include <map>
 #include <random>
@@ -157,6 +160,27 @@ PartialStates InProcessAttend(const KvData& data, const Ranges& ranges, int laye
   plan.kv_tile_size = kTile;
   FERRY_CHECK(kernels::DecodeAttentionCpu(args, pool, plan).ok());
   return states;
+}
+
+// True when every thread of the process is stopped (state 'T' in /proc/<pid>/task/*/stat).
+bool ProcessStopped(pid_t pid) {
+  const std::string dir = "/proc/" + std::to_string(pid) + "/task";
+  DIR* tasks = opendir(dir.c_str());
+  if (tasks == nullptr) return false;
+  bool all = true;
+  int seen = 0;
+  while (dirent* entry = readdir(tasks)) {
+    if (entry->d_name[0] == '.') continue;
+    std::ifstream stat(dir + "/" + entry->d_name + "/stat");
+    std::string line;
+    std::getline(stat, line);
+    const size_t paren = line.rfind(')');
+    if (paren == std::string::npos || paren + 2 >= line.size()) continue;
+    ++seen;
+    if (line[paren + 2] != 'T' && line[paren + 2] != 't') all = false;
+  }
+  closedir(tasks);
+  return all && seen > 0;
 }
 
 bool BitEqual(const std::vector<float>& a, const std::vector<float>& b) {
@@ -350,16 +374,17 @@ TEST_P(OffloadTest, PrefillThenDecodeMatchesTheReference) {
   auto client = MakeClient();
   const int w = Connect(*client, *worker);
   const uint64_t id = 77;
-  const int64_t prompt = 50, total = 53;
+  const int64_t prompt = 300, total = 303;
   KvData data({{id, total}}, 31);
   ASSERT_TRUE(client->OpenSequences(w, std::vector<SequenceEntry>{{id, 0}}).ok());
   std::mt19937_64 rng(3);
   const int layer = 0;
   std::vector<float> q = RandomFloats(total * kQHeads * kHeadDim, rng);
   std::vector<float> got_o, got_lse;
-  // The prompt in chunks of 20, 20, 10 (both layers so the sequence stays whole).
-  for (int64_t first = 0; first < prompt; first += 20) {
-    const int tokens = static_cast<int>(std::min<int64_t>(20, prompt - first));
+  // The prompt in chunks of 260 (more than one kernel call's 256 queries), 30 and 10, on both
+  // layers so the sequence stays whole.
+  int64_t first = 0;
+  for (int tokens : {260, 30, 10}) {
     for (int l = 0; l < kLayers; ++l) {
       auto states = client->Prefill(w, l, id, first, tokens, kQHeads,
                                     q.data() + first * kQHeads * kHeadDim,
@@ -371,7 +396,9 @@ TEST_P(OffloadTest, PrefillThenDecodeMatchesTheReference) {
         got_lse.insert(got_lse.end(), states->lse.begin(), states->lse.end());
       }
     }
+    first += tokens;
   }
+  ASSERT_EQ(first, prompt);
   // Then decode: append one position, attend with its q.
   for (int64_t position = prompt; position < total; ++position) {
     for (int l = 0; l < kLayers; ++l) {
@@ -575,6 +602,13 @@ TEST_P(OffloadTest, SilentWorkerTimesOutWithinTheBoundAndRecovers) {
   std::vector<float> q = RandomFloats(2 * kQHeads * kHeadDim, rng);
   // A stopped process keeps its sockets open and answers nothing: only the deadline catches it.
   ASSERT_EQ(kill(worker1->pid(), SIGSTOP), 0);
+  // The stop lands asynchronously: wait (bounded) until every thread of the worker is stopped.
+  bool stopped = false;
+  for (int i = 0; i < 200 && !stopped; ++i) {
+    stopped = ProcessStopped(worker1->pid());
+    if (!stopped) absl::SleepFor(absl::Milliseconds(5));
+  }
+  ASSERT_TRUE(stopped);
   const absl::Time start = absl::Now();
   auto result = client->AttendLayer(0, 2, kQHeads, q.data(), shards);
   const absl::Duration took = absl::Now() - start;
