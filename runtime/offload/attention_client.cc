@@ -278,6 +278,10 @@ absl::StatusOr<AttentionClient::LayerResult> AttentionClient::AttendLayer(
     if (shard.batch_index.size() != shard.sequences.size() || shard.sequences.empty()) {
       return absl::InvalidArgumentError("attend-layer: a shard's indices and sequences differ");
     }
+    if ((shard.new_k != nullptr) != (shard.new_v != nullptr) ||
+        (shard.new_k != nullptr && shard.positions.size() != shard.sequences.size())) {
+      return absl::InvalidArgumentError("attend-layer: new K/V need both tensors and positions");
+    }
     for (int index : shard.batch_index) {
       if (index < 0 || index >= batch) return absl::InvalidArgumentError("batch index out of range");
     }
@@ -294,17 +298,25 @@ absl::StatusOr<AttentionClient::LayerResult> AttentionClient::AttendLayer(
   for (const Shard& shard : shards) {
     const ModelShape& shape = shapes_[shard.worker];
     const size_t n = shard.sequences.size();
-    FrameHeader header = NewHeader(FrameType::kAttend, layer, 16 * n + n * row * 4);
+    const bool with_kv = shard.new_k != nullptr && shard.new_v != nullptr;
+    const size_t kv_bytes =
+        with_kv ? n * shape.num_kv_heads * shape.head_dim * DTypeSize(shape.dtype) : 0;
+    FrameHeader header = NewHeader(FrameType::kAttend, layer, 16 * n + n * row * 4 + 2 * kv_bytes);
     header.dtype = static_cast<uint8_t>(shape.dtype);
+    header.flags = with_kv ? kFlagWithKv : 0;
     header.shape[0] = static_cast<int32_t>(n);
     header.shape[1] = num_q_heads;
     header.shape[2] = head_dim;
     FrameWriter writer(header, node_->buffers());
-    for (uint64_t id : shard.sequences) {
-      writer.U64(id);
-      writer.I64(0);
+    for (size_t i = 0; i < n; ++i) {
+      writer.U64(shard.sequences[i]);
+      writer.I64(with_kv ? shard.positions[i] : 0);
     }
     for (int index : shard.batch_index) writer.Bytes(q + index * row, row * 4);
+    if (with_kv) {
+      writer.Bytes(shard.new_k, kv_bytes);
+      writer.Bytes(shard.new_v, kv_bytes);
+    }
     headers.push_back(header);
     futures.push_back(Send(shard.worker, writer.Finish()));
   }

@@ -85,11 +85,16 @@ class AttentionClient {
   absl::Status ImportBlocks(int worker, transport::Buffer image);
 
   // One worker's part of a layer's batch: which batch entries (indices into q) and their
-  // sequence ids on that worker.
+  // sequence ids on that worker. With new_k/new_v set, the worker first appends the new token's
+  // K and V ((n, num_kv_heads, head_dim) in the model's dtype, shard order) at `positions`, in
+  // the same message (one round trip per layer instead of two).
   struct Shard {
     int worker = 0;
     std::vector<int> batch_index;
     std::vector<uint64_t> sequences;
+    std::vector<int64_t> positions;  // with new_k/new_v: the position appended per sequence
+    const void* new_k = nullptr;
+    const void* new_v = nullptr;
   };
   struct LayerResult {
     PartialStates merged;                    // (batch, num_q_heads, ...) merged over shards

@@ -407,38 +407,49 @@ absl::StatusOr<transport::Buffer> WorkerService::Prefill(const FrameHeader& head
   } else if (first < 0) {
     return absl::InvalidArgumentError("prefill: negative first position");
   }
-  // Each query is one "sequence" of the decode kernel over the same blocks, cut causally.
+  // Each query is one "sequence" of the decode kernel over the same blocks, cut causally. The
+  // queries go in fixed chunks so the replicated block table stays small for long sequences
+  // (and the split of work, hence the bits, depends only on the request).
+  constexpr int kQueriesPerCall = 256;
   const int64_t held = sequence.layer_lengths[header.layer];
   FERRY_ASSIGN_OR_RETURN(const std::vector<int32_t>* blocks, cache_->BlockTable(id));
-  indptr_.assign(1, 0);
-  table_.clear();
-  lens_.assign(tokens, static_cast<int32_t>(held));
-  begins_.assign(tokens, 0);
-  ends_.resize(tokens);
-  for (int t = 0; t < tokens; ++t) {
-    table_.insert(table_.end(), blocks->begin(), blocks->end());
-    indptr_.push_back(static_cast<int32_t>(table_.size()));
-    const int64_t visible = first + t - sequence.first_position + 1;
-    ends_[t] = static_cast<int32_t>(std::clamp<int64_t>(visible, 0, held));
-  }
   const int32_t shape[4] = {tokens, num_q_heads, config.head_dim, 0};
   const int64_t states = int64_t{tokens} * num_q_heads;
   FrameWriter writer = StartReply(header, states * config.head_dim * 4 + states * 4, shape,
                                   static_cast<uint8_t>(DType::kFloat32));
-  kernels::DecodeAttentionArgs args;
-  args.num_seqs = tokens;
-  args.num_q_heads = num_q_heads;
-  args.q = reinterpret_cast<const float*>(q);
-  args.kv = cache_->LayerView(header.layer);
-  args.block_table_indptr = indptr_.data();
-  args.block_table = table_.data();
-  args.seq_lens = lens_.data();
-  args.kv_begin = begins_.data();
-  args.kv_end = ends_.data();
-  args.softmax_scale = softmax_scale_;
-  args.state_o = reinterpret_cast<float*>(writer.Reserve(states * config.head_dim * 4));
-  args.state_lse = reinterpret_cast<float*>(writer.Reserve(states * 4));
-  FERRY_RETURN_IF_ERROR(kernels::DecodeAttentionCpu(args, threads_, plan_));
+  float* state_o = reinterpret_cast<float*>(writer.Reserve(states * config.head_dim * 4));
+  float* state_lse = reinterpret_cast<float*>(writer.Reserve(states * 4));
+  const int chunk = std::min(tokens, kQueriesPerCall);
+  indptr_.assign(1, 0);
+  table_.clear();
+  for (int t = 0; t < chunk; ++t) {
+    table_.insert(table_.end(), blocks->begin(), blocks->end());
+    indptr_.push_back(static_cast<int32_t>(table_.size()));
+  }
+  lens_.assign(chunk, static_cast<int32_t>(held));
+  begins_.assign(chunk, 0);
+  ends_.resize(chunk);
+  for (int start = 0; start < tokens; start += chunk) {
+    const int count = std::min(chunk, tokens - start);
+    for (int t = 0; t < count; ++t) {
+      const int64_t visible = first + start + t - sequence.first_position + 1;
+      ends_[t] = static_cast<int32_t>(std::clamp<int64_t>(visible, 0, held));
+    }
+    kernels::DecodeAttentionArgs args;
+    args.num_seqs = count;
+    args.num_q_heads = num_q_heads;
+    args.q = reinterpret_cast<const float*>(q) + int64_t{start} * num_q_heads * config.head_dim;
+    args.kv = cache_->LayerView(header.layer);
+    args.block_table_indptr = indptr_.data();
+    args.block_table = table_.data();
+    args.seq_lens = lens_.data();
+    args.kv_begin = begins_.data();
+    args.kv_end = ends_.data();
+    args.softmax_scale = softmax_scale_;
+    args.state_o = state_o + int64_t{start} * num_q_heads * config.head_dim;
+    args.state_lse = state_lse + int64_t{start} * num_q_heads;
+    FERRY_RETURN_IF_ERROR(kernels::DecodeAttentionCpu(args, threads_, plan_));
+  }
   return writer.Finish();
 }
 

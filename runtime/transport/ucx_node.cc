@@ -239,12 +239,26 @@ void UcxNode::Impl::Post(std::function<void()> fn) {
 
 absl::Status UcxNode::Impl::RunOnThread(std::function<absl::Status()> fn, absl::Duration bound) {
   if (stopping_) return absl::CancelledError(absl::StrCat(options_.name, ": shut down"));
-  auto done = std::make_shared<std::promise<absl::Status>>();
-  std::future<absl::Status> result = done->get_future();
-  Post([fn = std::move(fn), done] { done->set_value(fn()); });
+  // fn may reference the caller's locals: once the caller gave up waiting, fn must not run, and
+  // the caller must not leave while fn runs. The mutex gives both (fn bodies are short).
+  struct Sync {
+    std::mutex mutex;
+    bool abandoned = false;
+    std::promise<absl::Status> done;
+  };
+  auto sync = std::make_shared<Sync>();
+  std::future<absl::Status> result = sync->done.get_future();
+  Post([fn = std::move(fn), sync] {
+    std::lock_guard<std::mutex> lock(sync->mutex);
+    if (!sync->abandoned) sync->done.set_value(fn());
+  });
   if (result.wait_for(std::chrono::nanoseconds(absl::ToInt64Nanoseconds(bound))) !=
       std::future_status::ready) {
-    return absl::DeadlineExceededError(absl::StrCat(options_.name, ": progress thread busy"));
+    std::lock_guard<std::mutex> lock(sync->mutex);
+    if (result.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
+      sync->abandoned = true;
+      return absl::DeadlineExceededError(absl::StrCat(options_.name, ": progress thread busy"));
+    }
   }
   return result.get();
 }
@@ -300,6 +314,8 @@ void UcxNode::Impl::Loop() {
     call.promise.set_value(absl::CancelledError(absl::StrCat(options_.name, ": shutting down")));
   }
   calls_.clear();
+  // Error callbacks fired by the closes below find no peer and do nothing (no second close).
+  peer_of_ep_.clear();
   std::vector<void*> closing;
   for (auto& [id, peer] : peers_) {
     if (peer.ep == nullptr) continue;

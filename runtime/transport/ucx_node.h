@@ -21,7 +21,8 @@
 //
 // Threads: every UCX object is touched only by the node's progress thread. Public methods are
 // thread-safe; they post work to that thread and wait for it with a bound. The request handler
-// runs on the progress thread and must not block (hand the message to another thread).
+// runs on the progress thread and must not block (hand the message to another thread) nor call
+// Shutdown().
 #pragma once
 
 #include <atomic>

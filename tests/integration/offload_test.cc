@@ -2,9 +2,12 @@
 // the AttentionClient, over tcp and over shared memory (UCX_MM_ERROR_HANDLING=y so shm stays in
 // PEER error mode). Results are compared with the same kernels run in this process (bit for bit,
 // same plan) and with the float64 reference.
+#include <dirent.h>
+
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <future>
 #include <map>
 #include <random>
@@ -159,6 +162,27 @@ PartialStates InProcessAttend(const KvData& data, const Ranges& ranges, int laye
   return states;
 }
 
+// True when every thread of the process is stopped (state 'T' in /proc/<pid>/task/*/stat).
+bool ProcessStopped(pid_t pid) {
+  const std::string dir = "/proc/" + std::to_string(pid) + "/task";
+  DIR* tasks = opendir(dir.c_str());
+  if (tasks == nullptr) return false;
+  bool all = true;
+  int seen = 0;
+  while (dirent* entry = readdir(tasks)) {
+    if (entry->d_name[0] == '.') continue;
+    std::ifstream stat(dir + "/" + entry->d_name + "/stat");
+    std::string line;
+    std::getline(stat, line);
+    const size_t paren = line.rfind(')');
+    if (paren == std::string::npos || paren + 2 >= line.size()) continue;
+    ++seen;
+    if (line[paren + 2] != 'T' && line[paren + 2] != 't') all = false;
+  }
+  closedir(tasks);
+  return all && seen > 0;
+}
+
 bool BitEqual(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
@@ -222,6 +246,46 @@ TEST_P(OffloadTest, SingleWorkerAttendIsBitIdenticalToInProcess) {
     EXPECT_TRUE(BitEqual(remote->o, local.o)) << "layer " << layer;
     EXPECT_TRUE(BitEqual(remote->lse, local.lse)) << "layer " << layer;
   }
+}
+
+TEST_P(OffloadTest, AttendWithTheNewTokensKvEqualsAppendThenAttend) {
+  auto worker0 = StartWorker();
+  auto worker1 = StartWorker();
+  auto client = MakeClient();
+  const int w0 = Connect(*client, *worker0);
+  const int w1 = Connect(*client, *worker1);
+  KvData data({{1, 25}, {2, 40}}, 91);
+  // Both workers hold positions [0, len - 1); the last position comes with the attend.
+  Ranges held = {{1, {0, 24}}, {2, {0, 39}}};
+  FillWorker(*client, w0, data, held);
+  FillWorker(*client, w1, data, held);
+  std::mt19937_64 rng(12);
+  std::vector<float> q = RandomFloats(2 * kQHeads * kHeadDim, rng);
+  const int layer = 1;
+  std::vector<uint16_t> k, v;
+  for (uint64_t id : {1, 2}) {
+    const int64_t last = data.lengths.at(id) - 1;
+    k.insert(k.end(), data.k[layer].at(id).begin() + last * kRow,
+             data.k[layer].at(id).begin() + (last + 1) * kRow);
+    v.insert(v.end(), data.v[layer].at(id).begin() + last * kRow,
+             data.v[layer].at(id).begin() + (last + 1) * kRow);
+  }
+  // Worker 0: one message. Worker 1: AppendKv, then Attend.
+  AttentionClient::Shard fused{w0, {0, 1}, {1, 2}, {24, 39}, k.data(), v.data()};
+  auto one = client->AttendLayer(layer, 2, kQHeads, q.data(), {&fused, 1});
+  ASSERT_TRUE(one.ok() && one->shard_status[0].ok());
+  ASSERT_TRUE(client->AppendKv(w1, layer, std::vector<SequenceEntry>{{1, 24}, {2, 39}}, k.data(),
+                               v.data()).ok());
+  auto two = client->Attend(w1, layer, std::vector<uint64_t>{1, 2}, kQHeads, q.data());
+  ASSERT_TRUE(two.ok()) << two.status();
+  EXPECT_TRUE(BitEqual(one->merged.o, two->o));
+  EXPECT_TRUE(BitEqual(one->merged.lse, two->lse));
+  Ranges whole = {{1, {0, 25}}, {2, {0, 40}}};
+  EXPECT_TRUE(BitEqual(two->o, InProcessAttend(data, whole, layer, {1, 2}, q.data()).o));
+  // The same position again is refused (append-only, in order).
+  auto again = client->AttendLayer(layer, 2, kQHeads, q.data(), {&fused, 1});
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->shard_status[0].code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_P(OffloadTest, TwoWorkersSplitByRangeMergeBitIdenticallyAndMatchTheReference) {
@@ -310,16 +374,17 @@ TEST_P(OffloadTest, PrefillThenDecodeMatchesTheReference) {
   auto client = MakeClient();
   const int w = Connect(*client, *worker);
   const uint64_t id = 77;
-  const int64_t prompt = 50, total = 53;
+  const int64_t prompt = 300, total = 303;
   KvData data({{id, total}}, 31);
   ASSERT_TRUE(client->OpenSequences(w, std::vector<SequenceEntry>{{id, 0}}).ok());
   std::mt19937_64 rng(3);
   const int layer = 0;
   std::vector<float> q = RandomFloats(total * kQHeads * kHeadDim, rng);
   std::vector<float> got_o, got_lse;
-  // The prompt in chunks of 20, 20, 10 (both layers so the sequence stays whole).
-  for (int64_t first = 0; first < prompt; first += 20) {
-    const int tokens = static_cast<int>(std::min<int64_t>(20, prompt - first));
+  // The prompt in chunks of 260 (more than one kernel call's 256 queries), 30 and 10, on both
+  // layers so the sequence stays whole.
+  int64_t first = 0;
+  for (int tokens : {260, 30, 10}) {
     for (int l = 0; l < kLayers; ++l) {
       auto states = client->Prefill(w, l, id, first, tokens, kQHeads,
                                     q.data() + first * kQHeads * kHeadDim,
@@ -331,7 +396,9 @@ TEST_P(OffloadTest, PrefillThenDecodeMatchesTheReference) {
         got_lse.insert(got_lse.end(), states->lse.begin(), states->lse.end());
       }
     }
+    first += tokens;
   }
+  ASSERT_EQ(first, prompt);
   // Then decode: append one position, attend with its q.
   for (int64_t position = prompt; position < total; ++position) {
     for (int l = 0; l < kLayers; ++l) {
@@ -374,6 +441,67 @@ TEST_P(OffloadTest, PrefillThenDecodeMatchesTheReference) {
   std::vector<double> o(got_o.begin(), got_o.end()), lse(got_lse.begin(), got_lse.end());
   EXPECT_LT(kernels::reference::RelativeError(o, reference.o), 1e-5);
   EXPECT_LT(kernels::reference::RelativeError(lse, reference.lse), 1e-6);
+}
+
+TEST_P(OffloadTest, PrefillSplitAcrossWorkersMatchesTheReference) {
+  // Worker 0 holds positions [0, 40) of the sequence; the chunk [40, 64) goes to worker 1 with
+  // its K and V, and to worker 0 as queries only. Merged, that is causal attention over [0, p].
+  auto worker0 = StartWorker();
+  auto worker1 = StartWorker();
+  auto client = MakeClient();
+  const int w0 = Connect(*client, *worker0);
+  const int w1 = Connect(*client, *worker1);
+  const uint64_t id = 3;
+  const int64_t split = 40, total = 64;
+  const int tokens = static_cast<int>(total - split);
+  KvData data({{id, total}}, 17);
+  FillWorker(*client, w0, data, {{id, {0, split}}});
+  ASSERT_TRUE(client->OpenSequences(w1, std::vector<SequenceEntry>{{id, split}}).ok());
+  std::mt19937_64 rng(23);
+  std::vector<float> q = RandomFloats(tokens * kQHeads * kHeadDim, rng);
+  const int layer = 0;
+  auto old_part = client->Prefill(w0, layer, id, split, tokens, kQHeads, q.data(), nullptr,
+                                  nullptr);
+  ASSERT_TRUE(old_part.ok()) << old_part.status();
+  auto new_part = client->Prefill(w1, layer, id, split, tokens, kQHeads, q.data(),
+                                  data.k[layer].at(id).data() + split * kRow,
+                                  data.v[layer].at(id).data() + split * kRow);
+  ASSERT_TRUE(new_part.ok()) << new_part.status();
+  const int64_t states = int64_t{tokens} * kQHeads;
+  std::vector<float> parts_o(old_part->o), parts_lse(old_part->lse);
+  parts_o.insert(parts_o.end(), new_part->o.begin(), new_part->o.end());
+  parts_lse.insert(parts_lse.end(), new_part->lse.begin(), new_part->lse.end());
+  std::vector<float> o(states * kHeadDim), lse(states);
+  ASSERT_TRUE(kernels::MergeStatesCpu(parts_o.data(), parts_lse.data(), 2, states, kHeadDim,
+                                      o.data(), lse.data()).ok());
+  kv::KvCacheConfig config{kLayers, kKvHeads, kHeadDim, DType::kBFloat16, kBlockSize, 16 << 20};
+  auto cache = *kv::KvCache::CreateOnHost(config);
+  ASSERT_TRUE(cache->AddSequence(id).ok());
+  ASSERT_TRUE(cache->Reserve(id, total).ok());
+  ASSERT_TRUE(cache->WriteHost(id, layer, 0, total, data.k[layer].at(id).data(),
+                               data.v[layer].at(id).data()).ok());
+  const auto* blocks = *cache->BlockTable(id);
+  std::vector<int32_t> indptr = {0}, table, lens(tokens, total), begins(tokens, 0), ends(tokens);
+  for (int t = 0; t < tokens; ++t) {
+    table.insert(table.end(), blocks->begin(), blocks->end());
+    indptr.push_back(static_cast<int32_t>(table.size()));
+    ends[t] = static_cast<int32_t>(split + t + 1);
+  }
+  kernels::DecodeAttentionArgs args;
+  args.num_seqs = tokens;
+  args.num_q_heads = kQHeads;
+  args.q = q.data();
+  args.kv = cache->LayerView(layer);
+  args.block_table_indptr = indptr.data();
+  args.block_table = table.data();
+  args.seq_lens = lens.data();
+  args.kv_begin = begins.data();
+  args.kv_end = ends.data();
+  args.softmax_scale = 1.0f / std::sqrt(static_cast<float>(kHeadDim));
+  auto reference = kernels::reference::DecodeAttentionReference(args);
+  std::vector<double> got_o(o.begin(), o.end()), got_lse(lse.begin(), lse.end());
+  EXPECT_LT(kernels::reference::RelativeError(got_o, reference.o), 1e-5);
+  EXPECT_LT(kernels::reference::RelativeError(got_lse, reference.lse), 1e-6);
 }
 
 TEST_P(OffloadTest, MigrationMovesKvAndAttentionIsUnchanged) {
@@ -458,6 +586,41 @@ TEST_P(OffloadTest, KilledWorkerFailsWithinTheBoundAndOthersKeepWorking) {
   EXPECT_TRUE(next->shard_status[0].ok()) << next->shard_status[0];
   EXPECT_FALSE(next->shard_status[1].ok());
   EXPECT_LT(absl::Now() - again, absl::Seconds(1));
+}
+
+TEST_P(OffloadTest, SilentWorkerTimesOutWithinTheBoundAndRecovers) {
+  auto worker0 = StartWorker();
+  auto worker1 = StartWorker();
+  auto client = MakeClient();
+  const int w0 = Connect(*client, *worker0);
+  const int w1 = Connect(*client, *worker1);
+  KvData data({{1, 10}, {2, 12}}, 81);
+  FillWorker(*client, w0, data, {{1, {0, 10}}});
+  FillWorker(*client, w1, data, {{2, {0, 12}}});
+  std::vector<AttentionClient::Shard> shards = {{w0, {0}, {1}}, {w1, {1}, {2}}};
+  std::mt19937_64 rng(6);
+  std::vector<float> q = RandomFloats(2 * kQHeads * kHeadDim, rng);
+  // A stopped process keeps its sockets open and answers nothing: only the deadline catches it.
+  ASSERT_EQ(kill(worker1->pid(), SIGSTOP), 0);
+  // The stop lands asynchronously: wait (bounded) until every thread of the worker is stopped.
+  bool stopped = false;
+  for (int i = 0; i < 200 && !stopped; ++i) {
+    stopped = ProcessStopped(worker1->pid());
+    if (!stopped) absl::SleepFor(absl::Milliseconds(5));
+  }
+  ASSERT_TRUE(stopped);
+  const absl::Time start = absl::Now();
+  auto result = client->AttendLayer(0, 2, kQHeads, q.data(), shards);
+  const absl::Duration took = absl::Now() - start;
+  kill(worker1->pid(), SIGCONT);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_TRUE(result->shard_status[0].ok()) << result->shard_status[0];
+  EXPECT_FALSE(result->shard_status[1].ok());
+  EXPECT_LT(took, absl::Milliseconds(2600));  // the 2 s call bound plus scheduling slack
+  EXPECT_EQ(result->complete, std::vector<bool>({true, false}));
+  // The client keeps working with the survivor.
+  auto next = client->Attend(w0, 1, std::vector<uint64_t>{1}, kQHeads, q.data());
+  EXPECT_TRUE(next.ok()) << next.status();
 }
 
 TEST_P(OffloadTest, MalformedFramesGetErrorRepliesAndTheWorkerKeepsServing) {

@@ -1,6 +1,7 @@
 // UcxNode over real UCX on 127.0.0.1, once per transport: tcp, and shared memory with PEER error
 // handling (UCX_MM_ERROR_HANDLING=y). Each case checks which transport the endpoint really uses.
 #include "runtime/transport/ucx_node.h"
+#include "runtime/transport/ucx_status.h"
 
 #include <cstdlib>
 #include <string>
@@ -141,6 +142,22 @@ TEST_P(UcxNodeTest, ShutdownWithOutstandingCallsCancelsThem) {
     CallResult reply = future.get();  // already set: Shutdown completes every call
     EXPECT_FALSE(reply.ok());
   }
+}
+
+TEST(UcsToStatusTest, MapsEveryNamedCode) {
+  EXPECT_EQ(UcsToStatus(UCS_OK, "x").code(), absl::StatusCode::kOk);
+  EXPECT_EQ(UcsToStatus(UCS_ERR_NO_MEMORY, "x").code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(UcsToStatus(UCS_ERR_TIMED_OUT, "x").code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(UcsToStatus(UCS_ERR_ENDPOINT_TIMEOUT, "x").code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(UcsToStatus(UCS_ERR_UNREACHABLE, "x").code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(UcsToStatus(UCS_ERR_CONNECTION_RESET, "x").code(), absl::StatusCode::kUnavailable);
+  EXPECT_EQ(UcsToStatus(UCS_ERR_CANCELED, "x").code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(UcsToStatus(UCS_ERR_INVALID_PARAM, "x").code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(UcsToStatus(UCS_ERR_UNSUPPORTED, "x").code(), absl::StatusCode::kUnimplemented);
+  const absl::Status other = UcsToStatus(UCS_ERR_IO_ERROR, "ucp_thing");
+  EXPECT_EQ(other.code(), absl::StatusCode::kInternal);
+  EXPECT_NE(other.message().find("ucp_thing"), absl::string_view::npos);
 }
 
 INSTANTIATE_TEST_SUITE_P(Loopback, UcxNodeTest,

@@ -87,6 +87,10 @@ TEST(WorkerServiceTest, RefusesWorkBeforeConfigureAndShapeChangesWhileHoldingSeq
   EXPECT_EQ(call(FrameType::kConfigure, {4, 2, 64, 16}, plan).code(),
             absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(service.cache()->num_sequences(), 1u);
+  // A sequence with no positions yet attends to the identity state (o = 0, lse = -inf).
+  std::vector<uint8_t> attend(16 + 2 * 64 * 4, 0);
+  attend[0] = 1;
+  EXPECT_TRUE(call(FrameType::kAttend, {1, 2, 64}, attend).ok());
   EXPECT_GT(service.errors_answered(), 0);
 }
 
