@@ -231,38 +231,34 @@ absl::Status OffloadedAttention::AttendDecodeRows(int layer, const float* q, con
   }
   if (decode.empty()) return absl::OkStatus();
 
-  // The new token's k and v go to each sequence's tail shard, one AppendKv per worker.
-  struct Appends {
-    std::vector<SequenceEntry> entries;
-    std::vector<uint8_t> k, v;
-  };
-  std::map<int, Appends> appends;
-  for (const Run* run : decode) {
-    Appends& a = appends[sequences_[run->seq].shards.back().worker];
-    a.entries.push_back({run->seq, run->first_position});
-    a.k.insert(a.k.end(), k + run->first_row * kv_row_bytes, k + (run->first_row + 1) * kv_row_bytes);
-    a.v.insert(a.v.end(), v + run->first_row * kv_row_bytes, v + (run->first_row + 1) * kv_row_bytes);
-  }
-  for (auto& [worker, a] : appends) {
-    absl::Status appended = client_->AppendKv(worker, layer, a.entries, a.k.data(), a.v.data());
-    if (!appended.ok()) {
-      return absl::Status(appended.code(), absl::StrCat("worker ", worker_ids_[worker], ": ",
-                                                        appended.message()));
-    }
-  }
-
-  // Every shard of every decode row attends at once; partial states merged in shard order.
+  // Per worker, one message for the sequences whose tail shard it holds (the new token's k and
+  // v ride along and are appended before attending) and one for the earlier shards it holds.
   std::vector<float> batch_q(decode.size() * q_row);
-  std::map<int, AttentionClient::Shard> by_worker;
+  std::map<std::pair<int, bool>, AttentionClient::Shard> by_worker;  // (worker, is tail)
+  std::map<std::pair<int, bool>, std::pair<std::vector<uint8_t>, std::vector<uint8_t>>> new_kv;
   for (size_t i = 0; i < decode.size(); ++i) {
-    std::copy(q + decode[i]->first_row * q_row, q + (decode[i]->first_row + 1) * q_row,
+    const Run& run = *decode[i];
+    std::copy(q + run.first_row * q_row, q + (run.first_row + 1) * q_row,
               batch_q.begin() + i * q_row);
-    for (const Shard& shard : sequences_[decode[i]->seq].shards) {
-      AttentionClient::Shard& s = by_worker[shard.worker];
-      s.worker = shard.worker;
+    const std::vector<Shard>& shards = sequences_[run.seq].shards;
+    for (size_t p = 0; p < shards.size(); ++p) {
+      const bool tail = p + 1 == shards.size();
+      AttentionClient::Shard& s = by_worker[{shards[p].worker, tail}];
+      s.worker = shards[p].worker;
       s.batch_index.push_back(static_cast<int>(i));
-      s.sequences.push_back(decode[i]->seq);
+      s.sequences.push_back(run.seq);
+      if (!tail) continue;
+      s.positions.push_back(run.first_position);
+      auto& [shard_k, shard_v] = new_kv[{shards[p].worker, true}];
+      shard_k.insert(shard_k.end(), k + run.first_row * kv_row_bytes,
+                     k + (run.first_row + 1) * kv_row_bytes);
+      shard_v.insert(shard_v.end(), v + run.first_row * kv_row_bytes,
+                     v + (run.first_row + 1) * kv_row_bytes);
     }
+  }
+  for (auto& [key, kv] : new_kv) {
+    by_worker[key].new_k = kv.first.data();
+    by_worker[key].new_v = kv.second.data();
   }
   std::vector<AttentionClient::Shard> shards;
   for (auto& [worker, shard] : by_worker) shards.push_back(std::move(shard));

@@ -8,8 +8,9 @@
 // next step opens a new tail shard on another worker at the current position, so one long
 // sequence spreads over several workers' memory; every shard answers with partial states that
 // are merged (attention_state.h), so attention stays exact.
-// Per layer: decode rows (one new token) append their k, v on the tail shard's worker, then one
-// Attend per worker covers every shard (AttentionClient::AttendLayer, all workers at once);
+// Per layer: decode rows (one new token) go to every worker at once (AttentionClient::
+// AttendLayer), one round trip: the tail shard's worker appends the new k, v and attends in the
+// same message, earlier shards' workers attend over what they hold;
 // prompt chunks go by Prefill to the tail (with k, v) and to the earlier shards (without), and
 // the per-query states are merged in shard order.
 // Draining: before each step, sequences on workers the directory no longer lists as accepting
