@@ -7,9 +7,7 @@
 #include "daemon.h"
 #include "ferry/v1/generation.grpc.pb.h"
 #include "gtest/gtest.h"
-#include "runtime/model/attention_step.h"
-#include "runtime/model/checkpoint.h"
-#include "runtime/model/generate.h"
+#include "in_process_tokens.h"
 #include "runtime/model/tiny_checkpoint.h"
 #include "test_ports.h"
 
@@ -81,21 +79,7 @@ class CoordinatorLocalTest : public ::testing::Test {
 
   // The tokens in-process generation gives (greedy, fp32 KV as the daemon was started with).
   std::vector<int32_t> InProcessTokens(const std::vector<int32_t>& prompt, int max_tokens) {
-    auto model = model::LoadModel(dir_);
-    EXPECT_TRUE(model.ok());
-    model::InProcessAttentionOptions options;
-    options.num_heads = (*model)->config.num_heads;
-    options.kv = {(*model)->config.num_layers, (*model)->config.num_kv_heads,
-                  (*model)->config.head_dim, DType::kFloat32, 64, 64 << 20};
-    auto attention = model::InProcessAttention::Create(options);
-    EXPECT_TRUE(attention.ok());
-    model::Decoder decoder(**model, **attention);
-    model::GenerateOptions generate;
-    generate.max_tokens = max_tokens;
-    generate.ignore_eos = true;
-    auto result = model::Generate(decoder, 1, prompt, generate);
-    EXPECT_TRUE(result.ok());
-    return result.ok() ? result->tokens : std::vector<int32_t>{};
+    return testing::InProcessTokens(dir_, prompt, max_tokens);
   }
 
   std::string dir_;
