@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# End-to-end generation throughput on one host: the same load (M jobs over N concurrent streams)
+# against a coordinator with in-process attention (the baseline, measured in the same run) and
+# against a coordinator whose attention runs on W CPU workers over UCX (loopback tcp).
+# Prints one row per mode and the ratio to the baseline.
+#
+#   bench/e2e/cluster_throughput.sh [--model=DIR] [--requests=64] [--concurrency=16]
+#                                   [--max-tokens=64] [--workers=2]
+# Needs build/bin/{ferry,ferry-coordinator,ferry-worker} (FERRY_BUILD_DIR to change).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+model="" requests=64 concurrency=16 max_tokens=64 workers=2
+for arg in "$@"; do
+  case "$arg" in
+    --model=*) model=${arg#*=} ;;
+    --requests=*) requests=${arg#*=} ;;
+    --concurrency=*) concurrency=${arg#*=} ;;
+    --max-tokens=*) max_tokens=${arg#*=} ;;
+    --workers=*) workers=${arg#*=} ;;
+    *) echo "unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+bin=${FERRY_BUILD_DIR:-build}/bin
+work=$(mktemp -d /tmp/ferry-e2e.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+if [ -z "$model" ]; then
+  model=$work/tiny
+  "$bin/ferry" model make-tiny --out="$model" >/dev/null 2>&1
+fi
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_ready() {  # $1 address, $2 workers expected
+  for _ in $(seq 1 200); do
+    if [ "$2" -eq 0 ]; then
+      "$bin/ferry" cluster status --coordinator="$1" --timeout-ms=300 >/dev/null 2>&1 && return 0
+    else
+      [ "$("$bin/ferry" cluster status --coordinator="$1" --timeout-ms=300 2>/dev/null | grep -c READY)" -ge "$2" ] && return 0
+    fi
+    sleep 0.1
+  done
+  echo "cluster at $1 did not come up" >&2; return 1
+}
+run_load() {  # $1 address -> JSON summary
+  "$bin/ferry" generate --coordinator="$1" --prompt-ids=1,17,42,99,7,3,250,11 \
+    --max-tokens="$max_tokens" --ignore-eos --requests="$requests" --concurrency="$concurrency" --json
+}
+field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
+
+# Baseline: attention in the coordinator's process.
+address=127.0.0.1:$(port)
+"$bin/ferry-coordinator" --model="$model" --listen="$address" --local-attention >"$work/local.log" 2>&1 &
+pids+=($!)
+wait_ready "$address" 0
+run_load "$address" >/dev/null  # warm-up
+local_json=$(run_load "$address")
+kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+
+# Attention on workers.
+address=127.0.0.1:$(port)
+"$bin/ferry-coordinator" --model="$model" --listen="$address" --ucx-tls=tcp >"$work/coord.log" 2>&1 &
+pids+=($!)
+for i in $(seq 1 "$workers"); do
+  "$bin/ferry-worker" --coordinator="$address" --ucx-tls=tcp --kv-capacity=$((256 << 20)) \
+    >"$work/worker$i.log" 2>&1 &
+  pids+=($!)
+done
+wait_ready "$address" "$workers"
+run_load "$address" >/dev/null
+workers_json=$(run_load "$address")
+
+base=$(field "$local_json" tokens_per_s)
+printf '%-28s %12s %10s %12s %12s %8s\n' mode tokens/s ratio "lat p50 s" "ttft p50 s" failed
+for mode in local workers; do
+  json=$local_json; label="in-process attention"
+  if [ "$mode" = workers ]; then json=$workers_json; label="$workers CPU workers (UCX tcp)"; fi
+  tps=$(field "$json" tokens_per_s)
+  printf '%-28s %12.1f %10.2f %12.3f %12.3f %8s\n' "$label" "$tps" \
+    "$(python3 -c "print($tps/$base)")" "$(field "$json" latency_p50_s)" \
+    "$(field "$json" ttft_p50_s)" "$(field "$json" failed)"
+done
+echo "($requests jobs x $max_tokens tokens over $concurrency streams; model $model)"
