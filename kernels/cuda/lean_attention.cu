@@ -268,10 +268,12 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
     const SeqRange r = LoadSeqRange(a, s);
     if (!r.valid || r.end == r.begin) WriteEmptySequence<kHeadDim, Traits>(p, s, r.valid);
   }
-  const int64_t num_workers = gridDim.x;
+  // Fewer tiles than blocks: the surplus blocks sit out, so every worker owns at least one tile
+  // and the workers sharing a head are exactly owner(first tile) .. owner(last tile).
+  const int64_t num_workers = total_tiles < gridDim.x ? total_tiles : int64_t{gridDim.x};
+  if (blockIdx.x >= num_workers) return;
   const int64_t t0 = FirstTileOfWorker(total_tiles, num_workers, blockIdx.x);
   const int64_t t1 = FirstTileOfWorker(total_tiles, num_workers, blockIdx.x + 1);
-  if (t0 == t1) return;
   {
     int64_t running = 0;
     if (tid == 0) found_seq_and_tile[0] = -1;

@@ -161,6 +161,10 @@ void ExpectMatchesReference(DecodeProblem& p, const reference::ReferenceStates& 
   EXPECT_LT(out_err, shape.dtype == DType::kBFloat16 ? 1e-2 : 2e-3) << Describe(shape);
   double lse_err = 0.0;
   for (size_t i = 0; i < ref.lse.size(); ++i) {
+    if (std::isnan(p.state_lse[i])) {
+      ADD_FAILURE() << "lse NaN at row " << i << " " << Describe(shape);
+      break;
+    }
     if (std::isinf(ref.lse[i])) {
       // Empty range: the identity, exactly.
       EXPECT_TRUE(std::isinf(p.state_lse[i]) && p.state_lse[i] < 0) << "row " << i;
@@ -304,6 +308,7 @@ TEST_F(LeanDecodeTest, LongContextAgainstCpuKernel) {
   EXPECT_LT(err, 2e-4);
   double lse_err = 0;
   for (size_t i = 0; i < gpu_lse.size(); ++i) {
+    EXPECT_FALSE(std::isnan(gpu_lse[i])) << i;
     lse_err = std::max(lse_err, double(std::abs(gpu_lse[i] - p.state_lse[i])));
   }
   EXPECT_LT(lse_err, 1e-3);
