@@ -37,17 +37,18 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 template <int kHeadDim>
 struct LeanConfig {
-  // d=256 holds 128 accumulator floats per thread: 4 warps keep registers under 255 and a
-  // 64 KB stage; smaller heads use 8 warps so each SM has enough warps to hide MMA latency.
-  static constexpr int kWarps = kHeadDim == 256 ? 4 : 8;
+  // 4 warps: small enough stages that two blocks share an SM for d <= 128 (their barriers
+  // are independent, so one block's loads and math overlap the other's head switch).
+  static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kTile = kWarps * 16;  // KV positions per tile
   static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks of a K or V row
   static constexpr int kStageBytes = 2 * kTile * kHeadDim * 2;  // K tile + V tile
-  static constexpr int kQrawBytes = kMaxGroup * kHeadDim * 4;
   static constexpr int kQfragBytes = kHeadDim / 16 * 32 * 16;  // one uint4 per (k-step, lane)
   static constexpr int kQ4PerThread = kMaxGroup * kHeadDim / 4 / kThreads;
   static constexpr int kMaxStages = kHeadDim == 64 ? 6 : 4;
+  // q in float32 is staged through the stage about to be refilled.
+  static_assert(kMaxGroup * kHeadDim * 4 <= kStageBytes, "q staging must fit a stage");
   static_assert(kChunksPerRow >= 8, "swizzle needs 8 chunks per row");
   // The end-of-head merge of the warps' states reuses a consumed stage as scratch.
   static_assert(kWarps * 16 * kHeadDim * 4 <= kStageBytes, "scratch must fit a stage");
@@ -142,6 +143,7 @@ struct LeanParams {
   float* part_lse;    // (grid, 2, group)
   int group;
   int stages;
+  int block_shift;  // log2(block_size) when a power of two, else -1
   float q_scale;  // softmax_scale * log2(e): scores are kept in base 2
 };
 
@@ -229,9 +231,7 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
   constexpr int kDTiles = kHeadDim / 8;
 
   extern __shared__ __align__(128) uint8_t smem[];
-  float* qraw = reinterpret_cast<float*>(smem + p.stages * Config::kStageBytes);
-  uint4* qfrag = reinterpret_cast<uint4*>(smem + p.stages * Config::kStageBytes +
-                                          Config::kQrawBytes);
+  uint4* qfrag = reinterpret_cast<uint4*>(smem + p.stages * Config::kStageBytes);
   __shared__ float warp_max[kWarps][16];
   __shared__ float warp_sum[kWarps][16];
   __shared__ float row_lse[16];
@@ -302,9 +302,6 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
   start.seq_first_tile = found_seq_and_tile[1];
   start.Load(a, kTile);
 
-  // Rows of q beyond the group stay zero: their scores are 0 and their outputs are dropped.
-  for (int e = tid; e < kMaxGroup * kHeadDim; e += kThreads) qraw[e] = 0.0f;
-
   // --- K/V producer. -------------------------------------------------------------------------
   const T* k_pool = static_cast<const T*>(a.kv.k_pool);
   const T* v_pool = static_cast<const T*>(a.kv.v_pool);
@@ -330,7 +327,9 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
       bool valid = pos < pos_end;
       int64_t src = 0;
       if (valid) {
-        const int block_index = static_cast<unsigned>(pos) / static_cast<unsigned>(block_size);
+        const int block_index =
+            p.block_shift >= 0 ? pos >> p.block_shift
+                               : static_cast<unsigned>(pos) / static_cast<unsigned>(block_size);
         const int block = producer.blocks[block_index];
         if (block < 0 || block >= num_blocks) {
           valid = false;
@@ -377,9 +376,6 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
   for (int64_t t = t0; t < t1; ++t) {
     CpAsyncWaitPending(stages - 2);
     __syncthreads();
-    if (t + stages - 1 < t1) load_tile(t + stages - 1, stage_load);
-    CpAsyncCommit();
-    if (++stage_load == stages) stage_load = 0;
 
     consumer.Seek(a, kTile, t);
     const int64_t offset = t - consumer.seq_first_tile;
@@ -392,6 +388,8 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
     const bool segment_end = t == t1 - 1 || t == head_last_tile;
 
     if (segment_start) {
+      // The stage refilled below is free (consumed last iteration): stage q there in float32.
+      float* qraw = reinterpret_cast<float*>(smem + stage_load * Config::kStageBytes);
       if (prefetched_head != flat_head) prefetch_q(flat_head);
 #pragma unroll
       for (int i = 0; i < Config::kQ4PerThread; ++i) {
@@ -412,8 +410,11 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
         const int ln = e % 32;
         const int r = ln / 4;
         const int c = ks * 16 + 2 * (ln % 4);
+        // Rows past the group are zero: their scores are 0 and their outputs are dropped.
         const float* row = qraw + r * kHeadDim;
-        const float x0 = row[c], x1 = row[c + 1], x2 = row[c + 8], x3 = row[c + 9];
+        const bool live = r < group;
+        const float x0 = live ? row[c] : 0.0f, x1 = live ? row[c + 1] : 0.0f;
+        const float x2 = live ? row[c + 8] : 0.0f, x3 = live ? row[c + 9] : 0.0f;
         uint4 frag;
         frag.x = Traits::Pack(x0, x1);
         frag.z = Traits::Pack(x2, x3);
@@ -422,8 +423,9 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
           frag.w = Traits::Pack(x2 - Traits::Rounded(x2), x3 - Traits::Rounded(x3));
         } else {
           const float* row8 = row + 8 * kHeadDim;
-          frag.y = Traits::Pack(row8[c], row8[c + 1]);
-          frag.w = Traits::Pack(row8[c + 8], row8[c + 9]);
+          const bool live8 = r + 8 < group;
+          frag.y = Traits::Pack(live8 ? row8[c] : 0.0f, live8 ? row8[c + 1] : 0.0f);
+          frag.w = Traits::Pack(live8 ? row8[c + 8] : 0.0f, live8 ? row8[c + 9] : 0.0f);
         }
         qfrag[e] = frag;
       }
@@ -438,6 +440,9 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
       row_max[0] = row_max[1] = FERRY_EMPTY_LSE;
       row_sum[0] = row_sum[1] = 0.0f;
     }
+    if (t + stages - 1 < t1) load_tile(t + stages - 1, stage_load);
+    CpAsyncCommit();
+    if (++stage_load == stages) stage_load = 0;
 
     // --- S = q K^T over this warp's 16 positions. ---
     const uint8_t* k_stage = smem + stage_use * Config::kStageBytes;
@@ -667,24 +672,33 @@ LaunchPlan MakeLaunchPlan(int device) {
   auto kernel = LeanDecodeKernel<kHeadDim, Traits>;
   plan.kernel = reinterpret_cast<const void*>(kernel);
   plan.threads = Config::kThreads;
-  int optin = 0, sms = 0;
+  int optin = 0, sms = 0, per_sm_smem = 0;
   cudaFuncAttributes attrs;
   if ((plan.error = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                            device)) != cudaSuccess ||
       (plan.error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) !=
           cudaSuccess ||
+      (plan.error = cudaDeviceGetAttribute(
+           &per_sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device)) != cudaSuccess ||
       (plan.error = cudaFuncGetAttributes(&attrs, kernel)) != cudaSuccess) {
     return plan;
   }
-  const int64_t fixed = Config::kQrawBytes + Config::kQfragBytes;
-  const int64_t room = int64_t{optin} - int64_t(attrs.sharedSizeBytes) - fixed;
+  // Two blocks per SM with at least 3 stages each where the shared memory allows (d <= 128 on
+  // Hopper), else one block with as many stages as fit. 1 KB per block is the driver's.
+  const int64_t fixed = Config::kQfragBytes + int64_t(attrs.sharedSizeBytes) + 1024;
+  const int64_t room_two = std::min<int64_t>(optin, per_sm_smem / 2) - fixed;
+  const int64_t room_one = int64_t{optin} - fixed + 1024;
   plan.stages = static_cast<int>(std::min<int64_t>(Config::kMaxStages,
-                                                   room / Config::kStageBytes));
+                                                   room_two / Config::kStageBytes));
+  if (plan.stages < 3) {
+    plan.stages = static_cast<int>(std::min<int64_t>(Config::kMaxStages,
+                                                     room_one / Config::kStageBytes));
+  }
   if (plan.stages < 2) {
     plan.error = cudaErrorNotSupported;
     return plan;
   }
-  plan.smem_bytes = fixed + int64_t{plan.stages} * Config::kStageBytes;
+  plan.smem_bytes = Config::kQfragBytes + int64_t{plan.stages} * Config::kStageBytes;
   if ((plan.error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(plan.smem_bytes))) != cudaSuccess) {
     return plan;
@@ -857,6 +871,11 @@ cudaError_t LeanDecode(const DecodeAttentionArgs& args, void* workspace, size_t 
   params.group = group;
   params.stages = plan.stages;
   params.q_scale = args.softmax_scale * kLog2e;
+  params.block_shift = -1;
+  if ((kv.block_size & (kv.block_size - 1)) == 0) {
+    params.block_shift = 0;
+    while ((1 << params.block_shift) < kv.block_size) ++params.block_shift;
+  }
   void* kernel_args[] = {&params};
   return cudaLaunchKernel(plan.kernel, dim3(plan.grid), dim3(plan.threads), kernel_args,
                           plan.smem_bytes, stream);
