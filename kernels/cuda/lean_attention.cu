@@ -166,31 +166,47 @@ __device__ __forceinline__ SeqRange LoadSeqRange(const DecodeAttentionArgs& a, i
   return {begin, end, valid};
 }
 
-// Walks the flat tile order forwards. Only moves ahead, so a block reads each sequence's
-// metadata once per cursor.
+// Walks the flat tile order forwards one tile at a time: (sequence, KV head, tile in head).
+// Stepping is incremental so the per-tile cost is a few integer adds (a 64-bit division per
+// tile was a measurable share of the instruction budget); a block divides once, at its start.
 struct TileCursor {
   int s;
+  int kv_head;
+  int j;                   // tile within the head
+  int tiles_per_head;
+  int begin;               // positions, int32 like seq_lens
+  int end;
   int64_t seq_first_tile;  // flat index of the sequence's first tile
-  int64_t tiles_per_head;
-  int64_t begin;
-  int64_t end;
-  const int32_t* blocks;  // the sequence's block table row
+  const int32_t* blocks;   // the sequence's block table row
 
   __device__ __forceinline__ void Load(const DecodeAttentionArgs& a, int tile_size) {
     const SeqRange r = LoadSeqRange(a, s);
-    begin = r.begin;
-    end = r.end;
-    tiles_per_head = r.valid ? NumKvTiles(r.begin, r.end, tile_size) : 0;
+    begin = static_cast<int>(r.begin);
+    end = static_cast<int>(r.end);
+    tiles_per_head = r.valid ? static_cast<int>(NumKvTiles(r.begin, r.end, tile_size)) : 0;
     blocks = a.block_table + a.block_table_indptr[s];
   }
-  __device__ __forceinline__ void Seek(const DecodeAttentionArgs& a, int tile_size,
-                                       int64_t tile) {
-    const int num_kv_heads = a.kv.num_kv_heads;
-    while (tile >= seq_first_tile + num_kv_heads * tiles_per_head) {
-      seq_first_tile += num_kv_heads * tiles_per_head;
+  // Positions onto flat tile `tile` of sequence s (found by the block's scan).
+  __device__ __forceinline__ void Start(const DecodeAttentionArgs& a, int tile_size, int seq,
+                                        int64_t first_tile, int64_t tile) {
+    s = seq;
+    seq_first_tile = first_tile;
+    Load(a, tile_size);
+    const int64_t offset = tile - first_tile;
+    kv_head = static_cast<int>(offset / tiles_per_head);
+    j = static_cast<int>(offset - int64_t{kv_head} * tiles_per_head);
+  }
+  // Moves to the next tile; only called when one exists, so it never reads past the batch.
+  __device__ __forceinline__ void Advance(const DecodeAttentionArgs& a, int tile_size) {
+    if (++j < tiles_per_head) return;
+    j = 0;
+    if (++kv_head < a.kv.num_kv_heads) return;
+    kv_head = 0;
+    do {
+      seq_first_tile += int64_t{a.kv.num_kv_heads} * tiles_per_head;
       ++s;
       Load(a, tile_size);
-    }
+    } while (tiles_per_head == 0);  // sequences with empty or invalid ranges have no tiles
   }
 };
 
@@ -298,9 +314,7 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
     }
   }
   TileCursor start;
-  start.s = static_cast<int>(found_seq_and_tile[0]);
-  start.seq_first_tile = found_seq_and_tile[1];
-  start.Load(a, kTile);
+  start.Start(a, kTile, static_cast<int>(found_seq_and_tile[0]), found_seq_and_tile[1], t0);
 
   // --- K/V producer. -------------------------------------------------------------------------
   const T* k_pool = static_cast<const T*>(a.kv.k_pool);
@@ -308,13 +322,11 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
   const int block_size = a.kv.block_size;
   const int num_blocks = a.kv.num_blocks;
   TileCursor producer = start;
-  auto load_tile = [&](int64_t t, int stage) {
-    producer.Seek(a, kTile, t);
-    const int64_t offset = t - producer.seq_first_tile;
-    const int kv_head = static_cast<int>(offset / producer.tiles_per_head);
-    const int64_t j = offset - kv_head * producer.tiles_per_head;
-    const int pos0 = static_cast<int>(producer.begin + j * kTile);
-    const int pos_end = static_cast<int>(producer.end);
+  // Loads the producer cursor's tile; the caller advances the cursor.
+  auto load_tile = [&](int stage) {
+    const int kv_head = producer.kv_head;
+    const int pos0 = producer.begin + producer.j * kTile;
+    const int pos_end = producer.end;
     uint8_t* k_stage = smem + stage * Config::kStageBytes;
     const uint32_t k_dst = SmemAddr(k_stage);
     const uint32_t v_dst = k_dst + Config::kStageBytes / 2;
@@ -349,7 +361,10 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
 
   const int stages = p.stages;
   for (int i = 0; i < stages - 1; ++i) {
-    if (t0 + i < t1) load_tile(t0 + i, i);
+    if (t0 + i < t1) {
+      if (i > 0) producer.Advance(a, kTile);
+      load_tile(i);
+    }
     CpAsyncCommit();
   }
 
@@ -377,12 +392,12 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
     CpAsyncWaitPending(stages - 2);
     __syncthreads();
 
-    consumer.Seek(a, kTile, t);
-    const int64_t offset = t - consumer.seq_first_tile;
-    const int kv_head = static_cast<int>(offset / consumer.tiles_per_head);
-    const int64_t j = offset - kv_head * consumer.tiles_per_head;
+    if (t > t0) consumer.Advance(a, kTile);
+    const int kv_head = consumer.kv_head;
+    const int j = consumer.j;
     const int64_t flat_head = int64_t{consumer.s} * num_kv_heads + kv_head;
-    const int64_t head_first_tile = consumer.seq_first_tile + kv_head * consumer.tiles_per_head;
+    const int64_t head_first_tile =
+        consumer.seq_first_tile + int64_t{kv_head} * consumer.tiles_per_head;
     const int64_t head_last_tile = head_first_tile + consumer.tiles_per_head - 1;
     const bool segment_start = t == t0 || j == 0;
     const bool segment_end = t == t1 - 1 || t == head_last_tile;
@@ -440,7 +455,10 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
       row_max[0] = row_max[1] = FERRY_EMPTY_LSE;
       row_sum[0] = row_sum[1] = 0.0f;
     }
-    if (t + stages - 1 < t1) load_tile(t + stages - 1, stage_load);
+    if (t + stages - 1 < t1) {
+      producer.Advance(a, kTile);
+      load_tile(stage_load);
+    }
     CpAsyncCommit();
     if (++stage_load == stages) stage_load = 0;
 
@@ -472,7 +490,7 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
       }
     }
     // Positions past the range (the tail of the last tile) drop out of the softmax.
-    const int64_t tile_pos0 = consumer.begin + j * kTile + warp * 16;
+    const int tile_pos0 = consumer.begin + j * kTile + warp * 16;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
