@@ -139,11 +139,8 @@ struct LeanParams {
   DecodeAttentionArgs args;
   int32_t* error_word;
   int32_t* counters;  // (num_seqs * num_kv_heads): arrivals per split head, zero between launches
-  int32_t* chunk_counter;  // next chunk to take; zero between launches
-  int32_t* exit_counter;   // blocks done; zero between launches
-  int chunks_per_block;
-  float* part_o;      // (chunks, 2, group, head_dim)
-  float* part_lse;    // (chunks, 2, group)
+  float* part_o;      // (grid, 2, group, head_dim)
+  float* part_lse;    // (grid, 2, group)
   int group;
   int stages;
   int block_shift;  // log2(block_size) when a power of two, else -1
@@ -256,7 +253,6 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
   __shared__ float row_lse[16];
   __shared__ int64_t found_seq_and_tile[2];
   __shared__ int is_last_arrival;
-  __shared__ int next_chunk;
   using BlockScan = cub::BlockScan<int64_t, kThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
 
@@ -288,413 +284,390 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
     const SeqRange r = LoadSeqRange(a, s);
     if (!r.valid || r.end == r.begin) WriteEmptySequence<kHeadDim, Traits>(p, s, r.valid);
   }
-  // The stream-K workers are chunks of the flat tile order, chunks_per_block per block, fixed
-  // by the grid size alone: the split points, and so the merged bits, do not depend on timing.
-  // Blocks take chunks in order from an atomic counter, so an SM that the memory system serves
-  // faster takes more of them (a static one-range-per-block deal left up to 20% idle tails).
-  // Fewer tiles than chunks: each chunk still owns at least one tile, so the chunks sharing a
-  // head are exactly owner(first tile) .. owner(last tile).
-  const int64_t all_chunks = int64_t{gridDim.x} * p.chunks_per_block;
-  const int64_t num_workers = total_tiles < all_chunks ? total_tiles : all_chunks;
-  for (;;) {
-    if (tid == 0) next_chunk = atomicAdd(p.chunk_counter, 1);
+  // Fewer tiles than blocks: the surplus blocks sit out, so every worker owns at least one tile
+  // and the workers sharing a head are exactly owner(first tile) .. owner(last tile).
+  const int64_t num_workers = total_tiles < gridDim.x ? total_tiles : int64_t{gridDim.x};
+  if (blockIdx.x >= num_workers) return;
+  const int64_t t0 = FirstTileOfWorker(total_tiles, num_workers, blockIdx.x);
+  const int64_t t1 = FirstTileOfWorker(total_tiles, num_workers, blockIdx.x + 1);
+  {
+    int64_t running = 0;
+    if (tid == 0) found_seq_and_tile[0] = -1;
     __syncthreads();
-    const int64_t chunk = next_chunk;
-    __syncthreads();  // read before thread 0 overwrites it
-    if (chunk >= num_workers) break;
-    const int64_t t0 = FirstTileOfWorker(total_tiles, num_workers, chunk);
-    const int64_t t1 = FirstTileOfWorker(total_tiles, num_workers, chunk + 1);
-    {
-      int64_t running = 0;
-      if (tid == 0) found_seq_and_tile[0] = -1;
+    for (int base = 0; base < num_seqs; base += kThreads) {
+      const int s = base + tid;
+      int64_t tiles = 0;
+      if (s < num_seqs) {
+        const SeqRange r = LoadSeqRange(a, s);
+        tiles = r.valid ? num_kv_heads * NumKvTiles(r.begin, r.end, kTile) : 0;
+      }
+      int64_t exclusive, aggregate;
+      BlockScan(scan_storage).ExclusiveSum(tiles, exclusive, aggregate);
+      exclusive += running;
+      if (tiles > 0 && exclusive <= t0 && t0 < exclusive + tiles) {
+        found_seq_and_tile[0] = s;
+        found_seq_and_tile[1] = exclusive;
+      }
+      running += aggregate;
       __syncthreads();
-      for (int base = 0; base < num_seqs; base += kThreads) {
-        const int s = base + tid;
-        int64_t tiles = 0;
-        if (s < num_seqs) {
-          const SeqRange r = LoadSeqRange(a, s);
-          tiles = r.valid ? num_kv_heads * NumKvTiles(r.begin, r.end, kTile) : 0;
-        }
-        int64_t exclusive, aggregate;
-        BlockScan(scan_storage).ExclusiveSum(tiles, exclusive, aggregate);
-        exclusive += running;
-        if (tiles > 0 && exclusive <= t0 && t0 < exclusive + tiles) {
-          found_seq_and_tile[0] = s;
-          found_seq_and_tile[1] = exclusive;
-        }
-        running += aggregate;
-        __syncthreads();
-        if (found_seq_and_tile[0] >= 0) break;
-      }
+      if (found_seq_and_tile[0] >= 0) break;
     }
-    TileCursor start;
-    start.Start(a, kTile, static_cast<int>(found_seq_and_tile[0]), found_seq_and_tile[1], t0);
+  }
+  TileCursor start;
+  start.Start(a, kTile, static_cast<int>(found_seq_and_tile[0]), found_seq_and_tile[1], t0);
 
-    // --- K/V producer. -------------------------------------------------------------------------
-    const T* k_pool = static_cast<const T*>(a.kv.k_pool);
-    const T* v_pool = static_cast<const T*>(a.kv.v_pool);
-    const int block_size = a.kv.block_size;
-    const int num_blocks = a.kv.num_blocks;
-    TileCursor producer = start;
-    // Loads the producer cursor's tile; the caller advances the cursor.
-    auto load_tile = [&](int stage) {
-      const int kv_head = producer.kv_head;
-      const int pos0 = producer.begin + producer.j * kTile;
-      const int pos_end = producer.end;
-      uint8_t* k_stage = smem + stage * Config::kStageBytes;
-      const uint32_t k_dst = SmemAddr(k_stage);
-      const uint32_t v_dst = k_dst + Config::kStageBytes / 2;
-  #pragma unroll
-      for (int i = 0; i < kTile * Config::kChunksPerRow / kThreads; ++i) {
-        const int chunk = tid + i * kThreads;
-        const int row = chunk / Config::kChunksPerRow;
-        const int col = chunk % Config::kChunksPerRow;
-        const int pos = pos0 + row;
-        bool valid = pos < pos_end;
-        int64_t src = 0;
-        if (valid) {
-          const int block_index =
-              p.block_shift >= 0 ? pos >> p.block_shift
-                                 : static_cast<unsigned>(pos) / static_cast<unsigned>(block_size);
-          const int block = producer.blocks[block_index];
-          if (block < 0 || block >= num_blocks) {
-            valid = false;
-            atomicOr(p.error_word, kLeanErrorBadBlock);
-          } else {
-            src = ((int64_t{block} * num_kv_heads + kv_head) * block_size +
-                   (pos - block_index * block_size)) *
-                      kHeadDim +
-                  col * 8;
-          }
+  // --- K/V producer. -------------------------------------------------------------------------
+  const T* k_pool = static_cast<const T*>(a.kv.k_pool);
+  const T* v_pool = static_cast<const T*>(a.kv.v_pool);
+  const int block_size = a.kv.block_size;
+  const int num_blocks = a.kv.num_blocks;
+  TileCursor producer = start;
+  // Loads the producer cursor's tile; the caller advances the cursor.
+  auto load_tile = [&](int stage) {
+    const int kv_head = producer.kv_head;
+    const int pos0 = producer.begin + producer.j * kTile;
+    const int pos_end = producer.end;
+    uint8_t* k_stage = smem + stage * Config::kStageBytes;
+    const uint32_t k_dst = SmemAddr(k_stage);
+    const uint32_t v_dst = k_dst + Config::kStageBytes / 2;
+#pragma unroll
+    for (int i = 0; i < kTile * Config::kChunksPerRow / kThreads; ++i) {
+      const int chunk = tid + i * kThreads;
+      const int row = chunk / Config::kChunksPerRow;
+      const int col = chunk % Config::kChunksPerRow;
+      const int pos = pos0 + row;
+      bool valid = pos < pos_end;
+      int64_t src = 0;
+      if (valid) {
+        const int block_index =
+            p.block_shift >= 0 ? pos >> p.block_shift
+                               : static_cast<unsigned>(pos) / static_cast<unsigned>(block_size);
+        const int block = producer.blocks[block_index];
+        if (block < 0 || block >= num_blocks) {
+          valid = false;
+          atomicOr(p.error_word, kLeanErrorBadBlock);
+        } else {
+          src = ((int64_t{block} * num_kv_heads + kv_head) * block_size +
+                 (pos - block_index * block_size)) *
+                    kHeadDim +
+                col * 8;
         }
-        const uint32_t dst = SwizzledOffset<kHeadDim>(row, col);
-        CpAsync16(k_dst + dst, k_pool + src, valid);
-        CpAsync16(v_dst + dst, v_pool + src, valid);
       }
-    };
-
-    const int stages = p.stages;
-    for (int i = 0; i < stages - 1; ++i) {
-      if (t0 + i < t1) {
-        if (i > 0) producer.Advance(a, kTile);
-        load_tile(i);
-      }
-      CpAsyncCommit();
+      const uint32_t dst = SwizzledOffset<kHeadDim>(row, col);
+      CpAsync16(k_dst + dst, k_pool + src, valid);
+      CpAsync16(v_dst + dst, v_pool + src, valid);
     }
+  };
 
-    // --- Consumer state. -----------------------------------------------------------------------
-    TileCursor consumer = start;
-    float o_acc[kDTiles][4];
-    float row_max[2];
-    float row_sum[2];
-    float4 q_prefetch[Config::kQ4PerThread];
-    int64_t prefetched_head = -1;
-    const int q_float4s = group * kHeadDim / 4;
-    auto prefetch_q = [&](int64_t flat_head) {
-      const float4* src = reinterpret_cast<const float4*>(a.q + flat_head * group * kHeadDim);
-  #pragma unroll
+  const int stages = p.stages;
+  for (int i = 0; i < stages - 1; ++i) {
+    if (t0 + i < t1) {
+      if (i > 0) producer.Advance(a, kTile);
+      load_tile(i);
+    }
+    CpAsyncCommit();
+  }
+
+  // --- Consumer state. -----------------------------------------------------------------------
+  TileCursor consumer = start;
+  float o_acc[kDTiles][4];
+  float row_max[2];
+  float row_sum[2];
+  float4 q_prefetch[Config::kQ4PerThread];
+  int64_t prefetched_head = -1;
+  const int q_float4s = group * kHeadDim / 4;
+  auto prefetch_q = [&](int64_t flat_head) {
+    const float4* src = reinterpret_cast<const float4*>(a.q + flat_head * group * kHeadDim);
+#pragma unroll
+    for (int i = 0; i < Config::kQ4PerThread; ++i) {
+      const int e = i * kThreads + tid;
+      if (e < q_float4s) q_prefetch[i] = __ldg(src + e);
+    }
+    prefetched_head = flat_head;
+  };
+
+  int stage_use = 0;
+  int stage_load = stages - 1;
+  for (int64_t t = t0; t < t1; ++t) {
+    CpAsyncWaitPending(stages - 2);
+    __syncthreads();
+
+    if (t > t0) consumer.Advance(a, kTile);
+    const int kv_head = consumer.kv_head;
+    const int j = consumer.j;
+    const int64_t flat_head = int64_t{consumer.s} * num_kv_heads + kv_head;
+    const int64_t head_first_tile =
+        consumer.seq_first_tile + int64_t{kv_head} * consumer.tiles_per_head;
+    const int64_t head_last_tile = head_first_tile + consumer.tiles_per_head - 1;
+    const bool segment_start = t == t0 || j == 0;
+    const bool segment_end = t == t1 - 1 || t == head_last_tile;
+
+    if (segment_start) {
+      // The stage refilled below is free (consumed last iteration): stage q there in float32.
+      float* qraw = reinterpret_cast<float*>(smem + stage_load * Config::kStageBytes);
+      if (prefetched_head != flat_head) prefetch_q(flat_head);
+#pragma unroll
       for (int i = 0; i < Config::kQ4PerThread; ++i) {
         const int e = i * kThreads + tid;
-        if (e < q_float4s) q_prefetch[i] = __ldg(src + e);
+        if (e < q_float4s) {
+          float4 v = q_prefetch[i];
+          v.x *= p.q_scale;
+          v.y *= p.q_scale;
+          v.z *= p.q_scale;
+          v.w *= p.q_scale;
+          reinterpret_cast<float4*>(qraw)[e] = v;
+        }
       }
-      prefetched_head = flat_head;
-    };
+      __syncthreads();
+      // Fragments of q as the A operand (row-major m16 x k16 per k-step).
+      for (int e = tid; e < kKSteps * 32; e += kThreads) {
+        const int ks = e / 32;
+        const int ln = e % 32;
+        const int r = ln / 4;
+        const int c = ks * 16 + 2 * (ln % 4);
+        // Rows past the group are zero: their scores are 0 and their outputs are dropped.
+        const float* row = qraw + r * kHeadDim;
+        const bool live = r < group;
+        const float x0 = live ? row[c] : 0.0f, x1 = live ? row[c + 1] : 0.0f;
+        const float x2 = live ? row[c + 8] : 0.0f, x3 = live ? row[c + 9] : 0.0f;
+        uint4 frag;
+        frag.x = Traits::Pack(x0, x1);
+        frag.z = Traits::Pack(x2, x3);
+        if (hi_lo) {
+          frag.y = Traits::Pack(x0 - Traits::Rounded(x0), x1 - Traits::Rounded(x1));
+          frag.w = Traits::Pack(x2 - Traits::Rounded(x2), x3 - Traits::Rounded(x3));
+        } else {
+          const float* row8 = row + 8 * kHeadDim;
+          const bool live8 = r + 8 < group;
+          frag.y = Traits::Pack(live8 ? row8[c] : 0.0f, live8 ? row8[c + 1] : 0.0f);
+          frag.w = Traits::Pack(live8 ? row8[c + 8] : 0.0f, live8 ? row8[c + 9] : 0.0f);
+        }
+        qfrag[e] = frag;
+      }
+      __syncthreads();
+      if (head_last_tile < t1 - 1 && flat_head + 1 < int64_t{num_seqs} * num_kv_heads) {
+        prefetch_q(flat_head + 1);
+      }
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        o_acc[dt][0] = o_acc[dt][1] = o_acc[dt][2] = o_acc[dt][3] = 0.0f;
+      }
+      row_max[0] = row_max[1] = FERRY_EMPTY_LSE;
+      row_sum[0] = row_sum[1] = 0.0f;
+    }
+    if (t + stages - 1 < t1) {
+      producer.Advance(a, kTile);
+      load_tile(stage_load);
+    }
+    CpAsyncCommit();
+    if (++stage_load == stages) stage_load = 0;
 
-    int stage_use = 0;
-    int stage_load = stages - 1;
-    for (int64_t t = t0; t < t1; ++t) {
-      CpAsyncWaitPending(stages - 2);
+    // --- S = q K^T over this warp's 16 positions. ---
+    const uint8_t* k_stage = smem + stage_use * Config::kStageBytes;
+    const uint32_t k_base = SmemAddr(k_stage);
+    const uint32_t v_base = k_base + Config::kStageBytes / 2;
+    float s_acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    {
+      const int row = warp * 16 + (lane & 7) + ((lane >> 4) << 3);
+      const int chunk_half = (lane >> 3) & 1;
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        const uint4 qa = qfrag[ks * 32 + lane];
+        const uint32_t a_frag[4] = {qa.x, qa.y, qa.z, qa.w};
+        uint32_t b[4];
+        LdMatrixX4(b, k_base + SwizzledOffset<kHeadDim>(row, 2 * ks + chunk_half));
+        Traits::Mma(s_acc[0], a_frag, b[0], b[1]);
+        Traits::Mma(s_acc[1], a_frag, b[2], b[3]);
+      }
+    }
+    if (hi_lo) {
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        s_acc[nt][0] += s_acc[nt][2];
+        s_acc[nt][1] += s_acc[nt][3];
+        s_acc[nt][2] = s_acc[nt][0];
+        s_acc[nt][3] = s_acc[nt][1];
+      }
+    }
+    // Positions past the range (the tail of the last tile) drop out of the softmax.
+    const int tile_pos0 = consumer.begin + j * kTile + warp * 16;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (tile_pos0 + nt * 8 + 2 * (lane % 4) + (i & 1) >= consumer.end) {
+          s_acc[nt][i] = FERRY_EMPTY_LSE;
+        }
+      }
+    }
+    // --- Online softmax per row (h = 0: row lane/4, h = 1: row lane/4 + 8). ---
+    float probs[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float m = fmaxf(fmaxf(s_acc[0][2 * h], s_acc[0][2 * h + 1]),
+                      fmaxf(s_acc[1][2 * h], s_acc[1][2 * h + 1]));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+      const float new_max = fmaxf(row_max[h], m);
+      // All positions so far masked: subtract 0 instead of -inf (no NaN from -inf - -inf).
+      const float base = new_max == FERRY_EMPTY_LSE ? 0.0f : new_max;
+      const float alpha = exp2f(row_max[h] - base);
+      float sum = 0.0f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+        probs[nt][2 * h] = exp2f(s_acc[nt][2 * h] - base);
+        probs[nt][2 * h + 1] = exp2f(s_acc[nt][2 * h + 1] - base);
+        sum += probs[nt][2 * h] + probs[nt][2 * h + 1];
+      }
+      row_sum[h] = row_sum[h] * alpha + sum;
+      row_max[h] = new_max;
+#pragma unroll
+      for (int dt = 0; dt < kDTiles; ++dt) {
+        o_acc[dt][2 * h] *= alpha;
+        o_acc[dt][2 * h + 1] *= alpha;
+      }
+    }
+    // --- O += P V. P as the A operand: k = this warp's 16 positions. ---
+    uint32_t p_frag[4];
+    p_frag[0] = Traits::Pack(probs[0][0], probs[0][1]);
+    p_frag[2] = Traits::Pack(probs[1][0], probs[1][1]);
+    if (hi_lo) {
+      p_frag[1] = Traits::Pack(probs[0][0] - Traits::Rounded(probs[0][0]),
+                               probs[0][1] - Traits::Rounded(probs[0][1]));
+      p_frag[3] = Traits::Pack(probs[1][0] - Traits::Rounded(probs[1][0]),
+                               probs[1][1] - Traits::Rounded(probs[1][1]));
+    } else {
+      p_frag[1] = Traits::Pack(probs[0][2], probs[0][3]);
+      p_frag[3] = Traits::Pack(probs[1][2], probs[1][3]);
+    }
+    {
+      const int row = warp * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+      const int chunk_half = lane >> 4;
+#pragma unroll
+      for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+        uint32_t b[4];
+        LdMatrixX4Trans(b, v_base + SwizzledOffset<kHeadDim>(row, 2 * dp + chunk_half));
+        Traits::Mma(o_acc[2 * dp], p_frag, b[0], b[1]);
+        Traits::Mma(o_acc[2 * dp + 1], p_frag, b[2], b[3]);
+      }
+    }
+
+    if (segment_end) {
+      // --- Merge the warps' states for this head segment. ---
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
+        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
+      }
+      if (lane % 4 == 0) {
+        warp_max[warp][lane / 4] = row_max[0];
+        warp_max[warp][lane / 4 + 8] = row_max[1];
+        warp_sum[warp][lane / 4] = row_sum[0];
+        warp_sum[warp][lane / 4 + 8] = row_sum[1];
+      }
+      __syncthreads();
+      float factor[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = lane / 4 + 8 * h;
+        float block_max = FERRY_EMPTY_LSE;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) block_max = fmaxf(block_max, warp_max[w][r]);
+        float block_sum = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+          const float wm = warp_max[w][r];
+          if (wm != FERRY_EMPTY_LSE) block_sum += warp_sum[w][r] * exp2f(wm - block_max);
+        }
+        factor[h] = row_max[h] == FERRY_EMPTY_LSE ? 0.0f
+                                                  : exp2f(row_max[h] - block_max) / block_sum;
+        if (warp == 0 && lane % 4 == 0) {
+          row_lse[r] = block_sum > 0.0f ? (block_max + log2f(block_sum)) * kLn2
+                                        : FERRY_EMPTY_LSE;
+        }
+      }
+      // The stage just consumed is scratch until the next iteration's barrier: no copy in
+      // flight targets it.
+      float* scratch = reinterpret_cast<float*>(smem + stage_use * Config::kStageBytes);
+      {
+        const int r = lane / 4;
+#pragma unroll
+        for (int dt = 0; dt < kDTiles; ++dt) {
+          const int col = dt * 8 + 2 * (lane % 4);
+          float2* row0 = reinterpret_cast<float2*>(scratch + (warp * 16 + r) * kHeadDim + col);
+          if (hi_lo) {
+            *row0 = make_float2((o_acc[dt][0] + o_acc[dt][2]) * factor[0],
+                                (o_acc[dt][1] + o_acc[dt][3]) * factor[0]);
+          } else {
+            *row0 = make_float2(o_acc[dt][0] * factor[0], o_acc[dt][1] * factor[0]);
+            *reinterpret_cast<float2*>(scratch + (warp * 16 + r + 8) * kHeadDim + col) =
+                make_float2(o_acc[dt][2] * factor[1], o_acc[dt][3] * factor[1]);
+          }
+        }
+      }
       __syncthreads();
 
-      if (t > t0) consumer.Advance(a, kTile);
-      const int kv_head = consumer.kv_head;
-      const int j = consumer.j;
-      const int64_t flat_head = int64_t{consumer.s} * num_kv_heads + kv_head;
-      const int64_t head_first_tile =
-          consumer.seq_first_tile + int64_t{kv_head} * consumer.tiles_per_head;
-      const int64_t head_last_tile = head_first_tile + consumer.tiles_per_head - 1;
-      const bool segment_start = t == t0 || j == 0;
-      const bool segment_end = t == t1 - 1 || t == head_last_tile;
-
-      if (segment_start) {
-        // The stage refilled below is free (consumed last iteration): stage q there in float32.
-        float* qraw = reinterpret_cast<float*>(smem + stage_load * Config::kStageBytes);
-        if (prefetched_head != flat_head) prefetch_q(flat_head);
-  #pragma unroll
-        for (int i = 0; i < Config::kQ4PerThread; ++i) {
-          const int e = i * kThreads + tid;
-          if (e < q_float4s) {
-            float4 v = q_prefetch[i];
-            v.x *= p.q_scale;
-            v.y *= p.q_scale;
-            v.z *= p.q_scale;
-            v.w *= p.q_scale;
-            reinterpret_cast<float4*>(qraw)[e] = v;
-          }
+      const int64_t owner_first = OwnerOfTile(head_first_tile, total_tiles, num_workers);
+      const int64_t owner_last = OwnerOfTile(head_last_tile, total_tiles, num_workers);
+      const int64_t first_row = flat_head * group;  // == s * num_q_heads + kv_head * group
+      T* out = static_cast<T*>(a.out);
+      if (owner_first == owner_last) {
+        for (int e = tid; e < group * kHeadDim; e += kThreads) {
+          const int r = e / kHeadDim;
+          const int d = e % kHeadDim;
+          float v = 0.0f;
+#pragma unroll
+          for (int w = 0; w < kWarps; ++w) v += scratch[(w * 16 + r) * kHeadDim + d];
+          a.state_o[first_row * kHeadDim + e] = v;
+          if (out != nullptr) out[first_row * kHeadDim + e] = Traits::FromFloat(v);
         }
-        __syncthreads();
-        // Fragments of q as the A operand (row-major m16 x k16 per k-step).
-        for (int e = tid; e < kKSteps * 32; e += kThreads) {
-          const int ks = e / 32;
-          const int ln = e % 32;
-          const int r = ln / 4;
-          const int c = ks * 16 + 2 * (ln % 4);
-          // Rows past the group are zero: their scores are 0 and their outputs are dropped.
-          const float* row = qraw + r * kHeadDim;
-          const bool live = r < group;
-          const float x0 = live ? row[c] : 0.0f, x1 = live ? row[c + 1] : 0.0f;
-          const float x2 = live ? row[c + 8] : 0.0f, x3 = live ? row[c + 9] : 0.0f;
-          uint4 frag;
-          frag.x = Traits::Pack(x0, x1);
-          frag.z = Traits::Pack(x2, x3);
-          if (hi_lo) {
-            frag.y = Traits::Pack(x0 - Traits::Rounded(x0), x1 - Traits::Rounded(x1));
-            frag.w = Traits::Pack(x2 - Traits::Rounded(x2), x3 - Traits::Rounded(x3));
-          } else {
-            const float* row8 = row + 8 * kHeadDim;
-            const bool live8 = r + 8 < group;
-            frag.y = Traits::Pack(live8 ? row8[c] : 0.0f, live8 ? row8[c + 1] : 0.0f);
-            frag.w = Traits::Pack(live8 ? row8[c + 8] : 0.0f, live8 ? row8[c + 9] : 0.0f);
-          }
-          qfrag[e] = frag;
-        }
-        __syncthreads();
-        // d=256 has no registers to spare for holding the next q across the head (it spilled);
-        // its heads are long, so the synchronous load at the switch costs little there.
-        if (Config::kQ4PerThread <= 4 && head_last_tile < t1 - 1 &&
-            flat_head + 1 < int64_t{num_seqs} * num_kv_heads) {
-          prefetch_q(flat_head + 1);
-        }
-  #pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt) {
-          o_acc[dt][0] = o_acc[dt][1] = o_acc[dt][2] = o_acc[dt][3] = 0.0f;
-        }
-        row_max[0] = row_max[1] = FERRY_EMPTY_LSE;
-        row_sum[0] = row_sum[1] = 0.0f;
-      }
-      if (t + stages - 1 < t1) {
-        producer.Advance(a, kTile);
-        load_tile(stage_load);
-      }
-      CpAsyncCommit();
-      if (++stage_load == stages) stage_load = 0;
-
-      // --- S = q K^T over this warp's 16 positions. ---
-      const uint8_t* k_stage = smem + stage_use * Config::kStageBytes;
-      const uint32_t k_base = SmemAddr(k_stage);
-      const uint32_t v_base = k_base + Config::kStageBytes / 2;
-      float s_acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-      {
-        const int row = warp * 16 + (lane & 7) + ((lane >> 4) << 3);
-        const int chunk_half = (lane >> 3) & 1;
-  #pragma unroll
-        for (int ks = 0; ks < kKSteps; ++ks) {
-          const uint4 qa = qfrag[ks * 32 + lane];
-          const uint32_t a_frag[4] = {qa.x, qa.y, qa.z, qa.w};
-          uint32_t b[4];
-          LdMatrixX4(b, k_base + SwizzledOffset<kHeadDim>(row, 2 * ks + chunk_half));
-          Traits::Mma(s_acc[0], a_frag, b[0], b[1]);
-          Traits::Mma(s_acc[1], a_frag, b[2], b[3]);
-        }
-      }
-      if (hi_lo) {
-  #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          s_acc[nt][0] += s_acc[nt][2];
-          s_acc[nt][1] += s_acc[nt][3];
-          s_acc[nt][2] = s_acc[nt][0];
-          s_acc[nt][3] = s_acc[nt][1];
-        }
-      }
-      // Positions past the range (the tail of the last tile) drop out of the softmax.
-      const int tile_pos0 = consumer.begin + j * kTile + warp * 16;
-  #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-  #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          if (tile_pos0 + nt * 8 + 2 * (lane % 4) + (i & 1) >= consumer.end) {
-            s_acc[nt][i] = FERRY_EMPTY_LSE;
-          }
-        }
-      }
-      // --- Online softmax per row (h = 0: row lane/4, h = 1: row lane/4 + 8). ---
-      float probs[2][4];
-  #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float m = fmaxf(fmaxf(s_acc[0][2 * h], s_acc[0][2 * h + 1]),
-                        fmaxf(s_acc[1][2 * h], s_acc[1][2 * h + 1]));
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-        const float new_max = fmaxf(row_max[h], m);
-        // All positions so far masked: subtract 0 instead of -inf (no NaN from -inf - -inf).
-        const float base = new_max == FERRY_EMPTY_LSE ? 0.0f : new_max;
-        const float alpha = exp2f(row_max[h] - base);
-        float sum = 0.0f;
-  #pragma unroll
-        for (int nt = 0; nt < 2; ++nt) {
-          probs[nt][2 * h] = exp2f(s_acc[nt][2 * h] - base);
-          probs[nt][2 * h + 1] = exp2f(s_acc[nt][2 * h + 1] - base);
-          sum += probs[nt][2 * h] + probs[nt][2 * h + 1];
-        }
-        row_sum[h] = row_sum[h] * alpha + sum;
-        row_max[h] = new_max;
-  #pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt) {
-          o_acc[dt][2 * h] *= alpha;
-          o_acc[dt][2 * h + 1] *= alpha;
-        }
-      }
-      // --- O += P V. P as the A operand: k = this warp's 16 positions. ---
-      uint32_t p_frag[4];
-      p_frag[0] = Traits::Pack(probs[0][0], probs[0][1]);
-      p_frag[2] = Traits::Pack(probs[1][0], probs[1][1]);
-      if (hi_lo) {
-        p_frag[1] = Traits::Pack(probs[0][0] - Traits::Rounded(probs[0][0]),
-                                 probs[0][1] - Traits::Rounded(probs[0][1]));
-        p_frag[3] = Traits::Pack(probs[1][0] - Traits::Rounded(probs[1][0]),
-                                 probs[1][1] - Traits::Rounded(probs[1][1]));
+        if (tid < group) a.state_lse[first_row + tid] = row_lse[tid];
       } else {
-        p_frag[1] = Traits::Pack(probs[0][2], probs[0][3]);
-        p_frag[3] = Traits::Pack(probs[1][2], probs[1][3]);
-      }
-      {
-        const int row = warp * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-        const int chunk_half = lane >> 4;
-  #pragma unroll
-        for (int dp = 0; dp < kHeadDim / 16; ++dp) {
-          uint32_t b[4];
-          LdMatrixX4Trans(b, v_base + SwizzledOffset<kHeadDim>(row, 2 * dp + chunk_half));
-          Traits::Mma(o_acc[2 * dp], p_frag, b[0], b[1]);
-          Traits::Mma(o_acc[2 * dp + 1], p_frag, b[2], b[3]);
+        // Split head: publish this block's partial, then the last arrival merges all of them.
+        const int slot = head_first_tile < t0 ? 0 : 1;
+        const int64_t part = int64_t{blockIdx.x} * 2 + slot;
+        for (int e = tid; e < group * kHeadDim; e += kThreads) {
+          const int r = e / kHeadDim;
+          const int d = e % kHeadDim;
+          float v = 0.0f;
+#pragma unroll
+          for (int w = 0; w < kWarps; ++w) v += scratch[(w * 16 + r) * kHeadDim + d];
+          p.part_o[part * group * kHeadDim + e] = v;
         }
-      }
-
-      if (segment_end) {
-        // --- Merge the warps' states for this head segment. ---
-  #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
-          row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
-        }
-        if (lane % 4 == 0) {
-          warp_max[warp][lane / 4] = row_max[0];
-          warp_max[warp][lane / 4 + 8] = row_max[1];
-          warp_sum[warp][lane / 4] = row_sum[0];
-          warp_sum[warp][lane / 4 + 8] = row_sum[1];
+        if (tid < group) p.part_lse[part * group + tid] = row_lse[tid];
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) {
+          const int arrived = atomicAdd(p.counters + flat_head, 1);
+          is_last_arrival = arrived == owner_last - owner_first;
         }
         __syncthreads();
-        float factor[2];
-  #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int r = lane / 4 + 8 * h;
-          float block_max = FERRY_EMPTY_LSE;
-  #pragma unroll
-          for (int w = 0; w < kWarps; ++w) block_max = fmaxf(block_max, warp_max[w][r]);
-          float block_sum = 0.0f;
-  #pragma unroll
-          for (int w = 0; w < kWarps; ++w) {
-            const float wm = warp_max[w][r];
-            if (wm != FERRY_EMPTY_LSE) block_sum += warp_sum[w][r] * exp2f(wm - block_max);
-          }
-          factor[h] = row_max[h] == FERRY_EMPTY_LSE ? 0.0f
-                                                    : exp2f(row_max[h] - block_max) / block_sum;
-          if (warp == 0 && lane % 4 == 0) {
-            row_lse[r] = block_sum > 0.0f ? (block_max + log2f(block_sum)) * kLn2
-                                          : FERRY_EMPTY_LSE;
-          }
-        }
-        // The stage just consumed is scratch until the next iteration's barrier: no copy in
-        // flight targets it.
-        float* scratch = reinterpret_cast<float*>(smem + stage_use * Config::kStageBytes);
-        {
-          const int r = lane / 4;
-  #pragma unroll
-          for (int dt = 0; dt < kDTiles; ++dt) {
-            const int col = dt * 8 + 2 * (lane % 4);
-            float2* row0 = reinterpret_cast<float2*>(scratch + (warp * 16 + r) * kHeadDim + col);
-            if (hi_lo) {
-              *row0 = make_float2((o_acc[dt][0] + o_acc[dt][2]) * factor[0],
-                                  (o_acc[dt][1] + o_acc[dt][3]) * factor[0]);
-            } else {
-              *row0 = make_float2(o_acc[dt][0] * factor[0], o_acc[dt][1] * factor[0]);
-              *reinterpret_cast<float2*>(scratch + (warp * 16 + r + 8) * kHeadDim + col) =
-                  make_float2(o_acc[dt][2] * factor[1], o_acc[dt][3] * factor[1]);
-            }
-          }
-        }
-        __syncthreads();
-
-        const int64_t owner_first = OwnerOfTile(head_first_tile, total_tiles, num_workers);
-        const int64_t owner_last = OwnerOfTile(head_last_tile, total_tiles, num_workers);
-        const int64_t first_row = flat_head * group;  // == s * num_q_heads + kv_head * group
-        T* out = static_cast<T*>(a.out);
-        if (owner_first == owner_last) {
-          for (int e = tid; e < group * kHeadDim; e += kThreads) {
-            const int r = e / kHeadDim;
-            const int d = e % kHeadDim;
-            float v = 0.0f;
-  #pragma unroll
-            for (int w = 0; w < kWarps; ++w) v += scratch[(w * 16 + r) * kHeadDim + d];
-            a.state_o[first_row * kHeadDim + e] = v;
-            if (out != nullptr) out[first_row * kHeadDim + e] = Traits::FromFloat(v);
-          }
-          if (tid < group) a.state_lse[first_row + tid] = row_lse[tid];
-        } else {
-          // Split head: publish this block's partial, then the last arrival merges all of them.
-          const int slot = head_first_tile < t0 ? 0 : 1;
-          const int64_t part = chunk * 2 + slot;
-          for (int e = tid; e < group * kHeadDim; e += kThreads) {
-            const int r = e / kHeadDim;
-            const int d = e % kHeadDim;
-            float v = 0.0f;
-  #pragma unroll
-            for (int w = 0; w < kWarps; ++w) v += scratch[(w * 16 + r) * kHeadDim + d];
-            p.part_o[part * group * kHeadDim + e] = v;
-          }
-          if (tid < group) p.part_lse[part * group + tid] = row_lse[tid];
+        if (is_last_arrival) {
           __threadfence();
-          __syncthreads();
-          if (tid == 0) {
-            const int arrived = atomicAdd(p.counters + flat_head, 1);
-            is_last_arrival = arrived == owner_last - owner_first;
-          }
-          __syncthreads();
-          if (is_last_arrival) {
-            __threadfence();
-            // Fixed order (block order), whichever block arrives last: deterministic.
-            for (int e = tid; e < group * kHeadDim; e += kThreads) {
-              const int r = e / kHeadDim;
-              float acc = 0.0f;
-              float lse = FERRY_EMPTY_LSE;
-              for (int64_t w = owner_first; w <= owner_last; ++w) {
-                const int64_t src = w * 2 + (w == owner_first ? 1 : 0);
-                const float part_lse = __ldcg(p.part_lse + src * group + r);
-                const float part_o = __ldcg(p.part_o + src * group * kHeadDim + e);
-                const MergeWeights mw = ComputeMergeWeights(lse, part_lse);
-                acc = mw.scale_a * acc + mw.scale_b * part_o;
-                lse = mw.lse;
-              }
-              a.state_o[first_row * kHeadDim + e] = acc;
-              if (out != nullptr) out[first_row * kHeadDim + e] = Traits::FromFloat(acc);
-              if (e % kHeadDim == 0) a.state_lse[first_row + r] = lse;
+          // Fixed order (block order), whichever block arrives last: deterministic.
+          for (int e = tid; e < group * kHeadDim; e += kThreads) {
+            const int r = e / kHeadDim;
+            float acc = 0.0f;
+            float lse = FERRY_EMPTY_LSE;
+            for (int64_t w = owner_first; w <= owner_last; ++w) {
+              const int64_t src = w * 2 + (w == owner_first ? 1 : 0);
+              const float part_lse = __ldcg(p.part_lse + src * group + r);
+              const float part_o = __ldcg(p.part_o + src * group * kHeadDim + e);
+              const MergeWeights mw = ComputeMergeWeights(lse, part_lse);
+              acc = mw.scale_a * acc + mw.scale_b * part_o;
+              lse = mw.lse;
             }
-            if (tid == 0) p.counters[flat_head] = 0;  // ready for the next launch
+            a.state_o[first_row * kHeadDim + e] = acc;
+            if (out != nullptr) out[first_row * kHeadDim + e] = Traits::FromFloat(acc);
+            if (e % kHeadDim == 0) a.state_lse[first_row + r] = lse;
           }
+          if (tid == 0) p.counters[flat_head] = 0;  // ready for the next launch
         }
       }
-      if (++stage_use == stages) stage_use = 0;
     }
-    CpAsyncWaitPending(0);
+    if (++stage_use == stages) stage_use = 0;
   }
-  // The last block out resets the chunk counter for the next launch. Every block's failed take
-  // precedes its arrival here, so no block can still be taking chunks.
-  if (tid == 0) {
-    __threadfence();
-    if (atomicAdd(p.exit_counter, 1) == static_cast<int>(gridDim.x) - 1) {
-      *p.chunk_counter = 0;
-      *p.exit_counter = 0;
-    }
-  }
+  CpAsyncWaitPending(0);
 }
 
 // --- Host side. ----------------------------------------------------------------------------
@@ -804,7 +777,6 @@ LaunchPlan FindLaunchPlan(int head_dim, DType dtype, int device) {
 }
 
 constexpr size_t kAlign = 256;
-constexpr int kChunksPerBlock = 4;
 size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 struct WorkspaceLayout {
@@ -817,8 +789,7 @@ struct WorkspaceLayout {
 WorkspaceLayout LayoutWorkspace(int num_seqs, int num_kv_heads, int group, int head_dim,
                                 int grid) {
   WorkspaceLayout layout;
-  layout.counters = kAlign;  // the error word at 0, the chunk counters at 64 and 128
-  grid *= kChunksPerBlock;
+  layout.counters = kAlign;  // the error word sits at offset 0
   layout.part_o = layout.counters + AlignUp(sizeof(int32_t) * size_t(num_seqs) * num_kv_heads);
   layout.part_lse = layout.part_o + AlignUp(sizeof(float) * size_t(grid) * 2 * group * head_dim);
   layout.total = layout.part_lse + AlignUp(sizeof(float) * size_t(grid) * 2 * group);
@@ -913,9 +884,6 @@ cudaError_t LeanDecode(const DecodeAttentionArgs& args, void* workspace, size_t 
   params.args = args;
   params.error_word = reinterpret_cast<int32_t*>(base);
   params.counters = reinterpret_cast<int32_t*>(base + layout.counters);
-  params.chunk_counter = reinterpret_cast<int32_t*>(base + 64);
-  params.exit_counter = reinterpret_cast<int32_t*>(base + 128);
-  params.chunks_per_block = kChunksPerBlock;
   params.part_o = reinterpret_cast<float*>(base + layout.part_o);
   params.part_lse = reinterpret_cast<float*>(base + layout.part_lse);
   params.group = group;
