@@ -644,23 +644,73 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
         __syncthreads();
         if (is_last_arrival) {
           __threadfence();
-          // Fixed order (block order), whichever block arrives last: deterministic.
-          for (int e = tid; e < group * kHeadDim; e += kThreads) {
-            const int r = e / kHeadDim;
-            float acc = 0.0f;
-            float lse = FERRY_EMPTY_LSE;
-            for (int64_t w = owner_first; w <= owner_last; ++w) {
+          // Merge the partials in block order (deterministic whichever block arrives last) with
+          // attention_state.h's rule. The rule's (scale_a, scale_b) chain is sequential per row
+          // but cheap; it runs from shared memory, and the o loads are independent of it, so
+          // they are issued several parts ahead (a plain loop waited one L2 round trip per part
+          // and element: ~100 us of tail for a head split over 33 blocks).
+          constexpr int kBatch = Config::kStageBytes / (2 * kMaxGroup * 4);
+          float* scale_a = scratch;                      // (kBatch, kMaxGroup)
+          float* scale_b = scratch + kBatch * kMaxGroup;  // (kBatch, kMaxGroup)
+          const int num_vecs = group * kHeadDim / 4;
+          const int64_t num_parts = owner_last - owner_first + 1;
+          if (tid < group) row_lse[tid] = FERRY_EMPTY_LSE;
+          for (int64_t base = 0; base < num_parts; base += kBatch) {
+            const int n = static_cast<int>(num_parts - base < kBatch ? num_parts - base : kBatch);
+            for (int x = tid; x < n * group; x += kThreads) {
+              const int i = x / group;
+              const int r = x % group;
+              const int64_t w = owner_first + base + i;
               const int64_t src = w * 2 + (w == owner_first ? 1 : 0);
-              const float part_lse = __ldcg(p.part_lse + src * group + r);
-              const float part_o = __ldcg(p.part_o + src * group * kHeadDim + e);
-              const MergeWeights mw = ComputeMergeWeights(lse, part_lse);
-              acc = mw.scale_a * acc + mw.scale_b * part_o;
-              lse = mw.lse;
+              scale_b[i * kMaxGroup + r] = __ldcg(p.part_lse + src * group + r);
             }
-            a.state_o[first_row * kHeadDim + e] = acc;
-            if (out != nullptr) out[first_row * kHeadDim + e] = Traits::FromFloat(acc);
-            if (e % kHeadDim == 0) a.state_lse[first_row + r] = lse;
+            __syncthreads();
+            if (tid < group) {
+              float lse = row_lse[tid];
+              for (int i = 0; i < n; ++i) {
+                const MergeWeights mw = ComputeMergeWeights(lse, scale_b[i * kMaxGroup + tid]);
+                scale_a[i * kMaxGroup + tid] = mw.scale_a;
+                scale_b[i * kMaxGroup + tid] = mw.scale_b;
+                lse = mw.lse;
+              }
+              row_lse[tid] = lse;
+            }
+            __syncthreads();
+            // Batches after the first (more than kBatch parts) continue from state_o, which
+            // this same thread wrote: it holds the running merge.
+            for (int vec = tid; vec < num_vecs; vec += kThreads) {
+              const int r = vec * 4 / kHeadDim;
+              float* dst = a.state_o + first_row * kHeadDim + vec * 4;
+              float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+              if (base > 0) o = make_float4(dst[0], dst[1], dst[2], dst[3]);
+#pragma unroll 4
+              for (int i = 0; i < n; ++i) {
+                const int64_t w = owner_first + base + i;
+                const int64_t src = w * 2 + (w == owner_first ? 1 : 0);
+                const float4 part = __ldcg(
+                    reinterpret_cast<const float4*>(p.part_o + src * group * kHeadDim) + vec);
+                const float sa = scale_a[i * kMaxGroup + r];
+                const float sb = scale_b[i * kMaxGroup + r];
+                o.x = sa * o.x + sb * part.x;
+                o.y = sa * o.y + sb * part.y;
+                o.z = sa * o.z + sb * part.z;
+                o.w = sa * o.w + sb * part.w;
+              }
+              dst[0] = o.x;
+              dst[1] = o.y;
+              dst[2] = o.z;
+              dst[3] = o.w;
+              if (out != nullptr && base + n == num_parts) {
+                T* out_dst = out + first_row * kHeadDim + vec * 4;
+                out_dst[0] = Traits::FromFloat(o.x);
+                out_dst[1] = Traits::FromFloat(o.y);
+                out_dst[2] = Traits::FromFloat(o.z);
+                out_dst[3] = Traits::FromFloat(o.w);
+              }
+            }
+            __syncthreads();  // scales consumed before the next batch overwrites them
           }
+          if (tid < group) a.state_lse[first_row + tid] = row_lse[tid];
           if (tid == 0) p.counters[flat_head] = 0;  // ready for the next launch
         }
       }
