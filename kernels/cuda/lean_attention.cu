@@ -489,21 +489,32 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
         s_acc[nt][3] = s_acc[nt][1];
       }
     }
-    // Positions past the range (the tail of the last tile) drop out of the softmax.
-    const int tile_pos0 = consumer.begin + j * kTile + warp * 16;
+    // Positions past the range (the tail of a head's last tile) drop out of the softmax. Only
+    // the last tile can have them: the test is block-uniform and skips the masking elsewhere.
+    if (j == consumer.tiles_per_head - 1) {
+      const int tile_pos0 = consumer.begin + j * kTile + warp * 16;
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
+      for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if (tile_pos0 + nt * 8 + 2 * (lane % 4) + (i & 1) >= consumer.end) {
-          s_acc[nt][i] = FERRY_EMPTY_LSE;
+        for (int i = 0; i < 4; ++i) {
+          if (tile_pos0 + nt * 8 + 2 * (lane % 4) + (i & 1) >= consumer.end) {
+            s_acc[nt][i] = FERRY_EMPTY_LSE;
+          }
         }
       }
     }
-    // --- Online softmax per row (h = 0: row lane/4, h = 1: row lane/4 + 8). ---
+    // --- Online softmax per row (h = 0: row lane/4, h = 1: row lane/4 + 8). In hi/lo mode
+    // both rows hold the same scores, so row h = 1 copies row 0's statistics. ---
     float probs[2][4];
+    float alpha[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      if (h == 1 && hi_lo) {
+        alpha[1] = alpha[0];
+        row_sum[1] = row_sum[0];
+        row_max[1] = row_max[0];
+        break;
+      }
       float m = fmaxf(fmaxf(s_acc[0][2 * h], s_acc[0][2 * h + 1]),
                       fmaxf(s_acc[1][2 * h], s_acc[1][2 * h + 1]));
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
@@ -511,7 +522,7 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
       const float new_max = fmaxf(row_max[h], m);
       // All positions so far masked: subtract 0 instead of -inf (no NaN from -inf - -inf).
       const float base = new_max == FERRY_EMPTY_LSE ? 0.0f : new_max;
-      const float alpha = exp2f(row_max[h] - base);
+      alpha[h] = exp2f(row_max[h] - base);
       float sum = 0.0f;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
@@ -519,12 +530,18 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
         probs[nt][2 * h + 1] = exp2f(s_acc[nt][2 * h + 1] - base);
         sum += probs[nt][2 * h] + probs[nt][2 * h + 1];
       }
-      row_sum[h] = row_sum[h] * alpha + sum;
+      row_sum[h] = row_sum[h] * alpha[h] + sum;
       row_max[h] = new_max;
+    }
+    // Once the running max settles, alpha is 1 for every row of the warp: skip the rescale of
+    // the D/2 accumulators (a sixth of the instructions of a tile).
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
-        o_acc[dt][2 * h] *= alpha;
-        o_acc[dt][2 * h + 1] *= alpha;
+        o_acc[dt][0] *= alpha[0];
+        o_acc[dt][1] *= alpha[0];
+        o_acc[dt][2] *= alpha[1];
+        o_acc[dt][3] *= alpha[1];
       }
     }
     // --- O += P V. P as the A operand: k = this warp's 16 positions. ---
