@@ -1,7 +1,7 @@
 // Decode-attention benchmark of LeanDecode on the issue's suite, plus the device's HBM read
 // bandwidth measured in the same process (a plain streaming-read kernel).
 //
-// Usage: lean_decode_bench [--csv PATH] [--iters N] [--only SUBSTRING]
+// Usage: lean_decode_bench [--csv PATH] [--iters N] [--only SUBSTRING] [--mode rotate|single|sync]
 // Each shape: inputs generated on the device (no zeros), two disjoint copies of the KV cache
 // (separate block tables into one pool) alternated launch by launch so L2 (50 MB) never serves
 // a launch from the previous one; CUDA events between back-to-back launches (no host sync in
@@ -174,6 +174,21 @@ struct ShapeResult {
   double bytes;
 };
 
+// Timing modes, for diagnosis: the default alternates the two KV copies back to back;
+// "single" reuses one copy; "sync" synchronises after every launch (host overhead included).
+std::string g_mode = "rotate";
+
+// K and V pools are allocated once, for the largest shape, and reused by every shape (as a
+// worker holds its pools): per-shape cudaMalloc/cudaFree of multi-GB pools made the timings of a
+// shape depend on the shapes run before it (up to 18% in one suite order).
+int64_t PoolElems(const BenchShape& shape) {
+  int64_t blocks = 0;
+  for (int32_t len : shape.seq_lens) blocks += (len + shape.block_size - 1) / shape.block_size;
+  return 2 * blocks * shape.num_kv_heads * shape.block_size * shape.head_dim;
+}
+uint16_t* g_k_pool = nullptr;
+uint16_t* g_v_pool = nullptr;
+
 ShapeResult RunShape(const BenchShape& shape, int iters) {
   const int num_seqs = static_cast<int>(shape.seq_lens.size());
   const int d = shape.head_dim;
@@ -190,13 +205,12 @@ ShapeResult RunShape(const BenchShape& shape, int iters) {
     std::shuffle(tables[c].begin(), tables[c].end(), rng);
   }
   const int64_t pool_elems = 2 * blocks * shape.num_kv_heads * bs * d;
-  uint16_t *k = nullptr, *v = nullptr;
+  uint16_t* k = g_k_pool;
+  uint16_t* v = g_v_pool;
   float *q = nullptr, *state_o = nullptr, *state_lse = nullptr;
   uint16_t* out = nullptr;
   int32_t *d_indptr = nullptr, *d_lens = nullptr, *d_tables[2] = {nullptr, nullptr};
   const int64_t q_elems = int64_t{num_seqs} * shape.num_q_heads * d;
-  BENCH_CHECK(cudaMalloc(&k, pool_elems * 2));
-  BENCH_CHECK(cudaMalloc(&v, pool_elems * 2));
   BENCH_CHECK(cudaMalloc(&q, q_elems * 4));
   BENCH_CHECK(cudaMalloc(&state_o, q_elems * 4));
   BENCH_CHECK(cudaMalloc(&state_lse, int64_t{num_seqs} * shape.num_q_heads * 4));
@@ -236,8 +250,9 @@ ShapeResult RunShape(const BenchShape& shape, int iters) {
 
   // Alternating block tables: consecutive launches read disjoint copies of the KV cache.
   const std::vector<float> ms = TimeBackToBack(4, iters, [&](int i) {
-    args.block_table = d_tables[i % 2];
+    args.block_table = d_tables[g_mode == "single" ? 0 : i % 2];
     BENCH_CHECK(LeanDecode(args, workspace, ws_bytes, 0));
+    if (g_mode == "sync") BENCH_CHECK(cudaStreamSynchronize(0));
   });
   // Host cost of one LeanDecode call (validation + launch), for the record.
   BENCH_CHECK(cudaDeviceSynchronize());
@@ -252,7 +267,7 @@ ShapeResult RunShape(const BenchShape& shape, int iters) {
   BENCH_CHECK(cudaMemcpy(&error_word, workspace, 4, cudaMemcpyDeviceToHost));
   if (error_word != 0) std::fprintf(stderr, "%s: error word %d\n", shape.name.c_str(), error_word);
 
-  for (void* p : {static_cast<void*>(k), static_cast<void*>(v), static_cast<void*>(q),
+  for (void* p : {static_cast<void*>(q),
                   static_cast<void*>(state_o), static_cast<void*>(state_lse),
                   static_cast<void*>(out), static_cast<void*>(d_indptr),
                   static_cast<void*>(d_lens), static_cast<void*>(d_tables[0]),
@@ -276,12 +291,17 @@ int Main(int argc, char** argv) {
     if (arg == "--csv" && i + 1 < argc) csv_path = argv[++i];
     else if (arg == "--iters" && i + 1 < argc) iters = std::atoi(argv[++i]);
     else if (arg == "--only" && i + 1 < argc) only = argv[++i];
+    else if (arg == "--mode" && i + 1 < argc) g_mode = argv[++i];
   }
   cudaDeviceProp prop;
   BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
   const double read_gbps = MeasureReadBandwidth(20);
   std::printf("device %s, %d SMs, L2 %d MB; streaming read %.0f GB/s\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, read_gbps);
+  int64_t max_pool = 0;
+  for (const BenchShape& shape : Suite()) max_pool = std::max(max_pool, PoolElems(shape));
+  BENCH_CHECK(cudaMalloc(&g_k_pool, max_pool * 2));
+  BENCH_CHECK(cudaMalloc(&g_v_pool, max_pool * 2));
   FILE* csv = csv_path.empty() ? nullptr : std::fopen(csv_path.c_str(), "w");
   if (csv != nullptr) {
     std::fprintf(csv, "name,num_q_heads,num_kv_heads,head_dim,block_size,lens,kv_bytes,ours_ms,"
