@@ -1,9 +1,10 @@
 // LeanAttention decode kernel (stream-K over the batch's KV tiles), its launcher and workspace.
 // Contract and schedule: ferry/kernels/lean_attention.h. Design notes for readers of the code:
 //
-// * One block = kWarps warps; a tile is kWarps * 16 consecutive KV positions of one (sequence,
-//   KV head); warp w owns positions [16w, 16w + 16) of each tile and keeps its own online-softmax
-//   state over them; the warps' states are merged through shared memory once per head segment.
+// * One block = kGroups position groups of kDSplit warps; a tile is kGroups * 16 consecutive KV
+//   positions of one (sequence, KV head); group g owns positions [16g, 16g + 16) of each tile
+//   and keeps its own online-softmax state over them; the groups' states are merged through
+//   shared memory once per head segment.
 // * The GQA group is the M dimension of mma.sync m16n8k16: one K/V load serves every q head of
 //   the group. Groups of <= 8 use rows r and r + 8 for the hi and lo halves of q (and of the
 //   softmax weights), so the tensor cores see ~16 mantissa bits where a plain 16-bit q would see
@@ -37,11 +38,22 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 template <int kHeadDim>
 struct LeanConfig {
-  // 4 warps: small enough stages that two blocks share an SM for d <= 128 (their barriers
-  // are independent, so one block's loads and math overlap the other's head switch).
-  static constexpr int kWarps = 4;
+  // Warps come in position groups of kDSplit warps: a group owns 16 positions of a tile and
+  // each of its warps accumulates head_dim / kDSplit output columns (both compute the group's
+  // scores; the duplicated q.K MMAs are cheap next to the latency they hide).
+  // d <= 128: 4 warps, no split: stages small enough that two blocks share an SM (independent
+  // barriers). d = 256: 128 accumulators per thread and 64 KB stages allow one block of 4 warps,
+  // too few to hide latency (0.67 of read bandwidth); splitting the columns over warp pairs
+  // gives 8 warps with 64 accumulators each.
+#ifndef FERRY_LEAN_D128_SPLIT
+#define FERRY_LEAN_D128_SPLIT 1
+#endif
+  static constexpr int kDSplit = kHeadDim == 256 ? 2 : kHeadDim == 128 ? FERRY_LEAN_D128_SPLIT : 1;
+  static constexpr int kGroups = 4;  // position groups
+  static constexpr int kWarps = kGroups * kDSplit;
+  static constexpr int kMinBlocks = kHeadDim == 128 && kDSplit == 2 ? 2 : 1;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kTile = kWarps * 16;  // KV positions per tile
+  static constexpr int kTile = kGroups * 16;  // KV positions per tile
   static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks of a K or V row
   static constexpr int kStageBytes = 2 * kTile * kHeadDim * 2;  // K tile + V tile
   static constexpr int kQfragBytes = kHeadDim / 16 * 32 * 16;  // one uint4 per (k-step, lane)
@@ -51,7 +63,7 @@ struct LeanConfig {
   static_assert(kMaxGroup * kHeadDim * 4 <= kStageBytes, "q staging must fit a stage");
   static_assert(kChunksPerRow >= 8, "swizzle needs 8 chunks per row");
   // The end-of-head merge of the warps' states reuses a consumed stage as scratch.
-  static_assert(kWarps * 16 * kHeadDim * 4 <= kStageBytes, "scratch must fit a stage");
+  static_assert(kGroups * 16 * kHeadDim * 4 <= kStageBytes, "scratch must fit a stage");
 };
 
 struct Bf16Traits {
@@ -236,7 +248,8 @@ __device__ __forceinline__ int64_t OwnerOfTile(int64_t t, int64_t total, int64_t
 }
 
 template <int kHeadDim, typename Traits>
-__global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
+__global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
+                                  LeanConfig<kHeadDim>::kMinBlocks)
     LeanDecodeKernel(const LeanParams p) {
   using Config = LeanConfig<kHeadDim>;
   using T = typename Traits::T;
@@ -244,12 +257,14 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
   constexpr int kThreads = Config::kThreads;
   constexpr int kTile = Config::kTile;
   constexpr int kKSteps = kHeadDim / 16;
-  constexpr int kDTiles = kHeadDim / 8;
+  constexpr int kGroups = Config::kGroups;
+  constexpr int kDSplit = Config::kDSplit;
+  constexpr int kDTiles = kHeadDim / 8 / kDSplit;  // n8 output tiles of this warp
 
   extern __shared__ __align__(128) uint8_t smem[];
   uint4* qfrag = reinterpret_cast<uint4*>(smem + p.stages * Config::kStageBytes);
-  __shared__ float warp_max[kWarps][16];
-  __shared__ float warp_sum[kWarps][16];
+  __shared__ float warp_max[kGroups][16];
+  __shared__ float warp_sum[kGroups][16];
   __shared__ float row_lse[16];
   __shared__ int64_t found_seq_and_tile[2];
   __shared__ int is_last_arrival;
@@ -260,6 +275,8 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
+  const int pgroup = warp / kDSplit;  // this warp's 16 positions of each tile
+  const int dpart = warp % kDSplit;   // and its share of the output columns
   const int num_seqs = a.num_seqs;
   const int num_kv_heads = a.kv.num_kv_heads;
   const int group = p.group;
@@ -468,7 +485,7 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
     const uint32_t v_base = k_base + Config::kStageBytes / 2;
     float s_acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
     {
-      const int row = warp * 16 + (lane & 7) + ((lane >> 4) << 3);
+      const int row = pgroup * 16 + (lane & 7) + ((lane >> 4) << 3);
       const int chunk_half = (lane >> 3) & 1;
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
@@ -492,7 +509,7 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
     // Positions past the range (the tail of a head's last tile) drop out of the softmax. Only
     // the last tile can have them: the test is block-uniform and skips the masking elsewhere.
     if (j == consumer.tiles_per_head - 1) {
-      const int tile_pos0 = consumer.begin + j * kTile + warp * 16;
+      const int tile_pos0 = consumer.begin + j * kTile + pgroup * 16;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
@@ -558,12 +575,13 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
       p_frag[3] = Traits::Pack(probs[1][2], probs[1][3]);
     }
     {
-      const int row = warp * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+      const int row = pgroup * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
       const int chunk_half = lane >> 4;
 #pragma unroll
-      for (int dp = 0; dp < kHeadDim / 16; ++dp) {
+      for (int dp = 0; dp < kDTiles / 2; ++dp) {
         uint32_t b[4];
-        LdMatrixX4Trans(b, v_base + SwizzledOffset<kHeadDim>(row, 2 * dp + chunk_half));
+        const int chunk = 2 * (dpart * (kDTiles / 2) + dp) + chunk_half;
+        LdMatrixX4Trans(b, v_base + SwizzledOffset<kHeadDim>(row, chunk));
         Traits::Mma(o_acc[2 * dp], p_frag, b[0], b[1]);
         Traits::Mma(o_acc[2 * dp + 1], p_frag, b[2], b[3]);
       }
@@ -576,11 +594,11 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
         row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
         row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
       }
-      if (lane % 4 == 0) {
-        warp_max[warp][lane / 4] = row_max[0];
-        warp_max[warp][lane / 4 + 8] = row_max[1];
-        warp_sum[warp][lane / 4] = row_sum[0];
-        warp_sum[warp][lane / 4 + 8] = row_sum[1];
+      if (lane % 4 == 0 && dpart == 0) {  // a group's warps hold the same statistics
+        warp_max[pgroup][lane / 4] = row_max[0];
+        warp_max[pgroup][lane / 4 + 8] = row_max[1];
+        warp_sum[pgroup][lane / 4] = row_sum[0];
+        warp_sum[pgroup][lane / 4 + 8] = row_sum[1];
       }
       __syncthreads();
       float factor[2];
@@ -589,10 +607,10 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
         const int r = lane / 4 + 8 * h;
         float block_max = FERRY_EMPTY_LSE;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) block_max = fmaxf(block_max, warp_max[w][r]);
+        for (int w = 0; w < kGroups; ++w) block_max = fmaxf(block_max, warp_max[w][r]);
         float block_sum = 0.0f;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) {
+        for (int w = 0; w < kGroups; ++w) {
           const float wm = warp_max[w][r];
           if (wm != FERRY_EMPTY_LSE) block_sum += warp_sum[w][r] * exp2f(wm - block_max);
         }
@@ -610,14 +628,14 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
         const int r = lane / 4;
 #pragma unroll
         for (int dt = 0; dt < kDTiles; ++dt) {
-          const int col = dt * 8 + 2 * (lane % 4);
-          float2* row0 = reinterpret_cast<float2*>(scratch + (warp * 16 + r) * kHeadDim + col);
+          const int col = (dpart * kDTiles + dt) * 8 + 2 * (lane % 4);
+          float2* row0 = reinterpret_cast<float2*>(scratch + (pgroup * 16 + r) * kHeadDim + col);
           if (hi_lo) {
             *row0 = make_float2((o_acc[dt][0] + o_acc[dt][2]) * factor[0],
                                 (o_acc[dt][1] + o_acc[dt][3]) * factor[0]);
           } else {
             *row0 = make_float2(o_acc[dt][0] * factor[0], o_acc[dt][1] * factor[0]);
-            *reinterpret_cast<float2*>(scratch + (warp * 16 + r + 8) * kHeadDim + col) =
+            *reinterpret_cast<float2*>(scratch + (pgroup * 16 + r + 8) * kHeadDim + col) =
                 make_float2(o_acc[dt][2] * factor[1], o_acc[dt][3] * factor[1]);
           }
         }
@@ -634,7 +652,7 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
           const int d = e % kHeadDim;
           float v = 0.0f;
 #pragma unroll
-          for (int w = 0; w < kWarps; ++w) v += scratch[(w * 16 + r) * kHeadDim + d];
+          for (int w = 0; w < kGroups; ++w) v += scratch[(w * 16 + r) * kHeadDim + d];
           a.state_o[first_row * kHeadDim + e] = v;
           if (out != nullptr) out[first_row * kHeadDim + e] = Traits::FromFloat(v);
         }
@@ -648,7 +666,7 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
           const int d = e % kHeadDim;
           float v = 0.0f;
 #pragma unroll
-          for (int w = 0; w < kWarps; ++w) v += scratch[(w * 16 + r) * kHeadDim + d];
+          for (int w = 0; w < kGroups; ++w) v += scratch[(w * 16 + r) * kHeadDim + d];
           p.part_o[part * group * kHeadDim + e] = v;
         }
         if (tid < group) p.part_lse[part * group + tid] = row_lse[tid];
