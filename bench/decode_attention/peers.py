@@ -19,6 +19,7 @@ import argparse
 import csv
 import math
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,13 @@ BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTEN
 def time_ms(fn, iters, warmup=3):
     """Median ms per call: events between back-to-back calls, one sync at the end (the GPU
     never waits on Python's launch overhead, as for ours)."""
-    for i in range(warmup):
+    start = time.perf_counter()
+    i = 0
+    while i < warmup or time.perf_counter() - start < 0.2:  # clocks up, as for ours
         fn(i)
+        i += 1
+        if i % 8 == 0:
+            torch.cuda.synchronize()
     events = [torch.cuda.Event(enable_timing=True) for _ in range(iters + 1)]
     events[0].record()
     for i in range(iters):
