@@ -483,20 +483,40 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
     const uint8_t* k_stage = smem + stage_use * Config::kStageBytes;
     const uint32_t k_base = SmemAddr(k_stage);
     const uint32_t v_base = k_base + Config::kStageBytes / 2;
-    float s_acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    // ldmatrix and mma are volatile asm, so they issue in program order: each fragment is
+    // loaded one step ahead of its MMA (issue never waits on a load just made), and even and
+    // odd k-steps accumulate separately (two dependent MMA chains of kKSteps / 2, not one).
+    float s_acc[2][4];
     {
+      float s_odd[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+      float s_even[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
       const int row = pgroup * 16 + (lane & 7) + ((lane >> 4) << 3);
       const int chunk_half = (lane >> 3) & 1;
+      uint32_t b[2][4];
+      LdMatrixX4(b[0], k_base + SwizzledOffset<kHeadDim>(row, chunk_half));
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
+        if (ks + 1 < kKSteps) {
+          LdMatrixX4(b[(ks + 1) & 1],
+                     k_base + SwizzledOffset<kHeadDim>(row, 2 * (ks + 1) + chunk_half));
+        }
         const uint4 qa = qfrag[ks * 32 + lane];
         const uint32_t a_frag[4] = {qa.x, qa.y, qa.z, qa.w};
-        uint32_t b[4];
-        LdMatrixX4(b, k_base + SwizzledOffset<kHeadDim>(row, 2 * ks + chunk_half));
-        Traits::Mma(s_acc[0], a_frag, b[0], b[1]);
-        Traits::Mma(s_acc[1], a_frag, b[2], b[3]);
+        float (*acc)[4] = (ks & 1) ? s_odd : s_even;
+        Traits::Mma(acc[0], a_frag, b[ks & 1][0], b[ks & 1][1]);
+        Traits::Mma(acc[1], a_frag, b[ks & 1][2], b[ks & 1][3]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s_acc[nt][i] = s_even[nt][i] + s_odd[nt][i];
       }
     }
+    // The first V fragment loads while the softmax runs.
+    const int v_row = pgroup * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+    const int v_chunk0 = 2 * dpart * (kDTiles / 2) + (lane >> 4);
+    uint32_t vb[2][4];
+    LdMatrixX4Trans(vb[0], v_base + SwizzledOffset<kHeadDim>(v_row, v_chunk0));
     if (hi_lo) {
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
@@ -574,17 +594,14 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
       p_frag[1] = Traits::Pack(probs[0][2], probs[0][3]);
       p_frag[3] = Traits::Pack(probs[1][2], probs[1][3]);
     }
-    {
-      const int row = pgroup * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-      const int chunk_half = lane >> 4;
 #pragma unroll
-      for (int dp = 0; dp < kDTiles / 2; ++dp) {
-        uint32_t b[4];
-        const int chunk = 2 * (dpart * (kDTiles / 2) + dp) + chunk_half;
-        LdMatrixX4Trans(b, v_base + SwizzledOffset<kHeadDim>(row, chunk));
-        Traits::Mma(o_acc[2 * dp], p_frag, b[0], b[1]);
-        Traits::Mma(o_acc[2 * dp + 1], p_frag, b[2], b[3]);
+    for (int dp = 0; dp < kDTiles / 2; ++dp) {
+      if (dp + 1 < kDTiles / 2) {
+        LdMatrixX4Trans(vb[(dp + 1) & 1],
+                        v_base + SwizzledOffset<kHeadDim>(v_row, v_chunk0 + 2 * (dp + 1)));
       }
+      Traits::Mma(o_acc[2 * dp], p_frag, vb[dp & 1][0], vb[dp & 1][1]);
+      Traits::Mma(o_acc[2 * dp + 1], p_frag, vb[dp & 1][2], vb[dp & 1][3]);
     }
 
     if (segment_end) {
