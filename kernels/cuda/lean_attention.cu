@@ -253,7 +253,6 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
     LeanDecodeKernel(const LeanParams p) {
   using Config = LeanConfig<kHeadDim>;
   using T = typename Traits::T;
-  constexpr int kWarps = Config::kWarps;
   constexpr int kThreads = Config::kThreads;
   constexpr int kTile = Config::kTile;
   constexpr int kKSteps = kHeadDim / 16;

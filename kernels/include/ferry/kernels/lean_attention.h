@@ -16,7 +16,7 @@
 //   groups of at most 8 the query and the softmax weights are fed to the tensor cores as a
 //   hi + lo pair of 16-bit numbers, so scores and outputs keep about float32 accuracy.
 //
-// Schedule (LeanAttention, lean_schedule.h): the batch's (sequence, KV head, 128- or 64-position
+// Schedule (LeanAttention, lean_schedule.h): the batch's (sequence, KV head, 64-position
 //   tile) order is dealt in equal contiguous ranges to a persistent grid of
 //   (multiprocessors x resident blocks per multiprocessor) blocks, the count the driver reports
 //   for this kernel. Every block derives the plan itself from seq_lens / kv ranges on the GPU
