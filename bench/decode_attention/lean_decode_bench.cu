@@ -1,7 +1,7 @@
 // Decode-attention benchmark of LeanDecode on the issue's suite, plus the device's HBM read
 // bandwidth measured in the same process (a plain streaming-read kernel).
 //
-// Usage: lean_decode_bench [--csv PATH] [--iters N] [--only SUBSTRING] [--mode rotate|single|sync]
+// Usage: lean_decode_bench [--csv PATH] [--iters N] [--only SUBSTRING] [--mode rotate|single|sync|ordered]
 // Each shape: inputs generated on the device (no zeros), two disjoint copies of the KV cache
 // (separate block tables into one pool) alternated launch by launch so L2 (50 MB) never serves
 // a launch from the previous one; CUDA events between back-to-back launches (no host sync in
@@ -210,7 +210,9 @@ ShapeResult RunShape(const BenchShape& shape, int iters) {
   for (int c = 0; c < 2; ++c) {
     tables[c].resize(blocks);
     std::iota(tables[c].begin(), tables[c].end(), static_cast<int32_t>(c * blocks));
-    std::shuffle(tables[c].begin(), tables[c].end(), rng);
+    // "ordered": each sequence's blocks consecutive in the pool (a contiguous cache, as the
+    // peers read), to separate the cost of paging from the kernel's.
+    if (g_mode != "ordered") std::shuffle(tables[c].begin(), tables[c].end(), rng);
   }
   const int64_t pool_elems = 2 * blocks * shape.num_kv_heads * bs * d;
   uint16_t* k = g_k_pool;
