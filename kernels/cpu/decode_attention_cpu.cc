@@ -46,7 +46,9 @@ std::atomic<AttendSpanFn>& SelectedAttendSpan() {
   return fn;
 }
 
-AttendSpanFn AttendSpanForThisCpu() { return SelectedAttendSpan().load(std::memory_order_relaxed); }
+AttendSpanFn AttendSpanForThisCpu() {
+  return SelectedAttendSpan().load(std::memory_order_relaxed);
+}
 
 int64_t RangeBegin(const DecodeAttentionArgs& args, int s) {
   return args.kv_begin != nullptr ? args.kv_begin[s] : 0;
