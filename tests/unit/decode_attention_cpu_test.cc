@@ -4,6 +4,7 @@
 #include <cstring>
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "attention_reference.h"
@@ -58,12 +59,13 @@ void ExpectMatchesReference(DecodeProblem& problem, ThreadPool& pool,
 }
 
 // Every instruction set this CPU runs: each has its own compiled copy of the inner loop.
-constexpr const char* kIsas[] = {"avx512", "avx2", "baseline"};
+// (std::string, not const char*: gtest prints a string parameter, not a pointer, in test names.)
+const std::vector<std::string> kIsas = {"avx512", "avx2", "baseline"};
 
 // Selects the parameter's instruction set for the test (skipped where this CPU lacks it).
 class IsaScope {
  public:
-  explicit IsaScope(const char* isa) : supported_(SetCpuKernelIsa(isa)) {}
+  explicit IsaScope(const std::string& isa) : supported_(SetCpuKernelIsa(isa)) {}
   ~IsaScope() { SetCpuKernelIsa("best"); }
   bool supported() const { return supported_; }
 
@@ -72,7 +74,7 @@ class IsaScope {
 };
 
 class DecodeAttentionCpuTest
-    : public ::testing::TestWithParam<std::tuple<DType, int, const char*>> {};
+    : public ::testing::TestWithParam<std::tuple<DType, int, std::string>> {};
 
 TEST_P(DecodeAttentionCpuTest, RaggedGqaBatchMatchesReference) {
   const auto [dtype, head_dim, isa] = GetParam();
@@ -100,7 +102,7 @@ INSTANTIATE_TEST_SUITE_P(DtypesHeadDimsAndIsas, DecodeAttentionCpuTest,
 // 8 and 16 (each mix of passes), each dtype, odd block sizes (chunks cross block edges at odd
 // places) and lengths around the chunk of 64 and the score steps.
 class DecodeAttentionCpuGroupTest
-    : public ::testing::TestWithParam<std::tuple<int, DType, const char*>> {};
+    : public ::testing::TestWithParam<std::tuple<int, DType, std::string>> {};
 
 TEST_P(DecodeAttentionCpuGroupTest, GroupSizeMatchesReference) {
   const auto [group, dtype, isa] = GetParam();
@@ -132,7 +134,7 @@ INSTANTIATE_TEST_SUITE_P(GroupsDtypesAndIsas, DecodeAttentionCpuGroupTest,
 // large negative offsets, in every instruction set; and fp16 KV with subnormal, tiny and
 // large-magnitude values (the baseline set converts fp16 by hand).
 TEST(DecodeAttentionCpuValuesTest, ExtremeScoresAndFp16Values) {
-  for (const char* isa : kIsas) {
+  for (const std::string& isa : kIsas) {
     IsaScope scope(isa);
     if (!scope.supported()) continue;
     SCOPED_TRACE(isa);
