@@ -3,9 +3,13 @@
 //
 //   build/bin/bench_cpu_decode_attention [--threads=N] [--benchmark_filter=...]
 //
+// The OneThreadInCache cases time one thread on a context that fits the caches (ns per position
+// and KV head, minimum over iterations): the arithmetic cost, to tell compute- from memory-bound.
+//
 // memcpy GB/s counts bytes read plus bytes written (a copy of B bytes moves 2B); read GB/s is a
 // multi-threaded sum over a buffer far larger than the caches. Attention GB/s counts the K and V
-// bytes of the attended ranges (each read once).
+// bytes of the attended ranges (each read once). The table gives medians and, after the bar, the
+// best samples (ratios of best to best).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -85,10 +89,9 @@ void BM_Read(benchmark::State& state) {
 BENCHMARK(BM_Read)->UseManualTime()->Iterations(8)->Unit(benchmark::kMillisecond);
 
 // Args: batch, q heads, kv heads, context, head dim, dtype (0 bf16, 1 fp16, 2 fp32).
-void BM_DecodeAttention(benchmark::State& state) {
+ferry::kernels::reference::DecodeProblem MakeProblem(const benchmark::State& state) {
   ferry::kernels::reference::DecodeProblemShape shape;
-  const int batch = state.range(0);
-  shape.seq_lens.assign(batch, static_cast<int32_t>(state.range(3)));
+  shape.seq_lens.assign(state.range(0), static_cast<int32_t>(state.range(3)));
   shape.num_q_heads = state.range(1);
   shape.num_kv_heads = state.range(2);
   shape.head_dim = state.range(4);
@@ -96,8 +99,49 @@ void BM_DecodeAttention(benchmark::State& state) {
                 : state.range(5) == 1 ? ferry::DType::kFloat16
                                       : ferry::DType::kFloat32;
   shape.block_size = 64;
-  auto problem = ferry::kernels::reference::MakeRandomDecodeProblem(shape, 42);
+  return ferry::kernels::reference::MakeRandomDecodeProblem(shape, 42);
+}
+
+// Nanoseconds per (position, KV head) of one thread on a context that stays in the caches: the
+// kernel's arithmetic cost, without the memory system (run pinned: taskset -c N).
+std::map<std::string, std::vector<double>>& OneThreadNs() {
+  static std::map<std::string, std::vector<double>> samples;
+  return samples;
+}
+
+void BM_DecodeAttentionOneThreadInCache(benchmark::State& state) {
+  auto problem = MakeProblem(state);
   const auto args = problem.Args();
+  static ThreadPool pool(1);
+  char name[128];
+  std::snprintf(name, sizeof(name), "1 thread, in cache: group %d ctx=%d d=%d %s",
+                args.num_q_heads / args.kv.num_kv_heads, problem.shape.seq_lens[0],
+                args.kv.head_dim, std::string(ferry::DTypeName(args.kv.dtype)).c_str());
+  const double units = static_cast<double>(problem.shape.seq_lens[0]) * args.num_seqs *
+                       args.kv.num_kv_heads;
+  for (auto _ : state) {
+    const auto start = Clock::now();
+    if (!ferry::kernels::DecodeAttentionCpu(args, pool).ok()) state.SkipWithError("failed");
+    const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+    state.SetIterationTime(seconds);
+    OneThreadNs()[name].push_back(seconds * 1e9 / units);
+  }
+  state.SetBytesProcessed(state.iterations() * problem.kv_bytes_read());
+}
+BENCHMARK(BM_DecodeAttentionOneThreadInCache)
+    ->ArgNames({"batch", "hq", "hkv", "ctx", "d", "dtype"})
+    ->Args({1, 4, 1, 2048, 128, 0})
+    ->Args({1, 1, 1, 2048, 128, 0})
+    ->Args({1, 8, 1, 2048, 128, 0})
+    ->UseManualTime()
+    ->MinTime(0.5)
+    ->Unit(benchmark::kMicrosecond);
+
+void BM_DecodeAttention(benchmark::State& state) {
+  auto problem = MakeProblem(state);
+  const auto args = problem.Args();
+  const auto& shape = problem.shape;
+  const int batch = problem.num_seqs();
   ThreadPool& pool = Pool();
   char name[128];
   std::snprintf(name, sizeof(name), "decode b=%d hq=%d hkv=%d ctx=%d d=%d %s", batch,
@@ -138,16 +182,31 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
+  // Medians, and the best samples: on a shared machine (other jobs taking cores or memory
+  // bandwidth at times) the best of each is the steadier comparison.
+  auto best = [](const std::vector<double>& v) {
+    return v.empty() ? 0.0 : *std::max_element(v.begin(), v.end());
+  };
   const double memcpy_bw = Median(Bandwidths()["memcpy"]);
   const double read_bw = Median(Bandwidths()["read"]);
-  std::printf("\nthreads %d, isa %s; baselines (median): memcpy %.2f GB/s (read+write), "
-              "read %.2f GB/s\n",
-              Pool().num_threads(), ferry::kernels::CpuKernelIsa(), memcpy_bw, read_bw);
-  std::printf("%-46s %10s %10s %10s\n", "case", "GB/s", "/memcpy", "/read");
+  const double memcpy_best = best(Bandwidths()["memcpy"]);
+  const double read_best = best(Bandwidths()["read"]);
+  std::printf("\nthreads %d, isa %s; baselines: memcpy %.2f GB/s (read+write), read %.2f GB/s "
+              "(median); best memcpy %.2f, read %.2f\n",
+              Pool().num_threads(), ferry::kernels::CpuKernelIsa(), memcpy_bw, read_bw,
+              memcpy_best, read_best);
+  std::printf("%-46s %8s %8s %8s | %8s %8s %8s\n", "case", "GB/s", "/memcpy", "/read", "best",
+              "/memcpy", "/read");
   for (const auto& [name, samples] : Bandwidths()) {
     if (name == "memcpy" || name == "read") continue;
     const double bw = Median(samples);
-    std::printf("%-46s %10.2f %10.2f %10.2f\n", name.c_str(), bw, bw / memcpy_bw, bw / read_bw);
+    const double bw_best = best(samples);
+    std::printf("%-46s %8.2f %8.2f %8.2f | %8.2f %8.2f %8.2f\n", name.c_str(), bw,
+                bw / memcpy_bw, bw / read_bw, bw_best, bw_best / memcpy_best, bw_best / read_best);
+  }
+  if (!OneThreadNs().empty()) std::printf("\n%-46s %10s\n", "case", "ns/(pos, kv head) (min)");
+  for (const auto& [name, samples] : OneThreadNs()) {
+    std::printf("%-46s %10.1f\n", name.c_str(), *std::min_element(samples.begin(), samples.end()));
   }
   return 0;
 }

@@ -1,6 +1,8 @@
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -16,21 +18,36 @@ namespace {
 using cpu_internal::AttendSpanFn;
 using cpu_internal::KvSpan;
 
-AttendSpanFn PickAttendSpan() {
+bool CpuSupports(cpu_internal::AttendSpanFn fn) {
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return cpu_internal::avx512::AttendSpan;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c")) {
-    return cpu_internal::avx2::AttendSpan;
+  if (fn == cpu_internal::avx512::AttendSpan) {  // compiled with -mavx512f/bw/vl (CMakeLists)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }
+  if (fn == cpu_internal::avx2::AttendSpan) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
   }
 #endif
+  return fn == cpu_internal::baseline::AttendSpan;
+}
+
+AttendSpanFn PickAttendSpan() {
+  for (AttendSpanFn fn : {cpu_internal::avx512::AttendSpan, cpu_internal::avx2::AttendSpan}) {
+    if (CpuSupports(fn)) return fn;
+  }
   return cpu_internal::baseline::AttendSpan;
 }
 
-AttendSpanFn AttendSpanForThisCpu() {
-  static const AttendSpanFn fn = PickAttendSpan();
+// The best set this CPU runs, unless SetCpuKernelIsa picked another.
+std::atomic<AttendSpanFn>& SelectedAttendSpan() {
+  static std::atomic<AttendSpanFn> fn{PickAttendSpan()};
   return fn;
+}
+
+AttendSpanFn AttendSpanForThisCpu() {
+  return SelectedAttendSpan().load(std::memory_order_relaxed);
 }
 
 int64_t RangeBegin(const DecodeAttentionArgs& args, int s) {
@@ -76,6 +93,17 @@ const char* CpuKernelIsa() {
   if (fn == cpu_internal::avx512::AttendSpan) return "avx512";
   if (fn == cpu_internal::avx2::AttendSpan) return "avx2";
   return "baseline";
+}
+
+bool SetCpuKernelIsa(std::string_view isa) {
+  AttendSpanFn fn = nullptr;
+  if (isa == "avx512") fn = cpu_internal::avx512::AttendSpan;
+  if (isa == "avx2") fn = cpu_internal::avx2::AttendSpan;
+  if (isa == "baseline") fn = cpu_internal::baseline::AttendSpan;
+  if (isa == "best") fn = PickAttendSpan();
+  if (fn == nullptr || !CpuSupports(fn)) return false;
+  SelectedAttendSpan().store(fn, std::memory_order_relaxed);
+  return true;
 }
 
 absl::Status ValidateDecodeAttentionArgs(const DecodeAttentionArgs& args) {

@@ -23,13 +23,14 @@ struct KvSpan {
   int64_t end;
 };
 
-// Floats of K (and of V) converted to float32 per chunk: 8 KiB each, so both stay in L1.
-constexpr int kSpanChunkFloats = 2048;
+// Positions per chunk: one online-softmax update per head per chunk. A multiple of every
+// SIMD width (score steps cover up to kWidth positions).
+constexpr int kSpanChunkPositions = 64;
 
-// Floats of scratch AttendSpan needs per call: K and V chunks, scores (rows padded by up to one
-// vector of 16), running max and sum.
+// Floats of scratch AttendSpan needs per call: q and o in the decoder's lane order, scores of a
+// chunk for up to 4 heads, running max and sum.
 constexpr int64_t AttendSpanScratchFloats(int head_dim, int group) {
-  return 2 * kSpanChunkFloats + int64_t{group} * (kSpanChunkFloats / head_dim + 16 + 2);
+  return 2 * int64_t{group} * head_dim + 4 * kSpanChunkPositions + 2 * int64_t{group};
 }
 
 // Attention of `group` query heads (q_scaled: (group, head_dim), softmax scale already applied)

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <cmath>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "attention_reference.h"
@@ -57,10 +58,28 @@ void ExpectMatchesReference(DecodeProblem& problem, ThreadPool& pool,
             problem.shape.dtype == DType::kFloat32 ? 1e-5 : 1e-2);
 }
 
-class DecodeAttentionCpuTest : public ::testing::TestWithParam<std::tuple<DType, int>> {};
+// Every instruction set this CPU runs: each has its own compiled copy of the inner loop.
+// (std::string, not const char*: gtest prints a string parameter, not a pointer, in test names.)
+const std::vector<std::string> kIsas = {"avx512", "avx2", "baseline"};
+
+// Selects the parameter's instruction set for the test (skipped where this CPU lacks it).
+class IsaScope {
+ public:
+  explicit IsaScope(const std::string& isa) : supported_(SetCpuKernelIsa(isa)) {}
+  ~IsaScope() { SetCpuKernelIsa("best"); }
+  bool supported() const { return supported_; }
+
+ private:
+  bool supported_;
+};
+
+class DecodeAttentionCpuTest
+    : public ::testing::TestWithParam<std::tuple<DType, int, std::string>> {};
 
 TEST_P(DecodeAttentionCpuTest, RaggedGqaBatchMatchesReference) {
-  const auto [dtype, head_dim] = GetParam();
+  const auto [dtype, head_dim, isa] = GetParam();
+  IsaScope scope(isa);
+  if (!scope.supported()) GTEST_SKIP() << isa << " is not supported on this CPU";
   ThreadPool pool(3);
   DecodeProblemShape shape;
   shape.seq_lens = {1, 63, 64, 65, 700, 2049, 0};
@@ -73,10 +92,76 @@ TEST_P(DecodeAttentionCpuTest, RaggedGqaBatchMatchesReference) {
   ExpectMatchesReference(problem, pool, {.num_workers = 5, .kv_tile_size = 128});
 }
 
-INSTANTIATE_TEST_SUITE_P(DtypesAndHeadDims, DecodeAttentionCpuTest,
+INSTANTIATE_TEST_SUITE_P(DtypesHeadDimsAndIsas, DecodeAttentionCpuTest,
                          ::testing::Combine(::testing::Values(DType::kFloat32, DType::kFloat16,
                                                               DType::kBFloat16),
-                                            ::testing::Values(64, 128, 256)));
+                                            ::testing::Values(64, 128, 256),
+                                            ::testing::ValuesIn(kIsas)));
+
+// The inner loop processes a GQA group in passes of 4, 2 and 1 heads: every group size from 1 to
+// 8 and 16 (each mix of passes), each dtype, odd block sizes (chunks cross block edges at odd
+// places) and lengths around the chunk of 64 and the score steps.
+class DecodeAttentionCpuGroupTest
+    : public ::testing::TestWithParam<std::tuple<int, DType, std::string>> {};
+
+TEST_P(DecodeAttentionCpuGroupTest, GroupSizeMatchesReference) {
+  const auto [group, dtype, isa] = GetParam();
+  IsaScope scope(isa);
+  if (!scope.supported()) GTEST_SKIP() << isa << " is not supported on this CPU";
+  ThreadPool pool(2);
+  std::mt19937 rng(std::random_device{}());
+  for (int head_dim : {64, 128, 256}) {
+    DecodeProblemShape shape;
+    shape.seq_lens = {1, 2, 7, 63, 64, 65, 129, 200, 0, 777};
+    shape.num_kv_heads = 2;
+    shape.num_q_heads = 2 * group;
+    shape.head_dim = head_dim;
+    shape.block_size = head_dim == 128 ? 7 : 16;
+    shape.dtype = dtype;
+    DecodeProblem problem = MakeRandomDecodeProblem(shape, rng());
+    SCOPED_TRACE(testing::Message() << "head_dim " << head_dim);
+    ExpectMatchesReference(problem, pool, {.num_workers = 3, .kv_tile_size = 96});
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(GroupsDtypesAndIsas, DecodeAttentionCpuGroupTest,
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4, 5, 6, 7, 8, 16),
+                                            ::testing::Values(DType::kFloat32, DType::kFloat16,
+                                                              DType::kBFloat16),
+                                            ::testing::ValuesIn(kIsas)));
+
+// Extreme scores: one position far above the rest (the others' weights underflow to 0) and
+// large negative offsets, in every instruction set; and fp16 KV with subnormal, tiny and
+// large-magnitude values (the baseline set converts fp16 by hand).
+TEST(DecodeAttentionCpuValuesTest, ExtremeScoresAndFp16Values) {
+  for (const std::string& isa : kIsas) {
+    IsaScope scope(isa);
+    if (!scope.supported()) continue;
+    SCOPED_TRACE(isa);
+    ThreadPool pool(2);
+    for (DType dtype : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+      DecodeProblemShape shape;
+      shape.seq_lens = {300, 5};
+      shape.num_q_heads = 4;
+      shape.num_kv_heads = 1;
+      shape.head_dim = 64;
+      shape.block_size = 16;
+      shape.dtype = dtype;
+      DecodeProblem problem = MakeRandomDecodeProblem(shape, 11);
+      // Scale scores up: softmax close to one-hot, most weights below exp(-87).
+      problem.softmax_scale = 8.0f;
+      ExpectMatchesReference(problem, pool, {.num_workers = 2, .kv_tile_size = 64});
+      if (dtype != DType::kFloat16) continue;
+      // V values across fp16's range: subnormals, the smallest normal, near the maximum.
+      const uint16_t specials[] = {0x0001, 0x03ff, 0x0400, 0x8001, 0x7bff, 0xfbff, 0x3c00,
+                                   0x0000, 0x8000, 0x1234, 0x83ff, 0x5555};
+      uint16_t* v = reinterpret_cast<uint16_t*>(problem.v_pool.data());
+      for (size_t i = 0; i < problem.v_pool.size() / 2; ++i) v[i] = specials[i % 12];
+      problem.softmax_scale = 0.125f;
+      ExpectMatchesReference(problem, pool, {.num_workers = 2, .kv_tile_size = 64});
+    }
+  }
+}
 
 TEST(DecodeAttentionCpuRaggedTest, LengthsFromOneToOneHundredThousand) {
   ThreadPool pool(2);

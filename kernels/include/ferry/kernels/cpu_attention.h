@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 
 #include "absl/status/status.h"
 #include "ferry/kernels/decode_attention.h"
@@ -38,7 +39,13 @@ absl::Status MergeStatesCpu(const float* parts_o, const float* parts_lse, int nu
                             int64_t num_states, int head_dim, float* out_o, float* out_lse,
                             ThreadPool* pool = nullptr);
 
-// The instruction set the CPU kernels picked on this machine: "avx512", "avx2" or "baseline".
+// The instruction set the CPU kernels use: "avx512", "avx2" or "baseline" (by default the best
+// this CPU runs).
 const char* CpuKernelIsa();
+
+// For tests and benchmarks: makes the CPU kernels use `isa` ("avx512", "avx2", "baseline", or
+// "best" for the default) from now on, process-wide. Returns false, changing nothing, if the name
+// is unknown or this CPU cannot run that set. Not for use while kernels run.
+bool SetCpuKernelIsa(std::string_view isa);
 
 }  // namespace ferry::kernels
