@@ -111,7 +111,8 @@ TEST_P(UcxNodeTest, SilentPeerTimesOutWithinTheBound) {
   CallResult reply = (*client)->Await(future, absl::Milliseconds(500));
   const absl::Duration took = absl::Now() - start;
   EXPECT_EQ(reply.status().code(), absl::StatusCode::kDeadlineExceeded) << reply.status();
-  EXPECT_LT(took, absl::Milliseconds(900));
+  // 500 ms bound; the slack absorbs scheduling stalls on a loaded machine.
+  EXPECT_LT(took, absl::Milliseconds(2000));
 }
 
 TEST_P(UcxNodeTest, NobodyListeningFailsWithinTheBound) {
