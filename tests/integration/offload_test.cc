@@ -196,7 +196,7 @@ class OffloadTest : public ::testing::TestWithParam<TransportCase> {
 
   std::unique_ptr<WorkerProcess> StartWorker(std::vector<std::string> flags = {}) {
     flags.push_back(std::string("--tls=") + GetParam().tls);
-    flags.push_back("--keepalive-ms=300");
+    flags.push_back("--keepalive-ms=1000");
     auto worker = WorkerProcess::Start(flags);
     if (!worker.ok()) {
       ADD_FAILURE() << worker.status();
@@ -209,7 +209,8 @@ class OffloadTest : public ::testing::TestWithParam<TransportCase> {
     transport::UcxNodeOptions options;
     options.name = "client";
     options.tls = GetParam().tls;
-    options.keepalive_interval = absl::Milliseconds(300);
+    options.keepalive_interval = absl::Seconds(1);  // short, but above this VM's scheduling stalls
+    options.connection_managers = "tcp";
     options.call_timeout = absl::Seconds(2);
     auto client = AttentionClient::Create(options);
     EXPECT_TRUE(client.ok()) << client.status();

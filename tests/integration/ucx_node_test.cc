@@ -28,7 +28,8 @@ class UcxNodeTest : public ::testing::TestWithParam<TransportCase> {
     UcxNodeOptions options;
     options.name = name;
     options.tls = GetParam().tls;
-    options.keepalive_interval = absl::Milliseconds(300);
+    options.keepalive_interval = absl::Seconds(1);  // short, but above this VM's scheduling stalls
+    options.connection_managers = "tcp";
     options.call_timeout = absl::Seconds(2);
     return options;
   }
