@@ -130,6 +130,7 @@ int main(int argc, char** argv) {
   UcxNodeOptions options;
   options.name = "bench";
   options.call_timeout = absl::Seconds(10);
+  options.connection_managers = "tcp";
   bool serve = false;
   std::string batches = "1,4,16,64,256";
   int iters = 300;

@@ -42,13 +42,15 @@ FrameHeader AttentionClient::NewHeader(FrameType type, int layer, uint64_t paylo
   return header;
 }
 
-std::future<transport::CallResult> AttentionClient::Send(int worker, transport::Buffer frame) {
-  return node_->Call(peers_[worker], std::move(frame));
+std::future<transport::CallResult> AttentionClient::Send(int worker, transport::Buffer frame,
+                                                        absl::Duration timeout) {
+  return node_->Call(peers_[worker], std::move(frame), timeout);
 }
 
 absl::StatusOr<ReplyFrame> AttentionClient::Finish(int worker, const FrameHeader& request,
-                                                   std::future<transport::CallResult>& future) {
-  transport::CallResult result = node_->Await(future);
+                                                   std::future<transport::CallResult>& future,
+                                                   absl::Duration timeout) {
+  transport::CallResult result = node_->Await(future, timeout);
   if (!result.ok()) {
     return absl::Status(result.status().code(),
                         absl::StrCat("worker ", worker, ": ", result.status().message()));
@@ -77,9 +79,10 @@ absl::StatusOr<ReplyFrame> AttentionClient::Finish(int worker, const FrameHeader
 }
 
 absl::StatusOr<ReplyFrame> AttentionClient::Call(int worker, const FrameHeader& request,
-                                                 transport::Buffer frame) {
-  std::future<transport::CallResult> future = Send(worker, std::move(frame));
-  return Finish(worker, request, future);
+                                                 transport::Buffer frame,
+                                                 absl::Duration timeout) {
+  std::future<transport::CallResult> future = Send(worker, std::move(frame), timeout);
+  return Finish(worker, request, future, timeout);
 }
 
 absl::StatusOr<transport::Buffer> AttentionClient::CallRaw(int worker, transport::Buffer frame) {
@@ -101,7 +104,9 @@ absl::Status AttentionClient::Configure(int worker, const ModelShape& shape) {
   writer.I32(shape.plan_workers);
   writer.I32(shape.kv_tile_size);
   writer.I32(0);
-  FERRY_ASSIGN_OR_RETURN(ReplyFrame reply, Call(worker, header, writer.Finish()));
+  // Configure allocates (and the OS zero-fills) the worker's whole KV pool: its own bound.
+  FERRY_ASSIGN_OR_RETURN(ReplyFrame reply,
+                         Call(worker, header, writer.Finish(), kConfigureTimeout));
   node_->buffers().Release(std::move(reply.frame));
   shapes_[worker] = shape;
   return absl::OkStatus();

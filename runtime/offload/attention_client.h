@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "ferry/kernels/dtype.h"
 #include "runtime/offload/frame.h"
@@ -55,6 +56,10 @@ struct ReplyFrame {
 
 class AttentionClient {
  public:
+  // Bound for Configure, which allocates the worker's KV pool; every other call uses the node's
+  // call timeout.
+  static constexpr absl::Duration kConfigureTimeout = absl::Seconds(60);
+
   static absl::StatusOr<std::unique_ptr<AttentionClient>> Create(
       const transport::UcxNodeOptions& options);
 
@@ -116,10 +121,14 @@ class AttentionClient {
   explicit AttentionClient(std::unique_ptr<transport::UcxNode> node) : node_(std::move(node)) {}
   absl::Status CheckWorker(int worker) const;
   FrameHeader NewHeader(FrameType type, int layer, uint64_t payload_bytes);
-  std::future<transport::CallResult> Send(int worker, transport::Buffer frame);
+  // timeout zero: the node's call timeout.
+  std::future<transport::CallResult> Send(int worker, transport::Buffer frame,
+                                          absl::Duration timeout = {});
   absl::StatusOr<ReplyFrame> Finish(int worker, const FrameHeader& request,
-                                    std::future<transport::CallResult>& future);
-  absl::StatusOr<ReplyFrame> Call(int worker, const FrameHeader& request, transport::Buffer frame);
+                                    std::future<transport::CallResult>& future,
+                                    absl::Duration timeout = {});
+  absl::StatusOr<ReplyFrame> Call(int worker, const FrameHeader& request, transport::Buffer frame,
+                                  absl::Duration timeout = {});
   absl::StatusOr<PartialStates> ReadStates(const ReplyFrame& reply, int n, int num_q_heads) const;
 
   std::unique_ptr<transport::UcxNode> node_;

@@ -162,6 +162,11 @@ absl::Status UcxNode::Impl::Init() {
       absl::StrCat(absl::ToInt64Microseconds(options_.keepalive_interval), "us");
   status.Update(UcsToStatus(ucp_config_modify(config, "KEEPALIVE_INTERVAL", keepalive.c_str()),
                             "ucp_config_modify KEEPALIVE_INTERVAL"));
+  if (!options_.connection_managers.empty()) {
+    status.Update(UcsToStatus(ucp_config_modify(config, "SOCKADDR_TLS_PRIORITY",
+                                                options_.connection_managers.c_str()),
+                              "ucp_config_modify SOCKADDR_TLS_PRIORITY"));
+  }
   if (!options_.tls.empty()) {
     status.Update(UcsToStatus(ucp_config_modify(config, "TLS", options_.tls.c_str()),
                               "ucp_config_modify TLS"));

@@ -44,6 +44,10 @@ using PeerId = uint64_t;
 struct UcxNodeOptions {
   std::string name = "ucx";     // names the node in logs
   std::string tls;              // UCX_TLS for this context ("tcp", "sm", ...); empty: environment
+  // Connection managers for listen/connect, in order (UCX_SOCKADDR_TLS_PRIORITY, e.g. "tcp" or
+  // "rdmacm,tcp"); empty: UCX's default. Without RDMA devices use "tcp": a listener on port 0
+  // picked by rdmacm may leave the tcp manager unbound on that port.
+  std::string connection_managers;
   absl::Duration keepalive_interval = absl::Seconds(1);
   absl::Duration call_timeout = absl::Seconds(2);  // default bound for Call()
   absl::Duration busy_poll = absl::Microseconds(50);  // spin this long after activity, then sleep

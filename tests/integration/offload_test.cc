@@ -196,7 +196,7 @@ class OffloadTest : public ::testing::TestWithParam<TransportCase> {
 
   std::unique_ptr<WorkerProcess> StartWorker(std::vector<std::string> flags = {}) {
     flags.push_back(std::string("--tls=") + GetParam().tls);
-    flags.push_back("--keepalive-ms=300");
+    flags.push_back("--keepalive-ms=1000");
     auto worker = WorkerProcess::Start(flags);
     if (!worker.ok()) {
       ADD_FAILURE() << worker.status();
@@ -209,7 +209,8 @@ class OffloadTest : public ::testing::TestWithParam<TransportCase> {
     transport::UcxNodeOptions options;
     options.name = "client";
     options.tls = GetParam().tls;
-    options.keepalive_interval = absl::Milliseconds(300);
+    options.keepalive_interval = absl::Seconds(1);  // short, but above this VM's scheduling stalls
+    options.connection_managers = "tcp";
     options.call_timeout = absl::Seconds(2);
     auto client = AttentionClient::Create(options);
     EXPECT_TRUE(client.ok()) << client.status();
@@ -219,7 +220,8 @@ class OffloadTest : public ::testing::TestWithParam<TransportCase> {
   int Connect(AttentionClient& client, const WorkerProcess& worker) {
     auto index = client.AddWorker("127.0.0.1", worker.port());
     EXPECT_TRUE(index.ok()) << index.status();
-    EXPECT_TRUE(client.Configure(*index, Shape()).ok());
+    absl::Status configured = client.Configure(*index, Shape());
+    EXPECT_TRUE(configured.ok()) << configured;
     auto info = client.node().DescribePeer(client.peer(*index));
     EXPECT_TRUE(info.ok());
     // The transport under test really carries the data (no silent fall-back to tcp).
@@ -616,7 +618,7 @@ TEST_P(OffloadTest, SilentWorkerTimesOutWithinTheBoundAndRecovers) {
   ASSERT_TRUE(result.ok()) << result.status();
   EXPECT_TRUE(result->shard_status[0].ok()) << result->shard_status[0];
   EXPECT_FALSE(result->shard_status[1].ok());
-  EXPECT_LT(took, absl::Milliseconds(2600));  // the 2 s call bound plus scheduling slack
+  EXPECT_LT(took, absl::Milliseconds(3500));  // the 2 s call bound plus scheduling slack
   EXPECT_EQ(result->complete, std::vector<bool>({true, false}));
   // The client keeps working with the survivor.
   auto next = client->Attend(w0, 1, std::vector<uint64_t>{1}, kQHeads, q.data());

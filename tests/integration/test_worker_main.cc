@@ -37,7 +37,8 @@ int main(int argc, char** argv) {
   spdlog::set_default_logger(spdlog::stderr_color_mt("worker"));
   ferry::offload::WorkerServerOptions options;
   options.node.name = "test-worker";
-  options.service.kv_capacity_bytes = int64_t{64} << 20;
+  options.node.connection_managers = "tcp";  // loopback: no RDMA
+  options.service.kv_capacity_bytes = int64_t{16} << 20;
   options.service.num_threads = 2;
   for (int i = 1; i < argc; ++i) {
     std::string value;
