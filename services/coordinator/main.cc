@@ -41,6 +41,7 @@ struct Flags {
   std::string shard = "sequence";
   int64_t shard_positions = 0;
   std::string ucx_tls;
+  std::string ucx_cm = "tcp";
 };
 
 int Fail(const absl::Status& status) {
@@ -84,6 +85,8 @@ int main(int argc, char** argv) {
                  "sequence)")
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 40));
   app.add_option("--ucx-tls", flags.ucx_tls, "UCX transports, e.g. tcp (default: UCX's)");
+  app.add_option("--ucx-cm", flags.ucx_cm, "UCX connection managers: tcp, or rdmacm on RDMA hosts")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   spdlog::set_default_logger(spdlog::stderr_color_mt("coordinator"));
 
@@ -132,6 +135,7 @@ int main(int argc, char** argv) {
     ferry::transport::UcxNodeOptions node_options;
     node_options.name = "coordinator";
     node_options.tls = flags.ucx_tls;
+    node_options.connection_managers = flags.ucx_cm;
     auto client = ferry::offload::AttentionClient::Create(node_options);
     if (!client.ok()) return Fail(client.status());
     attention_client = std::move(*client);

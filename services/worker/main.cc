@@ -29,6 +29,7 @@ struct Flags {
   std::string advertise_host;
   std::string worker_id;
   std::string ucx_tls;
+  std::string ucx_cm = "tcp";
   int threads = 0;
   int drain_timeout_s = 30;
 };
@@ -70,6 +71,9 @@ int main(int argc, char** argv) {
                  "host the coordinator should connect to (default: the listen host)");
   app.add_option("--worker-id", flags.worker_id, "stable id (default: assigned)");
   app.add_option("--ucx-tls", flags.ucx_tls, "UCX transports, e.g. tcp or sm,tcp (default: UCX's)");
+  app.add_option("--ucx-cm", flags.ucx_cm,
+                 "UCX connection managers for the listener: tcp, or rdmacm on RDMA hosts")
+      ->capture_default_str();
   app.add_option("--threads", flags.threads, "attention threads (0: all)")
       ->check(CLI::Range(0, 1024));
   app.add_option("--drain-timeout", flags.drain_timeout_s, "seconds to wait for a drain on SIGTERM")
@@ -91,6 +95,9 @@ int main(int argc, char** argv) {
   ferry::offload::WorkerServerOptions options;
   options.node.name = "worker";
   options.node.tls = flags.ucx_tls;
+  // UCX's default would try rdmacm first; without RDMA devices that can leave the listener
+  // unbound now and then, so the worker asks for what the host really has.
+  options.node.connection_managers = flags.ucx_cm;
   options.host = flags.data_listen.substr(0, colon);
   options.port = std::atoi(flags.data_listen.c_str() + colon + 1);
   options.service.kv_capacity_bytes = flags.kv_capacity;
