@@ -23,10 +23,33 @@ void CoordinatorLink::Start() {
 void CoordinatorLink::Stop() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    if (stopping_ && !thread_.joinable()) return;
     stopping_ = true;
   }
   wake_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  if (!thread_.joinable()) return;
+  thread_.join();
+  // A last report, so that the coordinator sees the load we leave with (a drained worker holds
+  // nothing, and is then forgotten rather than declared dead).
+  std::string worker_id;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (registered_.has_value()) worker_id = registered_->worker_id();
+  }
+  if (!worker_id.empty() && stub_ != nullptr) SendHeartbeat(worker_id);
+}
+
+grpc::Status CoordinatorLink::SendHeartbeat(const std::string& worker_id,
+                                            ferry::v1::HeartbeatResponse* response) {
+  const WorkerLoad load = options_.load();
+  ferry::v1::HeartbeatRequest heartbeat;
+  heartbeat.set_worker_id(worker_id);
+  heartbeat.set_kv_used_bytes(load.kv_used_bytes);
+  heartbeat.set_sequences_held(load.sequences_held);
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
+  ferry::v1::HeartbeatResponse ignored;
+  return stub_->Heartbeat(&context, heartbeat, response != nullptr ? response : &ignored);
 }
 
 bool CoordinatorLink::SleepFor(std::chrono::milliseconds duration) {
@@ -54,7 +77,8 @@ void CoordinatorLink::Run() {
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, static_cast<int>(options_.max_backoff.count()));
   auto channel = grpc::CreateCustomChannel(options_.coordinator_address,
                                            grpc::InsecureChannelCredentials(), args);
-  auto stub = ferry::v1::ClusterService::NewStub(channel);
+  stub_ = ferry::v1::ClusterService::NewStub(channel);
+  ferry::v1::ClusterService::Stub* stub = stub_.get();
   ferry::v1::RegisterWorkerRequest registration = options_.registration;
   std::chrono::milliseconds backoff = options_.initial_backoff;
   std::string worker_id;
@@ -90,15 +114,8 @@ void CoordinatorLink::Run() {
     }
     if (!SleepFor(interval)) return;
 
-    const WorkerLoad load = options_.load();
-    ferry::v1::HeartbeatRequest heartbeat;
-    heartbeat.set_worker_id(worker_id);
-    heartbeat.set_kv_used_bytes(load.kv_used_bytes);
-    heartbeat.set_sequences_held(load.sequences_held);
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
     ferry::v1::HeartbeatResponse response;
-    const grpc::Status status = stub->Heartbeat(&context, heartbeat, &response);
+    const grpc::Status status = SendHeartbeat(worker_id, &response);
     if (status.error_code() == grpc::StatusCode::NOT_FOUND ||
         status.error_code() == grpc::StatusCode::FAILED_PRECONDITION) {
       FERRY_LOG_WARN("worker {}: coordinator forgot us ({}), registering again", worker_id,

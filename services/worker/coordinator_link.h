@@ -5,7 +5,8 @@
 // asked for. Every RPC has a deadline (rpc_timeout). A heartbeat answered NOT_FOUND or
 // FAILED_PRECONDITION (the coordinator restarted, or declared this worker dead) makes the link
 // register again under the same id. A DRAINING reply sets drain_requested(). Stop() wakes the
-// thread and joins it within one rpc_timeout. Threads: all public methods are thread-safe.
+// thread, joins it within one rpc_timeout and sends a last heartbeat (bounded the same way) with
+// the load the worker leaves with. Threads: all public methods are thread-safe.
 #pragma once
 
 #include <atomic>
@@ -20,7 +21,7 @@
 #include <thread>
 
 #include "absl/status/statusor.h"
-#include "ferry/v1/cluster.pb.h"
+#include "ferry/v1/cluster.grpc.pb.h"
 
 namespace ferry::worker {
 
@@ -56,8 +57,12 @@ class CoordinatorLink {
   void Run();
   // Sleeps for `duration` unless Stop() is called first; returns false when stopping.
   bool SleepFor(std::chrono::milliseconds duration);
+  grpc::Status SendHeartbeat(const std::string& worker_id,
+                             ferry::v1::HeartbeatResponse* response = nullptr);
 
   const CoordinatorLinkOptions options_;
+  // Created by the link's thread before its first call; read by Stop() after the join.
+  std::unique_ptr<ferry::v1::ClusterService::Stub> stub_;
   std::thread thread_;
   mutable std::mutex mutex_;
   std::condition_variable wake_;
