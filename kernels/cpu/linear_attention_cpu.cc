@@ -277,17 +277,23 @@ absl::Status ValidateLinearAttentionConfig(const LinearAttentionConfig& config) 
   return absl::OkStatus();
 }
 
+// The checks forward and backward share: offsets and the q, k, v inputs of a varlen batch.
+absl::Status CheckVarlenInputs(const LinearAttentionConfig& c, const int32_t* cu_seqlens,
+                               int64_t total_tokens, const void* q, const void* k,
+                               const void* v) {
+  FERRY_RETURN_IF_ERROR(CheckCuSeqlens(c.num_seqs, cu_seqlens, total_tokens));
+  FERRY_RETURN_IF_ERROR(CheckTensor(q, "q", total_tokens * c.num_q_heads * c.head_dim));
+  FERRY_RETURN_IF_ERROR(CheckTensor(k, "k", total_tokens * c.num_kv_heads * c.head_dim));
+  FERRY_RETURN_IF_ERROR(CheckTensor(v, "v", total_tokens * c.num_kv_heads * c.head_dim));
+  return absl::OkStatus();
+}
+
 absl::Status ValidateLinearAttentionForwardArgs(const LinearAttentionForwardArgs& args) {
   const LinearAttentionConfig& c = args.config;
   FERRY_RETURN_IF_ERROR(ValidateLinearAttentionConfig(c));
-  FERRY_RETURN_IF_ERROR(CheckCuSeqlens(c.num_seqs, args.cu_seqlens, args.total_tokens));
-  const int64_t q_elems = args.total_tokens * c.num_q_heads * c.head_dim;
-  const int64_t kv_elems = args.total_tokens * c.num_kv_heads * c.head_dim;
-  FERRY_RETURN_IF_ERROR(CheckTensor(args.q, "q", q_elems));
-  FERRY_RETURN_IF_ERROR(CheckTensor(args.k, "k", kv_elems));
-  FERRY_RETURN_IF_ERROR(CheckTensor(args.v, "v", kv_elems));
-  FERRY_RETURN_IF_ERROR(CheckTensor(args.out, "out", q_elems));
-  return absl::OkStatus();
+  FERRY_RETURN_IF_ERROR(CheckVarlenInputs(c, args.cu_seqlens, args.total_tokens, args.q, args.k,
+                                          args.v));
+  return CheckTensor(args.out, "out", args.total_tokens * c.num_q_heads * c.head_dim);
 }
 
 absl::Status ValidateLinearAttentionBackwardArgs(const LinearAttentionBackwardArgs& args) {
@@ -296,12 +302,10 @@ absl::Status ValidateLinearAttentionBackwardArgs(const LinearAttentionBackwardAr
   if (c.dtype != DType::kFloat32) {
     return absl::InvalidArgumentError("dtype: the backward takes fp32 only");
   }
-  FERRY_RETURN_IF_ERROR(CheckCuSeqlens(c.num_seqs, args.cu_seqlens, args.total_tokens));
+  FERRY_RETURN_IF_ERROR(CheckVarlenInputs(c, args.cu_seqlens, args.total_tokens, args.q, args.k,
+                                          args.v));
   const int64_t q_elems = args.total_tokens * c.num_q_heads * c.head_dim;
   const int64_t kv_elems = args.total_tokens * c.num_kv_heads * c.head_dim;
-  FERRY_RETURN_IF_ERROR(CheckTensor(args.q, "q", q_elems));
-  FERRY_RETURN_IF_ERROR(CheckTensor(args.k, "k", kv_elems));
-  FERRY_RETURN_IF_ERROR(CheckTensor(args.v, "v", kv_elems));
   FERRY_RETURN_IF_ERROR(CheckTensor(args.dout, "dout", q_elems));
   FERRY_RETURN_IF_ERROR(CheckTensor(args.dq, "dq", q_elems));
   FERRY_RETURN_IF_ERROR(CheckTensor(args.dk, "dk", kv_elems));

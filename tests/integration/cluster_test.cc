@@ -10,6 +10,7 @@
 #include "ferry/v1/cluster.grpc.pb.h"
 #include "ferry/v1/generation.grpc.pb.h"
 #include "gtest/gtest.h"
+#include "generation_stream.h"
 #include "in_process_tokens.h"
 #include "runtime/model/tiny_checkpoint.h"
 #include "test_ports.h"
@@ -19,12 +20,7 @@ namespace {
 
 using namespace std::chrono_literals;
 
-struct StreamResult {
-  grpc::Status status;
-  std::vector<int32_t> tokens;
-  ferry::v1::FinishReason reason = ferry::v1::FINISH_REASON_UNSPECIFIED;
-  std::string error;
-};
+using testing::StreamResult;
 
 class ClusterTest : public ::testing::Test {
  protected:
@@ -99,26 +95,8 @@ class ClusterTest : public ::testing::Test {
 
   StreamResult Generate(const std::vector<int32_t>& prompt, int max_tokens,
                         std::function<void(int)> on_token = {}) {
-    ferry::v1::GenerateRequest request;
-    for (int32_t id : prompt) request.mutable_prompt_token_ids()->add_ids(id);
-    request.set_max_tokens(max_tokens);
-    request.set_ignore_eos(true);
-    StreamResult result;
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + 40s);
-    auto reader = generation_->Generate(&context, request);
-    ferry::v1::GenerateResponse response;
-    while (reader->Read(&response)) {
-      if (response.has_token()) {
-        result.tokens.push_back(response.token().token_id());
-        if (on_token) on_token(static_cast<int>(result.tokens.size()));
-      } else if (response.has_finished()) {
-        result.reason = response.finished().reason();
-        result.error = response.finished().error_message();
-      }
-    }
-    result.status = reader->Finish();
-    return result;
+    return testing::ReadGeneration(*generation_, testing::TokenRequest(prompt, max_tokens), 40s,
+                                   on_token);
   }
 
   std::vector<int32_t> InProcessTokens(const std::vector<int32_t>& prompt, int max_tokens) {

@@ -7,6 +7,7 @@
 #include "daemon.h"
 #include "ferry/v1/generation.grpc.pb.h"
 #include "gtest/gtest.h"
+#include "generation_stream.h"
 #include "in_process_tokens.h"
 #include "runtime/model/tiny_checkpoint.h"
 #include "test_ports.h"
@@ -16,38 +17,16 @@ namespace {
 
 using namespace std::chrono_literals;
 
-struct StreamResult {
-  grpc::Status status;
-  std::vector<int32_t> tokens;
-  ferry::v1::FinishReason reason = ferry::v1::FINISH_REASON_UNSPECIFIED;
-};
+using testing::StreamResult;
 
 StreamResult Generate(ferry::v1::GenerationService::Stub& stub,
                       const ferry::v1::GenerateRequest& request,
                       std::chrono::milliseconds deadline = 30s) {
-  StreamResult result;
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + deadline);
-  auto reader = stub.Generate(&context, request);
-  ferry::v1::GenerateResponse response;
-  while (reader->Read(&response)) {
-    if (response.has_token()) {
-      EXPECT_EQ(response.token().index(), static_cast<int>(result.tokens.size()));
-      result.tokens.push_back(response.token().token_id());
-    } else if (response.has_finished()) {
-      result.reason = response.finished().reason();
-    }
-  }
-  result.status = reader->Finish();
-  return result;
+  return testing::ReadGeneration(stub, request, deadline);
 }
 
-ferry::v1::GenerateRequest Request(std::vector<int32_t> prompt, int max_tokens) {
-  ferry::v1::GenerateRequest request;
-  for (int32_t id : prompt) request.mutable_prompt_token_ids()->add_ids(id);
-  request.set_max_tokens(max_tokens);
-  request.set_ignore_eos(true);
-  return request;
+ferry::v1::GenerateRequest Request(const std::vector<int32_t>& prompt, int max_tokens) {
+  return testing::TokenRequest(prompt, max_tokens);
 }
 
 class CoordinatorLocalTest : public ::testing::Test {
