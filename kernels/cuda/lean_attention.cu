@@ -1,25 +1,20 @@
 // LeanAttention decode kernel (stream-K over the batch's KV tiles), its launcher and workspace.
 // Contract and schedule: ferry/kernels/lean_attention.h. Design notes for readers of the code:
 //
-// * One block per multiprocessor, warp-specialised: one producer warp streams K/V tiles into a
-//   ring of shared-memory stages; kGroups * kDSplit consumer warps compute. A tile is
-//   kGroups * 16 consecutive KV positions of one (sequence, KV head); consumer group g owns
-//   positions [16g, 16g + 16) of each tile and keeps its own online-softmax state over them; the
-//   groups' states are merged through shared memory once per head segment.
-// * The ring is synchronised with mbarriers, not block barriers: a stage's "full" barrier
-//   completes when the producer's 16-byte cp.async copies into it have landed (and its tile
-//   metadata is written); its "empty" barrier when every consumer warp is done with it. So the
-//   producer refills a stage the moment it is free, whatever the other warps are doing, and the
-//   loads in flight per multiprocessor stay near the ring's depth (up to ~200 KB). (The previous
-//   design, every thread issuing its share of each tile after a block barrier, kept 1-2 tiles of
-//   32 KB in flight per block and reached 0.87-0.96 of the read bandwidth.)
+// * One block = kGroups position groups of kDSplit warps; a tile is kGroups * 16 consecutive KV
+//   positions of one (sequence, KV head); group g owns positions [16g, 16g + 16) of each tile
+//   and keeps its own online-softmax state over them; the groups' states are merged through
+//   shared memory once per head segment.
 // * The GQA group is the M dimension of mma.sync m16n8k16: one K/V load serves every q head of
 //   the group. Groups of <= 8 use rows r and r + 8 for the hi and lo halves of q (and of the
 //   softmax weights), so the tensor cores see ~16 mantissa bits where a plain 16-bit q would see
 //   8 (bf16); the two rows' accumulators sit in the same thread, so the sum is free.
-// * K/V copies zero-fill past the range (no garbage reaches the tensor cores) and XOR-swizzle
-//   rows so ldmatrix is conflict-free. The producer also copies a head's q (float32) into the
-//   stage of the head's first tile; the consumers keep it as MMA fragments in registers.
+// * K/V tiles stream through a multi-stage cp.async ring (16-byte copies, zero-fill past the
+//   range so no garbage reaches the tensor cores, XOR-swizzled rows so ldmatrix is
+//   conflict-free). The pipeline runs across head boundaries: a block's loads never stall on
+//   the end of a head.
+// * q is float32 in global memory; the next head's q is prefetched into registers while the
+//   current head streams, so the head switch costs two barriers and no global-latency stall.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -27,7 +22,6 @@
 #include <cmath>
 #include <cstdint>
 #include <mutex>
-#include <type_traits>
 
 #include <cub/block/block_scan.cuh>
 
@@ -41,38 +35,36 @@ namespace {
 constexpr int kMaxGroup = 16;  // one m16 MMA tile of q rows
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-constexpr int kStageAlign = 128;
 
 template <int kHeadDim>
 struct LeanConfig {
-  // Consumer warps come in position groups of kDSplit warps: a group owns 16 positions of a
-  // tile and each of its warps accumulates head_dim / kDSplit output columns (both compute the
-  // group's scores). d = 256 splits its 128 accumulators per thread over warp pairs, and takes
-  // 32-position tiles: 4 consumer warps, as for the smaller dims (ptxas sizes registers for
-  // warps in fours, so a ninth warp would cap them at 168 and spill).
+  // Warps come in position groups of kDSplit warps: a group owns 16 positions of a tile and
+  // each of its warps accumulates head_dim / kDSplit output columns (both compute the group's
+  // scores; the duplicated q.K MMAs are cheap next to the latency they hide).
+  // d <= 128: 4 warps, no split: stages small enough that two blocks share an SM (independent
+  // barriers). d = 256: 128 accumulators per thread and 64 KB stages allow one block of 4 warps,
+  // too few to hide latency (0.67 of read bandwidth); splitting the columns over warp pairs
+  // gives 8 warps with 64 accumulators each.
+  // (Measured on the H100: d=256 went from 0.67 to 0.95 of read bandwidth with the split;
+  // d=128 with the split and two blocks per SM was capped at 128 registers, spilled, and fell
+  // from 0.91 to 0.65.)
   static constexpr int kDSplit = kHeadDim == 256 ? 2 : 1;
-  static constexpr int kGroups = kHeadDim == 256 ? 2 : 4;  // position groups
-  static constexpr int kConsumerWarps = kGroups * kDSplit;
-  static constexpr int kConsumerThreads = kConsumerWarps * 32;
-  static constexpr int kProducerWarps = 1;
-  static constexpr int kThreads = kConsumerThreads + kProducerWarps * 32;
+  static constexpr int kGroups = 4;  // position groups
+  static constexpr int kWarps = kGroups * kDSplit;
+  static constexpr int kMinBlocks = 1;
+  static constexpr int kThreads = kWarps * 32;
   static constexpr int kTile = kGroups * 16;  // KV positions per tile
   static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks of a K or V row
-  static constexpr int kKvBytes = 2 * kTile * kHeadDim * 2;  // K tile + V tile
-  // Ring depth: ~200 KB of a multiprocessor's shared memory (~8 us of its share of HBM).
-  static constexpr int kMaxStages = kHeadDim == 64 ? 12 : 6;
+  static constexpr int kStageBytes = 2 * kTile * kHeadDim * 2;  // K tile + V tile
+  static constexpr int kQfragBytes = kHeadDim / 16 * 32 * 16;  // one uint4 per (k-step, lane)
+  static constexpr int kQ4PerThread = kMaxGroup * kHeadDim / 4 / kThreads;
+  static constexpr int kMaxStages = kHeadDim == 64 ? 6 : 4;
+  // q in float32 is staged through the stage about to be refilled.
+  static_assert(kMaxGroup * kHeadDim * 4 <= kStageBytes, "q staging must fit a stage");
   static_assert(kChunksPerRow >= 8, "swizzle needs 8 chunks per row");
-  // The end-of-segment merge of the groups' states reuses the stage's K/V area as scratch.
-  static_assert(kGroups * 16 * kHeadDim * 4 <= kKvBytes, "scratch must fit a stage");
+  // The end-of-head merge of the warps' states reuses a consumed stage as scratch.
+  static_assert(kGroups * 16 * kHeadDim * 4 <= kStageBytes, "scratch must fit a stage");
 };
-
-// Stage layout: K tile, V tile, then the q rows of the tile's head (float32, group x head_dim;
-// written only for a segment's first tile).
-template <int kHeadDim>
-constexpr int StageBytes(int group) {
-  return LeanConfig<kHeadDim>::kKvBytes +
-         (group * kHeadDim * 4 + kStageAlign - 1) / kStageAlign * kStageAlign;
-}
 
 struct Bf16Traits {
   using T = __nv_bfloat16;
@@ -123,45 +115,18 @@ __device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool va
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                "r"(valid ? 16 : 0));
 }
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
 
-// mbarrier primitives (sm_80+; the wait uses try_wait where the chip has it).
-__device__ __forceinline__ void MbarrierInit(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void MbarrierArrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Arrives on `bar` once every cp.async this thread issued so far has landed (counted in the
-// barrier's expected arrivals).
-__device__ __forceinline__ void MbarrierArriveOnCopies(uint32_t bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-// Returns once the phase of `bar` with parity `parity` has completed.
-__device__ __forceinline__ void MbarrierWait(uint32_t bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared.b64 p, [%1], %2;\n"
-        " selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-#else
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared.b64 p, [%1], %2;\n"
-        " selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-#endif
-  } while (!done);
-}
-
-// Barrier over the consumer warps only (id 1; __syncthreads is id 0).
-template <int kCount>
-__device__ __forceinline__ void ConsumerSync() {
-  asm volatile("bar.sync 1, %0;\n" ::"n"(kCount) : "memory");
+// Waits until at most n groups are pending. n is a run-time value (the stage count is picked
+// per device), the instruction needs an immediate.
+__device__ __forceinline__ void CpAsyncWaitPending(int n) {
+  switch (n) {
+    case 0: asm volatile("cp.async.wait_group 0;\n" ::: "memory"); break;
+    case 1: asm volatile("cp.async.wait_group 1;\n" ::: "memory"); break;
+    case 2: asm volatile("cp.async.wait_group 2;\n" ::: "memory"); break;
+    case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
+    default: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
+  }
 }
 
 __device__ __forceinline__ void LdMatrixX4(uint32_t* r, uint32_t addr) {
@@ -190,7 +155,6 @@ struct LeanParams {
   float* part_lse;    // (grid, 2, group)
   int group;
   int stages;
-  int stage_bytes;
   int block_shift;  // log2(block_size) when a power of two, else -1
   float q_scale;  // softmax_scale * log2(e): scores are kept in base 2
 };
@@ -198,7 +162,6 @@ struct LeanParams {
 struct SeqRange {
   int64_t begin;
   int64_t end;
-  int64_t first_block;  // index of the sequence's first block-table entry
   bool valid;
 };
 
@@ -212,12 +175,12 @@ __device__ __forceinline__ SeqRange LoadSeqRange(const DecodeAttentionArgs& a, i
   const int64_t end = a.kv_end != nullptr ? a.kv_end[s] : len;
   const bool valid = last >= first && len >= 0 && len <= (last - first) * a.kv.block_size &&
                      begin >= 0 && end >= begin && end <= len;
-  return {begin, end, first, valid};
+  return {begin, end, valid};
 }
 
 // Walks the flat tile order forwards one tile at a time: (sequence, KV head, tile in head).
-// Stepping is incremental so the per-tile cost is a few integer adds; only the producer warp
-// walks it (the consumers read each tile's position from the stage's TileMeta).
+// Stepping is incremental so the per-tile cost is a few integer adds (a 64-bit division per
+// tile was a measurable share of the instruction budget); a block divides once, at its start.
 struct TileCursor {
   int s;
   int kv_head;
@@ -228,19 +191,19 @@ struct TileCursor {
   int64_t seq_first_tile;  // flat index of the sequence's first tile
   const int32_t* blocks;   // the sequence's block table row
 
-  __device__ __forceinline__ void Set(const DecodeAttentionArgs& a, int tile_size,
-                                      const SeqRange& r) {
+  __device__ __forceinline__ void Load(const DecodeAttentionArgs& a, int tile_size) {
+    const SeqRange r = LoadSeqRange(a, s);
     begin = static_cast<int>(r.begin);
     end = static_cast<int>(r.end);
     tiles_per_head = r.valid ? static_cast<int>(NumKvTiles(r.begin, r.end, tile_size)) : 0;
-    blocks = a.block_table + r.first_block;
+    blocks = a.block_table + a.block_table_indptr[s];
   }
-  // Positions onto flat tile `tile` of sequence `seq` (range r), whose first tile is first_tile.
+  // Positions onto flat tile `tile` of sequence s (found by the block's scan).
   __device__ __forceinline__ void Start(const DecodeAttentionArgs& a, int tile_size, int seq,
-                                        const SeqRange& r, int64_t first_tile, int64_t tile) {
+                                        int64_t first_tile, int64_t tile) {
     s = seq;
     seq_first_tile = first_tile;
-    Set(a, tile_size, r);
+    Load(a, tile_size);
     const int64_t offset = tile - first_tile;
     kv_head = static_cast<int>(offset / tiles_per_head);
     j = static_cast<int>(offset - int64_t{kv_head} * tiles_per_head);
@@ -254,19 +217,9 @@ struct TileCursor {
     do {
       seq_first_tile += int64_t{a.kv.num_kv_heads} * tiles_per_head;
       ++s;
-      Set(a, tile_size, LoadSeqRange(a, s));
+      Load(a, tile_size);
     } while (tiles_per_head == 0);  // sequences with empty or invalid ranges have no tiles
   }
-};
-
-// What the consumers need to know about the tile in a stage (written by the producer).
-struct TileMeta {
-  int64_t flat_head;        // s * num_kv_heads + kv_head
-  int64_t head_first_tile;  // flat index of the head's first tile
-  int j;                    // tile within the head
-  int tiles_per_head;
-  int begin;
-  int end;
 };
 
 // Identity state for every q head of a sequence with an empty range, NaN for an invalid one.
@@ -294,232 +247,56 @@ __device__ __forceinline__ int64_t OwnerOfTile(int64_t t, int64_t total, int64_t
   return ((t + 1) * num_workers - 1) / total;
 }
 
-// Shared state of a block besides the dynamic ring of stages.
-template <int kHeadDim>
-struct LeanShared {
-  static constexpr int kMaxStages = LeanConfig<kHeadDim>::kMaxStages;
-  static constexpr int kGroups = LeanConfig<kHeadDim>::kGroups;
-  uint64_t full[kMaxStages];   // tile landed (the producer lanes' copies + the metadata)
-  uint64_t empty[kMaxStages];  // stage consumed (one arrival per consumer warp)
-  TileMeta meta[kMaxStages];
-  float warp_max[kGroups][16];
-  float warp_sum[kGroups][16];
-  float row_lse[16];
-  int64_t found_seq;
-  int64_t found_first_tile;
-  SeqRange found_range;
-  int is_last_arrival;
-};
-
-__device__ __forceinline__ int PageOf(const LeanParams& p, int pos) {
-  return p.block_shift >= 0
-             ? pos >> p.block_shift
-             : static_cast<int>(static_cast<unsigned>(pos) /
-                                static_cast<unsigned>(p.args.kv.block_size));
-}
-
-// The pages one tile touches: lane l of a producer warp holds the block-table entry of the
-// tile's l-th page (-1 past its last position), so a row finds its block with a shuffle instead
-// of a dependent global load. Loaded one tile ahead of use; checked against the pool at use.
-// A tile spans more than 32 pages only for block sizes 1 and 2: then rows look their blocks up.
-struct TilePages {
-  int first_page;
-  int num_pages;
-  int lane_block;
-};
-
-template <int kTile>
-__device__ __forceinline__ TilePages LoadTilePages(const LeanParams& p, const TileCursor& c,
-                                                   int lane) {
-  const int pos0 = c.begin + c.j * kTile;
-  const int last_pos = min(pos0 + kTile, c.end) - 1;
-  TilePages pages;
-  pages.first_page = PageOf(p, pos0);
-  pages.num_pages = PageOf(p, last_pos) - pages.first_page + 1;
-  pages.lane_block = lane < pages.num_pages ? c.blocks[pages.first_page + lane] : -1;
-  return pages;
-}
-
-// Block id of a valid row's page, or -1 (and the error bit) when the id is outside the pool.
-__device__ __forceinline__ int CheckedBlock(const LeanParams& p, int block) {
-  if (block >= 0 && block < p.args.kv.num_blocks) return block;
-  atomicOr(p.error_word, kLeanErrorBadBlock);
-  return -1;
-}
-
-// The producer warps: walk this block's tiles [t0, t1) and copy each into the next free stage.
-// Producer warp pw of kProducerWarps copies every kProducerWarps-th 32-chunk slice of a tile.
 template <int kHeadDim, typename Traits>
-__device__ __forceinline__ void ProduceTiles(const LeanParams& p, LeanShared<kHeadDim>& sh,
-                                             uint8_t* ring, TileCursor cursor, int64_t t0,
-                                             int64_t t1, int pw) {
-  using Config = LeanConfig<kHeadDim>;
-  using T = typename Traits::T;
-  constexpr int kTile = Config::kTile;
-  constexpr int kProducers = Config::kProducerWarps;
-  constexpr int kChunksPerRow = Config::kChunksPerRow;
-  static_assert(32 % kChunksPerRow == 0, "a lane copies one column of every row it touches");
-  constexpr int kRowsPerSlice = 32 / kChunksPerRow;  // rows one warp-wide copy covers
-  constexpr int kSlicesPerWarp = kTile / kRowsPerSlice / kProducers;
-  const DecodeAttentionArgs& a = p.args;
-  const int lane = threadIdx.x % 32;
-  const int col = lane % kChunksPerRow;
-  const T* k_pool = static_cast<const T*>(a.kv.k_pool) + col * 8;
-  const T* v_pool = static_cast<const T*>(a.kv.v_pool) + col * 8;
-  const int block_size = a.kv.block_size;
-  const int num_kv_heads = a.kv.num_kv_heads;
-  const int q_chunks = p.group * kHeadDim / 4;  // 16-byte chunks of a head's q rows
-
-  // Issues the copies of tile `c` into the stage at k_dst; rows past the range or in a bad
-  // block are zero-filled. kFit: the tile's pages sit one per lane (else rows look their
-  // blocks up); kPow2: block_size is a power of two (shifts instead of divisions). The per-row
-  // work is a shuffle of the page's 64-bit offset and a few adds: it is the producer's issue
-  // cost, paid 2 * kSlicesPerWarp times per tile.
-  auto issue_tile = [&](const TileCursor& c, const TilePages& pages, uint32_t k_dst, auto fit,
-                        auto pow2) {
-    constexpr bool kFit = decltype(fit)::value;
-    constexpr bool kPow2 = decltype(pow2)::value;
-    const uint32_t v_dst = k_dst + Config::kKvBytes / 2;
-    const int pos0 = c.begin + c.j * kTile;
-    const int rows = min(kTile, c.end - pos0);
-    const int64_t page_elems = int64_t{block_size} * kHeadDim;
-    // Element offset of (this lane's page, kv head, slot 0); -1 for a bad block.
-    int64_t lane_base = -1;
-    if (kFit && lane < pages.num_pages) {
-      const int block = CheckedBlock(p, pages.lane_block);
-      if (block >= 0) lane_base = (int64_t{block} * num_kv_heads + c.kv_head) * page_elems;
-    }
-#pragma unroll
-    for (int i = 0; i < kSlicesPerWarp; ++i) {
-      const int row = lane / kChunksPerRow + kRowsPerSlice * (pw + kProducers * i);
-      const int pos = pos0 + row;
-      const int page = kPow2 ? pos >> p.block_shift
-                             : static_cast<int>(static_cast<unsigned>(pos) /
-                                                static_cast<unsigned>(block_size));
-      const int slot = kPow2 ? pos & (block_size - 1) : pos - page * block_size;
-      int64_t base;
-      if constexpr (kFit) {
-        base = __shfl_sync(0xffffffffu, lane_base, (page - pages.first_page) & 31);
-      } else {
-        const int block = row < rows ? CheckedBlock(p, c.blocks[page]) : -1;
-        base = block >= 0 ? (int64_t{block} * num_kv_heads + c.kv_head) * page_elems : -1;
-      }
-      const bool valid = row < rows && base >= 0;
-      const int64_t src = valid ? base + slot * kHeadDim : 0;
-      const uint32_t dst = SwizzledOffset<kHeadDim>(row, col);
-      CpAsync16(k_dst + dst, k_pool + src, valid);
-      CpAsync16(v_dst + dst, v_pool + src, valid);
-    }
-  };
-
-  TileCursor next = cursor;
-  TilePages pages = LoadTilePages<kTile>(p, cursor, lane);
-  int stage = 0;
-  uint32_t phase = 0;
-  for (int64_t t = t0; t < t1; ++t) {
-    // Look one tile ahead: the next tile's page ids load while this one is issued.
-    TilePages next_pages = pages;
-    if (t + 1 < t1) {
-      next.Advance(a, kTile);
-      next_pages = LoadTilePages<kTile>(p, next, lane);
-    }
-    // A fresh barrier counts as having completed the phase before its first: the first pass
-    // over the ring does not wait.
-    MbarrierWait(SmemAddr(&sh.empty[stage]), phase ^ 1);
-    const uint32_t k_dst = SmemAddr(ring + stage * p.stage_bytes);
-    if (pages.num_pages > 32) {
-      issue_tile(cursor, pages, k_dst, std::false_type{}, std::false_type{});
-    } else if (p.block_shift >= 0) {
-      issue_tile(cursor, pages, k_dst, std::true_type{}, std::true_type{});
-    } else {
-      issue_tile(cursor, pages, k_dst, std::true_type{}, std::false_type{});
-    }
-    const int64_t flat_head = int64_t{cursor.s} * num_kv_heads + cursor.kv_head;
-    if (t == t0 || cursor.j == 0) {
-      const float* q = a.q + flat_head * p.group * kHeadDim;
-      for (int c = pw * 32 + lane; c < q_chunks; c += kProducers * 32) {
-        CpAsync16(k_dst + Config::kKvBytes + c * 16, q + c * 4, true);
-      }
-    }
-    MbarrierArriveOnCopies(SmemAddr(&sh.full[stage]));
-    if (pw == 0 && lane == 0) {
-      TileMeta& m = sh.meta[stage];
-      m.flat_head = flat_head;
-      m.head_first_tile = cursor.seq_first_tile + int64_t{cursor.kv_head} * cursor.tiles_per_head;
-      m.j = cursor.j;
-      m.tiles_per_head = cursor.tiles_per_head;
-      m.begin = cursor.begin;
-      m.end = cursor.end;
-      MbarrierArrive(SmemAddr(&sh.full[stage]));  // releases the metadata
-    }
-    cursor = next;
-    pages = next_pages;
-    if (++stage == p.stages) {
-      stage = 0;
-      phase ^= 1;
-    }
-  }
-  // Leave no copy in flight behind an exited warp.
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-}
-
-template <int kHeadDim, typename Traits>
-__global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
+__global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
+                                  LeanConfig<kHeadDim>::kMinBlocks)
     LeanDecodeKernel(const LeanParams p) {
   using Config = LeanConfig<kHeadDim>;
   using T = typename Traits::T;
   constexpr int kThreads = Config::kThreads;
-  constexpr int kConsumerThreads = Config::kConsumerThreads;
   constexpr int kTile = Config::kTile;
   constexpr int kKSteps = kHeadDim / 16;
   constexpr int kGroups = Config::kGroups;
   constexpr int kDSplit = Config::kDSplit;
   constexpr int kDTiles = kHeadDim / 8 / kDSplit;  // n8 output tiles of this warp
 
-  extern __shared__ __align__(128) uint8_t ring[];
-  __shared__ LeanShared<kHeadDim> sh;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint4* qfrag = reinterpret_cast<uint4*>(smem + p.stages * Config::kStageBytes);
+  __shared__ float warp_max[kGroups][16];
+  __shared__ float warp_sum[kGroups][16];
+  __shared__ float row_lse[16];
+  __shared__ int64_t found_seq_and_tile[2];
+  __shared__ int is_last_arrival;
   using BlockScan = cub::BlockScan<int64_t, kThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
-  __shared__ uint8_t first_seqs_have_no_tiles[kThreads];
 
   const DecodeAttentionArgs& a = p.args;
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
+  const int pgroup = warp / kDSplit;  // this warp's 16 positions of each tile
+  const int dpart = warp % kDSplit;   // and its share of the output columns
   const int num_seqs = a.num_seqs;
   const int num_kv_heads = a.kv.num_kv_heads;
   const int group = p.group;
   const bool hi_lo = group <= 8;
 
   // --- Plan, on the GPU: total tiles, this block's range, the sequence it starts in. ---------
-  // The first kThreads sequences (all of them in most batches) are read once: their counts and
-  // prefix sums stay in registers for the search below.
   int64_t total_tiles = 0;
-  int64_t my_tiles = 0;
-  int64_t my_exclusive = 0;
-  SeqRange my_range = {0, 0, 0, false};
   for (int base = 0; base < num_seqs; base += kThreads) {
     const int s = base + tid;
     int64_t tiles = 0;
-    SeqRange r = {0, 0, 0, false};
     if (s < num_seqs) {
-      r = LoadSeqRange(a, s);
+      const SeqRange r = LoadSeqRange(a, s);
       tiles = r.valid ? num_kv_heads * NumKvTiles(r.begin, r.end, kTile) : 0;
     }
     int64_t exclusive, aggregate;
     BlockScan(scan_storage).ExclusiveSum(tiles, exclusive, aggregate);
-    if (base == 0) {
-      my_tiles = tiles;
-      my_exclusive = exclusive;
-      my_range = r;
-      first_seqs_have_no_tiles[tid] = tiles == 0;
-    }
     __syncthreads();
     total_tiles += aggregate;
   }
   // Sequences with no tiles are written here, spread over the blocks.
   for (int s = blockIdx.x; s < num_seqs; s += gridDim.x) {
-    if (s < kThreads && !first_seqs_have_no_tiles[s]) continue;
     const SeqRange r = LoadSeqRange(a, s);
     if (!r.valid || r.end == r.begin) WriteEmptySequence<kHeadDim, Traits>(p, s, r.valid);
   }
@@ -529,100 +306,163 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
   if (blockIdx.x >= num_workers) return;
   const int64_t t0 = FirstTileOfWorker(total_tiles, num_workers, blockIdx.x);
   const int64_t t1 = FirstTileOfWorker(total_tiles, num_workers, blockIdx.x + 1);
-  if (my_tiles > 0 && my_exclusive <= t0 && t0 < my_exclusive + my_tiles) {
-    sh.found_seq = tid;
-    sh.found_first_tile = my_exclusive;
-    sh.found_range = my_range;
-  }
-  if (num_seqs > kThreads) {
+  {
     int64_t running = 0;
+    if (tid == 0) found_seq_and_tile[0] = -1;
+    __syncthreads();
     for (int base = 0; base < num_seqs; base += kThreads) {
       const int s = base + tid;
       int64_t tiles = 0;
-      SeqRange r = {0, 0, 0, false};
       if (s < num_seqs) {
-        r = LoadSeqRange(a, s);
+        const SeqRange r = LoadSeqRange(a, s);
         tiles = r.valid ? num_kv_heads * NumKvTiles(r.begin, r.end, kTile) : 0;
       }
       int64_t exclusive, aggregate;
       BlockScan(scan_storage).ExclusiveSum(tiles, exclusive, aggregate);
       exclusive += running;
-      const bool found_here = tiles > 0 && exclusive <= t0 && t0 < exclusive + tiles;
-      if (found_here && base > 0) {
-        sh.found_seq = s;
-        sh.found_first_tile = exclusive;
-        sh.found_range = r;
+      if (tiles > 0 && exclusive <= t0 && t0 < exclusive + tiles) {
+        found_seq_and_tile[0] = s;
+        found_seq_and_tile[1] = exclusive;
       }
       running += aggregate;
-      if (__syncthreads_or(found_here)) break;
+      __syncthreads();
+      if (found_seq_and_tile[0] >= 0) break;
     }
   }
-  if (tid == 0) {
-    for (int i = 0; i < p.stages; ++i) {
-      // Every producer lane's copies + the metadata arrival.
-      MbarrierInit(SmemAddr(&sh.full[i]), Config::kProducerWarps * 32 + 1);
-      MbarrierInit(SmemAddr(&sh.empty[i]), Config::kConsumerWarps);
+  TileCursor start;
+  start.Start(a, kTile, static_cast<int>(found_seq_and_tile[0]), found_seq_and_tile[1], t0);
+
+  // --- K/V producer. -------------------------------------------------------------------------
+  const T* k_pool = static_cast<const T*>(a.kv.k_pool);
+  const T* v_pool = static_cast<const T*>(a.kv.v_pool);
+  const int block_size = a.kv.block_size;
+  const int num_blocks = a.kv.num_blocks;
+  TileCursor producer = start;
+  // Loads the producer cursor's tile; the caller advances the cursor.
+  auto load_tile = [&](int stage) {
+    const int kv_head = producer.kv_head;
+    const int pos0 = producer.begin + producer.j * kTile;
+    const int pos_end = producer.end;
+    uint8_t* k_stage = smem + stage * Config::kStageBytes;
+    const uint32_t k_dst = SmemAddr(k_stage);
+    const uint32_t v_dst = k_dst + Config::kStageBytes / 2;
+#pragma unroll
+    for (int i = 0; i < kTile * Config::kChunksPerRow / kThreads; ++i) {
+      const int chunk = tid + i * kThreads;
+      const int row = chunk / Config::kChunksPerRow;
+      const int col = chunk % Config::kChunksPerRow;
+      const int pos = pos0 + row;
+      bool valid = pos < pos_end;
+      int64_t src = 0;
+      if (valid) {
+        const int block_index =
+            p.block_shift >= 0 ? pos >> p.block_shift
+                               : static_cast<unsigned>(pos) / static_cast<unsigned>(block_size);
+        const int block = producer.blocks[block_index];
+        if (block < 0 || block >= num_blocks) {
+          valid = false;
+          atomicOr(p.error_word, kLeanErrorBadBlock);
+        } else {
+          src = ((int64_t{block} * num_kv_heads + kv_head) * block_size +
+                 (pos - block_index * block_size)) *
+                    kHeadDim +
+                col * 8;
+        }
+      }
+      const uint32_t dst = SwizzledOffset<kHeadDim>(row, col);
+      CpAsync16(k_dst + dst, k_pool + src, valid);
+      CpAsync16(v_dst + dst, v_pool + src, valid);
     }
-  }
-  __syncthreads();
+  };
 
-  // --- Producer warp. ------------------------------------------------------------------------
-  if (warp >= Config::kConsumerWarps) {
-    TileCursor cursor;
-    cursor.Start(a, kTile, static_cast<int>(sh.found_seq), sh.found_range, sh.found_first_tile,
-                 t0);
-    ProduceTiles<kHeadDim, Traits>(p, sh, ring, cursor, t0, t1, warp - Config::kConsumerWarps);
-    return;
+  const int stages = p.stages;
+  for (int i = 0; i < stages - 1; ++i) {
+    if (t0 + i < t1) {
+      if (i > 0) producer.Advance(a, kTile);
+      load_tile(i);
+    }
+    CpAsyncCommit();
   }
 
-  // --- Consumer warps. From here on, barriers count the consumer threads only. ---------------
-  const int pgroup = warp / kDSplit;  // this warp's 16 positions of each tile
-  const int dpart = warp % kDSplit;   // and its share of the output columns
+  // --- Consumer state. -----------------------------------------------------------------------
+  TileCursor consumer = start;
   float o_acc[kDTiles][4];
   float row_max[2];
   float row_sum[2];
-  uint32_t q_frag[kKSteps][4];  // the head's q as MMA A fragments (row-major m16 x k16)
-  int stage = 0;
-  uint32_t phase = 0;
+  float4 q_prefetch[Config::kQ4PerThread];
+  int64_t prefetched_head = -1;
+  const int q_float4s = group * kHeadDim / 4;
+  auto prefetch_q = [&](int64_t flat_head) {
+    const float4* src = reinterpret_cast<const float4*>(a.q + flat_head * group * kHeadDim);
+#pragma unroll
+    for (int i = 0; i < Config::kQ4PerThread; ++i) {
+      const int e = i * kThreads + tid;
+      if (e < q_float4s) q_prefetch[i] = __ldg(src + e);
+    }
+    prefetched_head = flat_head;
+  };
+
+  int stage_use = 0;
+  int stage_load = stages - 1;
   for (int64_t t = t0; t < t1; ++t) {
-    MbarrierWait(SmemAddr(&sh.full[stage]), phase);
-    const TileMeta m = sh.meta[stage];
-    uint8_t* stage_base = ring + stage * p.stage_bytes;
-    const int j = m.j;
-    const int64_t flat_head = m.flat_head;
-    const int64_t head_first_tile = m.head_first_tile;
-    const int64_t head_last_tile = head_first_tile + m.tiles_per_head - 1;
+    CpAsyncWaitPending(stages - 2);
+    __syncthreads();
+
+    if (t > t0) consumer.Advance(a, kTile);
+    const int kv_head = consumer.kv_head;
+    const int j = consumer.j;
+    const int64_t flat_head = int64_t{consumer.s} * num_kv_heads + kv_head;
+    const int64_t head_first_tile =
+        consumer.seq_first_tile + int64_t{kv_head} * consumer.tiles_per_head;
+    const int64_t head_last_tile = head_first_tile + consumer.tiles_per_head - 1;
     const bool segment_start = t == t0 || j == 0;
     const bool segment_end = t == t1 - 1 || t == head_last_tile;
 
     if (segment_start) {
-      // Rows past the group are zero: their scores are 0 and their outputs are dropped.
-      const float* q_rows = reinterpret_cast<const float*>(stage_base + Config::kKvBytes);
-      const int r = lane / 4;
+      // The stage refilled below is free (consumed last iteration): stage q there in float32.
+      float* qraw = reinterpret_cast<float*>(smem + stage_load * Config::kStageBytes);
+      if (prefetched_head != flat_head) prefetch_q(flat_head);
 #pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        const int c = ks * 16 + 2 * (lane % 4);
-        float2 x01 = make_float2(0.0f, 0.0f), x89 = make_float2(0.0f, 0.0f);
-        if (r < group) {
-          x01 = *reinterpret_cast<const float2*>(q_rows + r * kHeadDim + c);
-          x89 = *reinterpret_cast<const float2*>(q_rows + r * kHeadDim + c + 8);
+      for (int i = 0; i < Config::kQ4PerThread; ++i) {
+        const int e = i * kThreads + tid;
+        if (e < q_float4s) {
+          float4 v = q_prefetch[i];
+          v.x *= p.q_scale;
+          v.y *= p.q_scale;
+          v.z *= p.q_scale;
+          v.w *= p.q_scale;
+          reinterpret_cast<float4*>(qraw)[e] = v;
         }
-        const float x0 = x01.x * p.q_scale, x1 = x01.y * p.q_scale;
-        const float x2 = x89.x * p.q_scale, x3 = x89.y * p.q_scale;
-        q_frag[ks][0] = Traits::Pack(x0, x1);
-        q_frag[ks][2] = Traits::Pack(x2, x3);
+      }
+      __syncthreads();
+      // Fragments of q as the A operand (row-major m16 x k16 per k-step).
+      for (int e = tid; e < kKSteps * 32; e += kThreads) {
+        const int ks = e / 32;
+        const int ln = e % 32;
+        const int r = ln / 4;
+        const int c = ks * 16 + 2 * (ln % 4);
+        // Rows past the group are zero: their scores are 0 and their outputs are dropped.
+        const float* row = qraw + r * kHeadDim;
+        const bool live = r < group;
+        const float x0 = live ? row[c] : 0.0f, x1 = live ? row[c + 1] : 0.0f;
+        const float x2 = live ? row[c + 8] : 0.0f, x3 = live ? row[c + 9] : 0.0f;
+        uint4 frag;
+        frag.x = Traits::Pack(x0, x1);
+        frag.z = Traits::Pack(x2, x3);
         if (hi_lo) {
-          q_frag[ks][1] = Traits::Pack(x0 - Traits::Rounded(x0), x1 - Traits::Rounded(x1));
-          q_frag[ks][3] = Traits::Pack(x2 - Traits::Rounded(x2), x3 - Traits::Rounded(x3));
+          frag.y = Traits::Pack(x0 - Traits::Rounded(x0), x1 - Traits::Rounded(x1));
+          frag.w = Traits::Pack(x2 - Traits::Rounded(x2), x3 - Traits::Rounded(x3));
         } else {
-          float2 y01 = make_float2(0.0f, 0.0f), y89 = make_float2(0.0f, 0.0f);
-          if (r + 8 < group) {
-            y01 = *reinterpret_cast<const float2*>(q_rows + (r + 8) * kHeadDim + c);
-            y89 = *reinterpret_cast<const float2*>(q_rows + (r + 8) * kHeadDim + c + 8);
-          }
-          q_frag[ks][1] = Traits::Pack(y01.x * p.q_scale, y01.y * p.q_scale);
-          q_frag[ks][3] = Traits::Pack(y89.x * p.q_scale, y89.y * p.q_scale);
+          const float* row8 = row + 8 * kHeadDim;
+          const bool live8 = r + 8 < group;
+          frag.y = Traits::Pack(live8 ? row8[c] : 0.0f, live8 ? row8[c + 1] : 0.0f);
+          frag.w = Traits::Pack(live8 ? row8[c + 8] : 0.0f, live8 ? row8[c + 9] : 0.0f);
         }
+        qfrag[e] = frag;
+      }
+      __syncthreads();
+      if (head_last_tile < t1 - 1 && flat_head + 1 < int64_t{num_seqs} * num_kv_heads) {
+        prefetch_q(flat_head + 1);
       }
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
@@ -631,13 +471,20 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
       row_max[0] = row_max[1] = FERRY_EMPTY_LSE;
       row_sum[0] = row_sum[1] = 0.0f;
     }
+    if (t + stages - 1 < t1) {
+      producer.Advance(a, kTile);
+      load_tile(stage_load);
+    }
+    CpAsyncCommit();
+    if (++stage_load == stages) stage_load = 0;
 
     // --- S = q K^T over this warp's 16 positions. ---
-    const uint32_t k_base = SmemAddr(stage_base);
-    const uint32_t v_base = k_base + Config::kKvBytes / 2;
+    const uint8_t* k_stage = smem + stage_use * Config::kStageBytes;
+    const uint32_t k_base = SmemAddr(k_stage);
+    const uint32_t v_base = k_base + Config::kStageBytes / 2;
     // ldmatrix and mma are volatile asm, so they issue in program order: each fragment is
-    // loaded one step ahead of its MMA, and even and odd k-steps accumulate separately (two
-    // dependent MMA chains of kKSteps / 2, not one).
+    // loaded one step ahead of its MMA (issue never waits on a load just made), and even and
+    // odd k-steps accumulate separately (two dependent MMA chains of kKSteps / 2, not one).
     float s_acc[2][4];
     {
       float s_odd[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
@@ -652,9 +499,11 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
           LdMatrixX4(b[(ks + 1) & 1],
                      k_base + SwizzledOffset<kHeadDim>(row, 2 * (ks + 1) + chunk_half));
         }
+        const uint4 qa = qfrag[ks * 32 + lane];
+        const uint32_t a_frag[4] = {qa.x, qa.y, qa.z, qa.w};
         float (*acc)[4] = (ks & 1) ? s_odd : s_even;
-        Traits::Mma(acc[0], q_frag[ks], b[ks & 1][0], b[ks & 1][1]);
-        Traits::Mma(acc[1], q_frag[ks], b[ks & 1][2], b[ks & 1][3]);
+        Traits::Mma(acc[0], a_frag, b[ks & 1][0], b[ks & 1][1]);
+        Traits::Mma(acc[1], a_frag, b[ks & 1][2], b[ks & 1][3]);
       }
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
@@ -677,14 +526,14 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
       }
     }
     // Positions past the range (the tail of a head's last tile) drop out of the softmax. Only
-    // the last tile can have them: the test is warp-uniform and skips the masking elsewhere.
-    if (j == m.tiles_per_head - 1) {
-      const int tile_pos0 = m.begin + j * kTile + pgroup * 16;
+    // the last tile can have them: the test is block-uniform and skips the masking elsewhere.
+    if (j == consumer.tiles_per_head - 1) {
+      const int tile_pos0 = consumer.begin + j * kTile + pgroup * 16;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          if (tile_pos0 + nt * 8 + 2 * (lane % 4) + (i & 1) >= m.end) {
+          if (tile_pos0 + nt * 8 + 2 * (lane % 4) + (i & 1) >= consumer.end) {
             s_acc[nt][i] = FERRY_EMPTY_LSE;
           }
         }
@@ -702,11 +551,11 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
         row_max[1] = row_max[0];
         break;
       }
-      float mx = fmaxf(fmaxf(s_acc[0][2 * h], s_acc[0][2 * h + 1]),
-                       fmaxf(s_acc[1][2 * h], s_acc[1][2 * h + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float new_max = fmaxf(row_max[h], mx);
+      float m = fmaxf(fmaxf(s_acc[0][2 * h], s_acc[0][2 * h + 1]),
+                      fmaxf(s_acc[1][2 * h], s_acc[1][2 * h + 1]));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+      const float new_max = fmaxf(row_max[h], m);
       // All positions so far masked: subtract 0 instead of -inf (no NaN from -inf - -inf).
       const float base = new_max == FERRY_EMPTY_LSE ? 0.0f : new_max;
       alpha[h] = exp2f(row_max[h] - base);
@@ -721,7 +570,7 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
       row_max[h] = new_max;
     }
     // Once the running max settles, alpha is 1 for every row of the warp: skip the rescale of
-    // the accumulators.
+    // the D/2 accumulators (a sixth of the instructions of a tile).
     if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt) {
@@ -755,42 +604,42 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
     }
 
     if (segment_end) {
-      // --- Merge the groups' states for this head segment. ---
+      // --- Merge the warps' states for this head segment. ---
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
         row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
       }
       if (lane % 4 == 0 && dpart == 0) {  // a group's warps hold the same statistics
-        sh.warp_max[pgroup][lane / 4] = row_max[0];
-        sh.warp_max[pgroup][lane / 4 + 8] = row_max[1];
-        sh.warp_sum[pgroup][lane / 4] = row_sum[0];
-        sh.warp_sum[pgroup][lane / 4 + 8] = row_sum[1];
+        warp_max[pgroup][lane / 4] = row_max[0];
+        warp_max[pgroup][lane / 4 + 8] = row_max[1];
+        warp_sum[pgroup][lane / 4] = row_sum[0];
+        warp_sum[pgroup][lane / 4 + 8] = row_sum[1];
       }
-      // Also orders every warp's reads of this stage's K/V before its reuse as scratch.
-      ConsumerSync<kConsumerThreads>();
+      __syncthreads();
       float factor[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = lane / 4 + 8 * h;
         float block_max = FERRY_EMPTY_LSE;
 #pragma unroll
-        for (int w = 0; w < kGroups; ++w) block_max = fmaxf(block_max, sh.warp_max[w][r]);
+        for (int w = 0; w < kGroups; ++w) block_max = fmaxf(block_max, warp_max[w][r]);
         float block_sum = 0.0f;
 #pragma unroll
         for (int w = 0; w < kGroups; ++w) {
-          const float wm = sh.warp_max[w][r];
-          if (wm != FERRY_EMPTY_LSE) block_sum += sh.warp_sum[w][r] * exp2f(wm - block_max);
+          const float wm = warp_max[w][r];
+          if (wm != FERRY_EMPTY_LSE) block_sum += warp_sum[w][r] * exp2f(wm - block_max);
         }
         factor[h] = row_max[h] == FERRY_EMPTY_LSE ? 0.0f
                                                   : exp2f(row_max[h] - block_max) / block_sum;
         if (warp == 0 && lane % 4 == 0) {
-          sh.row_lse[r] = block_sum > 0.0f ? (block_max + log2f(block_sum)) * kLn2
-                                           : FERRY_EMPTY_LSE;
+          row_lse[r] = block_sum > 0.0f ? (block_max + log2f(block_sum)) * kLn2
+                                        : FERRY_EMPTY_LSE;
         }
       }
-      // The stage stays ours until every consumer warp releases it below: scratch.
-      float* scratch = reinterpret_cast<float*>(stage_base);
+      // The stage just consumed is scratch until the next iteration's barrier: no copy in
+      // flight targets it.
+      float* scratch = reinterpret_cast<float*>(smem + stage_use * Config::kStageBytes);
       {
         const int r = lane / 4;
 #pragma unroll
@@ -807,14 +656,14 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
           }
         }
       }
-      ConsumerSync<kConsumerThreads>();
+      __syncthreads();
 
       const int64_t owner_first = OwnerOfTile(head_first_tile, total_tiles, num_workers);
       const int64_t owner_last = OwnerOfTile(head_last_tile, total_tiles, num_workers);
       const int64_t first_row = flat_head * group;  // == s * num_q_heads + kv_head * group
       T* out = static_cast<T*>(a.out);
       if (owner_first == owner_last) {
-        for (int e = tid; e < group * kHeadDim; e += kConsumerThreads) {
+        for (int e = tid; e < group * kHeadDim; e += kThreads) {
           const int r = e / kHeadDim;
           const int d = e % kHeadDim;
           float v = 0.0f;
@@ -823,12 +672,12 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
           a.state_o[first_row * kHeadDim + e] = v;
           if (out != nullptr) out[first_row * kHeadDim + e] = Traits::FromFloat(v);
         }
-        if (tid < group) a.state_lse[first_row + tid] = sh.row_lse[tid];
+        if (tid < group) a.state_lse[first_row + tid] = row_lse[tid];
       } else {
         // Split head: publish this block's partial, then the last arrival merges all of them.
         const int slot = head_first_tile < t0 ? 0 : 1;
         const int64_t part = int64_t{blockIdx.x} * 2 + slot;
-        for (int e = tid; e < group * kHeadDim; e += kConsumerThreads) {
+        for (int e = tid; e < group * kHeadDim; e += kThreads) {
           const int r = e / kHeadDim;
           const int d = e % kHeadDim;
           float v = 0.0f;
@@ -836,51 +685,51 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
           for (int w = 0; w < kGroups; ++w) v += scratch[(w * 16 + r) * kHeadDim + d];
           p.part_o[part * group * kHeadDim + e] = v;
         }
-        if (tid < group) p.part_lse[part * group + tid] = sh.row_lse[tid];
+        if (tid < group) p.part_lse[part * group + tid] = row_lse[tid];
         __threadfence();
-        ConsumerSync<kConsumerThreads>();
+        __syncthreads();
         if (tid == 0) {
           const int arrived = atomicAdd(p.counters + flat_head, 1);
-          sh.is_last_arrival = arrived == owner_last - owner_first;
+          is_last_arrival = arrived == owner_last - owner_first;
         }
-        ConsumerSync<kConsumerThreads>();
-        if (sh.is_last_arrival) {
+        __syncthreads();
+        if (is_last_arrival) {
           __threadfence();
           // Merge the partials in block order (deterministic whichever block arrives last) with
           // attention_state.h's rule. The rule's (scale_a, scale_b) chain is sequential per row
           // but cheap; it runs from shared memory, and the o loads are independent of it, so
           // they are issued several parts ahead (a plain loop waited one L2 round trip per part
           // and element: ~100 us of tail for a head split over 33 blocks).
-          constexpr int kBatch = Config::kKvBytes / (2 * kMaxGroup * 4);
+          constexpr int kBatch = Config::kStageBytes / (2 * kMaxGroup * 4);
           float* scale_a = scratch;                      // (kBatch, kMaxGroup)
           float* scale_b = scratch + kBatch * kMaxGroup;  // (kBatch, kMaxGroup)
           const int num_vecs = group * kHeadDim / 4;
           const int64_t num_parts = owner_last - owner_first + 1;
-          if (tid < group) sh.row_lse[tid] = FERRY_EMPTY_LSE;
+          if (tid < group) row_lse[tid] = FERRY_EMPTY_LSE;
           for (int64_t base = 0; base < num_parts; base += kBatch) {
             const int n = static_cast<int>(num_parts - base < kBatch ? num_parts - base : kBatch);
-            for (int x = tid; x < n * group; x += kConsumerThreads) {
+            for (int x = tid; x < n * group; x += kThreads) {
               const int i = x / group;
               const int r = x % group;
               const int64_t w = owner_first + base + i;
               const int64_t src = w * 2 + (w == owner_first ? 1 : 0);
               scale_b[i * kMaxGroup + r] = __ldcg(p.part_lse + src * group + r);
             }
-            ConsumerSync<kConsumerThreads>();
+            __syncthreads();
             if (tid < group) {
-              float lse = sh.row_lse[tid];
+              float lse = row_lse[tid];
               for (int i = 0; i < n; ++i) {
                 const MergeWeights mw = ComputeMergeWeights(lse, scale_b[i * kMaxGroup + tid]);
                 scale_a[i * kMaxGroup + tid] = mw.scale_a;
                 scale_b[i * kMaxGroup + tid] = mw.scale_b;
                 lse = mw.lse;
               }
-              sh.row_lse[tid] = lse;
+              row_lse[tid] = lse;
             }
-            ConsumerSync<kConsumerThreads>();
+            __syncthreads();
             // Batches after the first (more than kBatch parts) continue from state_o, which
             // this same thread wrote: it holds the running merge.
-            for (int vec = tid; vec < num_vecs; vec += kConsumerThreads) {
+            for (int vec = tid; vec < num_vecs; vec += kThreads) {
               const int r = vec * 4 / kHeadDim;
               float* dst = a.state_o + first_row * kHeadDim + vec * 4;
               float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
@@ -910,21 +759,16 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
                 out_dst[3] = Traits::FromFloat(o.w);
               }
             }
-            ConsumerSync<kConsumerThreads>();  // scales consumed before the next batch
+            __syncthreads();  // scales consumed before the next batch overwrites them
           }
-          if (tid < group) a.state_lse[first_row + tid] = sh.row_lse[tid];
+          if (tid < group) a.state_lse[first_row + tid] = row_lse[tid];
           if (tid == 0) p.counters[flat_head] = 0;  // ready for the next launch
         }
       }
     }
-    // Hand the stage back to the producer once every lane of this warp is done with it.
-    __syncwarp();
-    if (lane == 0) MbarrierArrive(SmemAddr(&sh.empty[stage]));
-    if (++stage == p.stages) {
-      stage = 0;
-      phase ^= 1;
-    }
+    if (++stage_use == stages) stage_use = 0;
   }
+  CpAsyncWaitPending(0);
 }
 
 // --- Host side. ----------------------------------------------------------------------------
@@ -932,9 +776,8 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads, 1)
 struct LaunchPlan {
   const void* kernel = nullptr;
   int threads = 0;
-  int kv_bytes = 0;          // K + V bytes of one stage
-  int max_stages = 0;
-  int max_dynamic_smem = 0;  // bytes of shared memory the ring may use
+  int stages = 0;
+  size_t smem_bytes = 0;
   int grid = 0;
   cudaError_t error = cudaSuccess;
 };
@@ -948,31 +791,49 @@ LaunchPlan MakeLaunchPlan(int device) {
   auto kernel = LeanDecodeKernel<kHeadDim, Traits>;
   plan.kernel = reinterpret_cast<const void*>(kernel);
   plan.threads = Config::kThreads;
-  plan.kv_bytes = Config::kKvBytes;
-  plan.max_stages = Config::kMaxStages;
-  int optin = 0, sms = 0;
+  int optin = 0, sms = 0, per_sm_smem = 0;
   cudaFuncAttributes attrs;
   if ((plan.error = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                            device)) != cudaSuccess ||
       (plan.error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) !=
           cudaSuccess ||
+      (plan.error = cudaDeviceGetAttribute(
+           &per_sm_smem, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device)) != cudaSuccess ||
       (plan.error = cudaFuncGetAttributes(&attrs, kernel)) != cudaSuccess) {
     return plan;
   }
-  // One block per multiprocessor owning as much of its shared memory as a block may: the
-  // ring's depth is what keeps the loads in flight. At least two stages for the largest group.
-  plan.max_dynamic_smem = optin - static_cast<int>(attrs.sharedSizeBytes);
-  if (plan.max_dynamic_smem < 2 * StageBytes<kHeadDim>(kMaxGroup)) {
+  // The most blocks per SM (up to kMaxResidency, and as registers allow) that still get at
+  // least 3 stages each, else one block with as many stages as fit. 1 KB per block is the
+  // driver's. Independent blocks overlap each other's barriers and head switches. (Three d=64
+  // blocks of 4 stages measured the same as two of 6.)
+  constexpr int kMaxResidency = 2;
+  const int64_t fixed = Config::kQfragBytes + int64_t(attrs.sharedSizeBytes) + 1024;
+  const int regs_per_block = std::max(attrs.numRegs, 1) * Config::kThreads;
+  plan.stages = 0;
+  for (int residency = kMaxResidency; residency >= 2 && plan.stages < 3;
+       --residency) {
+    if (int64_t{regs_per_block} * residency > 65536) continue;
+    const int64_t room = std::min<int64_t>(optin, per_sm_smem / residency) - fixed;
+    plan.stages = static_cast<int>(std::min<int64_t>(Config::kMaxStages,
+                                                     room / Config::kStageBytes));
+  }
+  if (plan.stages < 3) {
+    const int64_t room_one = int64_t{optin} - fixed + 1024;
+    plan.stages = static_cast<int>(std::min<int64_t>(Config::kMaxStages,
+                                                     room_one / Config::kStageBytes));
+  }
+  if (plan.stages < 2) {
     plan.error = cudaErrorNotSupported;
     return plan;
   }
+  plan.smem_bytes = Config::kQfragBytes + int64_t{plan.stages} * Config::kStageBytes;
   if ((plan.error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         plan.max_dynamic_smem)) != cudaSuccess) {
+                                         static_cast<int>(plan.smem_bytes))) != cudaSuccess) {
     return plan;
   }
   int per_sm = 0;
   if ((plan.error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-           &per_sm, kernel, plan.threads, plan.max_dynamic_smem)) != cudaSuccess) {
+           &per_sm, kernel, plan.threads, plan.smem_bytes)) != cudaSuccess) {
     return plan;
   }
   if (per_sm < 1) {
@@ -1026,7 +887,7 @@ LaunchPlan FindLaunchPlan(int head_dim, DType dtype, int device) {
 }
 
 constexpr size_t kAlign = 256;
-size_t AlignUp(size_t n, size_t align = kAlign) { return (n + align - 1) / align * align; }
+size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 struct WorkspaceLayout {
   size_t counters = 0;
@@ -1136,9 +997,7 @@ cudaError_t LeanDecode(const DecodeAttentionArgs& args, void* workspace, size_t 
   params.part_o = reinterpret_cast<float*>(base + layout.part_o);
   params.part_lse = reinterpret_cast<float*>(base + layout.part_lse);
   params.group = group;
-  params.stage_bytes =
-      plan.kv_bytes + static_cast<int>(AlignUp(size_t(group) * kv.head_dim * 4, kStageAlign));
-  params.stages = std::min(plan.max_stages, plan.max_dynamic_smem / params.stage_bytes);
+  params.stages = plan.stages;
   params.q_scale = args.softmax_scale * kLog2e;
   params.block_shift = -1;
   if ((kv.block_size & (kv.block_size - 1)) == 0) {
@@ -1147,7 +1006,7 @@ cudaError_t LeanDecode(const DecodeAttentionArgs& args, void* workspace, size_t 
   }
   void* kernel_args[] = {&params};
   return cudaLaunchKernel(plan.kernel, dim3(plan.grid), dim3(plan.threads), kernel_args,
-                          size_t(params.stages) * params.stage_bytes, stream);
+                          plan.smem_bytes, stream);
 }
 
 }  // namespace ferry::kernels
