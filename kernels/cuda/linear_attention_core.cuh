@@ -333,7 +333,7 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
       qs = {p.dout, qd, int64_t{head} * kD};
       ks = {p.v, kvd, int64_t{kv_head} * kD};
       vs = {p.k, kvd, int64_t{kv_head} * kD + col0};
-      x1 = {p.fwd_out != nullptr ? p.fwd_out : p.dout, qd, int64_t{head} * kD};
+      x1 = {p.fwd_out, qd, int64_t{head} * kD};
       x2 = {p.q, qd, int64_t{head} * kD + col0};
     } else if constexpr (kOp == Op::kGradK) {
       qs = {p.v, kvd, int64_t{kv_head} * kD};
@@ -363,7 +363,9 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
     LoadTile<kD>(reinterpret_cast<uint16_t*>(base + Shape::kKTile), kSD, ks, t0, valid_rows);
     LoadTile<kDv>(reinterpret_cast<uint16_t*>(base + Shape::kVTile), kSV, vs, t0, valid_rows);
     if constexpr (Shape::kHasX1) {
-      LoadTile<kD>(reinterpret_cast<uint16_t*>(base + Shape::kX1Tile), kSD, x1, t0, valid_rows);
+      if (p.normalize) {
+        LoadTile<kD>(reinterpret_cast<uint16_t*>(base + Shape::kX1Tile), kSD, x1, t0, valid_rows);
+      }
     }
     if constexpr (Shape::kHasX2) {
       LoadTile<kDv>(reinterpret_cast<uint16_t*>(base + Shape::kX2Tile), kSX, x2, t0, valid_rows);
