@@ -85,12 +85,12 @@ def bench_one(prepare, fn, b, n, h, d):
     def fwd_bwd():
         fn(*inputs).backward(dout)
 
-    t_fwd = triton.testing.do_bench(fwd, warmup=25, rep=100, grad_to_none=inputs, return_mode="median")
+    t_fwd = triton.testing.do_bench(fwd, warmup=10, rep=50, grad_to_none=inputs, return_mode="median")
     out = fn(*inputs)
-    t_bwd = triton.testing.do_bench(lambda: out.backward(dout, retain_graph=True), warmup=25,
-                                    rep=100, grad_to_none=inputs, return_mode="median")
+    t_bwd = triton.testing.do_bench(lambda: out.backward(dout, retain_graph=True), warmup=10,
+                                    rep=50, grad_to_none=inputs, return_mode="median")
     del out
-    t_all = triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, grad_to_none=inputs,
+    t_all = triton.testing.do_bench(fwd_bwd, warmup=10, rep=50, grad_to_none=inputs,
                                     return_mode="median")
     for x in inputs:
         x.grad = None
