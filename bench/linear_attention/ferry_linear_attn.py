@@ -48,9 +48,9 @@ def extension():
 class _LinearAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, initial_state, cu_seqlens, feature_map, normalize, want_final_state):
-        out, final_state, stats = extension().forward(
+        out, final_state, stats, residual = extension().forward(
             q, k, v, cu_seqlens, initial_state, feature_map, normalize, want_final_state, True)
-        ctx.save_for_backward(q, k, v, initial_state, cu_seqlens, out, stats)
+        ctx.save_for_backward(q, k, v, initial_state, cu_seqlens, out, residual, stats)
         ctx.feature_map = feature_map
         ctx.normalize = normalize
         if final_state is not None:
@@ -59,11 +59,11 @@ class _LinearAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _d_final_state):
-        q, k, v, initial_state, cu_seqlens, out, stats = ctx.saved_tensors
+        q, k, v, initial_state, cu_seqlens, out, residual, stats = ctx.saved_tensors
         want_d_state = initial_state is not None and ctx.needs_input_grad[3]
         dq, dk, dv, d_state = extension().backward(
-            q, k, v, cu_seqlens, initial_state, out, stats, dout, ctx.feature_map, ctx.normalize,
-            want_d_state)
+            q, k, v, cu_seqlens, initial_state, out, residual, stats, dout, ctx.feature_map,
+            ctx.normalize, want_d_state)
         return dq, dk, dv, d_state, None, None, None, None
 
 

@@ -73,18 +73,22 @@ void CheckState(const torch::Tensor& state, const LinearAttentionConfig& c, cons
               name, " must be contiguous float32 (num_seqs, Hkv, ", StateStride(c), ")");
 }
 
-// Returns (out, final_state or None, row_stats or None).
-std::tuple<torch::Tensor, std::optional<torch::Tensor>, std::optional<torch::Tensor>> Forward(
+// Returns (out, final_state or None, row_stats or None, out_residual or None); the last two when
+// want_saved (what the backward needs).
+std::tuple<torch::Tensor, std::optional<torch::Tensor>, std::optional<torch::Tensor>,
+           std::optional<torch::Tensor>>
+Forward(
     const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
     const torch::Tensor& cu_seqlens, const std::optional<torch::Tensor>& initial_state,
-    const std::string& feature_map, bool normalize, bool want_final_state, bool want_stats) {
+    const std::string& feature_map, bool normalize, bool want_final_state, bool want_saved) {
   const LinearAttentionConfig c = MakeConfig(q, k, v, cu_seqlens, feature_map, normalize);
   auto out = torch::empty_like(q);
-  std::optional<torch::Tensor> final_state, stats;
+  std::optional<torch::Tensor> final_state, stats, residual;
   auto f32 = q.options().dtype(torch::kFloat32);
   if (want_final_state) final_state = torch::empty({c.num_seqs, c.num_kv_heads, StateStride(c)}, f32);
-  if (want_stats) {
+  if (want_saved) {
     stats = torch::empty({q.size(0), c.num_q_heads, ferry::kernels::kLinearRowStats}, f32);
+    residual = torch::empty_like(q);
   }
   if (initial_state.has_value()) CheckState(*initial_state, c, "initial_state");
   ferry::kernels::LinearAttentionForwardArgs args;
@@ -99,21 +103,24 @@ std::tuple<torch::Tensor, std::optional<torch::Tensor>, std::optional<torch::Ten
   args.final_state = final_state.has_value() ? final_state->data_ptr<float>() : nullptr;
   Check(ferry::kernels::LinearAttentionForwardCuda(
             args, stats.has_value() ? stats->data_ptr<float>() : nullptr,
-            at::cuda::getCurrentCUDAStream()),
+            residual.has_value() ? residual->data_ptr() : nullptr, at::cuda::getCurrentCUDAStream()),
         "LinearAttentionForwardCuda");
-  return {out, final_state, stats};
+  return {out, final_state, stats, residual};
 }
 
 // Returns (dq, dk, dv, d_initial_state or None).
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, std::optional<torch::Tensor>> Backward(
     const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
     const torch::Tensor& cu_seqlens, const std::optional<torch::Tensor>& initial_state,
-    const torch::Tensor& out, const torch::Tensor& stats, const torch::Tensor& dout,
+    const torch::Tensor& out, const torch::Tensor& out_residual, const torch::Tensor& stats,
+    const torch::Tensor& dout,
     const std::string& feature_map, bool normalize, bool want_d_state) {
   const LinearAttentionConfig c = MakeConfig(q, k, v, cu_seqlens, feature_map, normalize);
   TORCH_CHECK(out.sizes() == q.sizes() && dout.sizes() == q.sizes() &&
-                  out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type(),
-              "out and dout must match q");
+                  out_residual.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() &&
+                  dout.scalar_type() == q.scalar_type() &&
+                  out_residual.scalar_type() == q.scalar_type(),
+              "out, out_residual and dout must match q");
   TORCH_CHECK(stats.scalar_type() == torch::kFloat32 &&
                   stats.numel() == q.size(0) * c.num_q_heads * ferry::kernels::kLinearRowStats,
               "row_stats must come from the forward");
@@ -137,6 +144,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, std::optional<torch::Ten
   args.v = v.data_ptr();
   args.initial_state = initial_state.has_value() ? initial_state->data_ptr<float>() : nullptr;
   args.out = out.data_ptr();
+  args.out_residual = out_residual.data_ptr();
   args.row_stats = stats.data_ptr<float>();
   args.dout = dout_c.data_ptr();
   args.dq = dq.data_ptr();

@@ -52,9 +52,12 @@ constexpr int PadStride(int cols) {
   return (s / 8) % 2 == 0 ? s + 8 : s;
 }
 
-// Value' columns per block: two slices at d = 64 and 128, eight at d = 256 (the state slice
-// lives in registers: d / 4 rows per warp).
-constexpr int SliceWidth(int head_dim) { return head_dim == 128 ? 64 : 32; }
+// Value' columns per block: four slices at d = 64 and 128, eight at d = 256. The state slice
+// lives in registers (d / 4 rows per warp). The work of a block is a serial walk over chunks and
+// latency-bound, so more, narrower blocks per head beat fewer wide ones even though each
+// recomputes the chunk's scores: at d = 128, 64 columns gave one block of 4 warps per SM and
+// ran 17 us per chunk on the H100 (ncu: 6% occupancy, 20% SM throughput); 32 columns fit two.
+constexpr int SliceWidth(int head_dim) { return head_dim == 64 ? 16 : 32; }
 
 struct TileSource {
   const uint16_t* base = nullptr;  // element (token t, column c) at base[t * row_stride + offset + c]
@@ -75,14 +78,14 @@ struct CoreParams {
   const uint16_t* q = nullptr;
   const uint16_t* k = nullptr;
   const uint16_t* v = nullptr;
-  const uint16_t* fwd_out = nullptr;
   const uint16_t* dout = nullptr;
   uint16_t* out = nullptr;  // kForward: out, kGradQ: dq, kGradK: dk, kGradV: dv
+  uint16_t* out_residual = nullptr;  // kForward (optional): out - round(out)
   float* stats = nullptr;   // kForward writes (optional); the backward reads
   const float* initial_state = nullptr;
   float* final_state = nullptr;
   float* d_initial_state = nullptr;
-  float* ws_dden = nullptr;      // (total_tokens, num_q_heads)
+  float* ws_dden = nullptr;      // (total_tokens, num_q_heads): dden, from the pre-pass
   float* ws_gq = nullptr;        // (total_tokens, num_q_heads): d loss / d a at record positions
   float* ws_gk = nullptr;        // (total_tokens, num_kv_heads): d loss / d b
   float* ws_state_gq = nullptr;  // (num_seqs, num_q_heads): ... when the state holds the max
@@ -99,16 +102,13 @@ struct CoreShape {
   static constexpr int kMt = kD / 64;    // m-tiles of 16 state rows per warp
   static constexpr int kStrideD = PadStride(kD);
   static constexpr int kStrideV = PadStride(kCols);
-  static constexpr int kStrideX = PadStride(kDv);
-  static constexpr bool kHasX1 = kOp == Op::kGradQ;  // the forward's out rows (for dden)
-  static constexpr bool kHasX2 = kOp == Op::kGradQ || kOp == Op::kGradK;  // raw q / k slice
+  // The raw q (kGradQ) or k (kGradK) slice the epilogue needs, prefetched into registers.
+  static constexpr bool kHasX = kOp == Op::kGradQ || kOp == Op::kGradK;
   // One pipeline stage (bytes).
   static constexpr int kQTile = 0;
   static constexpr int kKTile = kQTile + kChunk * kStrideD * 2;
   static constexpr int kVTile = kKTile + kChunk * kStrideD * 2;
-  static constexpr int kX1Tile = kVTile + kChunk * kStrideV * 2;
-  static constexpr int kX2Tile = kX1Tile + (kHasX1 ? kChunk * kStrideD * 2 : 0);
-  static constexpr int kQStats = kX2Tile + (kHasX2 ? kChunk * kStrideX * 2 : 0);  // float4[64]
+  static constexpr int kQStats = kVTile + kChunk * kStrideV * 2;                    // float4[64]
   static constexpr int kKStats = kQStats + kChunk * 16;                             // float4[64]
   static constexpr int kKW = kKStats + kChunk * 16;                                 // float[64]
   static constexpr int kQX = kKW + kChunk * 4;                                      // float[64]
@@ -118,6 +118,10 @@ struct CoreShape {
   static constexpr int kScalarFloats = kStrideV + 12 * kChunk + 2 * kChunk;
   static constexpr int kFixedBytes = kStateBytes + kScalarFloats * 4;
   static constexpr int kStages = 2 * kStageBytes + kFixedBytes <= kMaxSharedBytes ? 2 : 1;
+  // Blocks per SM the shared memory allows (228 KB per SM, 1 KB of it per block for the driver).
+  static constexpr int kBlocksPerSm = (228 * 1024) / (kStages * kStageBytes + kFixedBytes + 1024);
+  // Register budget: at d = 64 the small state lets three blocks share an SM (<= 168 registers).
+  static constexpr int kMinBlocks = kD == 64 && kBlocksPerSm >= 3 ? 3 : 1;
   static constexpr int kSmemBytes = kStages * kStageBytes + kFixedBytes;
   static_assert(kSmemBytes <= kMaxSharedBytes, "shared memory");
   static_assert(kCols < kThreads, "one thread per column keeps B");
@@ -205,6 +209,12 @@ __device__ __forceinline__ uint16_t FloatToBits(float x, bool fp16) {
 
 __device__ __forceinline__ float EluPlusOne(float x) { return x > 0.0f ? x + 1.0f : expf(x); }
 __device__ __forceinline__ float EluPlusOneDerivative(float x) { return x > 0.0f ? 1.0f : expf(x); }
+// The same with the fast exponential (ex2.approx, relative error ~1e-6 here): for values that
+// are rounded to bf16 next (2^-9), where expf's exactness buys nothing and costs latency.
+__device__ __forceinline__ float EluPlusOneFast(float x) { return x > 0.0f ? x + 1.0f : __expf(x); }
+__device__ __forceinline__ float EluPlusOneDerivativeFast(float x) {
+  return x > 0.0f ? 1.0f : __expf(x);
+}
 
 __device__ __forceinline__ void Unpack8(const uint4& raw, bool fp16, float (&x)[8]) {
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -226,6 +236,7 @@ template <int kCols>
 __device__ __forceinline__ void TransformTile(uint16_t* tile, int stride, int valid_rows, bool phi,
                                               const float* row_scale, bool fp16) {
   constexpr int kVecs = kCols / 8;
+#pragma unroll 4
   for (int i = threadIdx.x; i < kChunk * kVecs; i += kThreads) {
     const int r = i / kVecs;
     uint4* ptr = reinterpret_cast<uint4*>(tile + r * stride + (i % kVecs) * 8);
@@ -238,7 +249,7 @@ __device__ __forceinline__ void TransformTile(uint16_t* tile, int stride, int va
     const float scale = row_scale != nullptr ? row_scale[r] : 1.0f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      const float y = phi ? EluPlusOne(x[e]) : x[e];
+      const float y = phi ? EluPlusOneFast(x[e]) : x[e];
       x[e] = row_scale != nullptr ? y * scale : y;
     }
     *ptr = PackBf16x8(x);
@@ -250,6 +261,7 @@ template <int kCols>
 __device__ __forceinline__ void LoadTile(uint16_t* dst, int stride, const TileSource& src,
                                          int64_t first_token, int valid_rows) {
   constexpr int kVecs = kCols / 8;
+#pragma unroll 4
   for (int i = threadIdx.x; i < kChunk * kVecs; i += kThreads) {
     const int r = i / kVecs;
     const int cv = i % kVecs;
@@ -263,7 +275,8 @@ __device__ __forceinline__ void LoadTile(uint16_t* dst, int stride, const TileSo
 // ---- the kernel ----
 
 template <Op kOp, int kD>
-__global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams p) {
+__global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
+    LinearCoreKernel(const CoreParams p) {
   using Shape = CoreShape<kOp, kD>;
   constexpr int kDv = Shape::kDv;
   constexpr int kCols = Shape::kCols;
@@ -271,7 +284,6 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
   constexpr int kMt = Shape::kMt;
   constexpr int kSD = Shape::kStrideD;
   constexpr int kSV = Shape::kStrideV;
-  constexpr int kSX = Shape::kStrideX;
   constexpr bool kReverse = kOp == Op::kGradK || kOp == Op::kGradV;
   constexpr int kRowsPerWarp = kD / kWarps;
 
@@ -291,6 +303,8 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
   float* b_s = a_s + kChunk;
   int* argq_s = reinterpret_cast<int*>(b_s + kChunk);
   int* argk_s = argq_s + kChunk;
+  float* c_s = kscale_s;      // kForward: c_r (the kscale array is free there)
+  float* qscale_s = vscale_s;  // kForward: 2^-e_r scaling q_r (the vscale array is free there)
   float* scratch_s = reinterpret_cast<float*>(argk_s + kChunk);  // 2 * kChunk
 
   const int tid = threadIdx.x;
@@ -323,8 +337,7 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
   const int col0 = slice * kDv;
 
   // Tile sources of step (chunk, key block g).
-  auto sources = [&](int g, TileSource& qs, TileSource& ks, TileSource& vs, TileSource& x1,
-                     TileSource& x2) {
+  auto sources = [&](int g, TileSource& qs, TileSource& ks, TileSource& vs) {
     if constexpr (kOp == Op::kForward) {
       qs = {p.q, qd, int64_t{head} * kD};
       ks = {p.k, kvd, int64_t{kv_head} * kD};
@@ -333,13 +346,10 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
       qs = {p.dout, qd, int64_t{head} * kD};
       ks = {p.v, kvd, int64_t{kv_head} * kD};
       vs = {p.k, kvd, int64_t{kv_head} * kD + col0};
-      x1 = {p.fwd_out, qd, int64_t{head} * kD};
-      x2 = {p.q, qd, int64_t{head} * kD + col0};
     } else if constexpr (kOp == Op::kGradK) {
       qs = {p.v, kvd, int64_t{kv_head} * kD};
       ks = {p.dout, qd, int64_t{q_head0 + g} * kD};
       vs = {p.q, qd, int64_t{q_head0 + g} * kD + col0};
-      x2 = {p.k, kvd, int64_t{kv_head} * kD + col0};
     } else {
       qs = {p.k, kvd, int64_t{kv_head} * kD};
       ks = {p.q, qd, int64_t{q_head0 + g} * kD};
@@ -357,19 +367,11 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
     const int g = static_cast<int>(n % key_blocks);
     const int64_t t0 = first + int64_t{c} * kChunk;
     const int valid_rows = static_cast<int>(len - int64_t{c} * kChunk < kChunk ? len - int64_t{c} * kChunk : kChunk);
-    TileSource qs, ks, vs, x1, x2;
-    sources(g, qs, ks, vs, x1, x2);
+    TileSource qs, ks, vs;
+    sources(g, qs, ks, vs);
     LoadTile<kD>(reinterpret_cast<uint16_t*>(base + Shape::kQTile), kSD, qs, t0, valid_rows);
     LoadTile<kD>(reinterpret_cast<uint16_t*>(base + Shape::kKTile), kSD, ks, t0, valid_rows);
     LoadTile<kDv>(reinterpret_cast<uint16_t*>(base + Shape::kVTile), kSV, vs, t0, valid_rows);
-    if constexpr (Shape::kHasX1) {
-      if (p.normalize) {
-        LoadTile<kD>(reinterpret_cast<uint16_t*>(base + Shape::kX1Tile), kSD, x1, t0, valid_rows);
-      }
-    }
-    if constexpr (Shape::kHasX2) {
-      LoadTile<kDv>(reinterpret_cast<uint16_t*>(base + Shape::kX2Tile), kSX, x2, t0, valid_rows);
-    }
     // Per-row inputs: threads 0..63 the query' rows, 64..127 the key' rows.
     const int r = tid % kChunk;
     const bool valid = r < valid_rows;
@@ -382,6 +384,7 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
       if (tid < kChunk) {
         CpAsync16(q_stats + r, valid ? p.stats + (t * hq + head) * kLinearRowStats : p.stats,
                   valid);
+        CpAsync4(q_x + r, valid ? p.ws_dden + t * hq + head : p.ws_dden, valid);
       }
     } else if constexpr (kOp == Op::kGradK) {
       if (tid < kChunk) {
@@ -485,8 +488,6 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
     uint16_t* q_tile = reinterpret_cast<uint16_t*>(base + Shape::kQTile);
     uint16_t* k_tile = reinterpret_cast<uint16_t*>(base + Shape::kKTile);
     uint16_t* v_tile = reinterpret_cast<uint16_t*>(base + Shape::kVTile);
-    const uint16_t* x1_tile = reinterpret_cast<const uint16_t*>(base + Shape::kX1Tile);
-    const uint16_t* x2_tile = reinterpret_cast<const uint16_t*>(base + Shape::kX2Tile);
     const float4* q_stats = reinterpret_cast<const float4*>(base + Shape::kQStats);
     const float4* k_stats = reinterpret_cast<const float4*>(base + Shape::kKStats);
     const float* k_w = reinterpret_cast<const float*>(base + Shape::kKW);
@@ -501,6 +502,27 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
     __syncthreads();  // (A) this step's tiles are in; the other stage is free
     if (Shape::kStages == 2 && n + 1 < steps) issue_loads(n + 1, stage ^ 1);
     CpAsyncCommit();
+    // The raw q (kGradQ) or k (kGradK) values of this thread's output elements, for the
+    // epilogue: issued now, used after the step's matrix work.
+    uint32_t xr[kDv / 8][2] = {};
+    if constexpr (Shape::kHasX) {
+      if (g == key_blocks - 1) {
+        const uint16_t* xb = kOp == Op::kGradQ ? p.q + int64_t{head} * kD + col0
+                                               : p.k + int64_t{kv_head} * kD + col0;
+        const int64_t xs = kOp == Op::kGradQ ? qd : kvd;
+#pragma unroll
+        for (int nt = 0; nt < kDv / 8; ++nt) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = h ? r_hi : r_lo;
+            if (r < valid_rows) {
+              xr[nt][h] = *reinterpret_cast<const uint32_t*>(xb + (t0 + r) * xs + nt * 8 +
+                                                             2 * (lane % 4));
+            }
+          }
+        }
+      }
+    }
 
     // ---- prologue: per-row scalars, then in-place transforms ----
     if constexpr (kOp == Op::kForward) {
@@ -517,16 +539,18 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
         // running maxima for every feature map; kOnePlusXMaxNorm also scales by them.
         const int r = tid % kChunk;
         const uint16_t* row = (tid < kChunk ? q_tile : k_tile) + r * kSD;
-        float sum = 0.0f;
+        float part[8] = {};
         if (r < valid_rows) {
+#pragma unroll
           for (int cv = 0; cv < kD / 8; ++cv) {
             float x[8];
             Unpack8(*reinterpret_cast<const uint4*>(row + cv * 8), fp16, x);
 #pragma unroll
-            for (int e = 0; e < 8; ++e) sum += x[e] * x[e];
+            for (int e = 0; e < 8; ++e) part[e] += x[e] * x[e];
           }
         }
-        scratch_s[tid] = sqrtf(sum);
+        scratch_s[tid] =
+            sqrtf(((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
       }
       __syncthreads();
       if (warp == 0) {
@@ -555,44 +579,34 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
           const int r = 2 * lane + h;
           const float a = lifted ? fmaxf(kLinearNormFloor, h ? q1 : q0) : 1.0f;
           const float b = lifted ? fmaxf(kLinearNormFloor, h ? k1 : k0) : 1.0f;
-          alpha_s[r] = lifted ? (1.0f / a) * (1.0f / b) : 1.0f;
+          const float c = lifted ? (1.0f / a) * (1.0f / b) : 1.0f;
+          // q_r enters the tensor cores divided by 2^e (a = m 2^e, m in [0.5, 1)), exact in
+          // bf16, so q . S stays in float range however large q and S are; alpha carries 2^e.
+          int e = 0;
+          if (lifted) frexpf(a, &e);
+          qscale_s[r] = ldexpf(1.0f, -e);
+          alpha_s[r] = ldexpf(c, e);
+          c_s[r] = c;
           beta_s[r] = lifted ? 1.0f : 0.0f;
           a_s[r] = a;
           b_s[r] = b;
         }
       }
-      if (fp16 || elu) {
-        __syncthreads();  // the norms read the raw tiles
-        TransformTile<kD>(q_tile, kSD, valid_rows, elu, nullptr, fp16);
-        TransformTile<kD>(k_tile, kSD, valid_rows, elu, nullptr, fp16);
+      if (fp16 || elu || lifted) {
+        __syncthreads();  // the norms read the raw tiles; qscale is ready
+        TransformTile<kD>(q_tile, kSD, valid_rows, elu, lifted ? qscale_s : nullptr, fp16);
+        if (fp16 || elu) TransformTile<kD>(k_tile, kSD, valid_rows, elu, nullptr, fp16);
         if (fp16) TransformTile<kDv>(v_tile, kSV, valid_rows, false, nullptr, fp16);
       }
     } else if constexpr (kOp == Op::kGradQ) {
-      {
-        // dden_r = -(dout_r . o_r) / den_r: two threads per row.
-        const int r = tid / 2;
-        const int half = tid % 2;
-        float dot = 0.0f;
-        if (p.normalize && r < valid_rows) {
-          for (int cv = half * (kD / 16); cv < (half + 1) * (kD / 16); ++cv) {
-            float x[8], y[8];
-            Unpack8(*reinterpret_cast<const uint4*>(q_tile + r * kSD + cv * 8), fp16, x);
-            Unpack8(*reinterpret_cast<const uint4*>(x1_tile + r * kSD + cv * 8), fp16, y);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) dot += x[e] * y[e];
-          }
-        }
-        dot += __shfl_xor_sync(0xffffffffu, dot, 1);
-        if (half == 0) {
-          const float4 st = q_stats[r];
-          const bool valid = r < valid_rows;
-          const float dden = p.normalize && valid ? -dot / st.x : 0.0f;
-          beta_s[r] = dden;
-          alpha_s[r] = p.normalize && valid ? 1.0f / st.x : 1.0f;
-          w_s[r] = valid ? 1.0f : 0.0f;
-          post_s[r] = lifted ? st.w : 1.0f;
-          if (slice == 0 && valid) p.ws_dden[(t0 + r) * hq + head] = dden;
-        }
+      if (tid < kChunk) {
+        const int r = tid;
+        const float4 st = q_stats[r];  // {den, a, b, c}
+        const bool valid = r < valid_rows;
+        alpha_s[r] = p.normalize && valid ? 1.0f / st.x : 1.0f;
+        beta_s[r] = p.normalize && valid ? q_x[r] : 0.0f;  // dden_r
+        w_s[r] = valid ? 1.0f : 0.0f;
+        post_s[r] = lifted ? st.w : 1.0f;
       }
       if (lifted && warp == 0) {
         // Records: row r starts a new running maximum when its floored max norm exceeds the
@@ -634,7 +648,6 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
         run_k = __shfl_sync(0xffffffffu, b1, 31);
       }
       if (fp16 || elu) {
-        __syncthreads();  // dden read the raw dout tile
         if (fp16) {
           TransformTile<kD>(q_tile, kSD, valid_rows, false, nullptr, fp16);
           TransformTile<kD>(k_tile, kSD, valid_rows, false, nullptr, fp16);
@@ -816,16 +829,16 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
     }
 
     // B += w^T V' (and the sum of w) from this step's tiles.
-    if (tid < kCols) {
-      float sum = 0.0f;
+    if (tid <= kCols) {
+      // Eight independent partial sums: the 64 shared loads overlap instead of chaining.
+      float part[8] = {};
+#pragma unroll
       for (int j = 0; j < kChunk; ++j) {
-        sum += w_s[j] * __bfloat162float(__ushort_as_bfloat16(v_tile[j * kSV + tid]));
+        const float x = tid < kCols ? __bfloat162float(__ushort_as_bfloat16(v_tile[j * kSV + tid]))
+                                    : 1.0f;  // thread kCols: the sum of w
+        part[j % 8] += w_s[j] * x;
       }
-      bsum += sum;
-    } else if (tid == kCols) {
-      float sum = 0.0f;
-      for (int j = 0; j < kChunk; ++j) sum += w_s[j];
-      bsum += sum;
+      bsum += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
     }
 
     if (g == key_blocks - 1) {
@@ -840,11 +853,11 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
         if (p.stats != nullptr && slice == 0 && lane % 4 == 0) {
           if (r_lo < valid_rows) {
             reinterpret_cast<float4*>(p.stats)[(t0 + r_lo) * hq + head] =
-                make_float4(den_lo, a_s[r_lo], b_s[r_lo], alpha_s[r_lo]);
+                make_float4(den_lo, a_s[r_lo], b_s[r_lo], c_s[r_lo]);
           }
           if (r_hi < valid_rows) {
             reinterpret_cast<float4*>(p.stats)[(t0 + r_hi) * hq + head] =
-                make_float4(den_hi, a_s[r_hi], b_s[r_hi], alpha_s[r_hi]);
+                make_float4(den_hi, a_s[r_hi], b_s[r_hi], c_s[r_hi]);
           }
         }
         if (!p.normalize) den_lo = den_hi = 1.0f;
@@ -868,7 +881,8 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
             if constexpr (kOp == Op::kForward) {
               y[e] = a / (h ? den_hi : den_lo);
             } else if constexpr (kOp == Op::kGradQ) {
-              const float xq = BitsToFloat(x2_tile[r * kSX + col + e], fp16);
+              const float xq =
+                  BitsToFloat(static_cast<uint16_t>(xr[nt][h] >> (16 * e)), fp16);
               if (lifted) {
                 y[e] = (h ? post_hi : post_lo) * a;
                 if (h) {
@@ -877,19 +891,30 @@ __global__ void __launch_bounds__(kThreads, 1) LinearCoreKernel(const CoreParams
                   dot_lo += xq * a;
                 }
               } else {
-                y[e] = elu ? a * EluPlusOneDerivative(xq) : a;
+                y[e] = elu ? a * EluPlusOneDerivativeFast(xq) : a;
               }
             } else if constexpr (kOp == Op::kGradK) {
-              const float xk = BitsToFloat(x2_tile[r * kSX + col + e], fp16);
-              y[e] = (elu ? a * EluPlusOneDerivative(xk) : a) + (h ? post_hi : post_lo) * xk;
+              const float xk =
+                  BitsToFloat(static_cast<uint16_t>(xr[nt][h] >> (16 * e)), fp16);
+              y[e] = (elu ? a * EluPlusOneDerivativeFast(xk) : a) + (h ? post_hi : post_lo) * xk;
             } else {
               y[e] = a;
             }
           }
-          const uint32_t packed = static_cast<uint32_t>(FloatToBits(y[0], fp16)) |
-                                  (static_cast<uint32_t>(FloatToBits(y[1], fp16)) << 16);
+          const uint16_t b0 = FloatToBits(y[0], fp16), b1 = FloatToBits(y[1], fp16);
+          const uint32_t packed = static_cast<uint32_t>(b0) | (static_cast<uint32_t>(b1) << 16);
           // Staged in this warp's own rows of the Q' tile (no other warp reads them).
           *reinterpret_cast<uint32_t*>(q_tile + r * kSD + col) = packed;
+          if constexpr (kOp == Op::kForward) {
+            // What rounding dropped, for the backward's dout . out (see the header).
+            if (p.out_residual != nullptr && r < valid_rows) {
+              const uint32_t lo =
+                  static_cast<uint32_t>(FloatToBits(y[0] - BitsToFloat(b0, fp16), fp16)) |
+                  (static_cast<uint32_t>(FloatToBits(y[1] - BitsToFloat(b1, fp16), fp16)) << 16);
+              *reinterpret_cast<uint32_t*>(p.out_residual + (t0 + r) * qd +
+                                           int64_t{head} * kD + col0 + col) = lo;
+            }
+          }
         }
       }
       __syncwarp();

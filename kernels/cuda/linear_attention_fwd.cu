@@ -8,7 +8,7 @@
 namespace ferry::kernels {
 
 cudaError_t LinearAttentionForwardCuda(const LinearAttentionForwardArgs& args, float* row_stats,
-                                       cudaStream_t stream) {
+                                       void* out_residual, cudaStream_t stream) {
   using namespace linear_cuda;
   const LinearAttentionConfig& c = args.config;
   cudaError_t error = CheckConfig(c);
@@ -21,7 +21,7 @@ cudaError_t LinearAttentionForwardCuda(const LinearAttentionForwardArgs& args, f
     return cudaErrorInvalidValue;
   }
   if (!Aligned16(args.q) || !Aligned16(args.k) || !Aligned16(args.v) || !Aligned16(args.out) ||
-      !Aligned16(row_stats)) {
+      !Aligned16(row_stats) || !Aligned16(out_residual)) {
     return cudaErrorInvalidValue;
   }
   const int group = c.num_q_heads / c.num_kv_heads;
@@ -37,6 +37,7 @@ cudaError_t LinearAttentionForwardCuda(const LinearAttentionForwardArgs& args, f
   p.k = static_cast<const uint16_t*>(args.k);
   p.v = static_cast<const uint16_t*>(args.v);
   p.out = static_cast<uint16_t*>(args.out);
+  p.out_residual = static_cast<uint16_t*>(out_residual);
   p.stats = row_stats;
   p.initial_state = args.initial_state;
   p.final_state = args.final_state;

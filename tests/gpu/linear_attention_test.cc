@@ -13,10 +13,11 @@
 //    tensor cores see the inputs exactly (bf16 with kOnePlusXMaxNorm or kIdentity: float32 sums
 //    in another order), 1e-2 otherwise (bf16 features, as above).
 //  * dq, dk, dv vs the CPU backend's float32 backward (checked against float64 central
-//    differences in tests/unit/linear_attention_cpu_test.cc): 3e-2. The backward feeds bf16
-//    operands scaled per row (dout / den, c q) to the tensor cores and rounds its outputs.
+//    differences in tests/unit/linear_attention_cpu_test.cc): 1e-2. The backward feeds bf16
+//    operands scaled per row (dout / den, c q) to the tensor cores and rounds its outputs
+//    (measured ~2e-3 to 4e-3).
 //  * the initial-state gradient: directional derivatives against the CPU backward through a
-//    prefix that made the state, 3e-2.
+//    prefix that made the state, 1e-2.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -41,7 +42,7 @@ namespace {
 constexpr double kOutTolerance = 1e-2;
 constexpr double kExactStateTolerance = 1e-4;
 constexpr double kStateTolerance = 1e-2;
-constexpr double kGradientTolerance = 3e-2;
+constexpr double kGradientTolerance = 1e-2;
 constexpr uint16_t kPoisonBits = 0x7fff;  // NaN in bf16 and fp16
 
 struct Variant {
@@ -201,7 +202,7 @@ ForwardResult CudaForward(const Problem& p, const std::vector<float>* initial_st
   args.out = out.get();
   args.initial_state = initial_state != nullptr ? init.get<float>() : nullptr;
   args.final_state = fin.get<float>();
-  r.error = LinearAttentionForwardCuda(args, stats.get<float>(), nullptr);
+  r.error = LinearAttentionForwardCuda(args, stats.get<float>(), nullptr, nullptr);
   if (r.error != cudaSuccess) return r;
   r.error = cudaDeviceSynchronize();
   if (r.error != cudaSuccess) return r;
@@ -243,12 +244,13 @@ struct Gradients {
 Gradients CudaBackward(const Problem& p, const std::vector<uint16_t>& dout,
                        const std::vector<float>* initial_state, bool want_d_state) {
   Gradients g;
-  DeviceBuffer cu, q, k, v, out, stats, init, dout_d, dq, dk, dv, d_state, workspace;
+  DeviceBuffer cu, q, k, v, out, residual, stats, init, dout_d, dq, dk, dv, d_state, workspace;
   cu.Upload(p.cu_seqlens);
   q.Upload(p.q);
   k.Upload(p.k);
   v.Upload(p.v);
   out.Upload(std::vector<uint16_t>(p.q_size(), kPoisonBits));
+  residual.Upload(std::vector<uint16_t>(p.q_size(), kPoisonBits));
   const float nan = std::numeric_limits<float>::quiet_NaN();
   stats.Upload(std::vector<float>(p.total_tokens() * p.config.num_q_heads * kLinearRowStats, nan));
   if (initial_state != nullptr) init.Upload(*initial_state);
@@ -261,7 +263,7 @@ Gradients CudaBackward(const Problem& p, const std::vector<uint16_t>& dout,
   fwd.v = v.get();
   fwd.out = out.get();
   fwd.initial_state = initial_state != nullptr ? init.get<float>() : nullptr;
-  g.error = LinearAttentionForwardCuda(fwd, stats.get<float>(), nullptr);
+  g.error = LinearAttentionForwardCuda(fwd, stats.get<float>(), residual.get(), nullptr);
   if (g.error != cudaSuccess) return g;
 
   dout_d.Upload(dout);
@@ -282,6 +284,7 @@ Gradients CudaBackward(const Problem& p, const std::vector<uint16_t>& dout,
   args.v = v.get();
   args.initial_state = fwd.initial_state;
   args.out = out.get();
+  args.out_residual = residual.get();
   args.row_stats = stats.get<float>();
   args.dout = dout_d.get();
   args.dq = dq.get();
@@ -805,7 +808,7 @@ TEST_F(LinearAttentionCudaTest, BadArgumentsAreRejectedBeforeAnyLaunch) {
   args.v = v.get();
   args.out = out.get();
   auto expect = [&](LinearAttentionForwardArgs a, cudaError_t want, const char* what) {
-    EXPECT_EQ(LinearAttentionForwardCuda(a, nullptr, nullptr), want) << what;
+    EXPECT_EQ(LinearAttentionForwardCuda(a, nullptr, nullptr, nullptr), want) << what;
   };
   LinearAttentionForwardArgs bad = args;
   bad.config.dtype = DType::kFloat32;
