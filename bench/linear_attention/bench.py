@@ -144,7 +144,9 @@ def main():
     plan += [(d, n, name) for d in (128, 64) for n in ns for name in methods(d)
              if name.startswith("fla")]
     os.makedirs(args.out, exist_ok=True)
-    for d, n, name in plan:
+    for i, (d, n, name) in enumerate(plan):
+        if name.startswith("fla") and not plan[i - 1][2].startswith("fla") and not args.quick:
+            plot(rows, os.path.join(args.out, "linear_attention.png"))  # in case fla runs long
         if name.startswith("fla") and time.time() - t0 > args.fla_budget:
             print(f"{name} d={d} N={n}: skipped (fla budget of {args.fla_budget:.0f} s spent)",
                   flush=True)
