@@ -9,7 +9,8 @@
 // on chip), the mask j <= i (forward direction) or j >= i (reverse direction) inside a chunk.
 // The four passes are instances of it (u_i is the effective query, dnum_i = dout_i / den_i,
 // dden_i = -(dout_i . o_i) / den_i; see linear_attention_cpu.cc for the derivation):
-//   kForward: Q' = phi(q), K' = phi(k) (raw q, k for kOnePlusXMaxNorm, alpha = c_i, beta = 1),
+//   kForward: Q' = phi(q), K' = phi(k) (kOnePlusXMaxNorm: q_i 2^-e_i with a_i = m 2^e_i, an exact
+//             scaling that keeps Q' . S in float range, raw k, alpha = c_i 2^e_i, beta = 1),
 //             V' = [v slice, 1, 0...]: the extra ones column makes S's last column z and B's n,
 //             so acc's last column is den_i.
 //   kGradQ:   Q' = dout, K' = v, V' = phi(k) slice, alpha = 1 / den_i, beta = dden_i: acc = du_i.
@@ -56,7 +57,9 @@ constexpr int PadStride(int cols) {
 // lives in registers (d / 4 rows per warp). The work of a block is a serial walk over chunks and
 // latency-bound, so more, narrower blocks per head beat fewer wide ones even though each
 // recomputes the chunk's scores: at d = 128, 64 columns gave one block of 4 warps per SM and
-// ran 17 us per chunk on the H100 (ncu: 6% occupancy, 20% SM throughput); 32 columns fit two.
+// ran 17 us per chunk on the H100 (ncu: 6% occupancy, 20% SM throughput); 32 columns fit two
+// and the elu + 1 forward at N = 8192 went from 2.17 to 1.82 ms (37% SM throughput). Still
+// latency-bound: see bench/RESULTS.md.
 constexpr int SliceWidth(int head_dim) { return head_dim == 64 ? 16 : 32; }
 
 struct TileSource {
@@ -207,10 +210,11 @@ __device__ __forceinline__ uint16_t FloatToBits(float x, bool fp16) {
   return fp16 ? __half_as_ushort(__float2half_rn(x)) : __bfloat16_as_ushort(__float2bfloat16_rn(x));
 }
 
+// elu(x) + 1 with expf, as the CPU backend computes it (the decode kernel, whose state must
+// match the CPU's).
 __device__ __forceinline__ float EluPlusOne(float x) { return x > 0.0f ? x + 1.0f : expf(x); }
-__device__ __forceinline__ float EluPlusOneDerivative(float x) { return x > 0.0f ? 1.0f : expf(x); }
-// The same with the fast exponential (ex2.approx, relative error ~1e-6 here): for values that
-// are rounded to bf16 next (2^-9), where expf's exactness buys nothing and costs latency.
+// With the fast exponential (ex2.approx, relative error ~1e-6 here): for values that are
+// rounded to bf16 next (2^-9), where expf's exactness buys nothing and costs latency.
 __device__ __forceinline__ float EluPlusOneFast(float x) { return x > 0.0f ? x + 1.0f : __expf(x); }
 __device__ __forceinline__ float EluPlusOneDerivativeFast(float x) {
   return x > 0.0f ? 1.0f : __expf(x);
