@@ -1,0 +1,50 @@
+#!/bin/bash
+# The linear-attention checks and benchmark, in one call on the GPU machine: the gtest binary,
+# compute-sanitizer (memcheck, racecheck) on a small filter that still runs every kernel, the
+# PyTorch extension build (timed) and its float64 gradient test, the benchmark and an ncu look
+# at the core kernels.
+# Run from a bundle folder holding bin/linear_attention_test (tools/gpu-bundle), repo/ (this
+# repository's kernels/ and bench/linear_attention/) and optionally fla_src/ (fla's source):
+#   OUT=<dir> bash repo/bench/linear_attention/device_run.sh
+set -uo pipefail
+cd "$(dirname "$0")/../../.."
+bundle=$PWD
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+
+ok=1
+timeout 90 ./bin/linear_attention_test > "$OUT/test.log" 2>&1 || ok=0
+grep -E "^\[  (FAILED|PASSED|  OK) |Failure|error|Expected|Which is|seed" "$OUT/test.log" | head -40
+echo "gtest ok=$ok"
+
+filter='*BadArguments*:*DecodeMatchesCpu*:*ExtremeMagnitudeGradients*'
+for tool in memcheck racecheck; do
+  timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 ./bin/linear_attention_test \
+      --gtest_filter="$filter" >> "$OUT/sanitizer.log" 2>&1
+  echo "compute-sanitizer $tool rc=$? ($(grep -c -E 'ERROR SUMMARY: 0 errors|RACECHECK SUMMARY: 0 hazards' "$OUT/sanitizer.log") clean summaries so far)"
+done
+grep -E "SUMMARY" "$OUT/sanitizer.log"
+
+export PYTHONPATH="$bundle/repo/bench/linear_attention:$bundle/fla_src" PYTHONUNBUFFERED=1
+export FERRY_EXT_BUILD_DIR=/tmp/ferry_linear_ext
+mkdir -p "$FERRY_EXT_BUILD_DIR"
+cd "$bundle/repo"
+timeout 100 python3 bench/linear_attention/test_grad.py > "$OUT/grad.log" 2>&1 || ok=0
+cat "$OUT/grad.log" | tail -30
+echo "after gradient test ok=$ok"
+
+timeout 170 python3 bench/linear_attention/bench.py --fla-budget 110 --out "$OUT" > "$OUT/bench.log" 2>&1
+echo "bench rc=$?"
+grep -v "^|" "$OUT/bench.log" | tail -60
+
+cat > /tmp/one_step.py <<'PY'
+import torch, ferry_linear_attn as f
+q, k, v = [(torch.randn(4, 8192, 16, 128, device="cuda") * 128 ** -0.5).bfloat16().requires_grad_() for _ in range(3)]
+f.linear_attention(q, k, v, "elu_plus_one", True).backward(torch.randn(4, 8192, 16, 128, device="cuda").bfloat16())
+torch.cuda.synchronize()
+PY
+timeout 40 ncu --clock-control none --kernel-name regex:LinearCoreKernel --launch-count 2 \
+    --section SpeedOfLight --section LaunchStats --section Occupancy python3 /tmp/one_step.py \
+    > "$OUT/ncu.txt" 2>&1
+echo "ncu rc=$?"
+grep -E "LinearCoreKernel|Duration|Memory Throughput|Compute \(SM\)|DRAM Throughput|Registers Per|Achieved Occupancy" "$OUT/ncu.txt" | head -40
+cat "$OUT/table.md" 2>/dev/null

@@ -1,0 +1,175 @@
+// Causal linear attention backward on CUDA: dden (a row pre-pass), dq (forward-direction pass),
+// the max-norm fix-up of dq, then dk and dv (reverse passes). Contract: ferry/kernels/cuda_linear_attention.h; the
+// kernels: linear_attention_core.cuh.
+#include <algorithm>
+#include <cstdint>
+
+#include "ferry/kernels/cuda_linear_attention.h"
+#include "linear_attention_core.cuh"
+
+namespace ferry::kernels {
+namespace {
+
+using linear_cuda::BitsToFloat;
+using linear_cuda::FloatToBits;
+
+constexpr size_t kAlign = 256;
+size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// Float arrays of the workspace, in order; everything after dden is zeroed per call.
+struct WorkspaceLayout {
+  size_t dden = 0, gq = 0, gk = 0, state_gq = 0, state_gk = 0, total = 0;
+};
+
+WorkspaceLayout LayoutWorkspace(const LinearAttentionConfig& c, int64_t total_tokens) {
+  const size_t tokens = static_cast<size_t>(std::max<int64_t>(total_tokens, 0));
+  const size_t seqs = static_cast<size_t>(std::max(c.num_seqs, 0));
+  const size_t hq = static_cast<size_t>(std::max(c.num_q_heads, 0));
+  const size_t hkv = static_cast<size_t>(std::max(c.num_kv_heads, 0));
+  WorkspaceLayout w;
+  w.dden = 0;
+  w.gq = w.dden + AlignUp(sizeof(float) * tokens * hq);
+  w.gk = w.gq + AlignUp(sizeof(float) * tokens * hq);
+  w.state_gq = w.gk + AlignUp(sizeof(float) * tokens * hkv);
+  w.state_gk = w.state_gq + AlignUp(sizeof(float) * seqs * hq);
+  w.total = w.state_gk + AlignUp(sizeof(float) * seqs * hkv);
+  return w;
+}
+
+// dden_r = -(dout_r . o_r) / den_r with o = out + out_residual (the forward's output to ~16
+// mantissa bits: with bf16 o alone the error of dden, times a denominator sum z that grows with
+// the position, would cost dq about 2^-9 sqrt(N) relative for elu + 1). One warp per
+// (token, q head) row.
+__global__ void __launch_bounds__(256) LinearDdenKernel(const uint16_t* dout, const uint16_t* out,
+                                                        const uint16_t* out_residual,
+                                                        const float* stats, float* dden,
+                                                        int64_t rows, int head_dim, bool fp16) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
+  for (int64_t row = int64_t{blockIdx.x} * (blockDim.x / 32) + threadIdx.x / 32; row < rows;
+       row += warps) {
+    float dot = 0.0f;
+    for (int e = lane; e < head_dim; e += 32) {
+      const int64_t i = row * head_dim + e;
+      float o = BitsToFloat(out[i], fp16);
+      if (out_residual != nullptr) o += BitsToFloat(out_residual[i], fp16);
+      dot += BitsToFloat(dout[i], fp16) * o;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    if (lane == 0) dden[row] = -dot / stats[row * kLinearRowStats];
+  }
+}
+
+// dq_r += (d loss / d a_r) / a_r * q_r at the rows that attain a running maximum of ||q||
+// (ws_gq holds the summed gradient there, zero elsewhere). One warp per (token, q head) row.
+__global__ void __launch_bounds__(256) LinearQNormFixupKernel(const uint16_t* q,
+                                                              const float* stats,
+                                                              const float* ws_gq, uint16_t* dq,
+                                                              int64_t rows, int head_dim,
+                                                              bool fp16) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
+  for (int64_t row = int64_t{blockIdx.x} * (blockDim.x / 32) + threadIdx.x / 32; row < rows;
+       row += warps) {
+    const float grad = ws_gq[row];
+    if (grad == 0.0f) continue;
+    const float scale = grad / stats[row * kLinearRowStats + 1];
+    for (int e = lane; e < head_dim; e += 32) {
+      const int64_t i = row * head_dim + e;
+      dq[i] = FloatToBits(BitsToFloat(dq[i], fp16) + scale * BitsToFloat(q[i], fp16), fp16);
+    }
+  }
+}
+
+// Grid of a one-warp-per-row kernel over `rows` rows (8 warps per block).
+int RowGrid(int64_t rows) { return static_cast<int>(std::min<int64_t>((rows + 7) / 8, 8192)); }
+
+}  // namespace
+
+size_t LinearAttentionBackwardWorkspaceSize(const LinearAttentionConfig& config,
+                                            int64_t total_tokens) {
+  return LayoutWorkspace(config, total_tokens).total;
+}
+
+cudaError_t LinearAttentionBackwardCuda(const LinearAttentionBackwardCudaArgs& args,
+                                        void* workspace, size_t workspace_bytes,
+                                        cudaStream_t stream) {
+  using namespace linear_cuda;
+  const LinearAttentionConfig& c = args.config;
+  cudaError_t error = CheckConfig(c);
+  if (error != cudaSuccess) return error;
+  if (args.total_tokens < 0 || args.total_tokens > INT32_MAX) return cudaErrorInvalidValue;
+  if (c.num_seqs == 0) return cudaSuccess;
+  if (args.cu_seqlens == nullptr) return cudaErrorInvalidValue;
+  if (args.total_tokens > 0 &&
+      (args.q == nullptr || args.k == nullptr || args.v == nullptr || args.dout == nullptr ||
+       args.dq == nullptr || args.dk == nullptr || args.dv == nullptr ||
+       args.row_stats == nullptr || (c.normalize && args.out == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  if (!Aligned16(args.q) || !Aligned16(args.k) || !Aligned16(args.v) || !Aligned16(args.out) ||
+      !Aligned16(args.out_residual) || !Aligned16(args.dout) || !Aligned16(args.dq) || !Aligned16(args.dk) ||
+      !Aligned16(args.dv) || !Aligned16(args.row_stats)) {
+    return cudaErrorInvalidValue;
+  }
+  const WorkspaceLayout w = LayoutWorkspace(c, args.total_tokens);
+  if (workspace == nullptr || workspace_bytes < w.total || !Aligned16(workspace)) {
+    return cudaErrorInvalidValue;
+  }
+  uint8_t* base = static_cast<uint8_t*>(workspace);
+  // The max-norm gradients are summed with atomics: start from zero.
+  if ((error = cudaMemsetAsync(base + w.gq, 0, w.total - w.gq, stream)) != cudaSuccess) {
+    return error;
+  }
+  CoreParams p = MakeCoreParams(c, args.cu_seqlens, args.total_tokens);
+  p.q = static_cast<const uint16_t*>(args.q);
+  p.k = static_cast<const uint16_t*>(args.k);
+  p.v = static_cast<const uint16_t*>(args.v);
+  p.dout = static_cast<const uint16_t*>(args.dout);
+  p.stats = const_cast<float*>(args.row_stats);  // read only in the backward passes
+  p.initial_state = args.initial_state;
+  p.d_initial_state = args.d_initial_state;
+  p.ws_dden = reinterpret_cast<float*>(base + w.dden);
+  p.ws_gq = reinterpret_cast<float*>(base + w.gq);
+  p.ws_gk = reinterpret_cast<float*>(base + w.gk);
+  p.ws_state_gq = reinterpret_cast<float*>(base + w.state_gq);
+  p.ws_state_gk = reinterpret_cast<float*>(base + w.state_gk);
+
+  const int64_t q_rows = args.total_tokens * c.num_q_heads;
+  int head_dim = c.head_dim;
+  bool fp16 = p.fp16;
+  if (c.normalize && q_rows > 0) {
+    const uint16_t* dout = p.dout;
+    const uint16_t* out = static_cast<const uint16_t*>(args.out);
+    const uint16_t* residual = static_cast<const uint16_t*>(args.out_residual);
+    const float* stats = p.stats;
+    float* dden = p.ws_dden;
+    int64_t rows = q_rows;
+    void* kernel_args[] = {&dout, &out, &residual, &stats, &dden, &rows, &head_dim, &fp16};
+    error = cudaLaunchKernel(reinterpret_cast<const void*>(LinearDdenKernel), dim3(RowGrid(rows)),
+                             dim3(256), kernel_args, 0, stream);
+    if (error != cudaSuccess) return error;
+  }
+  p.out = static_cast<uint16_t*>(args.dq);
+  error = LaunchCoreForHeadDim<Op::kGradQ>(p, c.head_dim, c.num_q_heads, c.num_seqs, stream);
+  if (error != cudaSuccess) return error;
+  if (c.feature_map == LinearFeatureMap::kOnePlusXMaxNorm && q_rows > 0) {
+    const uint16_t* q = p.q;
+    const float* stats = p.stats;
+    const float* ws_gq = p.ws_gq;
+    uint16_t* dq = static_cast<uint16_t*>(args.dq);
+    int64_t rows = q_rows;
+    void* kernel_args[] = {&q, &stats, &ws_gq, &dq, &rows, &head_dim, &fp16};
+    error = cudaLaunchKernel(reinterpret_cast<const void*>(LinearQNormFixupKernel),
+                             dim3(RowGrid(rows)), dim3(256), kernel_args, 0, stream);
+    if (error != cudaSuccess) return error;
+  }
+  p.out = static_cast<uint16_t*>(args.dk);
+  error = LaunchCoreForHeadDim<Op::kGradK>(p, c.head_dim, c.num_kv_heads, c.num_seqs, stream);
+  if (error != cudaSuccess) return error;
+  p.out = static_cast<uint16_t*>(args.dv);
+  return LaunchCoreForHeadDim<Op::kGradV>(p, c.head_dim, c.num_kv_heads, c.num_seqs, stream);
+}
+
+}  // namespace ferry::kernels

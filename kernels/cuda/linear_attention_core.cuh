@@ -1,0 +1,1193 @@
+// The chunkwise causal linear-attention core shared by the forward and the three backward passes
+// (private to kernels/cuda; contract of the public functions: cuda_linear_attention.h).
+//
+// One kernel template computes, for every query' row i of a sequence and every column c of a
+// slice of the value' columns,
+//   acc[i][c] = alpha_i (Q'_i . S[:, c]) + beta_i B[c]
+//             + sum_{keys j on i's side of the mask} (alpha_i (Q'_i . K'_j) + beta_i w_j) V'[j][c]
+// with S = sum K'^T V' and B = sum_j w_j V'_j over all earlier chunks (the running state, float32
+// on chip), the mask j <= i (forward direction) or j >= i (reverse direction) inside a chunk.
+// The four passes are instances of it (u_i is the effective query, dnum_i = dout_i / den_i,
+// dden_i = -(dout_i . o_i) / den_i; see linear_attention_cpu.cc for the derivation):
+//   kForward: Q' = phi(q), K' = phi(k) (kOnePlusXMaxNorm: q_i 2^-e_i with a_i = m 2^e_i, an exact
+//             scaling that keeps Q' . S in float range, raw k, alpha = c_i 2^e_i, beta = 1),
+//             V' = [v slice, 1, 0...]: the extra ones column makes S's last column z and B's n,
+//             so acc's last column is den_i.
+//   kGradQ:   Q' = dout, K' = v, V' = phi(k) slice, alpha = 1 / den_i, beta = dden_i: acc = du_i.
+//   kGradK:   reverse, Q' = v, K' = dnum, V' = u slice, w_j = dden_j: acc = dphi(k).
+//   kGradV:   reverse, Q' = phi(k), K' = u, V' = dnum slice, beta = 1 (kOnePlusXMaxNorm): acc = dv.
+// In the reverse passes the keys' of a chunk are the GQA group's q heads, one after another (key
+// blocks); so dk and dv sum the group on chip.
+//
+// Layout of the work: one block of 4 warps per (value' column slice, head, sequence), walking
+// the sequence's 64-token chunks in order (or in reverse); warp w owns query' rows
+// [16w, 16w + 16) of a chunk and rows [w d/4, (w + 1) d/4) of S. A chunk's tiles arrive by
+// cp.async (16-byte copies, zero-filled past the sequence) into one of two stages while the
+// previous chunk computes; elementwise transforms (feature map, per-row scales, fp16 -> bf16)
+// run in place in shared memory. Score weights and S reach the tensor cores as bf16 hi + lo pairs.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <mutex>
+
+#include "ferry/kernels/cuda_linear_attention.h"
+
+namespace ferry::kernels::linear_cuda {
+
+enum class Op : int { kForward = 0, kGradQ = 1, kGradK = 2, kGradV = 3 };
+
+constexpr int kChunk = 64;
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kMaxSharedBytes = 227 * 1024;
+constexpr int kMaxDevices = 64;
+
+// Row stride in elements: a multiple of 8 (16-byte rows) with an odd count of 16-byte units, so
+// the 8 rows one ldmatrix reads land in distinct bank groups.
+constexpr int PadStride(int cols) {
+  const int s = (cols + 7) / 8 * 8;
+  return (s / 8) % 2 == 0 ? s + 8 : s;
+}
+
+// Value' columns per block: four slices at d = 64 and 128, eight at d = 256. The state slice
+// lives in registers (d / 4 rows per warp). The work of a block is a serial walk over chunks and
+// latency-bound, so more, narrower blocks per head beat fewer wide ones even though each
+// recomputes the chunk's scores: at d = 128, 64 columns gave one block of 4 warps per SM and
+// ran 17 us per chunk on the H100 (ncu: 6% occupancy, 20% SM throughput); 32 columns fit two
+// and the elu + 1 forward at N = 8192 went from 2.17 to 1.82 ms (37% SM throughput). Still
+// latency-bound: see bench/RESULTS.md.
+constexpr int SliceWidth(int head_dim) { return head_dim == 64 ? 16 : 32; }
+
+struct TileSource {
+  const uint16_t* base = nullptr;  // element (token t, column c) at base[t * row_stride + offset + c]
+  int64_t row_stride = 0;
+  int64_t offset = 0;
+};
+
+struct CoreParams {
+  const int32_t* cu_seqlens = nullptr;
+  int64_t total_tokens = 0;
+  int num_q_heads = 0;
+  int num_kv_heads = 0;
+  int group = 1;
+  int feature_map = 0;  // LinearFeatureMap
+  bool normalize = true;
+  bool fp16 = false;
+  LinearStateLayout layout;
+  const uint16_t* q = nullptr;
+  const uint16_t* k = nullptr;
+  const uint16_t* v = nullptr;
+  const uint16_t* dout = nullptr;
+  uint16_t* out = nullptr;  // kForward: out, kGradQ: dq, kGradK: dk, kGradV: dv
+  uint16_t* out_residual = nullptr;  // kForward (optional): out - round(out)
+  float* stats = nullptr;   // kForward writes (optional); the backward reads
+  const float* initial_state = nullptr;
+  float* final_state = nullptr;
+  float* d_initial_state = nullptr;
+  float* ws_dden = nullptr;      // (total_tokens, num_q_heads): dden, from the pre-pass
+  float* ws_gq = nullptr;        // (total_tokens, num_q_heads): d loss / d a at record positions
+  float* ws_gk = nullptr;        // (total_tokens, num_kv_heads): d loss / d b
+  float* ws_state_gq = nullptr;  // (num_seqs, num_q_heads): ... when the state holds the max
+  float* ws_state_gk = nullptr;  // (num_seqs, num_kv_heads)
+};
+
+template <Op kOp, int kD>
+struct CoreShape {
+  static constexpr int kDv = SliceWidth(kD);
+  static constexpr int kSlices = kD / kDv;
+  static constexpr bool kOnes = kOp == Op::kForward;
+  static constexpr int kCols = kDv + (kOnes ? 8 : 0);
+  static constexpr int kNt = kCols / 8;  // output n-tiles of 8 columns
+  static constexpr int kMt = kD / 64;    // m-tiles of 16 state rows per warp
+  static constexpr int kStrideD = PadStride(kD);
+  static constexpr int kStrideV = PadStride(kCols);
+  // The raw q (kGradQ) or k (kGradK) slice the epilogue needs, prefetched into registers.
+  static constexpr bool kHasX = kOp == Op::kGradQ || kOp == Op::kGradK;
+  // One pipeline stage (bytes).
+  static constexpr int kQTile = 0;
+  static constexpr int kKTile = kQTile + kChunk * kStrideD * 2;
+  static constexpr int kVTile = kKTile + kChunk * kStrideD * 2;
+  static constexpr int kQStats = kVTile + kChunk * kStrideV * 2;                    // float4[64]
+  static constexpr int kKStats = kQStats + kChunk * 16;                             // float4[64]
+  static constexpr int kKW = kKStats + kChunk * 16;                                 // float[64]
+  static constexpr int kQX = kKW + kChunk * 4;                                      // float[64]
+  static constexpr int kStageBytes = kQX + kChunk * 4;
+  // Persistent: S as bf16 hi and lo tiles (kD x kCols), then float arrays.
+  static constexpr int kStateBytes = 2 * kD * kStrideV * 2;
+  static constexpr int kScalarFloats = kStrideV + 12 * kChunk + 2 * kChunk;
+  static constexpr int kFixedBytes = kStateBytes + kScalarFloats * 4;
+  static constexpr int kStages = 2 * kStageBytes + kFixedBytes <= kMaxSharedBytes ? 2 : 1;
+  // Blocks per SM the shared memory allows (228 KB per SM, 1 KB of it per block for the driver).
+  static constexpr int kBlocksPerSm = (228 * 1024) / (kStages * kStageBytes + kFixedBytes + 1024);
+  // Register budget: at d = 64 the small state lets three blocks share an SM (<= 168 registers).
+  static constexpr int kMinBlocks = kD == 64 && kBlocksPerSm >= 3 ? 3 : 1;
+  static constexpr int kSmemBytes = kStages * kStageBytes + kFixedBytes;
+  static_assert(kSmemBytes <= kMaxSharedBytes, "shared memory");
+  static_assert(kCols < kThreads, "one thread per column keeps B");
+  static_assert(kD % 64 == 0 && kDv % 16 == 0, "tile shapes");
+};
+
+// ---- small device helpers ----
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem)),
+               "l"(gmem), "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void CpAsync4(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(SmemAddr(smem)),
+               "l"(gmem), "r"(valid ? 4 : 0)
+               : "memory");
+}
+
+__device__ __forceinline__ void CpAsyncCommit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void CpAsyncWaitAll() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p))
+               : "memory");
+}
+
+__device__ __forceinline__ void LdMatrixX4Trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(p))
+               : "memory");
+}
+
+__device__ __forceinline__ void LdMatrixX2Trans(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(SmemAddr(p))
+               : "memory");
+}
+
+// c += a b on the tensor cores: a (16x16 bf16, row), b (16x8 bf16, col), c (16x8 float32).
+__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                    uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t PackBf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// (x0, x1) as bf16 pairs hi + lo with hi + lo = x to about 16 mantissa bits.
+__device__ __forceinline__ void SplitBf16(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+  const float2 hf = __bfloat1622float2(h);
+  __nv_bfloat162 l = __floats2bfloat162_rn(x0 - hf.x, x1 - hf.y);
+  hi = *reinterpret_cast<uint32_t*>(&h);
+  lo = *reinterpret_cast<uint32_t*>(&l);
+}
+
+__device__ __forceinline__ float BitsToFloat(uint16_t bits, bool fp16) {
+  return fp16 ? __half2float(__ushort_as_half(bits)) : __bfloat162float(__ushort_as_bfloat16(bits));
+}
+
+__device__ __forceinline__ uint16_t FloatToBits(float x, bool fp16) {
+  return fp16 ? __half_as_ushort(__float2half_rn(x)) : __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+
+// elu(x) + 1 with expf, as the CPU backend computes it (the decode kernel, whose state must
+// match the CPU's).
+__device__ __forceinline__ float EluPlusOne(float x) { return x > 0.0f ? x + 1.0f : expf(x); }
+// With the fast exponential (ex2.approx, relative error ~1e-6 here): for values that are
+// rounded to bf16 next (2^-9), where expf's exactness buys nothing and costs latency.
+__device__ __forceinline__ float EluPlusOneFast(float x) { return x > 0.0f ? x + 1.0f : __expf(x); }
+__device__ __forceinline__ float EluPlusOneDerivativeFast(float x) {
+  return x > 0.0f ? 1.0f : __expf(x);
+}
+
+__device__ __forceinline__ void Unpack8(const uint4& raw, bool fp16, float (&x)[8]) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    x[2 * i] = BitsToFloat(static_cast<uint16_t>(words[i] & 0xffffu), fp16);
+    x[2 * i + 1] = BitsToFloat(static_cast<uint16_t>(words[i] >> 16), fp16);
+  }
+}
+
+__device__ __forceinline__ uint4 PackBf16x8(const float (&x)[8]) {
+  return make_uint4(PackBf16(x[0], x[1]), PackBf16(x[2], x[3]), PackBf16(x[4], x[5]),
+                    PackBf16(x[6], x[7]));
+}
+
+// In place over a 64-row tile of `kCols` columns: phi (optional), times a per-row scale
+// (optional), stored as bf16; rows >= valid_rows become zero (phi(0) would not be).
+template <int kCols>
+__device__ __forceinline__ void TransformTile(uint16_t* tile, int stride, int valid_rows, bool phi,
+                                              const float* row_scale, bool fp16) {
+  constexpr int kVecs = kCols / 8;
+#pragma unroll 4
+  for (int i = threadIdx.x; i < kChunk * kVecs; i += kThreads) {
+    const int r = i / kVecs;
+    uint4* ptr = reinterpret_cast<uint4*>(tile + r * stride + (i % kVecs) * 8);
+    if (r >= valid_rows) {
+      *ptr = make_uint4(0, 0, 0, 0);
+      continue;
+    }
+    float x[8];
+    Unpack8(*ptr, fp16, x);
+    const float scale = row_scale != nullptr ? row_scale[r] : 1.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const float y = phi ? EluPlusOneFast(x[e]) : x[e];
+      x[e] = row_scale != nullptr ? y * scale : y;
+    }
+    *ptr = PackBf16x8(x);
+  }
+}
+
+// Copies a 64-row tile of kCols columns (rows past the sequence zero-filled).
+template <int kCols>
+__device__ __forceinline__ void LoadTile(uint16_t* dst, int stride, const TileSource& src,
+                                         int64_t first_token, int valid_rows) {
+  constexpr int kVecs = kCols / 8;
+#pragma unroll 4
+  for (int i = threadIdx.x; i < kChunk * kVecs; i += kThreads) {
+    const int r = i / kVecs;
+    const int cv = i % kVecs;
+    const bool valid = r < valid_rows;
+    const uint16_t* g = valid ? src.base + (first_token + r) * src.row_stride + src.offset + cv * 8
+                              : src.base;
+    CpAsync16(dst + r * stride + cv * 8, g, valid);
+  }
+}
+
+// ---- the kernel ----
+
+template <Op kOp, int kD>
+__global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
+    LinearCoreKernel(const CoreParams p) {
+  using Shape = CoreShape<kOp, kD>;
+  constexpr int kDv = Shape::kDv;
+  constexpr int kCols = Shape::kCols;
+  constexpr int kNt = Shape::kNt;
+  constexpr int kMt = Shape::kMt;
+  constexpr int kSD = Shape::kStrideD;
+  constexpr int kSV = Shape::kStrideV;
+  constexpr bool kReverse = kOp == Op::kGradK || kOp == Op::kGradV;
+  constexpr int kRowsPerWarp = kD / kWarps;
+
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint16_t* s_hi = reinterpret_cast<uint16_t*>(smem + Shape::kStages * Shape::kStageBytes);
+  uint16_t* s_lo = s_hi + kD * kSV;
+  float* bsum_s = reinterpret_cast<float*>(s_lo + kD * kSV);
+  float* alpha_s = bsum_s + kSV;
+  float* beta_s = alpha_s + kChunk;
+  float* w_s = beta_s + kChunk;
+  float* kscale_s = w_s + kChunk;
+  float* vscale_s = kscale_s + kChunk;
+  float* post_s = vscale_s + kChunk;
+  float* ga_s = post_s + kChunk;
+  float* gb_s = ga_s + kChunk;
+  float* a_s = gb_s + kChunk;
+  float* b_s = a_s + kChunk;
+  int* argq_s = reinterpret_cast<int*>(b_s + kChunk);
+  int* argk_s = argq_s + kChunk;
+  float* c_s = kscale_s;      // kForward: c_r (the kscale array is free there)
+  float* qscale_s = vscale_s;  // kForward: 2^-e_r scaling q_r (the vscale array is free there)
+  float* scratch_s = reinterpret_cast<float*>(argk_s + kChunk);  // 2 * kChunk
+
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int slice = blockIdx.x;
+  const int head = blockIdx.y;
+  const int seq = blockIdx.z;
+  const int group = p.group;
+  const int hq = p.num_q_heads;
+  const int hkv = p.num_kv_heads;
+  const int kv_head = kReverse ? head : head / group;
+  const int q_head0 = kv_head * group;       // first q head of the group
+  const int g_in_group = kReverse ? 0 : head - q_head0;
+  const int64_t first = p.cu_seqlens[seq];
+  const int64_t last = p.cu_seqlens[seq + 1];
+  if (first < 0 || last < first || last > p.total_tokens) return;
+  const int64_t len = last - first;
+  const int num_chunks = static_cast<int>((len + kChunk - 1) / kChunk);
+  const int key_blocks = kReverse ? group : 1;
+  const int64_t steps = int64_t{num_chunks} * key_blocks;
+  const bool lifted = p.feature_map == static_cast<int>(LinearFeatureMap::kOnePlusXMaxNorm);
+  const bool elu = p.feature_map == static_cast<int>(LinearFeatureMap::kEluPlusOne);
+  const bool fp16 = p.fp16;
+  const LinearStateLayout& layout = p.layout;
+  const int64_t record = (int64_t{seq} * hkv + kv_head) * layout.stride;
+  const float* init = p.initial_state != nullptr ? p.initial_state + record : nullptr;
+  const int64_t qd = int64_t{hq} * kD;   // row strides
+  const int64_t kvd = int64_t{hkv} * kD;
+  const int col0 = slice * kDv;
+
+  // Tile sources of step (chunk, key block g).
+  auto sources = [&](int g, TileSource& qs, TileSource& ks, TileSource& vs) {
+    if constexpr (kOp == Op::kForward) {
+      qs = {p.q, qd, int64_t{head} * kD};
+      ks = {p.k, kvd, int64_t{kv_head} * kD};
+      vs = {p.v, kvd, int64_t{kv_head} * kD + col0};
+    } else if constexpr (kOp == Op::kGradQ) {
+      qs = {p.dout, qd, int64_t{head} * kD};
+      ks = {p.v, kvd, int64_t{kv_head} * kD};
+      vs = {p.k, kvd, int64_t{kv_head} * kD + col0};
+    } else if constexpr (kOp == Op::kGradK) {
+      qs = {p.v, kvd, int64_t{kv_head} * kD};
+      ks = {p.dout, qd, int64_t{q_head0 + g} * kD};
+      vs = {p.q, qd, int64_t{q_head0 + g} * kD + col0};
+    } else {
+      qs = {p.k, kvd, int64_t{kv_head} * kD};
+      ks = {p.q, qd, int64_t{q_head0 + g} * kD};
+      vs = {p.dout, qd, int64_t{q_head0 + g} * kD + col0};
+    }
+  };
+  auto step_chunk = [&](int64_t n) {
+    const int c = static_cast<int>(n / key_blocks);
+    return kReverse ? num_chunks - 1 - c : c;
+  };
+
+  auto issue_loads = [&](int64_t n, int stage) {
+    uint8_t* base = smem + stage * Shape::kStageBytes;
+    const int c = step_chunk(n);
+    const int g = static_cast<int>(n % key_blocks);
+    const int64_t t0 = first + int64_t{c} * kChunk;
+    const int valid_rows = static_cast<int>(len - int64_t{c} * kChunk < kChunk ? len - int64_t{c} * kChunk : kChunk);
+    TileSource qs, ks, vs;
+    sources(g, qs, ks, vs);
+    LoadTile<kD>(reinterpret_cast<uint16_t*>(base + Shape::kQTile), kSD, qs, t0, valid_rows);
+    LoadTile<kD>(reinterpret_cast<uint16_t*>(base + Shape::kKTile), kSD, ks, t0, valid_rows);
+    LoadTile<kDv>(reinterpret_cast<uint16_t*>(base + Shape::kVTile), kSV, vs, t0, valid_rows);
+    // Per-row inputs: threads 0..63 the query' rows, 64..127 the key' rows.
+    const int r = tid % kChunk;
+    const bool valid = r < valid_rows;
+    const int64_t t = t0 + r;
+    float4* q_stats = reinterpret_cast<float4*>(base + Shape::kQStats);
+    float4* k_stats = reinterpret_cast<float4*>(base + Shape::kKStats);
+    float* k_w = reinterpret_cast<float*>(base + Shape::kKW);
+    float* q_x = reinterpret_cast<float*>(base + Shape::kQX);
+    if constexpr (kOp == Op::kGradQ) {
+      if (tid < kChunk) {
+        CpAsync16(q_stats + r, valid ? p.stats + (t * hq + head) * kLinearRowStats : p.stats,
+                  valid);
+        CpAsync4(q_x + r, valid ? p.ws_dden + t * hq + head : p.ws_dden, valid);
+      }
+    } else if constexpr (kOp == Op::kGradK) {
+      if (tid < kChunk) {
+        CpAsync16(q_stats + r, valid ? p.stats + (t * hq + q_head0) * kLinearRowStats : p.stats,
+                  valid);
+        CpAsync4(q_x + r, valid ? p.ws_gk + t * hkv + kv_head : p.ws_gk, valid);
+      } else {
+        CpAsync16(k_stats + r,
+                  valid ? p.stats + (t * hq + q_head0 + g) * kLinearRowStats : p.stats, valid);
+        CpAsync4(k_w + r, valid ? p.ws_dden + t * hq + q_head0 + g : p.ws_dden, valid);
+      }
+    } else if constexpr (kOp == Op::kGradV) {
+      if (tid >= kChunk) {
+        CpAsync16(k_stats + r,
+                  valid ? p.stats + (t * hq + q_head0 + g) * kLinearRowStats : p.stats, valid);
+      }
+    }
+  };
+
+  // ---- state: S in registers (warp w: rows [w d/4, (w+1) d/4)), B per column thread ----
+  float sacc[kMt][kNt][4];
+  const int f_base = warp * kRowsPerWarp;
+#pragma unroll
+  for (int mt = 0; mt < kMt; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int f = f_base + mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+        const int col = nt * 8 + 2 * (lane % 4) + (e & 1);
+        float x = 0.0f;
+        if (init != nullptr) {
+          if constexpr (kOp == Op::kForward) {
+            if (col < kDv) {
+              x = init[layout.s_offset + int64_t{f} * kD + col0 + col];
+            } else if (col == kDv) {
+              x = init[layout.z_offset + f];
+            }
+          } else if constexpr (kOp == Op::kGradQ) {
+            // The dq pass's state is sum_j v_j phi(k_j)^T: the forward's S transposed.
+            x = init[layout.s_offset + int64_t{col0 + col} * kD + f];
+          }
+        }
+        sacc[mt][nt][e] = x;
+      }
+    }
+  }
+  float bsum = 0.0f;  // thread t < kCols: B[t]; thread kCols: sum of w (the dcount of kGradK)
+  if (init != nullptr && tid < kCols) {
+    if constexpr (kOp == Op::kForward) {
+      bsum = tid < kDv ? init[layout.v_sum_offset + col0 + tid]
+                       : (tid == kDv ? init[layout.count_offset] : 0.0f);
+    } else if constexpr (kOp == Op::kGradQ) {
+      bsum = init[layout.z_offset + col0 + tid];
+    }
+  }
+  // Running maxima (kForward, warp 0: raw norms) and records (kGradQ, warp 0: floored norms).
+  float run_q = 0.0f, run_k = 0.0f;
+  int arg_q = -1, arg_k = -1;
+  if constexpr (kOp == Op::kForward) {
+    if (init != nullptr) {
+      run_q = init[layout.q_norm_offset + g_in_group];
+      run_k = init[layout.k_norm_offset];
+    }
+  } else if constexpr (kOp == Op::kGradQ) {
+    run_q = fmaxf(kLinearNormFloor, init != nullptr ? init[layout.q_norm_offset + g_in_group] : 0.0f);
+    run_k = fmaxf(kLinearNormFloor, init != nullptr ? init[layout.k_norm_offset] : 0.0f);
+  }
+
+  auto store_state_smem = [&]() {
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int f = f_base + mt * 16 + lane / 4 + h * 8;
+          const int col = nt * 8 + 2 * (lane % 4);
+          uint32_t hi, lo;
+          SplitBf16(sacc[mt][nt][2 * h], sacc[mt][nt][2 * h + 1], hi, lo);
+          *reinterpret_cast<uint32_t*>(s_hi + f * kSV + col) = hi;
+          *reinterpret_cast<uint32_t*>(s_lo + f * kSV + col) = lo;
+        }
+      }
+    }
+    if (tid < kCols) bsum_s[tid] = bsum;
+  };
+  store_state_smem();
+
+  const int row0 = warp * 16;
+  const int r_lo = row0 + lane / 4;  // this thread's two query' rows of the chunk
+  const int r_hi = r_lo + 8;
+
+  if (steps > 0) issue_loads(0, 0);
+  CpAsyncCommit();
+  float acc[kNt][4];
+
+  for (int64_t n = 0; n < steps; ++n) {
+    const int stage = Shape::kStages == 2 ? static_cast<int>(n & 1) : 0;
+    uint8_t* base = smem + stage * Shape::kStageBytes;
+    uint16_t* q_tile = reinterpret_cast<uint16_t*>(base + Shape::kQTile);
+    uint16_t* k_tile = reinterpret_cast<uint16_t*>(base + Shape::kKTile);
+    uint16_t* v_tile = reinterpret_cast<uint16_t*>(base + Shape::kVTile);
+    const float4* q_stats = reinterpret_cast<const float4*>(base + Shape::kQStats);
+    const float4* k_stats = reinterpret_cast<const float4*>(base + Shape::kKStats);
+    const float* k_w = reinterpret_cast<const float*>(base + Shape::kKW);
+    const float* q_x = reinterpret_cast<const float*>(base + Shape::kQX);
+    const int c = step_chunk(n);
+    const int g = static_cast<int>(n % key_blocks);
+    const int64_t t0 = first + int64_t{c} * kChunk;
+    const int valid_rows =
+        static_cast<int>(len - int64_t{c} * kChunk < kChunk ? len - int64_t{c} * kChunk : kChunk);
+
+    CpAsyncWaitAll();
+    __syncthreads();  // (A) this step's tiles are in; the other stage is free
+    if (Shape::kStages == 2 && n + 1 < steps) issue_loads(n + 1, stage ^ 1);
+    CpAsyncCommit();
+    // The raw q (kGradQ) or k (kGradK) values of this thread's output elements, for the
+    // epilogue: issued now, used after the step's matrix work.
+    uint32_t xr[kDv / 8][2] = {};
+    if constexpr (Shape::kHasX) {
+      if (g == key_blocks - 1) {
+        const uint16_t* xb = kOp == Op::kGradQ ? p.q + int64_t{head} * kD + col0
+                                               : p.k + int64_t{kv_head} * kD + col0;
+        const int64_t xs = kOp == Op::kGradQ ? qd : kvd;
+#pragma unroll
+        for (int nt = 0; nt < kDv / 8; ++nt) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = h ? r_hi : r_lo;
+            if (r < valid_rows) {
+              xr[nt][h] = *reinterpret_cast<const uint32_t*>(xb + (t0 + r) * xs + nt * 8 +
+                                                             2 * (lane % 4));
+            }
+          }
+        }
+      }
+    }
+
+    // ---- prologue: per-row scalars, then in-place transforms ----
+    if constexpr (kOp == Op::kForward) {
+      if (tid < kChunk) {
+        const int r = tid;
+        const bool valid = r < valid_rows;
+        // The ones column (column kDv) and its zero padding.
+        float ones[8] = {valid ? 1.0f : 0.0f, 0, 0, 0, 0, 0, 0, 0};
+        *reinterpret_cast<uint4*>(v_tile + r * kSV + kDv) = PackBf16x8(ones);
+        w_s[r] = valid ? 1.0f : 0.0f;
+      }
+      {
+        // ||q_r|| (threads 0..63) and ||k_r|| (64..127) of the raw rows: the state keeps the
+        // running maxima for every feature map; kOnePlusXMaxNorm also scales by them.
+        const int r = tid % kChunk;
+        const uint16_t* row = (tid < kChunk ? q_tile : k_tile) + r * kSD;
+        float part[8] = {};
+        if (r < valid_rows) {
+#pragma unroll
+          for (int cv = 0; cv < kD / 8; ++cv) {
+            float x[8];
+            Unpack8(*reinterpret_cast<const uint4*>(row + cv * 8), fp16, x);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) part[e] += x[e] * x[e];
+          }
+        }
+        scratch_s[tid] =
+            sqrtf(((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
+      }
+      __syncthreads();
+      if (warp == 0) {
+        // Running maxima over the chunk's rows (2 per lane), continuing the carried ones.
+        const float qn0 = scratch_s[2 * lane], qn1 = scratch_s[2 * lane + 1];
+        const float kn0 = scratch_s[kChunk + 2 * lane], kn1 = scratch_s[kChunk + 2 * lane + 1];
+        float mq = fmaxf(qn0, qn1), mk = fmaxf(kn0, kn1);
+#pragma unroll
+        for (int off = 1; off < 32; off *= 2) {
+          const float oq = __shfl_up_sync(0xffffffffu, mq, off);
+          const float ok = __shfl_up_sync(0xffffffffu, mk, off);
+          if (lane >= off) {
+            mq = fmaxf(mq, oq);
+            mk = fmaxf(mk, ok);
+          }
+        }
+        float eq = __shfl_up_sync(0xffffffffu, mq, 1);
+        float ek = __shfl_up_sync(0xffffffffu, mk, 1);
+        if (lane == 0) eq = ek = 0.0f;
+        const float q0 = fmaxf(fmaxf(run_q, eq), qn0), q1 = fmaxf(q0, qn1);
+        const float k0 = fmaxf(fmaxf(run_k, ek), kn0), k1 = fmaxf(k0, kn1);
+        run_q = __shfl_sync(0xffffffffu, q1, 31);
+        run_k = __shfl_sync(0xffffffffu, k1, 31);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = 2 * lane + h;
+          const float a = lifted ? fmaxf(kLinearNormFloor, h ? q1 : q0) : 1.0f;
+          const float b = lifted ? fmaxf(kLinearNormFloor, h ? k1 : k0) : 1.0f;
+          const float c = lifted ? (1.0f / a) * (1.0f / b) : 1.0f;
+          // q_r enters the tensor cores divided by 2^e (a = m 2^e, m in [0.5, 1)), exact in
+          // bf16, so q . S stays in float range however large q and S are; alpha carries 2^e.
+          int e = 0;
+          if (lifted) frexpf(a, &e);
+          qscale_s[r] = ldexpf(1.0f, -e);
+          alpha_s[r] = ldexpf(c, e);
+          c_s[r] = c;
+          beta_s[r] = lifted ? 1.0f : 0.0f;
+          a_s[r] = a;
+          b_s[r] = b;
+        }
+      }
+      if (fp16 || elu || lifted) {
+        __syncthreads();  // the norms read the raw tiles; qscale is ready
+        TransformTile<kD>(q_tile, kSD, valid_rows, elu, lifted ? qscale_s : nullptr, fp16);
+        if (fp16 || elu) TransformTile<kD>(k_tile, kSD, valid_rows, elu, nullptr, fp16);
+        if (fp16) TransformTile<kDv>(v_tile, kSV, valid_rows, false, nullptr, fp16);
+      }
+    } else if constexpr (kOp == Op::kGradQ) {
+      if (tid < kChunk) {
+        const int r = tid;
+        const float4 st = q_stats[r];  // {den, a, b, c}
+        const bool valid = r < valid_rows;
+        alpha_s[r] = p.normalize && valid ? 1.0f / st.x : 1.0f;
+        beta_s[r] = p.normalize && valid ? q_x[r] : 0.0f;  // dden_r
+        w_s[r] = valid ? 1.0f : 0.0f;
+        post_s[r] = lifted ? st.w : 1.0f;
+      }
+      if (lifted && warp == 0) {
+        // Records: row r starts a new running maximum when its floored max norm exceeds the
+        // previous row's; the argmax of row r is the last record at or before it (-1: the state).
+        const int r0 = 2 * lane, r1 = r0 + 1;
+        const float a0 = q_stats[r0].y, a1 = q_stats[r1].y;
+        const float b0 = q_stats[r0].z, b1 = q_stats[r1].z;
+        float pa = __shfl_up_sync(0xffffffffu, a1, 1);
+        float pb = __shfl_up_sync(0xffffffffu, b1, 1);
+        if (lane == 0) {
+          pa = run_q;
+          pb = run_k;
+        }
+        const int t_r0 = static_cast<int>(t0 + r0);
+        const int kq0 = a0 > pa ? t_r0 : -1, kq1 = a1 > a0 ? t_r0 + 1 : -1;
+        const int kk0 = b0 > pb ? t_r0 : -1, kk1 = b1 > b0 ? t_r0 + 1 : -1;
+        int mq = max(kq0, kq1), mk = max(kk0, kk1);
+#pragma unroll
+        for (int off = 1; off < 32; off *= 2) {
+          const int oq = __shfl_up_sync(0xffffffffu, mq, off);
+          const int ok = __shfl_up_sync(0xffffffffu, mk, off);
+          if (lane >= off) {
+            mq = max(mq, oq);
+            mk = max(mk, ok);
+          }
+        }
+        int eq = __shfl_up_sync(0xffffffffu, mq, 1);
+        int ek = __shfl_up_sync(0xffffffffu, mk, 1);
+        if (lane == 0) eq = ek = -1;
+        const int q0 = max(max(arg_q, eq), kq0), q1 = max(q0, kq1);
+        const int k0 = max(max(arg_k, ek), kk0), k1 = max(k0, kk1);
+        argq_s[r0] = q0;
+        argq_s[r1] = q1;
+        argk_s[r0] = k0;
+        argk_s[r1] = k1;
+        arg_q = __shfl_sync(0xffffffffu, q1, 31);
+        arg_k = __shfl_sync(0xffffffffu, k1, 31);
+        run_q = __shfl_sync(0xffffffffu, a1, 31);
+        run_k = __shfl_sync(0xffffffffu, b1, 31);
+      }
+      if (fp16 || elu) {
+        if (fp16) {
+          TransformTile<kD>(q_tile, kSD, valid_rows, false, nullptr, fp16);
+          TransformTile<kD>(k_tile, kSD, valid_rows, false, nullptr, fp16);
+        }
+        TransformTile<kDv>(v_tile, kSV, valid_rows, elu, nullptr, fp16);
+      }
+    } else if constexpr (kOp == Op::kGradK) {
+      const int r = tid % kChunk;
+      const bool valid = r < valid_rows;
+      if (tid < kChunk) {
+        // Query' rows (tokens of this kv head): the k max-norm gradient, applied in the epilogue.
+        alpha_s[r] = 1.0f;
+        beta_s[r] = 1.0f;
+        post_s[r] = lifted && valid ? q_x[r] / q_stats[r].z : 0.0f;
+      } else {
+        // Key' rows (group head g): dnum = dout / den, u = c q or phi(q), w = dden.
+        const float4 st = k_stats[r];
+        kscale_s[r] = p.normalize && valid ? 1.0f / st.x : 1.0f;
+        vscale_s[r] = lifted && valid ? st.w : 1.0f;
+        w_s[r] = p.normalize && valid ? k_w[r] : 0.0f;
+      }
+      __syncthreads();
+      if (fp16) TransformTile<kD>(q_tile, kSD, valid_rows, false, nullptr, fp16);
+      if (fp16 || p.normalize) {
+        TransformTile<kD>(k_tile, kSD, valid_rows, false, p.normalize ? kscale_s : nullptr, fp16);
+      }
+      if (fp16 || elu || lifted) {
+        TransformTile<kDv>(v_tile, kSV, valid_rows, elu, lifted ? vscale_s : nullptr, fp16);
+      }
+    } else {  // kGradV
+      const int r = tid % kChunk;
+      const bool valid = r < valid_rows;
+      if (tid < kChunk) {
+        alpha_s[r] = 1.0f;
+        beta_s[r] = lifted ? 1.0f : 0.0f;
+        w_s[r] = valid ? 1.0f : 0.0f;
+      } else {
+        const float4 st = k_stats[r];
+        kscale_s[r] = lifted && valid ? st.w : 1.0f;
+        vscale_s[r] = p.normalize && valid ? 1.0f / st.x : 1.0f;
+      }
+      __syncthreads();
+      if (fp16 || elu) TransformTile<kD>(q_tile, kSD, valid_rows, elu, nullptr, fp16);
+      if (fp16 || elu || lifted) {
+        TransformTile<kD>(k_tile, kSD, valid_rows, elu, lifted ? kscale_s : nullptr, fp16);
+      }
+      if (fp16 || p.normalize) {
+        TransformTile<kDv>(v_tile, kSV, valid_rows, false, p.normalize ? vscale_s : nullptr, fp16);
+      }
+    }
+    __syncthreads();  // (B) scalars and tiles ready
+
+    const float alpha_lo = alpha_s[r_lo], alpha_hi = alpha_s[r_hi];
+    const float beta_lo = beta_s[r_lo], beta_hi = beta_s[r_hi];
+
+    // ---- inter-chunk term: acc = alpha (Q' S) + beta B, once per chunk ----
+    if (g == 0) {
+#pragma unroll
+      for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nt][e] = 0.0f;
+      }
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        uint32_t a[4];
+        LdMatrixX4(a, q_tile + (row0 + lane % 16) * kSD + kk * 16 + (lane / 16) * 8);
+        const int s_row = kk * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+#pragma unroll
+        for (int vp = 0; vp < kNt / 2; ++vp) {
+          uint32_t bh[4], bl[4];
+          LdMatrixX4Trans(bh, s_hi + s_row * kSV + vp * 16 + (lane / 16) * 8);
+          LdMatrixX4Trans(bl, s_lo + s_row * kSV + vp * 16 + (lane / 16) * 8);
+          Mma(acc[2 * vp], a, bh[0], bh[1]);
+          Mma(acc[2 * vp + 1], a, bh[2], bh[3]);
+          Mma(acc[2 * vp], a, bl[0], bl[1]);
+          Mma(acc[2 * vp + 1], a, bl[2], bl[3]);
+        }
+        if constexpr (kNt % 2 == 1) {
+          uint32_t bh[2], bl[2];
+          LdMatrixX2Trans(bh, s_hi + s_row * kSV + (kNt - 1) * 8);
+          LdMatrixX2Trans(bl, s_lo + s_row * kSV + (kNt - 1) * 8);
+          Mma(acc[kNt - 1], a, bh[0], bh[1]);
+          Mma(acc[kNt - 1], a, bl[0], bl[1]);
+        }
+      }
+#pragma unroll
+      for (int nt = 0; nt < kNt; ++nt) {
+        const int col = nt * 8 + 2 * (lane % 4);
+        const float b0 = bsum_s[col], b1 = bsum_s[col + 1];
+        acc[nt][0] = alpha_lo * acc[nt][0] + beta_lo * b0;
+        acc[nt][1] = alpha_lo * acc[nt][1] + beta_lo * b1;
+        acc[nt][2] = alpha_hi * acc[nt][2] + beta_hi * b0;
+        acc[nt][3] = alpha_hi * acc[nt][3] + beta_hi * b1;
+      }
+    }
+
+    // ---- intra-chunk scores (only the 16-key blocks on this warp's side of the mask) ----
+    auto key_block_needed = [&](int kb) { return kReverse ? kb >= warp : kb <= warp; };
+    float s[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
+    }
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      uint32_t a[4];
+      LdMatrixX4(a, q_tile + (row0 + lane % 16) * kSD + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+      for (int kb = 0; kb < 4; ++kb) {
+        if (!key_block_needed(kb)) continue;
+        uint32_t b[4];
+        LdMatrixX4(b, k_tile + (kb * 16 + (lane / 16) * 8 + lane % 8) * kSD + kk * 16 +
+                          ((lane / 8) % 2) * 8);
+        Mma(s[2 * kb], a, b[0], b[1]);
+        Mma(s[2 * kb + 1], a, b[2], b[3]);
+      }
+    }
+
+    // ---- P = alpha s + beta w (masked) as hi + lo; acc += P V'; S += K'^T V' ----
+#pragma unroll
+    for (int kb = 0; kb < 4; ++kb) {
+      const bool needed = key_block_needed(kb);
+      uint32_t ph[4], pl[4];
+      if (needed) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int nt = 2 * kb + h;
+          const int j = nt * 8 + 2 * (lane % 4);
+          const float w0 = w_s[j], w1 = w_s[j + 1];
+          float x[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int r = e >= 2 ? r_hi : r_lo;
+            const int jj = j + (e & 1);
+            const bool in = kReverse ? jj >= r : jj <= r;
+            const float al = e >= 2 ? alpha_hi : alpha_lo;
+            const float be = e >= 2 ? beta_hi : beta_lo;
+            x[e] = in ? al * s[nt][e] + be * ((e & 1) ? w1 : w0) : 0.0f;
+          }
+          SplitBf16(x[0], x[1], ph[2 * h], pl[2 * h]);
+          SplitBf16(x[2], x[3], ph[2 * h + 1], pl[2 * h + 1]);
+        }
+      }
+      // A fragments of K'^T for this warp's state rows: key block kb is the k dimension.
+      uint32_t ka[kMt][4];
+#pragma unroll
+      for (int mt = 0; mt < kMt; ++mt) {
+        LdMatrixX4Trans(ka[mt], k_tile + (kb * 16 + (lane / 16) * 8 + lane % 8) * kSD + f_base +
+                                    mt * 16 + ((lane / 8) % 2) * 8);
+      }
+      const int v_row = kb * 16 + ((lane / 8) % 2) * 8 + lane % 8;
+#pragma unroll
+      for (int vp = 0; vp < kNt / 2; ++vp) {
+        uint32_t b[4];
+        LdMatrixX4Trans(b, v_tile + v_row * kSV + vp * 16 + (lane / 16) * 8);
+        if (needed) {
+          Mma(acc[2 * vp], ph, b[0], b[1]);
+          Mma(acc[2 * vp + 1], ph, b[2], b[3]);
+          Mma(acc[2 * vp], pl, b[0], b[1]);
+          Mma(acc[2 * vp + 1], pl, b[2], b[3]);
+        }
+#pragma unroll
+        for (int mt = 0; mt < kMt; ++mt) {
+          Mma(sacc[mt][2 * vp], ka[mt], b[0], b[1]);
+          Mma(sacc[mt][2 * vp + 1], ka[mt], b[2], b[3]);
+        }
+      }
+      if constexpr (kNt % 2 == 1) {
+        uint32_t b[2];
+        LdMatrixX2Trans(b, v_tile + v_row * kSV + (kNt - 1) * 8);
+        if (needed) {
+          Mma(acc[kNt - 1], ph, b[0], b[1]);
+          Mma(acc[kNt - 1], pl, b[0], b[1]);
+        }
+#pragma unroll
+        for (int mt = 0; mt < kMt; ++mt) Mma(sacc[mt][kNt - 1], ka[mt], b[0], b[1]);
+      }
+    }
+
+    // B += w^T V' (and the sum of w) from this step's tiles.
+    if (tid <= kCols) {
+      // Eight independent partial sums: the 64 shared loads overlap instead of chaining.
+      float part[8] = {};
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+        const float x = tid < kCols ? __bfloat162float(__ushort_as_bfloat16(v_tile[j * kSV + tid]))
+                                    : 1.0f;  // thread kCols: the sum of w
+        part[j % 8] += w_s[j] * x;
+      }
+      bsum += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    }
+
+    if (g == key_blocks - 1) {
+      __syncthreads();  // (C) every warp is done reading S and B of the previous chunk
+      store_state_smem();
+
+      // ---- epilogue: outputs of this chunk's query' rows ----
+      float den_lo = 1.0f, den_hi = 1.0f;
+      if constexpr (kOp == Op::kForward) {
+        den_lo = __shfl_sync(0xffffffffu, acc[kNt - 1][0], lane & ~3);
+        den_hi = __shfl_sync(0xffffffffu, acc[kNt - 1][2], lane & ~3);
+        if (p.stats != nullptr && slice == 0 && lane % 4 == 0) {
+          if (r_lo < valid_rows) {
+            reinterpret_cast<float4*>(p.stats)[(t0 + r_lo) * hq + head] =
+                make_float4(den_lo, a_s[r_lo], b_s[r_lo], c_s[r_lo]);
+          }
+          if (r_hi < valid_rows) {
+            reinterpret_cast<float4*>(p.stats)[(t0 + r_hi) * hq + head] =
+                make_float4(den_hi, a_s[r_hi], b_s[r_hi], c_s[r_hi]);
+          }
+        }
+        if (!p.normalize) den_lo = den_hi = 1.0f;
+      }
+      float post_lo = 1.0f, post_hi = 1.0f;
+      if constexpr (kOp == Op::kGradQ || kOp == Op::kGradK) {
+        post_lo = post_s[r_lo];
+        post_hi = post_s[r_hi];
+      }
+      float dot_lo = 0.0f, dot_hi = 0.0f;  // kGradQ: q . du over this slice
+#pragma unroll
+      for (int nt = 0; nt < kDv / 8; ++nt) {
+        const int col = nt * 8 + 2 * (lane % 4);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = h ? r_hi : r_lo;
+          float y[2];
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float a = acc[nt][2 * h + e];
+            if constexpr (kOp == Op::kForward) {
+              y[e] = a / (h ? den_hi : den_lo);
+            } else if constexpr (kOp == Op::kGradQ) {
+              const float xq =
+                  BitsToFloat(static_cast<uint16_t>(xr[nt][h] >> (16 * e)), fp16);
+              if (lifted) {
+                y[e] = (h ? post_hi : post_lo) * a;
+                if (h) {
+                  dot_hi += xq * a;
+                } else {
+                  dot_lo += xq * a;
+                }
+              } else {
+                y[e] = elu ? a * EluPlusOneDerivativeFast(xq) : a;
+              }
+            } else if constexpr (kOp == Op::kGradK) {
+              const float xk =
+                  BitsToFloat(static_cast<uint16_t>(xr[nt][h] >> (16 * e)), fp16);
+              y[e] = (elu ? a * EluPlusOneDerivativeFast(xk) : a) + (h ? post_hi : post_lo) * xk;
+            } else {
+              y[e] = a;
+            }
+          }
+          const uint16_t b0 = FloatToBits(y[0], fp16), b1 = FloatToBits(y[1], fp16);
+          const uint32_t packed = static_cast<uint32_t>(b0) | (static_cast<uint32_t>(b1) << 16);
+          // Staged in this warp's own rows of the Q' tile (no other warp reads them).
+          *reinterpret_cast<uint32_t*>(q_tile + r * kSD + col) = packed;
+          if constexpr (kOp == Op::kForward) {
+            // What rounding dropped, for the backward's dout . out (see the header).
+            if (p.out_residual != nullptr && r < valid_rows) {
+              const uint32_t lo =
+                  static_cast<uint32_t>(FloatToBits(y[0] - BitsToFloat(b0, fp16), fp16)) |
+                  (static_cast<uint32_t>(FloatToBits(y[1] - BitsToFloat(b1, fp16), fp16)) << 16);
+              *reinterpret_cast<uint32_t*>(p.out_residual + (t0 + r) * qd +
+                                           int64_t{head} * kD + col0 + col) = lo;
+            }
+          }
+        }
+      }
+      __syncwarp();
+      {
+        constexpr bool kPerQHead = kOp == Op::kForward || kOp == Op::kGradQ;
+        const int64_t out_stride = kPerQHead ? qd : kvd;
+        uint16_t* out_base = p.out + int64_t{kPerQHead ? head : kv_head} * kD + col0;
+        constexpr int kVecs = kDv / 8;
+        for (int i = lane; i < 16 * kVecs; i += 32) {
+          const int r = row0 + i / kVecs;
+          const int cv = i % kVecs;
+          if (r < valid_rows) {
+            *reinterpret_cast<uint4*>(out_base + (t0 + r) * out_stride + cv * 8) =
+                *reinterpret_cast<const uint4*>(q_tile + r * kSD + cv * 8);
+          }
+        }
+      }
+      if constexpr (kOp == Op::kGradQ) {
+        if (lifted) {
+          // d loss / d a_r and d b_r of this slice's share, summed per argmax (contiguous runs
+          // of rows share one) and added to the workspace.
+          dot_lo += __shfl_xor_sync(0xffffffffu, dot_lo, 1);
+          dot_lo += __shfl_xor_sync(0xffffffffu, dot_lo, 2);
+          dot_hi += __shfl_xor_sync(0xffffffffu, dot_hi, 1);
+          dot_hi += __shfl_xor_sync(0xffffffffu, dot_hi, 2);
+          if (lane % 4 == 0) {
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const int r = h ? r_hi : r_lo;
+              const float4 st = q_stats[r];  // {den, a, b, c}
+              const float dc_c = (h ? dot_hi : dot_lo) * st.w;
+              const bool valid = r < valid_rows;
+              ga_s[r] = valid && st.y > kLinearNormFloor ? -dc_c / st.y : 0.0f;
+              gb_s[r] = valid && st.z > kLinearNormFloor ? -dc_c / st.z : 0.0f;
+            }
+          }
+          __syncthreads();
+          if (warp == 0) {
+#pragma unroll
+            for (int pass = 0; pass < 2; ++pass) {
+              const int r = pass * 32 + lane;
+              float va = ga_s[r], vb = gb_s[r];
+              const int ka = argq_s[r], kb = argk_s[r];
+#pragma unroll
+              for (int off = 1; off < 32; off *= 2) {
+                const float oa = __shfl_down_sync(0xffffffffu, va, off);
+                const float ob = __shfl_down_sync(0xffffffffu, vb, off);
+                const int oka = __shfl_down_sync(0xffffffffu, ka, off);
+                const int okb = __shfl_down_sync(0xffffffffu, kb, off);
+                if (lane + off < 32 && oka == ka) va += oa;
+                if (lane + off < 32 && okb == kb) vb += ob;
+              }
+              const int pka = __shfl_up_sync(0xffffffffu, ka, 1);
+              const int pkb = __shfl_up_sync(0xffffffffu, kb, 1);
+              if ((lane == 0 || pka != ka) && va != 0.0f) {
+                atomicAdd(ka >= 0 ? p.ws_gq + int64_t{ka} * hq + head
+                                  : p.ws_state_gq + int64_t{seq} * hq + head,
+                          va);
+              }
+              if ((lane == 0 || pkb != kb) && vb != 0.0f) {
+                atomicAdd(kb >= 0 ? p.ws_gk + int64_t{kb} * hkv + kv_head
+                                  : p.ws_state_gk + int64_t{seq} * hkv + kv_head,
+                          vb);
+              }
+            }
+          }
+        }
+      }
+    }
+
+    if (Shape::kStages == 1 && n + 1 < steps) {
+      __syncthreads();  // every warp is done with the only stage
+      issue_loads(n + 1, 0);
+      CpAsyncCommit();
+    }
+  }
+  CpAsyncWaitAll();
+
+  // ---- final state / state gradient ----
+  if constexpr (kOp == Op::kForward) {
+    float* fin = p.final_state != nullptr ? p.final_state + record : nullptr;
+    if (fin != nullptr) {
+      const bool kv_writer = g_in_group == 0;
+      if (kv_writer) {
+#pragma unroll
+        for (int mt = 0; mt < kMt; ++mt) {
+#pragma unroll
+          for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int f = f_base + mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+              const int col = nt * 8 + 2 * (lane % 4) + (e & 1);
+              if (col < kDv) {
+                fin[layout.s_offset + int64_t{f} * kD + col0 + col] = sacc[mt][nt][e];
+              } else if (col == kDv && slice == 0) {
+                fin[layout.z_offset + f] = sacc[mt][nt][e];
+              }
+            }
+          }
+        }
+        if (tid < kDv) fin[layout.v_sum_offset + col0 + tid] = bsum;
+        if (slice == 0) {
+          if (tid == kDv) fin[layout.count_offset] = bsum;
+          if (tid == 0) fin[layout.k_norm_offset] = run_k;
+          // Padding is copied through.
+          for (int64_t i = layout.q_norm_offset + group + tid; i < layout.stride; i += kThreads) {
+            fin[i] = init != nullptr ? init[i] : 0.0f;
+          }
+        }
+      }
+      if (slice == 0 && tid == 0) fin[layout.q_norm_offset + g_in_group] = run_q;
+    }
+  } else if constexpr (kOp == Op::kGradK) {
+    float* dst = p.d_initial_state != nullptr ? p.d_initial_state + record : nullptr;
+    if (dst != nullptr) {
+      if (tid < kDv) dst[layout.z_offset + col0 + tid] = bsum;
+      if (slice == 0) {
+        if (tid == kDv) dst[layout.count_offset] = lifted && p.normalize ? bsum : 0.0f;
+        if (tid == 0) {
+          dst[layout.k_norm_offset] =
+              lifted ? p.ws_state_gk[int64_t{seq} * hkv + kv_head] : 0.0f;
+        }
+        for (int i = tid; i < group; i += kThreads) {
+          dst[layout.q_norm_offset + i] =
+              lifted ? p.ws_state_gq[int64_t{seq} * hq + q_head0 + i] : 0.0f;
+        }
+        for (int64_t i = layout.q_norm_offset + group + tid; i < layout.stride; i += kThreads) {
+          dst[i] = 0.0f;
+        }
+      }
+    }
+  } else if constexpr (kOp == Op::kGradV) {
+    float* dst = p.d_initial_state != nullptr ? p.d_initial_state + record : nullptr;
+    if (dst != nullptr) {
+#pragma unroll
+      for (int mt = 0; mt < kMt; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int f = f_base + mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+            const int col = nt * 8 + 2 * (lane % 4) + (e & 1);
+            dst[layout.s_offset + int64_t{f} * kD + col0 + col] = sacc[mt][nt][e];
+          }
+        }
+      }
+      if (tid < kDv) dst[layout.v_sum_offset + col0 + tid] = lifted ? bsum : 0.0f;
+    }
+  }
+}
+
+// ---- host helpers shared by the launchers ----
+
+inline bool HeadDimServed(int head_dim) {
+  switch (head_dim) {
+#ifdef FERRY_LINEAR_HEAD_DIM_64
+    case 64:
+      return true;
+#endif
+#ifdef FERRY_LINEAR_HEAD_DIM_128
+    case 128:
+      return true;
+#endif
+#ifdef FERRY_LINEAR_HEAD_DIM_256
+    case 256:
+      return true;
+#endif
+    default:
+      return false;
+  }
+}
+
+inline cudaError_t CheckConfig(const LinearAttentionConfig& c) {
+  if (c.num_seqs < 0 || c.num_kv_heads <= 0 || c.num_q_heads <= 0 ||
+      c.num_q_heads % c.num_kv_heads != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (c.head_dim < 1 || c.head_dim > kMaxLinearHeadDim) return cudaErrorInvalidValue;
+  switch (c.feature_map) {
+    case LinearFeatureMap::kOnePlusXMaxNorm:
+    case LinearFeatureMap::kEluPlusOne:
+      break;
+    case LinearFeatureMap::kIdentity:
+      if (c.normalize) return cudaErrorInvalidValue;
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  if (c.dtype == DType::kFloat32) return cudaErrorNotSupported;
+  if (c.dtype != DType::kBFloat16 && c.dtype != DType::kFloat16) return cudaErrorInvalidValue;
+  if (!HeadDimServed(c.head_dim)) return cudaErrorNotSupported;
+  // Grid limits: sequences and heads are grid dimensions.
+  if (c.num_seqs > 65535 || c.num_q_heads > 65535) return cudaErrorNotSupported;
+  return cudaSuccess;
+}
+
+inline bool Aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+inline CoreParams MakeCoreParams(const LinearAttentionConfig& c, const int32_t* cu_seqlens,
+                                 int64_t total_tokens) {
+  CoreParams p;
+  p.cu_seqlens = cu_seqlens;
+  p.total_tokens = total_tokens;
+  p.num_q_heads = c.num_q_heads;
+  p.num_kv_heads = c.num_kv_heads;
+  p.group = c.num_q_heads / c.num_kv_heads;
+  p.feature_map = static_cast<int>(c.feature_map);
+  p.normalize = c.normalize;
+  p.fp16 = c.dtype == DType::kFloat16;
+  p.layout = MakeLinearStateLayout(c.head_dim, p.group);
+  return p;
+}
+
+// Sets a kernel's dynamic shared-memory limit on the current device once (`ready` is the
+// kernel's own per-device flag array), then launches it.
+template <typename Kernel>
+cudaError_t LaunchWithSmem(Kernel kernel, std::mutex& mutex, bool (&ready)[kMaxDevices],
+                           dim3 grid, dim3 block, int smem_bytes, cudaStream_t stream,
+                           void** args) {
+  int device = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  if (device < 0 || device >= kMaxDevices) return cudaErrorNotSupported;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!ready[device]) {
+      error = cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+      if (error != cudaSuccess) return error;
+      ready[device] = true;
+    }
+  }
+  return cudaLaunchKernel(reinterpret_cast<const void*>(kernel), grid, block, args,
+                          static_cast<size_t>(smem_bytes), stream);
+}
+
+template <Op kOp, int kD>
+cudaError_t LaunchCore(const CoreParams& params, int grid_heads, int num_seqs,
+                       cudaStream_t stream) {
+  using Shape = CoreShape<kOp, kD>;
+  static std::mutex mutex;
+  static bool ready[kMaxDevices] = {};
+  if (num_seqs == 0 || grid_heads == 0) return cudaSuccess;
+  CoreParams copy = params;
+  void* args[] = {&copy};
+  return LaunchWithSmem(LinearCoreKernel<kOp, kD>, mutex, ready,
+                        dim3(Shape::kSlices, grid_heads, num_seqs), dim3(kThreads),
+                        Shape::kSmemBytes, stream, args);
+}
+
+template <Op kOp>
+cudaError_t LaunchCoreForHeadDim(const CoreParams& params, int head_dim, int grid_heads,
+                                 int num_seqs, cudaStream_t stream) {
+  switch (head_dim) {
+#ifdef FERRY_LINEAR_HEAD_DIM_64
+    case 64:
+      return LaunchCore<kOp, 64>(params, grid_heads, num_seqs, stream);
+#endif
+#ifdef FERRY_LINEAR_HEAD_DIM_128
+    case 128:
+      return LaunchCore<kOp, 128>(params, grid_heads, num_seqs, stream);
+#endif
+#ifdef FERRY_LINEAR_HEAD_DIM_256
+    case 256:
+      return LaunchCore<kOp, 256>(params, grid_heads, num_seqs, stream);
+#endif
+    default:
+      return cudaErrorNotSupported;
+  }
+}
+
+}  // namespace ferry::kernels::linear_cuda

@@ -1,0 +1,47 @@
+// Causal linear attention forward on CUDA: the launcher of the chunkwise core's forward pass.
+// Contract: ferry/kernels/cuda_linear_attention.h; the kernel: linear_attention_core.cuh.
+#include <cstdint>
+
+#include "ferry/kernels/cuda_linear_attention.h"
+#include "linear_attention_core.cuh"
+
+namespace ferry::kernels {
+
+cudaError_t LinearAttentionForwardCuda(const LinearAttentionForwardArgs& args, float* row_stats,
+                                       void* out_residual, cudaStream_t stream) {
+  using namespace linear_cuda;
+  const LinearAttentionConfig& c = args.config;
+  cudaError_t error = CheckConfig(c);
+  if (error != cudaSuccess) return error;
+  if (args.total_tokens < 0 || args.total_tokens > INT32_MAX) return cudaErrorInvalidValue;
+  if (c.num_seqs == 0) return cudaSuccess;
+  if (args.cu_seqlens == nullptr) return cudaErrorInvalidValue;
+  if (args.total_tokens > 0 &&
+      (args.q == nullptr || args.k == nullptr || args.v == nullptr || args.out == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
+  if (!Aligned16(args.q) || !Aligned16(args.k) || !Aligned16(args.v) || !Aligned16(args.out) ||
+      !Aligned16(row_stats) || !Aligned16(out_residual)) {
+    return cudaErrorInvalidValue;
+  }
+  const int group = c.num_q_heads / c.num_kv_heads;
+  const int64_t state_floats =
+      int64_t{c.num_seqs} * c.num_kv_heads * MakeLinearStateLayout(c.head_dim, group).stride;
+  if (args.initial_state != nullptr && args.final_state != nullptr &&
+      args.initial_state < args.final_state + state_floats &&
+      args.final_state < args.initial_state + state_floats) {
+    return cudaErrorInvalidValue;  // in place is not served: see the header
+  }
+  CoreParams p = MakeCoreParams(c, args.cu_seqlens, args.total_tokens);
+  p.q = static_cast<const uint16_t*>(args.q);
+  p.k = static_cast<const uint16_t*>(args.k);
+  p.v = static_cast<const uint16_t*>(args.v);
+  p.out = static_cast<uint16_t*>(args.out);
+  p.out_residual = static_cast<uint16_t*>(out_residual);
+  p.stats = row_stats;
+  p.initial_state = args.initial_state;
+  p.final_state = args.final_state;
+  return LaunchCoreForHeadDim<Op::kForward>(p, c.head_dim, c.num_q_heads, c.num_seqs, stream);
+}
+
+}  // namespace ferry::kernels
