@@ -55,6 +55,7 @@ TEST_P(CudaKvPoolTest, AppendsLandWhereTheHostCacheWritesThem) {
   // not shows up as a mismatch.
   const size_t pool_bytes = static_cast<size_t>(p.cache().total_blocks() * KvBlockBytes(config));
   ASSERT_EQ(cudaMemset(p.cache().k_pool(0), 0xff, pool_bytes), cudaSuccess);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   std::memset(host->k_pool(0), 0xff, pool_bytes);
 
   // Two steps: a mixed one (a prefill crossing block edges, a one-row run) and a decode step.

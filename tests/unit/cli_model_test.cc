@@ -18,8 +18,9 @@ struct CliRun {
   std::string out;
 };
 
-CliRun RunFerry(const std::string& args) {
-  const std::string cmd = std::string(FERRY_BIN) + " " + args + " 2>/dev/null";
+// stdout only, or stdout and stderr together.
+CliRun RunFerry(const std::string& args, bool with_stderr = false) {
+  const std::string cmd = std::string(FERRY_BIN) + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null");
   FILE* pipe = popen(cmd.c_str(), "r");
   CliRun run{-1, ""};
   if (pipe == nullptr) return run;
@@ -103,6 +104,19 @@ TEST_F(CliModelTest, ClearErrors) {
             0);
   EXPECT_EQ(RunFerry("generate --local --model=" + dir_ + " --prompt-ids=999").exit_code, 1);
   EXPECT_EQ(RunFerry("generate --local --model=" + dir_ + " --prompt=hi").exit_code, 1);  // no tokenizer
+}
+
+// Without CUDA in the build, without a device, or with no such device: one line that says so.
+TEST_F(CliModelTest, MissingCudaDeviceIsAClearError) {
+  const CliRun run = RunFerry(
+      "generate --local --model=" + dir_ + " --prompt-ids=1 --max-tokens=1 --device=cuda:99",
+      /*with_stderr=*/true);
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_NE(run.out.find("CUDA"), std::string::npos) << run.out;
+  const CliRun bad = RunFerry("generate --local --model=" + dir_ + " --prompt-ids=1 --device=gpu",
+                              /*with_stderr=*/true);
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.out.find("--device must be cpu, cuda or cuda:N"), std::string::npos) << bad.out;
 }
 
 }  // namespace
