@@ -12,10 +12,13 @@
 // read bandwidth measured in this run. Variants per row: CUDA graphs on (the default: a decode
 // shape is captured on its second step and replayed), graphs off (every kernel launched from
 // the host), and graphs on with the full logits copied to the host (Forward, for samplers).
+// For the breakdown: the step's GEMMs alone (TimeGemmsMs).
 //
 // Usage: cuda_decode_bench [--batches=1,16,64] [--contexts=2048,8192] [--steps=24]
 //                          [--csv=FILE]
 // Prints a table; --csv writes one line per (context, batch) for bench/model_decode/report.py.
+#include <cuda_runtime.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -34,6 +37,7 @@
 #include "runtime/model/checkpoint.h"
 #include "runtime/model/cuda_attention.h"
 #include "runtime/model/cuda_decoder.h"
+#include "runtime/model/cuda/lt_gemm.h"
 
 namespace {
 
@@ -133,7 +137,7 @@ double Median(std::vector<double> v) {
 }
 
 struct Timing {
-  double median_ms = 0;
+  double median_ms = 0;  // host clock, call to return
   double min_ms = 0;
 };
 
@@ -162,6 +166,62 @@ Timing TimeSteps(Decoder& decoder, int batch, int64_t* position, std::vector<int
     ++*position;
   }
   return {Median(ms), *std::min_element(ms.begin(), ms.end())};
+}
+
+// The dense GEMMs of one decode step alone (16 layers' QKV, O, gate_up and down projections and
+// the LM head, bf16 operands, float32 outputs, through the same cuBLASLt wrapper as the decoder,
+// on separate weight buffers of the model's sizes so that L2 holds none of them): the share of a
+// step that is weight streaming, and the bandwidth the GEMMs reach at this batch. Median of 10
+// back-to-back passes timed with events.
+double TimeGemmsMs(const ModelConfig& c, int batch, cuda::LtGemm& gemm) {
+  struct Shape {
+    int in, out;
+  };
+  std::vector<Shape> shapes;
+  const int q_out = c.num_heads * c.head_dim, kv_out = c.num_kv_heads * c.head_dim;
+  for (int l = 0; l < c.num_layers; ++l) {
+    shapes.push_back({c.hidden_size, q_out + 2 * kv_out});
+    shapes.push_back({q_out, c.hidden_size});
+    shapes.push_back({c.hidden_size, 2 * c.intermediate_size});
+    shapes.push_back({c.intermediate_size, c.hidden_size});
+  }
+  shapes.push_back({c.hidden_size, c.vocab_size});
+  std::vector<DeviceBuffer> weights;
+  for (const Shape& s : shapes) {
+    auto w = DeviceBuffer::Allocate(size_t(s.in) * s.out * 2, "gemm probe");
+    Die(w.status(), "gemm probe");
+    if (!bench::FillRandomBf16(w->get(), int64_t{s.in} * s.out, s.out)) std::exit(1);
+    weights.push_back(std::move(*w));
+  }
+  auto x = DeviceBuffer::Allocate(size_t(batch) * c.intermediate_size * 2, "gemm probe");
+  auto y = DeviceBuffer::Allocate(size_t(batch) * c.vocab_size * 4, "gemm probe");
+  Die(x.status(), "gemm probe");
+  Die(y.status(), "gemm probe");
+  if (!bench::FillRandomBf16(x->get(), int64_t{batch} * c.intermediate_size, 5)) std::exit(1);
+  auto pass = [&] {
+    for (size_t i = 0; i < shapes.size(); ++i) {
+      Die(gemm.Linear(x->get(), batch, shapes[i].in, weights[i].get(), shapes[i].out,
+                      DType::kBFloat16, y->get<float>(), false, nullptr),
+          "gemm probe");
+    }
+  };
+  pass();  // plans and clocks
+  std::vector<cudaEvent_t> events(11);
+  for (cudaEvent_t& e : events) cudaEventCreate(&e);
+  cudaEventRecord(events[0]);
+  for (int i = 0; i < 10; ++i) {
+    pass();
+    cudaEventRecord(events[i + 1]);
+  }
+  Die(CudaStatus(cudaEventSynchronize(events[10]), "gemm probe"), "gemm probe");
+  std::vector<double> ms(10);
+  for (int i = 0; i < 10; ++i) {
+    float m = 0;
+    cudaEventElapsedTime(&m, events[i], events[i + 1]);
+    ms[i] = m;
+  }
+  for (cudaEvent_t& e : events) cudaEventDestroy(e);
+  return Median(ms);
 }
 
 }  // namespace
@@ -232,12 +292,19 @@ int main(int argc, char** argv) {
   std::ofstream csv;
   if (!csv_path.empty()) {
     csv.open(csv_path);
-    csv << "context,batch,step_ms,min_ms,tok_s,direct_ms,logits_ms,weight_gb,kv_gb,read_gbps,"
-           "roofline_ms,roofline_fraction\n";
+    csv << "context,batch,step_ms,min_ms,gemm_ms,tok_s,direct_ms,logits_ms,weight_gb,kv_gb,"
+           "read_gbps,roofline_ms,roofline_fraction\n";
   }
-  std::printf("\n| context | batch | step ms (graphs) | tok/s | no graphs ms | + logits to host ms "
-              "| bytes/step GB | roofline ms | fraction of roofline |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  // The GEMMs alone per batch size (on their own weight copies, freed before the decode runs).
+  std::vector<double> gemm_ms(batches.size());
+  {
+    auto gemm = cuda::LtGemm::Create(size_t{32} << 20);
+    Die(gemm.status(), "gemm probe");
+    for (size_t i = 0; i < batches.size(); ++i) gemm_ms[i] = TimeGemmsMs(config, batches[i], **gemm);
+  }
+  std::printf("\n| context | batch | step ms (graphs) | tok/s | GEMMs alone ms | no graphs ms "
+              "| + logits to host ms | bytes/step GB | roofline ms | fraction of roofline |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
   const double kv_bytes_per_position =
       2.0 * config.num_layers * config.num_kv_heads * config.head_dim * 2;
   std::mt19937 rng(3);
@@ -252,22 +319,25 @@ int main(int argc, char** argv) {
       for (int32_t& t : tokens) t = static_cast<int32_t>(rng() % config.vocab_size);
       int64_t position = context;
       const Timing fast = TimeSteps(**graphs, batch, &position, &tokens, warmup, steps, false);
-      const double mean_context = context + warmup + (steps - 1) / 2.0;
+      // Each timed step reads its sequences' KV up to and including its own new position.
+      const double mean_context = context + warmup + (steps - 1) / 2.0 + 1;
       const Timing slow = TimeSteps(**direct, batch, &position, &tokens, 1, steps / 2, false);
       const Timing with_logits = TimeSteps(**graphs, batch, &position, &tokens, 1, steps / 2, true);
+      const double gemms = gemm_ms[std::find(batches.begin(), batches.end(), batch) -
+                                   batches.begin()];
       for (int s = 0; s < batch; ++s) Die((*attention)->FreeSequence(s), "free");
 
       const double kv_bytes = batch * mean_context * kv_bytes_per_position;
       const double bytes = weight_bytes + kv_bytes;
       const double roofline_ms = bytes / (read_gbps * 1e9) * 1e3;
       const double tok_s = batch / (fast.median_ms * 1e-3);
-      std::printf("| %d | %d | %.3f | %.0f | %.3f | %.3f | %.2f | %.3f | %.2f |\n", context,
-                  batch, fast.median_ms, tok_s, slow.median_ms, with_logits.median_ms,
-                  bytes / 1e9, roofline_ms, roofline_ms / fast.median_ms);
+      std::printf("| %d | %d | %.3f | %.0f | %.3f | %.3f | %.3f | %.2f | %.3f | %.2f |\n",
+                  context, batch, fast.median_ms, tok_s, gemms, slow.median_ms,
+                  with_logits.median_ms, bytes / 1e9, roofline_ms, roofline_ms / fast.median_ms);
       std::fflush(stdout);
       if (csv.is_open()) {
         csv << context << ',' << batch << ',' << fast.median_ms << ',' << fast.min_ms << ','
-            << tok_s << ',' << slow.median_ms << ',' << with_logits.median_ms << ','
+            << gemms << ',' << tok_s << ',' << slow.median_ms << ',' << with_logits.median_ms << ','
             << weight_bytes / 1e9 << ',' << kv_bytes / 1e9 << ',' << read_gbps << ','
             << roofline_ms << ',' << roofline_ms / fast.median_ms << '\n';
       }

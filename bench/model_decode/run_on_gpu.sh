@@ -7,7 +7,7 @@
 # Usage (repo root on the GPU machine): bench/model_decode/run_on_gpu.sh BUNDLE OUT
 #   BUNDLE holds env.sh and bin/ (cuda_kv_pool_test, cuda_decoder_test, hf_parity_cuda_test,
 #   cuda_decode_bench, ferry, ferry-coordinator); OUT receives the logs and CSVs.
-# Prints a summary last. Each step is bounded by `timeout`. OUT gets all.log (every step's output,
+# FERRY_GPU_STEPS="decoder_test bench ..." runs a subset. Prints a summary last. Each step is bounded by `timeout`. OUT gets all.log (every step's output,
 # appended as it ends), ours.csv, hf.csv and table.md.
 set -u
 bundle=$1
@@ -17,9 +17,11 @@ source "$bundle/env.sh"
 export FERRY_TEST_DATA_DIR=$PWD/tests/data
 here=$(dirname "$0")
 summary=()
+only=" ${FERRY_GPU_STEPS:-kv_pool_test decoder_test parity_test smoke bench hf memcheck racecheck} "
 step() {  # name, seconds, command...
   local name=$1 limit=$2
   shift 2
+  [[ $only == *" $name "* ]] || return 0
   local start=$SECONDS
   timeout "$limit" "$@" > "/tmp/$name.log" 2>&1
   local rc=$?

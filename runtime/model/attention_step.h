@@ -1,5 +1,6 @@
 // Attention as a pluggable step of the decoder, so the same model code runs with in-process
-// attention (InProcessAttention, below) or with attention offloaded to workers (runtime/offload).
+// attention (InProcessAttention, below; CudaAttention on a GPU, cuda_attention.h) or with
+// attention offloaded to workers (runtime/offload).
 //
 // One decode/prefill step of the decoder is a batch of token rows; row r belongs to sequence
 // rows[r].seq at position rows[r].position. The rows of one sequence are contiguous in the batch
