@@ -300,7 +300,9 @@ int main(int argc, char** argv) {
   {
     auto gemm = cuda::LtGemm::Create(size_t{32} << 20);
     Die(gemm.status(), "gemm probe");
-    for (size_t i = 0; i < batches.size(); ++i) gemm_ms[i] = TimeGemmsMs(config, batches[i], **gemm);
+    for (size_t i = 0; i < batches.size(); ++i) {
+      gemm_ms[i] = TimeGemmsMs(config, batches[i], **gemm);
+    }
   }
   std::printf("\n| context | batch | step ms (graphs) | tok/s | GEMMs alone ms | no graphs ms "
               "| + logits to host ms | bytes/step GB | roofline ms | fraction of roofline |\n");

@@ -7,8 +7,9 @@
 # Usage (repo root on the GPU machine): bench/model_decode/run_on_gpu.sh BUNDLE OUT
 #   BUNDLE holds env.sh and bin/ (cuda_kv_pool_test, cuda_decoder_test, hf_parity_cuda_test,
 #   cuda_decode_bench, ferry, ferry-coordinator); OUT receives the logs and CSVs.
-# FERRY_GPU_STEPS="decoder_test bench ..." runs a subset. Prints a summary last. Each step is bounded by `timeout`. OUT gets all.log (every step's output,
-# appended as it ends), ours.csv, hf.csv and table.md.
+# FERRY_GPU_STEPS="decoder_test bench ..." runs a subset. Prints a summary last. Each step is
+# bounded by `timeout`. OUT gets all.log (every step's output, appended as it ends), ours.csv,
+# hf.csv and table.md.
 set -u
 bundle=$1
 out=$2
@@ -46,7 +47,10 @@ smoke() {
   ferry generate $common --device=cuda:0 --weight-dtype=fp32 --kv-dtype=fp32 | tail -1 > /tmp/gpu.json
   ferry generate $common --device=cuda:0 | tail -1 > /tmp/bf16.json
   cat /tmp/cpu.json /tmp/gpu.json /tmp/bf16.json
-  python3 -c "import json,sys; a,b=(json.load(open(f))['token_ids'] for f in ('/tmp/cpu.json','/tmp/gpu.json')); print('fp32 cuda tokens == cpu tokens:', a==b); sys.exit(a!=b)"
+  python3 -c "import json, sys
+a, b = (json.load(open(f))['token_ids'] for f in ('/tmp/cpu.json', '/tmp/gpu.json'))
+print('fp32 cuda tokens == cpu tokens:', a == b)
+sys.exit(a != b)"
   ferry generate $common --device=cuda:7 && exit 1 || true
   ferry-coordinator --model=$dir --listen=127.0.0.1:50077 --device=cuda:0 --local-attention \
       --kv-capacity=$((256 << 20)) > /tmp/coord.log 2>&1 &
@@ -69,8 +73,10 @@ if [ -f "$out/ours.csv" ] && [ -f "$out/hf.csv" ]; then
   python3 "$here/report.py" "$out/ours.csv" "$out/hf.csv" > "$out/table.md"
 fi
 
+memcheck_filter='*Fp32Logits*/llama3_bias_tied:*Bf16Logits*/llama3_bias_tied'
+memcheck_filter+=':*ForwardGreedy*/llama_gqa:*HostAttention*/qwen2_bias'
 step memcheck 150 compute-sanitizer --tool memcheck --leak-check full --error-exitcode 9 \
-    cuda_decoder_test --gtest_filter='*Fp32Logits*/llama3_bias_tied:*Bf16Logits*/llama3_bias_tied:*ForwardGreedy*/llama_gqa:*HostAttention*/qwen2_bias'
+    cuda_decoder_test --gtest_filter="$memcheck_filter"
 step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 9 \
     cuda_decoder_test --gtest_filter='*Fp32Logits*/llama_gqa'
 

@@ -41,7 +41,8 @@ absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes, std::string_vi
   const cudaError_t error = cudaMalloc(&ptr, bytes);
   if (error != cudaSuccess) {
     cudaGetLastError();  // an allocation failure is not sticky; clear it for later checks
-    return CudaStatus(error, absl::StrCat("cudaMalloc of ", bytes, " bytes for ", std::string(what)));
+    return CudaStatus(error,
+                      absl::StrCat("cudaMalloc of ", bytes, " bytes for ", std::string(what)));
   }
   buffer.ptr_ = ptr;
   buffer.bytes_ = bytes;
@@ -68,7 +69,8 @@ absl::StatusOr<PinnedBuffer> PinnedBuffer::Allocate(size_t bytes, std::string_vi
   const cudaError_t error = cudaMallocHost(&ptr, bytes);
   if (error != cudaSuccess) {
     cudaGetLastError();
-    return CudaStatus(error, absl::StrCat("cudaMallocHost of ", bytes, " bytes for ", std::string(what)));
+    return CudaStatus(error,
+                      absl::StrCat("cudaMallocHost of ", bytes, " bytes for ", std::string(what)));
   }
   buffer.ptr_ = ptr;
   buffer.bytes_ = bytes;

@@ -45,9 +45,6 @@ absl::StatusOr<std::unique_ptr<Decoder>> CreateCudaDecoder(const Model& model,
                                                            AttentionStep& attention,
                                                            const CudaDecoderOptions& options);
 
-// True when this build has the CUDA backend.
-bool CudaBackendBuilt();
-
 // Where the dense layers run, from a --device flag: "cpu" -> -1, "cuda" -> 0, "cuda:N" -> N.
 // INVALID_ARGUMENT otherwise. Says nothing about whether the device exists.
 absl::StatusOr<int> ParseComputeDevice(std::string_view spec);

@@ -15,8 +15,6 @@ absl::Status NotBuilt(int device) {
 
 }  // namespace
 
-bool CudaBackendBuilt() { return false; }
-
 absl::StatusOr<std::unique_ptr<Decoder>> CreateCudaDecoder(const Model&, AttentionStep&,
                                                            const CudaDecoderOptions& options) {
   return NotBuilt(options.device);

@@ -19,6 +19,7 @@
 #include "runtime/model/cuda_decoder.h"
 
 #include <cuda_runtime.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
@@ -63,7 +64,9 @@ class CudaDecoderTest : public ::testing::TestWithParam<Variant> {
   std::unique_ptr<Model> MakeModel(DType dtype) {
     const Variant& v = GetParam();
     TinyCheckpointOptions o;
-    o.out_dir = ::testing::TempDir() + "/ferry_cuda_decoder_" + v.name;
+    // Per process and variant: ctest -j runs the cases as parallel processes.
+    o.out_dir = ::testing::TempDir() + "/ferry_cuda_decoder_" + v.name + "_" +
+                std::to_string(getpid());
     std::filesystem::remove_all(o.out_dir);
     o.arch = v.arch;
     o.num_layers = 2;

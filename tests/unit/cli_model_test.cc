@@ -1,6 +1,7 @@
 // The CLI's model commands end to end: make-tiny, then generate --local with --json (JSON lines
 // only on stdout), both flag forms, seeds, a text prompt through tokenizer.json, and errors.
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -47,7 +48,8 @@ std::vector<nlohmann::json> JsonLines(const std::string& out) {
 class CliModelTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    dir_ = ::testing::TempDir() + "/ferry_cli_tiny";
+    // One folder per process: ctest -j runs this suite's cases as parallel processes.
+    dir_ = ::testing::TempDir() + "/ferry_cli_tiny_" + std::to_string(getpid());
     std::filesystem::remove_all(dir_);
     ASSERT_EQ(RunFerry("model make-tiny --out=" + dir_ +
                        " --layers 1 --hidden=128 --heads 2 --kv-heads=1 --vocab=300 --seed=5")

@@ -5,6 +5,8 @@
 // (max |diff| / max |ref| over the vocabulary) under 1e-5.
 #include "runtime/model/decoder.h"
 
+#include <unistd.h>
+
 #include <filesystem>
 #include <random>
 #include <vector>
@@ -33,7 +35,8 @@ class DecoderTest : public ::testing::TestWithParam<Variant> {
   void SetUp() override {
     const Variant& v = GetParam();
     TinyCheckpointOptions o;
-    o.out_dir = ::testing::TempDir() + "/ferry_decoder_" + v.name;
+    // Per process and variant: ctest -j runs the cases as parallel processes.
+    o.out_dir = ::testing::TempDir() + "/ferry_decoder_" + v.name + "_" + std::to_string(getpid());
     std::filesystem::remove_all(o.out_dir);
     o.arch = v.arch;
     o.num_layers = 2;

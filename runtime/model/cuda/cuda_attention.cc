@@ -32,7 +32,8 @@ absl::StatusOr<std::unique_ptr<CudaAttention>> CudaAttention::Create(
         " is not served (head_dim a multiple of 32 up to 256, groups up to 32)"));
   }
   if (options.max_step_rows <= 0 || options.max_step_seqs <= 0) {
-    return absl::InvalidArgumentError("cuda attention: max_step_rows and max_step_seqs must be > 0");
+    return absl::InvalidArgumentError(
+        "cuda attention: max_step_rows and max_step_seqs must be > 0");
   }
   FERRY_RETURN_IF_ERROR(UseCudaDevice(options.device));
   std::unique_ptr<CudaAttention> attention(new CudaAttention(options));

@@ -354,9 +354,8 @@ absl::Status CudaBackend::EnqueueStep(int rows, int chunks) {
   FERRY_RETURN_IF_ERROR(CudaStatus(kernels::EmbeddingGather(s_.tokens, rows, embed_, act,
                                                         c.vocab_size, hidden, s_.x, stream_),
                                "EmbeddingGather"));
-  FERRY_RETURN_IF_ERROR(CudaStatus(kernels::RopeCosSin(s_.positions, rows, inv_freq_, hd, s_.cos_sin,
-                                                   stream_),
-                               "RopeCosSin"));
+  FERRY_RETURN_IF_ERROR(CudaStatus(
+      kernels::RopeCosSin(s_.positions, rows, inv_freq_, hd, s_.cos_sin, stream_), "RopeCosSin"));
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerPointers& w = layers_[l];
     FERRY_RETURN_IF_ERROR(CudaStatus(kernels::RmsNorm(s_.x, nullptr, rows, hidden, w.input_norm,
@@ -486,8 +485,8 @@ absl::Status CudaBackend::Forward(const DecoderStep& step, std::vector<float>* l
   }
   if (greedy != nullptr) {
     FERRY_RETURN_IF_ERROR(CudaStatus(
-        cudaMemcpyAsync(host_greedy_.get(), s_.greedy, chunks * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                        stream_),
+        cudaMemcpyAsync(host_greedy_.get(), s_.greedy, chunks * sizeof(int32_t),
+                        cudaMemcpyDeviceToHost, stream_),
         "tokens to host"));
   }
   FERRY_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "decoder step"));
@@ -502,8 +501,6 @@ absl::Status CudaBackend::Forward(const DecoderStep& step, std::vector<float>* l
 }
 
 }  // namespace
-
-bool CudaBackendBuilt() { return true; }
 
 absl::StatusOr<std::unique_ptr<Decoder>> CreateCudaDecoder(const Model& model,
                                                            AttentionStep& attention,

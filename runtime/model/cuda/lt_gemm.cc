@@ -61,8 +61,10 @@ absl::StatusOr<const LtGemm::Plan*> LtGemm::FindPlan(int rows, int in, int out, 
                                        sizeof(plain)),
         shape));
     // Column-major: A is W^T stored (in, out), B is x^T stored (in, rows), C is y^T (out, rows).
-    FERRY_RETURN_IF_ERROR(LtStatus(cublasLtMatrixLayoutCreate(&plan.a, operand, in, out, in), shape));
-    FERRY_RETURN_IF_ERROR(LtStatus(cublasLtMatrixLayoutCreate(&plan.b, operand, in, rows, in), shape));
+    FERRY_RETURN_IF_ERROR(
+        LtStatus(cublasLtMatrixLayoutCreate(&plan.a, operand, in, out, in), shape));
+    FERRY_RETURN_IF_ERROR(
+        LtStatus(cublasLtMatrixLayoutCreate(&plan.b, operand, in, rows, in), shape));
     FERRY_RETURN_IF_ERROR(
         LtStatus(cublasLtMatrixLayoutCreate(&plan.c, CUDA_R_32F, out, rows, out), shape));
     FERRY_RETURN_IF_ERROR(LtStatus(cublasLtMatmulPreferenceCreate(&preference), shape));
