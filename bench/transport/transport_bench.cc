@@ -16,11 +16,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <deque>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "runtime/transport/ucx_node.h"
@@ -46,6 +48,8 @@ bool Flag(const char* arg, const char* name, std::string* value) {
   return true;
 }
 
+// The server answers from one thread that takes requests with NextRequest (progressing the
+// worker itself) and replies from the same thread, as WorkerServer does.
 int Serve(UcxNodeOptions options) {
   sigset_t signals;
   sigemptyset(&signals);
@@ -54,21 +58,27 @@ int Serve(UcxNodeOptions options) {
   auto node = UcxNode::Create(options);
   if (!node.ok()) return 1;
   UcxNode* raw = node->get();
-  raw->SetRequestHandler([raw](ferry::transport::PeerId peer, uint64_t call_id,
-                               absl::StatusOr<Buffer> message) {
-    if (!message.ok()) return;
-    uint64_t reply_size = 8;
-    if (message->size() >= 8) std::memcpy(&reply_size, message->data(), 8);
-    raw->buffers().Release(std::move(*message));
-    Buffer reply = raw->buffers().Acquire(std::max<uint64_t>(reply_size, 8));
-    raw->Reply(peer, call_id, std::move(reply)).IgnoreError();
-  });
   auto port = raw->Listen("127.0.0.1", 0);
   if (!port.ok()) return 1;
+  std::atomic<bool> stop{false};
+  std::thread server([raw, &stop] {
+    while (!stop) {
+      auto request = raw->NextRequest(absl::Milliseconds(100));
+      if (!request.ok() || !request->status.ok()) continue;
+      Buffer& message = request->message;
+      uint64_t reply_size = 8;
+      if (message.size() >= 8) std::memcpy(&reply_size, message.data(), 8);
+      raw->buffers().Release(std::move(message));
+      Buffer reply = raw->buffers().Acquire(std::max<uint64_t>(reply_size, 8));
+      raw->Reply(request->peer, request->call_id, std::move(reply)).IgnoreError();
+    }
+  });
   std::printf("PORT %d\n", *port);
   std::fflush(stdout);
   int signal = 0;
   sigwait(&signals, &signal);
+  stop = true;
+  server.join();
   return 0;
 }
 

@@ -17,15 +17,6 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
       [raw](const std::string& host, int port, transport::Buffer frame) {
         return raw->Forward(host, port, std::move(frame));
       });
-  server->node_->SetRequestHandler(
-      [raw](transport::PeerId peer, uint64_t call_id, absl::StatusOr<transport::Buffer> message) {
-        {
-          std::lock_guard<std::mutex> lock(raw->mutex_);
-          if (raw->stopping_) return;
-          raw->queue_.push_back(Request{peer, call_id, std::move(message)});
-        }
-        raw->ready_.notify_one();
-      });
   server->thread_ = std::thread([raw] { raw->Serve(); });
   FERRY_ASSIGN_OR_RETURN(server->port_, server->node_->Listen(options.host, options.port));
   FERRY_LOG_INFO("{}: serving on {}:{}", options.node.name, options.host, server->port_);
@@ -35,39 +26,34 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
 WorkerServer::~WorkerServer() { Stop(); }
 
 void WorkerServer::Stop() {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (stopping_ && !thread_.joinable()) return;
-    stopping_ = true;
-  }
-  ready_.notify_all();
+  stopping_ = true;
   if (thread_.joinable()) thread_.join();
   if (node_ != nullptr) node_->Shutdown();
 }
 
 void WorkerServer::Serve() {
   transport::BufferPool& pool = node_->buffers();
-  while (true) {
-    Request request;
-    {
-      std::unique_lock<std::mutex> lock(mutex_);
-      ready_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-      if (stopping_) return;
-      request = std::move(queue_.front());
-      queue_.pop_front();
+  while (!stopping_) {
+    absl::StatusOr<transport::IncomingRequest> next = node_->NextRequest(kStopBound);
+    if (!next.ok()) {
+      if (next.status().code() == absl::StatusCode::kDeadlineExceeded) continue;
+      if (next.status().code() == absl::StatusCode::kCancelled) return;  // node shut down
+      FERRY_LOG_ERROR("{}: request loop: {}", options_.node.name, next.status().ToString());
+      return;
     }
+    transport::IncomingRequest& request = *next;
     transport::Buffer reply;
-    if (!request.message.ok()) {
-      reply = MakeErrorReply(nullptr, request.message.status(), pool);
+    if (!request.status.ok()) {
+      reply = MakeErrorReply(nullptr, request.status, pool);
     } else {
       if (options_.attend_delay > absl::ZeroDuration() &&
-          request.message->size() >= kFrameHeaderBytes &&
-          (request.message->data()[6] | (request.message->data()[7] << 8)) ==
+          request.message.size() >= kFrameHeaderBytes &&
+          (request.message.data()[6] | (request.message.data()[7] << 8)) ==
               static_cast<int>(FrameType::kAttend)) {
         absl::SleepFor(options_.attend_delay);
       }
-      reply = service_->Handle(request.message->data(), request.message->size());
-      pool.Release(std::move(*request.message));
+      reply = service_->Handle(request.message.data(), request.message.size());
+      pool.Release(std::move(request.message));
       if (const kv::KvCache* cache = service_->cache(); cache != nullptr) {
         kv_used_bytes_.store(cache->used_bytes());
         sequences_held_.store(static_cast<int32_t>(cache->num_sequences()));

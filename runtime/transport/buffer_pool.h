@@ -21,7 +21,9 @@ class Buffer {
   Buffer() = default;
   explicit Buffer(size_t size) : data_(new uint8_t[size > 0 ? size : 1]), size_(size),
                                  capacity_(size) {}
-  Buffer(Buffer&& other) noexcept { *this = std::move(other); }
+  Buffer(Buffer&& other) noexcept
+      : data_(std::move(other.data_)), size_(std::exchange(other.size_, 0)),
+        capacity_(std::exchange(other.capacity_, 0)) {}
   Buffer& operator=(Buffer&& other) noexcept {
     data_ = std::move(other.data_);
     size_ = std::exchange(other.size_, 0);
