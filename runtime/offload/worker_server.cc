@@ -1,17 +1,54 @@
 #include "runtime/offload/worker_server.h"
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "ferry/status.h"
 #include "runtime/common/log.h"
+#ifdef FERRY_WITH_CUDA_WORKER
+#include "runtime/offload/cuda_attention_backend.h"
+#endif
 
 namespace ferry::offload {
 
+absl::StatusOr<int> WorkerServer::ParseDevice(const std::string& device) {
+  if (device == "cpu") return -1;
+  if (device == "cuda") return 0;
+  int number = -1;
+  if (device.rfind("cuda:", 0) == 0 && absl::SimpleAtoi(device.substr(5), &number) &&
+      number >= 0) {
+    return number;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("device '", device, "': expected cpu, cuda or cuda:N"));
+}
+
 absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
     const WorkerServerOptions& options) {
+  FERRY_ASSIGN_OR_RETURN(const int cuda_device, ParseDevice(options.device));
   std::unique_ptr<WorkerServer> server(new WorkerServer(options));
   FERRY_ASSIGN_OR_RETURN(server->node_, transport::UcxNode::Create(options.node));
-  server->service_ = std::make_unique<WorkerService>(options.service, server->node_->buffers());
+  WorkerServiceOptions service = options.service;
+  if (cuda_device >= 0) {
+#ifdef FERRY_WITH_CUDA_WORKER
+    // Frames in pinned memory: copies to and from the GPU need no staging copy.
+    server->node_->buffers().SetAllocator(PinnedFrameAllocator(cuda_device));
+    CudaBackendOptions cuda;
+    cuda.device = cuda_device;
+    cuda.max_batch = service.max_batch;
+    cuda.max_prefill_tokens = service.max_prefill_tokens;
+    service.backend = [cuda](const kv::KvCacheConfig& config) {
+      return CreateCudaAttentionBackend(config, cuda);
+    };
+    FERRY_LOG_INFO("{}: attention on cuda:{}; UCX {} CUDA memory, frames staged through pinned "
+                   "host buffers", options.node.name, cuda_device,
+                   server->node_->SupportsCudaMemory() ? "supports" : "has no");
+#else
+    return absl::UnimplementedError(
+        absl::StrCat("device ", options.device, ": this build has no CUDA"));
+#endif
+  }
+  server->service_ = std::make_unique<WorkerService>(service, server->node_->buffers());
   WorkerServer* raw = server.get();
   server->service_->SetForwarder(
       [raw](const std::string& host, int port, transport::Buffer frame) {

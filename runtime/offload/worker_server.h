@@ -26,6 +26,9 @@ namespace ferry::offload {
 struct WorkerServerOptions {
   transport::UcxNodeOptions node;
   WorkerServiceOptions service;
+  // "cpu", or "cuda:N" (cuda_attention_backend.h: the KV pools and attention on GPU N, frames in
+  // pinned host memory); "cuda:N" in a build without CUDA fails Start with UNIMPLEMENTED.
+  std::string device = "cpu";
   std::string host = "127.0.0.1";
   int port = 0;  // 0: any free port
   // Tests only: hold each Attend this long before handling it (a slow worker, to kill mid-request).
@@ -35,6 +38,9 @@ struct WorkerServerOptions {
 class WorkerServer {
  public:
   static absl::StatusOr<std::unique_ptr<WorkerServer>> Start(const WorkerServerOptions& options);
+  // The device number of "cuda:N" ("cuda" is device 0), or -1 for "cpu"; INVALID_ARGUMENT
+  // for anything else.
+  static absl::StatusOr<int> ParseDevice(const std::string& device);
   ~WorkerServer();
   WorkerServer(const WorkerServer&) = delete;
   WorkerServer& operator=(const WorkerServer&) = delete;
