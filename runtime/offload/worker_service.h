@@ -19,8 +19,9 @@
 //   Prefill       layer; shape {T, q heads, head dim}; payload {sequence, first position P},
 //                 q (T, q heads, head dim) float32, with kFlagWithKv K and V (T, kv heads,
 //                 head dim) appended at P.. first. Query t (position P + t) attends causally
-//                 over the held positions <= P + t (CPU path: the decode kernel, one query per
-//                 row, 256 queries per call). Reply as Attend, with T states.
+//                 over the held positions <= P + t (CPU backend: the decode kernel, one query
+//                 per row, 256 queries per call; CUDA: PrefillAttention). Reply as Attend,
+//                 with T states.
 //   FreeSequence  payload n x {sequence}: returns every block. Reply {i64 blocks freed}.
 //   ExportBlocks  payload {sequence}. Reply shape {layers, kv heads, block size, head dim},
 //                 dtype: the sequence image {sequence, first position, i32 layers, i32 blocks,
