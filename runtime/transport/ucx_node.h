@@ -1,5 +1,6 @@
-// One UCX node: a UCP context and worker driven by a progress thread, a listener, endpoints to
-// peers, and request/reply messaging over UCP active messages.
+// One UCX node: a UCP context and worker, progressed by the threads that wait on it (and a
+// background thread between them), a listener, endpoints to peers, and request/reply messaging
+// over UCP active messages.
 //
 // Messages are opaque byte buffers (runtime/offload frames them). A request carries a call id in
 // its active-message header; the reply carries the same id back, so a reply finds its caller
@@ -17,8 +18,8 @@
 // Memory: message buffers come from a BufferPool and go back to it when sent or consumed, so
 // steady traffic reuses the same host allocations (and UCX's registration cache hits for
 // rendezvous). Messages are host memory: SupportsCudaMemory() says whether this UCX build could
-// take device pointers (Debian's UCX 1.13 cannot), so a CUDA worker stages through pinned host
-// buffers of its own.
+// take device pointers (Debian's UCX 1.13 cannot), so a CUDA worker gives the pool a pinned-memory
+// allocator and copies between frames and the device itself.
 //
 // Threads and progress: one lock guards the UCP worker (UCS_THREAD_MODE_SERIALIZED) and the
 // node's state, and any thread may take it to progress the worker. The hot paths are driven by
