@@ -5,6 +5,7 @@
 //
 //   transport_bench --serve [--tls=T]          echo server (replies with the size it is asked)
 //   transport_bench [--tls=T] [--batches=1,4,16,64,256] [--iters=N] [--busy-poll-us=U]
+//                   [--eager-limit=BYTES]
 // The client forks a server process of itself and prints one line per batch:
 //   ferry tls=T batch=B request=Sq reply=Sr attend_rtt_us=... oneway_us=... bw_MBps=...
 // attend_rtt_us: median round trip, Attend request out and Attend reply back (no compute).
@@ -156,6 +157,8 @@ int main(int argc, char** argv) {
       iters = std::atoi(value.c_str());
     } else if (Flag(argv[i], "--busy-poll-us", &value)) {
       options.busy_poll = absl::Microseconds(std::atoi(value.c_str()));
+    } else if (Flag(argv[i], "--eager-limit", &value)) {
+      options.eager_limit = std::strtoull(value.c_str(), nullptr, 10);
     } else {
       std::fprintf(stderr, "unknown flag %s\n", argv[i]);
       return 2;
@@ -173,6 +176,7 @@ int main(int argc, char** argv) {
     std::vector<std::string> args = {"/proc/self/exe", "--serve"};
     if (!options.tls.empty()) args.push_back("--tls=" + options.tls);
     args.push_back("--busy-poll-us=" + std::to_string(absl::ToInt64Microseconds(options.busy_poll)));
+    args.push_back("--eager-limit=" + std::to_string(options.eager_limit));
     std::vector<char*> argv_child;
     for (auto& arg : args) argv_child.push_back(arg.data());
     argv_child.push_back(nullptr);
