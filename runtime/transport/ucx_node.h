@@ -25,15 +25,17 @@
 // node's state, and any thread may take it to progress the worker. The hot paths are driven by
 // the threads that use them, with no hand-off between threads: Call() sends from the caller's
 // thread; Await() progresses the worker on the caller's thread until the reply is there,
-// spinning for options.busy_poll after the last activity, then sleeping on the worker's wakeup
-// fd (and a per-thread eventfd another thread writes when it completes this thread's wait), each
-// sleep bounded by the nearest deadline; a server thread takes requests with NextRequest(), which
+// spinning for options.busy_poll after the last activity (yielding the core between polls, so a
+// peer on the same core still runs), then sleeping on the worker's wakeup fd (and a per-thread
+// eventfd another thread writes when it completes this thread's wait), each sleep bounded by the
+// nearest deadline; a server thread takes requests with NextRequest(), which
 // waits the same way, and answers with Reply(), which sends from its thread. A background
 // progress thread covers the idle gaps (no thread waiting in Await or NextRequest): incoming
 // connections, keepalive, calls nobody awaits yet, requests while the server thread computes;
 // it steps back while a thread drives. Request handlers (SetRequestHandler) run inside progress
-// on whichever thread progresses, with the lock held: they must not block or wait, but may
-// Reply() (the send leaves after the progress call returns). Every public method is thread-safe.
+// on whichever thread progresses, with the lock held: they must not block, wait or call
+// Shutdown(), but may Reply() (the send leaves after the progress call returns). Every public
+// method is thread-safe.
 #pragma once
 
 #include <atomic>
