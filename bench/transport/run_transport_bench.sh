@@ -4,7 +4,9 @@
 #   bench/transport/run_transport_bench.sh [BUILD_DIR] [BATCHES]   (defaults: build, 1,4,16,64,256)
 # Latency: ucx_perftest ucp_am_lat 50th percentile (half a round trip) vs Ferry's median half
 # round trip with the Attend request size both ways. Bandwidth: ucx_perftest ucp_am_bw overall
-# vs Ferry with 16 requests in flight (MB = 2^20 bytes in both).
+# vs Ferry with 16 requests in flight (MB = 2^20 bytes in both). perftest runs with -e (endpoints
+# with error handling, PEER mode), as Ferry's endpoints always are: PEER mode leaves cma out, so
+# shared-memory rendezvous goes over tcp in both.
 set -euo pipefail
 build="${1:-build}"
 batches="${2:-1,4,16,64,256}"
@@ -17,11 +19,11 @@ port=$((20000 + RANDOM % 20000))
 perftest() {  # tls test size iters -> the final line's fields
   local tls="$1" test="$2" size="$3" iters="$4"
   port=$((port + 1))
-  UCX_TLS="$tls" timeout 120 ucx_perftest -p "$port" >/dev/null 2>&1 &
+  UCX_TLS="$tls" timeout 120 ucx_perftest -p "$port" -e >/dev/null 2>&1 &
   local server=$!
   sleep 0.3
   UCX_TLS="$tls" timeout 120 ucx_perftest 127.0.0.1 -p "$port" -t "$test" -s "$size" \
-    -n "$iters" -w $((iters / 10 + 1)) -f 2>/dev/null | awk 'NF == 8 && $1 ~ /^[0-9]+$/' | tail -1
+    -n "$iters" -w $((iters / 10 + 1)) -e -f 2>/dev/null | awk 'NF == 8 && $1 ~ /^[0-9]+$/' | tail -1
   wait "$server" 2>/dev/null || true
 }
 

@@ -5,6 +5,7 @@
 //
 //   transport_bench --serve [--tls=T]          echo server (replies with the size it is asked)
 //   transport_bench [--tls=T] [--batches=1,4,16,64,256] [--iters=N] [--busy-poll-us=U]
+//                   [--eager-limit=BYTES]
 // The client forks a server process of itself and prints one line per batch:
 //   ferry tls=T batch=B request=Sq reply=Sr attend_rtt_us=... oneway_us=... bw_MBps=...
 // attend_rtt_us: median round trip, Attend request out and Attend reply back (no compute).
@@ -16,11 +17,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <deque>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "runtime/transport/ucx_node.h"
@@ -46,6 +49,8 @@ bool Flag(const char* arg, const char* name, std::string* value) {
   return true;
 }
 
+// The server answers from one thread that takes requests with NextRequest (progressing the
+// worker itself) and replies from the same thread, as WorkerServer does.
 int Serve(UcxNodeOptions options) {
   sigset_t signals;
   sigemptyset(&signals);
@@ -54,21 +59,27 @@ int Serve(UcxNodeOptions options) {
   auto node = UcxNode::Create(options);
   if (!node.ok()) return 1;
   UcxNode* raw = node->get();
-  raw->SetRequestHandler([raw](ferry::transport::PeerId peer, uint64_t call_id,
-                               absl::StatusOr<Buffer> message) {
-    if (!message.ok()) return;
-    uint64_t reply_size = 8;
-    if (message->size() >= 8) std::memcpy(&reply_size, message->data(), 8);
-    raw->buffers().Release(std::move(*message));
-    Buffer reply = raw->buffers().Acquire(std::max<uint64_t>(reply_size, 8));
-    raw->Reply(peer, call_id, std::move(reply)).IgnoreError();
-  });
   auto port = raw->Listen("127.0.0.1", 0);
   if (!port.ok()) return 1;
+  std::atomic<bool> stop{false};
+  std::thread server([raw, &stop] {
+    while (!stop) {
+      auto request = raw->NextRequest(absl::Milliseconds(100));
+      if (!request.ok() || !request->status.ok()) continue;
+      Buffer& message = request->message;
+      uint64_t reply_size = 8;
+      if (message.size() >= 8) std::memcpy(&reply_size, message.data(), 8);
+      raw->buffers().Release(std::move(message));
+      Buffer reply = raw->buffers().Acquire(std::max<uint64_t>(reply_size, 8));
+      raw->Reply(request->peer, request->call_id, std::move(reply)).IgnoreError();
+    }
+  });
   std::printf("PORT %d\n", *port);
   std::fflush(stdout);
   int signal = 0;
   sigwait(&signals, &signal);
+  stop = true;
+  server.join();
   return 0;
 }
 
@@ -146,6 +157,8 @@ int main(int argc, char** argv) {
       iters = std::atoi(value.c_str());
     } else if (Flag(argv[i], "--busy-poll-us", &value)) {
       options.busy_poll = absl::Microseconds(std::atoi(value.c_str()));
+    } else if (Flag(argv[i], "--eager-limit", &value)) {
+      options.eager_limit = std::strtoull(value.c_str(), nullptr, 10);
     } else {
       std::fprintf(stderr, "unknown flag %s\n", argv[i]);
       return 2;
@@ -163,6 +176,7 @@ int main(int argc, char** argv) {
     std::vector<std::string> args = {"/proc/self/exe", "--serve"};
     if (!options.tls.empty()) args.push_back("--tls=" + options.tls);
     args.push_back("--busy-poll-us=" + std::to_string(absl::ToInt64Microseconds(options.busy_poll)));
+    args.push_back("--eager-limit=" + std::to_string(options.eager_limit));
     std::vector<char*> argv_child;
     for (auto& arg : args) argv_child.push_back(arg.data());
     argv_child.push_back(nullptr);

@@ -7,8 +7,9 @@
 // A worker that fails (error reply, dead peer, timeout) is reported in that shard's status; the
 // other shards' states are still merged, and `complete` says which batch entries got every part.
 //
-// Ownership: owns its UcxNode. Threads: one caller at a time (the coordinator's layer loop);
-// the node's progress thread does the I/O. Shapes are as in worker_service.h.
+// Ownership: owns its UcxNode. Threads: one caller at a time (the coordinator's layer loop); the
+// caller's thread sends and, while it waits, progresses the node itself (ucx_node.h). Shapes are
+// as in worker_service.h.
 #pragma once
 
 #include <cstdint>

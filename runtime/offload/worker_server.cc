@@ -1,30 +1,58 @@
 #include "runtime/offload/worker_server.h"
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "ferry/status.h"
 #include "runtime/common/log.h"
+#ifdef FERRY_WITH_CUDA_WORKER
+#include "runtime/offload/cuda_attention_backend.h"
+#endif
 
 namespace ferry::offload {
 
+absl::StatusOr<int> WorkerServer::ParseDevice(const std::string& device) {
+  if (device == "cpu") return -1;
+  if (device == "cuda") return 0;
+  int number = -1;
+  if (device.rfind("cuda:", 0) == 0 && absl::SimpleAtoi(device.substr(5), &number) &&
+      number >= 0) {
+    return number;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("device '", device, "': expected cpu, cuda or cuda:N"));
+}
+
 absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
     const WorkerServerOptions& options) {
+  FERRY_ASSIGN_OR_RETURN(const int cuda_device, ParseDevice(options.device));
   std::unique_ptr<WorkerServer> server(new WorkerServer(options));
   FERRY_ASSIGN_OR_RETURN(server->node_, transport::UcxNode::Create(options.node));
-  server->service_ = std::make_unique<WorkerService>(options.service, server->node_->buffers());
+  WorkerServiceOptions service = options.service;
+  if (cuda_device >= 0) {
+#ifdef FERRY_WITH_CUDA_WORKER
+    // Frames in pinned memory: copies to and from the GPU need no staging copy.
+    server->node_->buffers().SetAllocator(PinnedFrameAllocator(cuda_device));
+    CudaBackendOptions cuda;
+    cuda.device = cuda_device;
+    cuda.max_batch = service.max_batch;
+    cuda.max_prefill_tokens = service.max_prefill_tokens;
+    service.backend = [cuda](const kv::KvCacheConfig& config) {
+      return CreateCudaAttentionBackend(config, cuda);
+    };
+    FERRY_LOG_INFO("{}: attention on cuda:{}; UCX {} CUDA memory, frames staged through pinned "
+                   "host buffers", options.node.name, cuda_device,
+                   server->node_->SupportsCudaMemory() ? "supports" : "has no");
+#else
+    return absl::UnimplementedError(
+        absl::StrCat("device ", options.device, ": this build has no CUDA"));
+#endif
+  }
+  server->service_ = std::make_unique<WorkerService>(service, server->node_->buffers());
   WorkerServer* raw = server.get();
   server->service_->SetForwarder(
       [raw](const std::string& host, int port, transport::Buffer frame) {
         return raw->Forward(host, port, std::move(frame));
-      });
-  server->node_->SetRequestHandler(
-      [raw](transport::PeerId peer, uint64_t call_id, absl::StatusOr<transport::Buffer> message) {
-        {
-          std::lock_guard<std::mutex> lock(raw->mutex_);
-          if (raw->stopping_) return;
-          raw->queue_.push_back(Request{peer, call_id, std::move(message)});
-        }
-        raw->ready_.notify_one();
       });
   server->thread_ = std::thread([raw] { raw->Serve(); });
   FERRY_ASSIGN_OR_RETURN(server->port_, server->node_->Listen(options.host, options.port));
@@ -35,39 +63,34 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(
 WorkerServer::~WorkerServer() { Stop(); }
 
 void WorkerServer::Stop() {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (stopping_ && !thread_.joinable()) return;
-    stopping_ = true;
-  }
-  ready_.notify_all();
+  stopping_ = true;
   if (thread_.joinable()) thread_.join();
   if (node_ != nullptr) node_->Shutdown();
 }
 
 void WorkerServer::Serve() {
   transport::BufferPool& pool = node_->buffers();
-  while (true) {
-    Request request;
-    {
-      std::unique_lock<std::mutex> lock(mutex_);
-      ready_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
-      if (stopping_) return;
-      request = std::move(queue_.front());
-      queue_.pop_front();
+  while (!stopping_) {
+    absl::StatusOr<transport::IncomingRequest> next = node_->NextRequest(kStopBound);
+    if (!next.ok()) {
+      if (next.status().code() == absl::StatusCode::kDeadlineExceeded) continue;
+      if (next.status().code() == absl::StatusCode::kCancelled) return;  // node shut down
+      FERRY_LOG_ERROR("{}: request loop: {}", options_.node.name, next.status().ToString());
+      return;
     }
+    transport::IncomingRequest& request = *next;
     transport::Buffer reply;
-    if (!request.message.ok()) {
-      reply = MakeErrorReply(nullptr, request.message.status(), pool);
+    if (!request.status.ok()) {
+      reply = MakeErrorReply(nullptr, request.status, pool);
     } else {
       if (options_.attend_delay > absl::ZeroDuration() &&
-          request.message->size() >= kFrameHeaderBytes &&
-          (request.message->data()[6] | (request.message->data()[7] << 8)) ==
+          request.message.size() >= kFrameHeaderBytes &&
+          (request.message.data()[6] | (request.message.data()[7] << 8)) ==
               static_cast<int>(FrameType::kAttend)) {
         absl::SleepFor(options_.attend_delay);
       }
-      reply = service_->Handle(request.message->data(), request.message->size());
-      pool.Release(std::move(*request.message));
+      reply = service_->Handle(request.message.data(), request.message.size());
+      pool.Release(std::move(request.message));
       if (const kv::KvCache* cache = service_->cache(); cache != nullptr) {
         kv_used_bytes_.store(cache->used_bytes());
         sequences_held_.store(static_cast<int32_t>(cache->num_sequences()));

@@ -1,18 +1,18 @@
 // The worker service on the data plane: a UcxNode listening for frames and one request thread
-// that runs WorkerService::Handle for each and sends the reply. Entry point for the worker daemon
-// (services/worker wraps this later) and for tests' worker processes.
+// that takes each request (UcxNode::NextRequest, progressing the UCP worker itself while it
+// waits), runs WorkerService::Handle and sends the reply from the same thread, so a request
+// crosses no thread on its way in or out. Entry point for the worker daemon (services/worker) and
+// for tests' worker processes.
 //
 // Ownership: owns its node, service and thread. Stop() (and the destructor) stops taking
-// requests, finishes the one in progress, shuts the node down (bounded) and joins the thread.
+// requests, finishes the one in progress, joins the thread (within kStopBound of that request's
+// end) and shuts the node down (bounded).
 // Threads: Start/Stop from one owner thread; requests are handled in arrival order on the
 // request thread (WorkerService is single-threaded; its attention uses its own pool).
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
-#include <deque>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -26,6 +26,9 @@ namespace ferry::offload {
 struct WorkerServerOptions {
   transport::UcxNodeOptions node;
   WorkerServiceOptions service;
+  // "cpu", or "cuda:N" (cuda_attention_backend.h: the KV pools and attention on GPU N, frames in
+  // pinned host memory); "cuda:N" in a build without CUDA fails Start with UNIMPLEMENTED.
+  std::string device = "cpu";
   std::string host = "127.0.0.1";
   int port = 0;  // 0: any free port
   // Tests only: hold each Attend this long before handling it (a slow worker, to kill mid-request).
@@ -35,6 +38,9 @@ struct WorkerServerOptions {
 class WorkerServer {
  public:
   static absl::StatusOr<std::unique_ptr<WorkerServer>> Start(const WorkerServerOptions& options);
+  // The device number of "cuda:N" ("cuda" is device 0), or -1 for "cpu"; INVALID_ARGUMENT
+  // for anything else.
+  static absl::StatusOr<int> ParseDevice(const std::string& device);
   ~WorkerServer();
   WorkerServer(const WorkerServer&) = delete;
   WorkerServer& operator=(const WorkerServer&) = delete;
@@ -47,11 +53,8 @@ class WorkerServer {
   void Stop();
 
  private:
-  struct Request {
-    transport::PeerId peer;
-    uint64_t call_id;
-    absl::StatusOr<transport::Buffer> message;
-  };
+  // How long the request thread waits for a request before it looks at stopping_ again.
+  static constexpr absl::Duration kStopBound = absl::Milliseconds(100);
 
   explicit WorkerServer(const WorkerServerOptions& options) : options_(options) {}
   void Serve();
@@ -65,10 +68,7 @@ class WorkerServer {
   std::thread thread_;
   std::atomic<int64_t> kv_used_bytes_{0};
   std::atomic<int32_t> sequences_held_{0};
-  std::mutex mutex_;
-  std::condition_variable ready_;
-  std::deque<Request> queue_;
-  bool stopping_ = false;
+  std::atomic<bool> stopping_{false};
   std::unordered_map<std::string, transport::PeerId> forward_peers_;  // request thread only
 };
 

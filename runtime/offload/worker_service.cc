@@ -24,7 +24,7 @@ bool ValidDType(uint8_t dtype) { return dtype >= 1 && dtype <= 3; }
 }  // namespace
 
 WorkerService::WorkerService(const WorkerServiceOptions& options, transport::BufferPool& pool)
-    : options_(options), pool_(pool), threads_(options.num_threads) {}
+    : options_(options), pool_(pool) {}
 
 WorkerService::~WorkerService() = default;
 
@@ -185,10 +185,18 @@ absl::StatusOr<transport::Buffer> WorkerService::Configure(const FrameHeader& he
       return absl::FailedPreconditionError(
           "configure: a different model shape while sequences are held");
     }
-    if (!same) cache_.reset();
+    if (!same) {
+      cache_ = nullptr;
+      backend_.reset();
+    }
   }
-  if (cache_ == nullptr) {
-    FERRY_ASSIGN_OR_RETURN(cache_, kv::KvCache::CreateOnHost(config));
+  if (backend_ == nullptr) {
+    if (options_.backend) {
+      FERRY_ASSIGN_OR_RETURN(backend_, options_.backend(config));
+    } else {
+      FERRY_ASSIGN_OR_RETURN(backend_, CreateCpuAttentionBackend(config, options_.num_threads));
+    }
+    cache_ = &backend_->cache();
   }
   softmax_scale_ = scale > 0 ? scale : 1.0f / std::sqrt(static_cast<float>(config.head_dim));
   plan_.num_workers = workers;
@@ -247,23 +255,26 @@ absl::Status WorkerService::AppendRows(int layer, const std::vector<Entry>& entr
                                                      " blocks needed, ", cache_->free_blocks(),
                                                      " of ", cache_->total_blocks(), " free"));
   }
-  const int64_t row_bytes = int64_t{config.num_kv_heads} * config.head_dim * DTypeSize(config.dtype);
-  for (size_t i = 0; i < entries.size(); ++i) {
-    FERRY_RETURN_IF_ERROR(AppendRange(entries[i].sequence, layer,
-                                      sequences_.at(entries[i].sequence).layer_lengths[layer], 1,
-                                      k + i * row_bytes, v + i * row_bytes));
+  runs_.clear();
+  for (const Entry& entry : entries) {
+    runs_.push_back({entry.sequence, sequences_.at(entry.sequence).layer_lengths[layer], 1});
   }
-  return absl::OkStatus();
+  return AppendRuns(layer, runs_, k, v);
 }
 
-absl::Status WorkerService::AppendRange(uint64_t id, int layer, int64_t first, int64_t count,
-                                        const uint8_t* k, const uint8_t* v) {
-  Sequence& sequence = sequences_.at(id);
-  FERRY_ASSIGN_OR_RETURN(const int64_t length, cache_->Length(id));
-  FERRY_RETURN_IF_ERROR(cache_->Reserve(id, first + count));
-  FERRY_RETURN_IF_ERROR(cache_->WriteHost(id, layer, first, count, k, v));
-  sequence.layer_lengths[layer] = first + count;
-  return cache_->SetLength(id, std::max(length, first + count));
+absl::Status WorkerService::AppendRuns(int layer, const std::vector<kv::KvAppendRun>& runs,
+                                       const uint8_t* k, const uint8_t* v) {
+  for (const kv::KvAppendRun& run : runs) {
+    FERRY_RETURN_IF_ERROR(cache_->Reserve(run.seq, run.first_position + run.count));
+  }
+  FERRY_RETURN_IF_ERROR(backend_->WriteKv(layer, runs, k, v));
+  for (const kv::KvAppendRun& run : runs) {
+    const int64_t end = run.first_position + run.count;
+    sequences_.at(run.seq).layer_lengths[layer] = end;
+    FERRY_ASSIGN_OR_RETURN(const int64_t length, cache_->Length(run.seq));
+    FERRY_RETURN_IF_ERROR(cache_->SetLength(run.seq, std::max(length, end)));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<transport::Buffer> WorkerService::AppendKv(const FrameHeader& header,
@@ -348,7 +359,7 @@ absl::StatusOr<transport::Buffer> WorkerService::Attend(const FrameHeader& heade
   args.softmax_scale = softmax_scale_;
   args.state_o = reinterpret_cast<float*>(writer.Reserve(states * config.head_dim * 4));
   args.state_lse = reinterpret_cast<float*>(writer.Reserve(states * 4));
-  FERRY_RETURN_IF_ERROR(kernels::DecodeAttentionCpu(args, threads_, plan_));
+  FERRY_RETURN_IF_ERROR(backend_->Attend(header.layer, args, plan_));
   return writer.Finish();
 }
 
@@ -403,14 +414,11 @@ absl::StatusOr<transport::Buffer> WorkerService::Prefill(const FrameHeader& head
     }
     const uint8_t* k = reader.Take(kv_rows);
     const uint8_t* v = reader.Take(kv_rows);
-    FERRY_RETURN_IF_ERROR(AppendRange(id, header.layer, local, tokens, k, v));
+    runs_.assign(1, kv::KvAppendRun{id, local, tokens});
+    FERRY_RETURN_IF_ERROR(AppendRuns(header.layer, runs_, k, v));
   } else if (first < 0) {
     return absl::InvalidArgumentError("prefill: negative first position");
   }
-  // Each query is one "sequence" of the decode kernel over the same blocks, cut causally. The
-  // queries go in fixed chunks so the replicated block table stays small for long sequences
-  // (and the split of work, hence the bits, depends only on the request).
-  constexpr int kQueriesPerCall = 256;
   const int64_t held = sequence.layer_lengths[header.layer];
   FERRY_ASSIGN_OR_RETURN(const std::vector<int32_t>* blocks, cache_->BlockTable(id));
   const int32_t shape[4] = {tokens, num_q_heads, config.head_dim, 0};
@@ -419,37 +427,10 @@ absl::StatusOr<transport::Buffer> WorkerService::Prefill(const FrameHeader& head
                                   static_cast<uint8_t>(DType::kFloat32));
   float* state_o = reinterpret_cast<float*>(writer.Reserve(states * config.head_dim * 4));
   float* state_lse = reinterpret_cast<float*>(writer.Reserve(states * 4));
-  const int chunk = std::min(tokens, kQueriesPerCall);
-  indptr_.assign(1, 0);
-  table_.clear();
-  for (int t = 0; t < chunk; ++t) {
-    table_.insert(table_.end(), blocks->begin(), blocks->end());
-    indptr_.push_back(static_cast<int32_t>(table_.size()));
-  }
-  lens_.assign(chunk, static_cast<int32_t>(held));
-  begins_.assign(chunk, 0);
-  ends_.resize(chunk);
-  for (int start = 0; start < tokens; start += chunk) {
-    const int count = std::min(chunk, tokens - start);
-    for (int t = 0; t < count; ++t) {
-      const int64_t visible = first + start + t - sequence.first_position + 1;
-      ends_[t] = static_cast<int32_t>(std::clamp<int64_t>(visible, 0, held));
-    }
-    kernels::DecodeAttentionArgs args;
-    args.num_seqs = count;
-    args.num_q_heads = num_q_heads;
-    args.q = reinterpret_cast<const float*>(q) + int64_t{start} * num_q_heads * config.head_dim;
-    args.kv = cache_->LayerView(header.layer);
-    args.block_table_indptr = indptr_.data();
-    args.block_table = table_.data();
-    args.seq_lens = lens_.data();
-    args.kv_begin = begins_.data();
-    args.kv_end = ends_.data();
-    args.softmax_scale = softmax_scale_;
-    args.state_o = state_o + int64_t{start} * num_q_heads * config.head_dim;
-    args.state_lse = state_lse + int64_t{start} * num_q_heads;
-    FERRY_RETURN_IF_ERROR(kernels::DecodeAttentionCpu(args, threads_, plan_));
-  }
+  FERRY_RETURN_IF_ERROR(backend_->Prefill(header.layer, *blocks, held,
+                                          first - sequence.first_position, tokens, num_q_heads,
+                                          softmax_scale_, reinterpret_cast<const float*>(q),
+                                          state_o, state_lse, plan_));
   return writer.Finish();
 }
 
@@ -499,12 +480,8 @@ absl::StatusOr<transport::Buffer> WorkerService::ExportImage(uint64_t id, uint64
   writer.I32(config.num_layers);
   writer.I32(static_cast<int32_t>(num_blocks));
   for (int64_t length : sequence->layer_lengths) writer.I64(length);
-  for (int32_t block : *blocks) {
-    for (int layer = 0; layer < config.num_layers; ++layer) {
-      writer.Bytes(cache_->BlockData(layer, false, block), cache_->BlockPoolBytes());
-      writer.Bytes(cache_->BlockData(layer, true, block), cache_->BlockPoolBytes());
-    }
-  }
+  FERRY_RETURN_IF_ERROR(backend_->ExportBlocks(
+      *blocks, writer.Reserve(num_blocks * config.num_layers * 2 * cache_->BlockPoolBytes())));
   return writer.Finish();
 }
 
@@ -574,13 +551,10 @@ absl::StatusOr<transport::Buffer> WorkerService::ImportBlocks(const FrameHeader&
   FERRY_RETURN_IF_ERROR(cache_->AddSequence(id));
   FERRY_RETURN_IF_ERROR(cache_->Reserve(id, longest));
   FERRY_ASSIGN_OR_RETURN(const std::vector<int32_t>* blocks, cache_->BlockTable(id));
-  for (int32_t block : *blocks) {
-    for (int layer = 0; layer < layers; ++layer) {
-      std::memcpy(cache_->BlockData(layer, false, block), reader.Take(cache_->BlockPoolBytes()),
-                  cache_->BlockPoolBytes());
-      std::memcpy(cache_->BlockData(layer, true, block), reader.Take(cache_->BlockPoolBytes()),
-                  cache_->BlockPoolBytes());
-    }
+  absl::Status copied = backend_->ImportBlocks(*blocks, reader.Take(body));
+  if (!copied.ok()) {
+    cache_->FreeSequence(id).IgnoreError();  // all or nothing
+    return copied;
   }
   FERRY_RETURN_IF_ERROR(cache_->SetLength(id, longest));
   sequences_[id] = Sequence{first, std::move(lengths)};

@@ -19,8 +19,9 @@
 //   Prefill       layer; shape {T, q heads, head dim}; payload {sequence, first position P},
 //                 q (T, q heads, head dim) float32, with kFlagWithKv K and V (T, kv heads,
 //                 head dim) appended at P.. first. Query t (position P + t) attends causally
-//                 over the held positions <= P + t (CPU path: the decode kernel, one query per
-//                 row, 256 queries per call). Reply as Attend, with T states.
+//                 over the held positions <= P + t (CPU backend: the decode kernel, one query
+//                 per row, 256 queries per call; CUDA: PrefillAttention). Reply as Attend,
+//                 with T states.
 //   FreeSequence  payload n x {sequence}: returns every block. Reply {i64 blocks freed}.
 //   ExportBlocks  payload {sequence}. Reply shape {layers, kv heads, block size, head dim},
 //                 dtype: the sequence image {sequence, first position, i32 layers, i32 blocks,
@@ -33,8 +34,12 @@
 // Every field is checked against this worker's state (configured, known sequence, layer in
 // range, dtype and head dim served, lengths that add up, positions in order, sizes within the
 // limits); a bad frame gets an error reply for that request alone and changes nothing. KV that
-// does not fit is RESOURCE_EXHAUSTED. Attention uses DecodeAttentionCpu with the configured plan
-// (cpu workers, kv tile), so the coordinator can reproduce the states bit for bit.
+// does not fit is RESOURCE_EXHAUSTED.
+// Backends (attention_backend.h): the KV pools and kernels sit behind an AttentionBackend made at
+// Configure. The CPU backend (the default) runs DecodeAttentionCpu with the configured plan (cpu
+// workers, kv tile), so the coordinator can reproduce the states bit for bit; the CUDA backend
+// (cuda_attention_backend.h) holds the pools on a GPU and runs LeanDecode and PrefillAttention,
+// within those kernels' tolerances. Migration images are the same bytes on both.
 //
 // Threads: not thread-safe; one thread calls Handle (WorkerServer's request thread).
 #pragma once
@@ -49,6 +54,7 @@
 #include "absl/status/statusor.h"
 #include "ferry/kernels/cpu_attention.h"
 #include "runtime/kv/kv_cache.h"
+#include "runtime/offload/attention_backend.h"
 #include "runtime/offload/frame.h"
 #include "runtime/transport/buffer_pool.h"
 
@@ -56,7 +62,8 @@ namespace ferry::offload {
 
 struct WorkerServiceOptions {
   int64_t kv_capacity_bytes = int64_t{1} << 30;
-  int num_threads = 0;         // attention thread pool (0: hardware threads)
+  int num_threads = 0;         // CPU backend's attention thread pool (0: hardware threads)
+  AttentionBackendFactory backend;  // empty: the CPU backend
   int max_batch = 4096;        // sequences per Attend / AppendKv / table
   int max_prefill_tokens = 16384;
   int max_q_heads = 1024;
@@ -79,7 +86,7 @@ class WorkerService {
   void SetForwarder(ForwardFn forward) { forward_ = std::move(forward); }
 
   // For tests and metrics.
-  const kv::KvCache* cache() const { return cache_.get(); }
+  const kv::KvCache* cache() const { return cache_; }
   int64_t requests_served() const { return requests_served_; }
   int64_t errors_answered() const { return errors_answered_; }
 
@@ -119,8 +126,9 @@ class WorkerService {
   // entries before changing anything.
   absl::Status AppendRows(int layer, const std::vector<Entry>& entries, const uint8_t* k,
                           const uint8_t* v);
-  absl::Status AppendRange(uint64_t sequence, int layer, int64_t first, int64_t count,
-                           const uint8_t* k, const uint8_t* v);
+  // Reserves, writes and records runs of local positions of one layer (checked by the caller).
+  absl::Status AppendRuns(int layer, const std::vector<kv::KvAppendRun>& runs, const uint8_t* k,
+                          const uint8_t* v);
   absl::StatusOr<transport::Buffer> ExportImage(uint64_t sequence, uint64_t request_id);
   // A success reply with `payload_bytes` to fill; the writer is positioned after the header.
   FrameWriter StartReply(const FrameHeader& request, uint64_t payload_bytes, const int32_t* shape,
@@ -128,16 +136,17 @@ class WorkerService {
 
   WorkerServiceOptions options_;
   transport::BufferPool& pool_;
-  kernels::ThreadPool threads_;
-  std::unique_ptr<kv::KvCache> cache_;
+  std::unique_ptr<AttentionBackend> backend_;
+  kv::KvCache* cache_ = nullptr;  // backend_'s
   float softmax_scale_ = 1.0f;
   kernels::CpuDecodeOptions plan_;
   std::unordered_map<uint64_t, Sequence> sequences_;
   ForwardFn forward_;
   int64_t requests_served_ = 0;
   int64_t errors_answered_ = 0;
-  // Scratch reused across requests (block tables of a batch).
-  std::vector<int32_t> indptr_, table_, lens_, begins_, ends_;
+  // Scratch reused across requests (block tables of a batch, append runs).
+  std::vector<int32_t> indptr_, table_, lens_;
+  std::vector<kv::KvAppendRun> runs_;
 };
 
 }  // namespace ferry::offload

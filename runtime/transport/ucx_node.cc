@@ -6,12 +6,14 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <deque>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
+#include <vector>
 
 #include <ucp/api/ucp.h>
 
@@ -29,9 +31,17 @@ constexpr unsigned kAmPing = 13;  // answered by the transport itself: the conne
 
 using Clock = std::chrono::steady_clock;
 
-Clock::time_point DeadlineAfter(absl::Duration d) {
-  return Clock::now() + std::chrono::nanoseconds(absl::ToInt64Nanoseconds(d));
+Clock::duration ToClock(absl::Duration d) {
+  return std::chrono::duration_cast<Clock::duration>(
+      std::chrono::nanoseconds(absl::ToInt64Nanoseconds(d)));
 }
+
+// Longest sleep of a waiting thread or the progress thread between deadline checks, when no
+// nearer deadline bounds it.
+constexpr auto kMaxSleep = std::chrono::milliseconds(10);
+// While threads drive progress themselves, the progress thread looks back this often to take
+// over when they stop (a server thread computing a long request, a caller gone).
+constexpr auto kStandbyCheck = std::chrono::milliseconds(5);
 
 absl::StatusOr<sockaddr_in> ResolveIpv4(const std::string& host, int port) {
   if (port < 0 || port > 65535) return absl::InvalidArgumentError(absl::StrCat("bad port ", port));
@@ -54,31 +64,61 @@ absl::StatusOr<sockaddr_in> ResolveIpv4(const std::string& host, int port) {
   return addr;
 }
 
+// This thread's eventfd: another thread writes it to end this thread's sleep in a wait.
+int ThreadWakeFd() {
+  struct WakeFd {
+    int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    ~WakeFd() {
+      if (fd >= 0) close(fd);
+    }
+  };
+  thread_local WakeFd wake;
+  return wake.fd;
+}
+
+void Signal(int fd) {
+  uint64_t one = 1;
+  [[maybe_unused]] ssize_t n = write(fd, &one, sizeof(one));
+}
+
+void Drain(int fd) {
+  uint64_t count;
+  [[maybe_unused]] ssize_t n = read(fd, &count, sizeof(count));
+}
+
+// poll() on up to two fds (negative ones left out) for at most `timeout` (rounded up to 1 ms).
+void Sleep(int fd_a, int fd_b, Clock::duration timeout) {
+  pollfd fds[2];
+  int count = 0;
+  for (int fd : {fd_a, fd_b}) {
+    if (fd >= 0) fds[count++] = {fd, POLLIN, 0};
+  }
+  const auto ms = std::chrono::ceil<std::chrono::milliseconds>(timeout).count();
+  poll(fds, count, static_cast<int>(std::clamp<int64_t>(ms, 0, 1000)));
+}
+
 }  // namespace
 
 class UcxNode::Impl {
  public:
-  Impl(UcxNode* node) : node_(node), options_(node->options_) {}
+  explicit Impl(UcxNode* node) : node_(node), options_(node->options_) {}
   ~Impl() { Stop(); }
 
   absl::Status Init();
   void Stop();
 
-  // Runs fn on the progress thread; waits at most `bound` for it to finish.
-  absl::Status RunOnThread(std::function<absl::Status()> fn,
-                           absl::Duration bound = absl::Seconds(5));
-  void Post(std::function<void()> fn);
-
   absl::StatusOr<int> Listen(const std::string& host, int port);
   absl::StatusOr<PeerId> Connect(const std::string& host, int port);
   std::future<CallResult> Call(PeerId peer, Buffer message, absl::Duration timeout,
                                unsigned am_id = kAmRequest);
+  CallResult Await(std::future<CallResult>& future, absl::Duration timeout);
+  absl::StatusOr<IncomingRequest> NextRequest(absl::Duration timeout);
   absl::Status Reply(PeerId peer, uint64_t call_id, Buffer message);
   absl::StatusOr<std::string> DescribePeer(PeerId peer);
   void Disconnect(PeerId peer);
   absl::Status PeerStatus(PeerId peer);
-
-  RequestHandler handler_;
+  void SetRequestHandler(RequestHandler handler);
+  bool SupportsCudaMemory() const { return cuda_memory_; }
 
  private:
   struct Peer {
@@ -105,17 +145,44 @@ class UcxNode::Impl {
     PeerId peer;
     Buffer data;
   };
+  // A send asked for inside a callback; it leaves once the progress call has returned.
+  struct DeferredSend {
+    PeerId peer;
+    unsigned am_id;
+    uint64_t call_id;
+    Buffer data;
+    bool is_request;
+  };
 
+  // Progresses the worker until it has nothing more to do, then runs what callbacks deferred and
+  // checks call deadlines. Lock held. Returns whether anything happened.
+  bool ProgressLocked();
+  // Progresses on this thread until ready() or the deadline (spin, then sleep; see the header).
+  template <typename Ready>
+  void Drive(Ready ready, Clock::time_point deadline);
+  // The nearest call deadline, capped at `limit`. Lock held.
+  Clock::time_point NextWakeLocked(Clock::time_point limit) const;
+  // Ends the sleep of every thread waiting in Drive (some state it may wait for changed). Lock
+  // held; a no-op while none sleeps.
+  void WakeSleepersLocked();
   void Loop();
-  void RunCommands();
+  void ShutdownLocked();
   void CheckDeadlines();
   void FailCall(uint64_t call_id, absl::Status status);
   void FailPeer(PeerId peer, absl::Status status);
   void ClosePeerEndpoint(Peer& peer);
+  void CloseEndpoint(ucp_ep_h ep);
+  // Sends now, or, inside a callback, after the progress call (the data then always leaves
+  // or its call fails).
+  absl::Status SendOrDefer(PeerId peer, unsigned am_id, uint64_t call_id, Buffer data,
+                           bool request);
   absl::Status SendAm(PeerId peer, unsigned am_id, uint64_t call_id, Buffer data, bool request);
   PeerId AddPeer(ucp_ep_h ep, std::string name);
   absl::StatusOr<ucp_ep_h> CreateEndpoint(ucp_ep_params_t& params);
   void Deliver(bool is_request, PeerId peer, uint64_t call_id, absl::StatusOr<Buffer> data);
+  absl::Status Stopped() const {
+    return absl::CancelledError(absl::StrCat(options_.name, ": shut down"));
+  }
 
   static void OnConnRequest(ucp_conn_request_h request, void* arg);
   static void OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status);
@@ -132,24 +199,31 @@ class UcxNode::Impl {
 
   UcxNode* node_;
   const UcxNodeOptions& options_;
-  ucp_context_h context_ = nullptr;
-  ucp_worker_h worker_ = nullptr;
-  ucp_listener_h listener_ = nullptr;
-  int worker_fd_ = -1;
-  int wake_fd_ = -1;
+  int wake_fd_ = -1;     // wakes the progress thread
+  int worker_fd_ = -1;   // the UCP worker's wakeup fd; -1: none (sleeps are short polls)
+  bool cuda_memory_ = false;
   std::thread thread_;
   std::atomic<bool> stopping_{false};
-  bool stopped_ = false;
+  std::once_flag stop_once_;
+  std::atomic<int> drivers_{0};  // threads in Drive
 
-  std::mutex commands_mutex_;
-  std::deque<std::function<void()>> commands_;
-
-  // Progress-thread state.
+  // Everything below is guarded by mutex_, which also serialises every call into UCX. Recursive:
+  // a request handler may Reply() from inside progress.
+  std::recursive_mutex mutex_;
+  ucp_context_h context_ = nullptr;
+  ucp_worker_h worker_ = nullptr;  // null once shut down
+  ucp_listener_h listener_ = nullptr;
+  bool in_progress_ = false;  // inside ucp_worker_progress (callbacks): no sends, no progress
+  RequestHandler handler_;
+  std::deque<IncomingRequest> requests_;  // queue mode
+  std::vector<DeferredSend> deferred_sends_;
+  std::vector<ucp_ep_h> deferred_closes_;
+  std::vector<int> sleepers_;  // wake fds of threads sleeping in Drive
   std::unordered_map<PeerId, Peer> peers_;
   std::unordered_map<ucp_ep_h, PeerId> peer_of_ep_;
   std::unordered_map<uint64_t, PendingCall> calls_;
-  std::atomic<PeerId> next_peer_{1};
-  std::atomic<uint64_t> next_call_{1};
+  PeerId next_peer_ = 1;
+  uint64_t next_call_ = 1;
   Clock::time_point next_deadline_check_{};
   int64_t inflight_ops_ = 0;  // sends and rendezvous receives UCX still owns
 };
@@ -183,10 +257,16 @@ absl::Status UcxNode::Impl::Init() {
   ucp_config_release(config);
   FERRY_RETURN_IF_ERROR(status);
 
+  ucp_context_attr_t context_attr{};
+  context_attr.field_mask = UCP_ATTR_FIELD_MEMORY_TYPES;
+  if (ucp_context_query(context_, &context_attr) == UCS_OK) {
+    cuda_memory_ = (context_attr.memory_types & UCS_BIT(UCS_MEMORY_TYPE_CUDA)) != 0;
+  }
+
   ucp_worker_params_t worker_params{};
   worker_params.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
-  // Only the progress thread touches the worker.
-  worker_params.thread_mode = UCS_THREAD_MODE_SINGLE;
+  // Any thread may progress or send, one at a time, under mutex_.
+  worker_params.thread_mode = UCS_THREAD_MODE_SERIALIZED;
   FERRY_RETURN_IF_ERROR(
       UcsToStatus(ucp_worker_create(context_, &worker_params, &worker_), "ucp_worker_create"));
   if (ucp_worker_get_efd(worker_, &worker_fd_) != UCS_OK) {
@@ -213,138 +293,190 @@ absl::Status UcxNode::Impl::Init() {
 }
 
 void UcxNode::Impl::Stop() {
-  if (stopped_) return;
-  stopped_ = true;
-  stopping_ = true;
-  if (thread_.joinable()) {
-    uint64_t one = 1;
-    [[maybe_unused]] ssize_t n = write(wake_fd_, &one, sizeof(one));
-    thread_.join();
-  }
-  if (listener_ != nullptr) ucp_listener_destroy(listener_);
-  if (worker_ != nullptr) ucp_worker_destroy(worker_);
-  if (context_ != nullptr) ucp_cleanup(context_);
-  if (wake_fd_ >= 0) close(wake_fd_);
-  listener_ = nullptr;
-  worker_ = nullptr;
-  context_ = nullptr;
-  wake_fd_ = -1;
-}
-
-void UcxNode::Impl::Post(std::function<void()> fn) {
-  {
-    std::lock_guard<std::mutex> lock(commands_mutex_);
-    commands_.push_back(std::move(fn));
-  }
-  // The progress thread itself (a handler replying) runs the queue on its next turn anyway.
-  if (std::this_thread::get_id() == thread_.get_id()) return;
-  uint64_t one = 1;
-  [[maybe_unused]] ssize_t n = write(wake_fd_, &one, sizeof(one));
-}
-
-absl::Status UcxNode::Impl::RunOnThread(std::function<absl::Status()> fn, absl::Duration bound) {
-  if (stopping_) return absl::CancelledError(absl::StrCat(options_.name, ": shut down"));
-  // fn may reference the caller's locals: once the caller gave up waiting, fn must not run, and
-  // the caller must not leave while fn runs. The mutex gives both (fn bodies are short).
-  struct Sync {
-    std::mutex mutex;
-    bool abandoned = false;
-    std::promise<absl::Status> done;
-  };
-  auto sync = std::make_shared<Sync>();
-  std::future<absl::Status> result = sync->done.get_future();
-  Post([fn = std::move(fn), sync] {
-    std::lock_guard<std::mutex> lock(sync->mutex);
-    if (!sync->abandoned) sync->done.set_value(fn());
-  });
-  if (result.wait_for(std::chrono::nanoseconds(absl::ToInt64Nanoseconds(bound))) !=
-      std::future_status::ready) {
-    std::lock_guard<std::mutex> lock(sync->mutex);
-    if (result.wait_for(std::chrono::seconds(0)) != std::future_status::ready) {
-      sync->abandoned = true;
-      return absl::DeadlineExceededError(absl::StrCat(options_.name, ": progress thread busy"));
+  std::call_once(stop_once_, [this] {
+    stopping_ = true;
+    {
+      // Threads sleeping in Drive leave before the worker (and its fd) goes away.
+      std::lock_guard<std::recursive_mutex> lock(mutex_);
+      WakeSleepersLocked();
     }
-  }
-  return result.get();
+    if (thread_.joinable()) {
+      Signal(wake_fd_);
+      thread_.join();
+    }
+    {
+      std::lock_guard<std::recursive_mutex> lock(mutex_);
+      if (worker_ != nullptr) ShutdownLocked();
+      if (listener_ != nullptr) ucp_listener_destroy(listener_);
+      if (worker_ != nullptr) ucp_worker_destroy(worker_);
+      if (context_ != nullptr) ucp_cleanup(context_);
+      listener_ = nullptr;
+      worker_ = nullptr;
+      context_ = nullptr;
+    }
+    if (wake_fd_ >= 0) close(wake_fd_);
+    wake_fd_ = -1;
+  });
 }
 
-void UcxNode::Impl::RunCommands() {
-  std::deque<std::function<void()>> batch;
-  {
-    std::lock_guard<std::mutex> lock(commands_mutex_);
-    batch.swap(commands_);
+bool UcxNode::Impl::ProgressLocked() {
+  if (worker_ == nullptr || in_progress_) return false;
+  bool active = false;
+  in_progress_ = true;
+  while (ucp_worker_progress(worker_) != 0) active = true;
+  in_progress_ = false;
+  while (!deferred_sends_.empty() || !deferred_closes_.empty()) {
+    active = true;
+    std::vector<DeferredSend> sends;
+    sends.swap(deferred_sends_);
+    for (DeferredSend& send : sends) {
+      absl::Status sent = SendAm(send.peer, send.am_id, send.call_id, std::move(send.data),
+                                 send.is_request);
+      if (!sent.ok() && send.is_request) FailCall(send.call_id, std::move(sent));
+    }
+    std::vector<ucp_ep_h> closes;
+    closes.swap(deferred_closes_);
+    for (ucp_ep_h ep : closes) CloseEndpoint(ep);
   }
-  for (auto& fn : batch) fn();
+  const auto now = Clock::now();
+  if (now >= next_deadline_check_) {
+    CheckDeadlines();
+    next_deadline_check_ = now + std::chrono::milliseconds(1);
+  }
+  return active;
+}
+
+Clock::time_point UcxNode::Impl::NextWakeLocked(Clock::time_point limit) const {
+  for (const auto& [id, call] : calls_) limit = std::min(limit, call.deadline);
+  return limit;
+}
+
+void UcxNode::Impl::WakeSleepersLocked() {
+  for (int fd : sleepers_) Signal(fd);
+}
+
+template <typename Ready>
+void UcxNode::Impl::Drive(Ready ready, Clock::time_point deadline) {
+  ++drivers_;
+  const auto busy_poll = ToClock(options_.busy_poll);
+  auto spin_until = Clock::now() + busy_poll;
+  while (!ready() && !stopping_) {
+    auto now = Clock::now();
+    if (now >= deadline) break;
+    std::unique_lock<std::recursive_mutex> lock(mutex_, std::try_to_lock);
+    if (!lock.owns_lock()) {
+      // Another thread is progressing (briefly: nobody sleeps holding the lock) and completes
+      // whatever it receives, ours included.
+      std::this_thread::yield();
+      continue;
+    }
+    if (worker_ == nullptr || in_progress_) break;  // shut down, or called from a callback
+    if (ProgressLocked()) spin_until = Clock::now() + busy_poll;
+    if (ready()) break;
+    now = Clock::now();
+    if (now < spin_until) {
+      // Spin politely: on a machine with fewer free cores than spinning threads, the peer this
+      // thread waits for may be runnable on this core, and a plain spin would hold it off until
+      // the spin ends (measured: round trips of about twice busy_poll). sched_yield lets it run
+      // and costs one syscall when nothing else wants the core.
+      lock.unlock();
+      std::this_thread::yield();
+      continue;
+    }
+    // Nothing for a while: sleep until UCX has events, another thread wakes us, or a deadline.
+    if (worker_fd_ >= 0 && ucp_worker_arm(worker_) == UCS_ERR_BUSY) continue;
+    const int wake = ThreadWakeFd();
+    const Clock::time_point until = NextWakeLocked(std::min(deadline, now + kMaxSleep));
+    sleepers_.push_back(wake);
+    lock.unlock();
+    Sleep(wake, worker_fd_, worker_fd_ >= 0 ? until - now : std::chrono::milliseconds(1));
+    Drain(wake);
+    lock.lock();
+    sleepers_.erase(std::find(sleepers_.begin(), sleepers_.end(), wake));
+    spin_until = Clock::now() + busy_poll;  // events come in bursts: spin again first
+  }
+  --drivers_;
 }
 
 void UcxNode::Impl::Loop() {
   auto last_activity = Clock::now();
-  const auto busy_poll = std::chrono::nanoseconds(absl::ToInt64Nanoseconds(options_.busy_poll));
+  const auto busy_poll = ToClock(options_.busy_poll);
   while (!stopping_) {
-    bool active = false;
-    {
-      std::lock_guard<std::mutex> lock(commands_mutex_);
-      active = !commands_.empty();
+    if (drivers_ > 0) {
+      // Threads drive progress themselves; stay out of their way (no lock contention, no
+      // wake-ups on the worker fd), but look back soon in case they stop.
+      Sleep(wake_fd_, -1, kStandbyCheck);
+      Drain(wake_fd_);
+      continue;
     }
-    if (active) RunCommands();
-    while (ucp_worker_progress(worker_) != 0) active = true;
+    std::unique_lock<std::recursive_mutex> lock(mutex_);
+    if (drivers_ > 0) continue;
     const auto now = Clock::now();
-    if (now >= next_deadline_check_) {
-      CheckDeadlines();
-      next_deadline_check_ = now + std::chrono::milliseconds(1);
-    }
-    if (active) {
+    if (ProgressLocked()) {
       last_activity = now;
       continue;
     }
-    if (now - last_activity < busy_poll) continue;
-    // Idle: sleep until UCX or a command wakes us, or the next deadline check (10 ms at most).
-    if (worker_fd_ >= 0) {
-      const ucs_status_t armed = ucp_worker_arm(worker_);
-      if (armed == UCS_ERR_BUSY) continue;  // events arrived meanwhile: progress again
+    if (now - last_activity < busy_poll) {
+      lock.unlock();
+      std::this_thread::yield();  // as in Drive
+      continue;
     }
-    pollfd fds[2] = {{wake_fd_, POLLIN, 0}, {worker_fd_, POLLIN, 0}};
-    const int timeout_ms = calls_.empty() ? 10 : 1;
-    poll(fds, worker_fd_ >= 0 ? 2 : 1, worker_fd_ >= 0 ? timeout_ms : 1);
-    if (fds[0].revents & POLLIN) {
-      uint64_t count;
-      [[maybe_unused]] ssize_t n = read(wake_fd_, &count, sizeof(count));
-    }
+    if (worker_fd_ >= 0 && ucp_worker_arm(worker_) == UCS_ERR_BUSY) continue;
+    const Clock::time_point until = NextWakeLocked(now + kMaxSleep);
+    lock.unlock();
+    Sleep(wake_fd_, worker_fd_, worker_fd_ >= 0 ? until - now : std::chrono::milliseconds(1));
+    Drain(wake_fd_);
     last_activity = Clock::now();  // spin again briefly after a wake-up
   }
+}
 
-  // Shutdown: fail what is outstanding, then close endpoints with a bounded wait.
-  RunCommands();
+void UcxNode::Impl::ShutdownLocked() {
+  // Fail what is outstanding, then close endpoints with a bounded wait.
   for (auto& [id, call] : calls_) {
     call.promise.set_value(absl::CancelledError(absl::StrCat(options_.name, ": shutting down")));
   }
   calls_.clear();
+  for (IncomingRequest& request : requests_) {
+    node_->buffers_.Release(std::move(request.message));
+  }
+  requests_.clear();
+  for (DeferredSend& send : deferred_sends_) node_->buffers_.Release(std::move(send.data));
+  deferred_sends_.clear();
   // Error callbacks fired by the closes below find no peer and do nothing (no second close).
   peer_of_ep_.clear();
   std::vector<void*> closing;
-  for (auto& [id, peer] : peers_) {
-    if (peer.ep == nullptr) continue;
+  auto close = [&](ucp_ep_h ep) {
     ucp_request_param_t param{};
     param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
     param.flags = UCP_EP_CLOSE_FLAG_FORCE;
-    void* request = ucp_ep_close_nbx(peer.ep, &param);
+    void* request = ucp_ep_close_nbx(ep, &param);
     if (request != nullptr && !UCS_PTR_IS_ERR(request)) closing.push_back(request);
+  };
+  for (ucp_ep_h ep : deferred_closes_) close(ep);
+  deferred_closes_.clear();
+  for (auto& [id, peer] : peers_) {
+    if (peer.ep == nullptr) continue;
+    close(peer.ep);
     peer.ep = nullptr;
   }
   const auto deadline = Clock::now() + std::chrono::seconds(1);
   while (Clock::now() < deadline) {
+    in_progress_ = true;
     ucp_worker_progress(worker_);
+    in_progress_ = false;
     bool all_done = inflight_ops_ == 0;
     for (void* request : closing) {
-      if (request != nullptr && ucp_request_check_status(request) == UCS_INPROGRESS) {
-        all_done = false;
-      }
+      if (ucp_request_check_status(request) == UCS_INPROGRESS) all_done = false;
     }
     if (all_done) break;
   }
   for (void* request : closing) {
     if (ucp_request_check_status(request) != UCS_INPROGRESS) ucp_request_free(request);
   }
+  // Whatever callbacks deferred meanwhile goes nowhere now.
+  for (DeferredSend& send : deferred_sends_) node_->buffers_.Release(std::move(send.data));
+  deferred_sends_.clear();
+  deferred_closes_.clear();
   peers_.clear();
   peer_of_ep_.clear();
 }
@@ -367,6 +499,7 @@ void UcxNode::Impl::FailCall(uint64_t call_id, absl::Status status) {
   if (it == calls_.end()) return;
   it->second.promise.set_value(std::move(status));
   calls_.erase(it);
+  WakeSleepersLocked();
 }
 
 void UcxNode::Impl::FailPeer(PeerId peer_id, absl::Status status) {
@@ -377,15 +510,23 @@ void UcxNode::Impl::FailPeer(PeerId peer_id, absl::Status status) {
   for (uint64_t id : failed) FailCall(id, status);
 }
 
-void UcxNode::Impl::ClosePeerEndpoint(Peer& peer) {
-  if (peer.ep == nullptr) return;
-  peer_of_ep_.erase(peer.ep);
+void UcxNode::Impl::CloseEndpoint(ucp_ep_h ep) {
   ucp_request_param_t param{};
   param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
   param.flags = UCP_EP_CLOSE_FLAG_FORCE;
-  void* request = ucp_ep_close_nbx(peer.ep, &param);
+  void* request = ucp_ep_close_nbx(ep, &param);
   // A forced close completes without the peer; free the request whenever it finishes.
   if (request != nullptr && !UCS_PTR_IS_ERR(request)) ucp_request_free(request);
+}
+
+void UcxNode::Impl::ClosePeerEndpoint(Peer& peer) {
+  if (peer.ep == nullptr) return;
+  peer_of_ep_.erase(peer.ep);
+  if (in_progress_) {
+    deferred_closes_.push_back(peer.ep);
+  } else {
+    CloseEndpoint(peer.ep);
+  }
   peer.ep = nullptr;
 }
 
@@ -443,13 +584,7 @@ void UcxNode::Impl::OnEndpointError(void* arg, ucp_ep_h ep, ucs_status_t status)
   self->FailPeer(id, peer.error);
   // The endpoint is unusable; close it outside the callback.
   self->peer_of_ep_.erase(it);
-  self->Post([self, ep] {
-    ucp_request_param_t param{};
-    param.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-    param.flags = UCP_EP_CLOSE_FLAG_FORCE;
-    void* request = ucp_ep_close_nbx(ep, &param);
-    if (request != nullptr && !UCS_PTR_IS_ERR(request)) ucp_request_free(request);
-  });
+  self->deferred_closes_.push_back(ep);
   peer.ep = nullptr;
 }
 
@@ -477,7 +612,7 @@ ucs_status_t UcxNode::Impl::OnAmPing(void* arg, const void* header, size_t heade
   if (it == self->peer_of_ep_.end()) return UCS_OK;
   uint64_t call_id;
   std::memcpy(&call_id, header, sizeof(call_id));
-  self->SendAm(it->second, kAmReply, call_id, Buffer(0), false).IgnoreError();
+  self->SendOrDefer(it->second, kAmReply, call_id, Buffer(0), false).IgnoreError();
   return UCS_OK;
 }
 
@@ -554,8 +689,11 @@ void UcxNode::Impl::Deliver(bool is_request, PeerId peer, uint64_t call_id,
   if (is_request) {
     if (handler_) {
       handler_(peer, call_id, std::move(data));
-    } else if (data.ok()) {
-      node_->buffers_.Release(std::move(*data));
+    } else {
+      IncomingRequest request{peer, call_id, data.status(), Buffer()};
+      if (data.ok()) request.message = std::move(*data);
+      requests_.push_back(std::move(request));
+      WakeSleepersLocked();
     }
     return;
   }
@@ -566,6 +704,16 @@ void UcxNode::Impl::Deliver(bool is_request, PeerId peer, uint64_t call_id,
   }
   it->second.promise.set_value(std::move(data));
   calls_.erase(it);
+  WakeSleepersLocked();
+}
+
+absl::Status UcxNode::Impl::SendOrDefer(PeerId peer, unsigned am_id, uint64_t call_id,
+                                        Buffer data, bool request) {
+  if (in_progress_) {
+    deferred_sends_.push_back(DeferredSend{peer, am_id, call_id, std::move(data), request});
+    return absl::OkStatus();
+  }
+  return SendAm(peer, am_id, call_id, std::move(data), request);
 }
 
 absl::Status UcxNode::Impl::SendAm(PeerId peer_id, unsigned am_id, uint64_t call_id, Buffer data,
@@ -623,31 +771,30 @@ void UcxNode::Impl::OnSendDone(void* request, ucs_status_t status, void* user_da
 
 absl::StatusOr<int> UcxNode::Impl::Listen(const std::string& host, int port) {
   FERRY_ASSIGN_OR_RETURN(sockaddr_in addr, ResolveIpv4(host, port));
-  int bound_port = 0;
-  FERRY_RETURN_IF_ERROR(RunOnThread([&]() -> absl::Status {
-    if (listener_ != nullptr) return absl::FailedPreconditionError("already listening");
-    ucp_listener_params_t params{};
-    params.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
-    params.sockaddr.addr = reinterpret_cast<const sockaddr*>(&addr);
-    params.sockaddr.addrlen = sizeof(addr);
-    params.conn_handler.cb = &Impl::OnConnRequest;
-    params.conn_handler.arg = this;
-    FERRY_RETURN_IF_ERROR(UcsToStatus(
-        ucp_listener_create(worker_, &params, &listener_),
-        absl::StrCat(options_.name, ": listen on ", host, ":", port)));
-    ucp_listener_attr_t attr{};
-    attr.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
-    FERRY_RETURN_IF_ERROR(UcsToStatus(ucp_listener_query(listener_, &attr), "ucp_listener_query"));
-    bound_port = ntohs(reinterpret_cast<const sockaddr_in*>(&attr.sockaddr)->sin_port);
-    return absl::OkStatus();
-  }));
-  return bound_port;
+  std::lock_guard<std::recursive_mutex> lock(mutex_);
+  if (worker_ == nullptr) return Stopped();
+  if (listener_ != nullptr) return absl::FailedPreconditionError("already listening");
+  ucp_listener_params_t params{};
+  params.field_mask = UCP_LISTENER_PARAM_FIELD_SOCK_ADDR | UCP_LISTENER_PARAM_FIELD_CONN_HANDLER;
+  params.sockaddr.addr = reinterpret_cast<const sockaddr*>(&addr);
+  params.sockaddr.addrlen = sizeof(addr);
+  params.conn_handler.cb = &Impl::OnConnRequest;
+  params.conn_handler.arg = this;
+  FERRY_RETURN_IF_ERROR(UcsToStatus(ucp_listener_create(worker_, &params, &listener_),
+                                    absl::StrCat(options_.name, ": listen on ", host, ":", port)));
+  ucp_listener_attr_t attr{};
+  attr.field_mask = UCP_LISTENER_ATTR_FIELD_SOCKADDR;
+  FERRY_RETURN_IF_ERROR(UcsToStatus(ucp_listener_query(listener_, &attr), "ucp_listener_query"));
+  return static_cast<int>(ntohs(reinterpret_cast<const sockaddr_in*>(&attr.sockaddr)->sin_port));
 }
 
 absl::StatusOr<PeerId> UcxNode::Impl::Connect(const std::string& host, int port) {
   FERRY_ASSIGN_OR_RETURN(sockaddr_in addr, ResolveIpv4(host, port));
   PeerId id = 0;
-  FERRY_RETURN_IF_ERROR(RunOnThread([&]() -> absl::Status {
+  {
+    std::lock_guard<std::recursive_mutex> lock(mutex_);
+    if (worker_ == nullptr) return Stopped();
+    if (in_progress_) return absl::FailedPreconditionError("Connect() inside a callback");
     ucp_ep_params_t params{};
     params.field_mask = UCP_EP_PARAM_FIELD_FLAGS | UCP_EP_PARAM_FIELD_SOCK_ADDR;
     params.flags = UCP_EP_PARAMS_FLAGS_CLIENT_SERVER;
@@ -655,21 +802,13 @@ absl::StatusOr<PeerId> UcxNode::Impl::Connect(const std::string& host, int port)
     params.sockaddr.addrlen = sizeof(addr);
     FERRY_ASSIGN_OR_RETURN(ucp_ep_h ep, CreateEndpoint(params));
     id = AddPeer(ep, absl::StrCat(host, ":", port));
-    return absl::OkStatus();
-  }));
+  }
   // Handshake: one small message, answered by the peer's transport, completes UCX's wire-up
   // before any real traffic. (UCX 1.13 asserts when larger AM sends queued during wire-up are
   // replayed onto shared-memory lanes; a small first message avoids that and also makes an
   // unreachable peer an error here.)
   std::future<CallResult> ping = Call(id, Buffer(0), options_.call_timeout, kAmPing);
-  if (ping.wait_for(std::chrono::nanoseconds(
-          absl::ToInt64Nanoseconds(options_.call_timeout + absl::Seconds(1)))) !=
-      std::future_status::ready) {
-    Disconnect(id);
-    return absl::DeadlineExceededError(absl::StrCat(options_.name, ": connect to ", host, ":",
-                                                    port, " timed out"));
-  }
-  CallResult reply = ping.get();
+  CallResult reply = Await(ping, options_.call_timeout);
   if (!reply.ok()) {
     Disconnect(id);
     return absl::Status(reply.status().code(),
@@ -685,72 +824,101 @@ std::future<CallResult> UcxNode::Impl::Call(PeerId peer, Buffer message, absl::D
   if (timeout <= absl::ZeroDuration()) timeout = options_.call_timeout;
   std::promise<CallResult> promise;
   std::future<CallResult> future = promise.get_future();
-  if (stopping_) {
-    promise.set_value(absl::CancelledError(absl::StrCat(options_.name, ": shut down")));
+  std::lock_guard<std::recursive_mutex> lock(mutex_);
+  if (stopping_ || worker_ == nullptr) {
+    node_->buffers_.Release(std::move(message));
+    promise.set_value(Stopped());
     return future;
   }
   const uint64_t call_id = next_call_++;
-  const auto deadline = DeadlineAfter(timeout);
-  auto shared_message = std::make_shared<Buffer>(std::move(message));
-  auto shared_promise = std::make_shared<std::promise<CallResult>>(std::move(promise));
-  Post([this, peer, call_id, deadline, shared_message, shared_promise, am_id] {
-    calls_.emplace(call_id, PendingCall{peer, deadline, std::move(*shared_promise)});
-    absl::Status sent = SendAm(peer, am_id, call_id, std::move(*shared_message), true);
-    if (!sent.ok()) FailCall(call_id, std::move(sent));
-  });
+  calls_.emplace(call_id, PendingCall{peer, Clock::now() + ToClock(timeout), std::move(promise)});
+  // No wake-up of the progress thread: the caller awaits next (and drives the send), and a call
+  // nobody awaits is progressed by the progress thread within its next deadline check.
+  absl::Status sent = SendOrDefer(peer, am_id, call_id, std::move(message), true);
+  if (!sent.ok()) FailCall(call_id, std::move(sent));
   return future;
 }
 
+CallResult UcxNode::Impl::Await(std::future<CallResult>& future, absl::Duration timeout) {
+  auto ready = [&] { return future.wait_for(std::chrono::seconds(0)) == std::future_status::ready; };
+  if (timeout <= absl::ZeroDuration()) timeout = options_.call_timeout;
+  // The call's own deadline completes it; the slack covers a descheduled process.
+  const auto deadline = Clock::now() + ToClock(timeout + absl::Seconds(1));
+  if (!ready()) Drive(ready, deadline);
+  // After shutdown every call is complete; a caller inside a callback (which must not wait)
+  // gets its future only if it was already done.
+  if (!ready()) {
+    return stopping_ ? Stopped()
+                     : absl::DeadlineExceededError(absl::StrCat(options_.name,
+                                                                ": call not completed"));
+  }
+  return future.get();
+}
+
+absl::StatusOr<IncomingRequest> UcxNode::Impl::NextRequest(absl::Duration timeout) {
+  // Reading requests_ needs the lock; Drive's ready() tries it (uncontended while this thread is
+  // the one progressing, and the recursive lock is this thread's own after a progress call).
+  auto ready = [&] {
+    std::unique_lock<std::recursive_mutex> lock(mutex_, std::try_to_lock);
+    return lock.owns_lock() && (!requests_.empty() || handler_ || worker_ == nullptr);
+  };
+  if (!ready()) Drive(ready, Clock::now() + ToClock(timeout));
+  std::lock_guard<std::recursive_mutex> lock(mutex_);
+  if (handler_) return absl::FailedPreconditionError("a request handler is set");
+  if (requests_.empty()) {
+    if (stopping_ || worker_ == nullptr) return Stopped();
+    return absl::DeadlineExceededError(absl::StrCat(options_.name, ": no request in time"));
+  }
+  IncomingRequest request = std::move(requests_.front());
+  requests_.pop_front();
+  return request;
+}
+
 absl::Status UcxNode::Impl::Reply(PeerId peer, uint64_t call_id, Buffer message) {
-  if (stopping_) return absl::CancelledError(absl::StrCat(options_.name, ": shut down"));
-  auto shared_message = std::make_shared<Buffer>(std::move(message));
-  Post([this, peer, call_id, shared_message] {
-    absl::Status sent = SendAm(peer, kAmReply, call_id, std::move(*shared_message), false);
-    if (!sent.ok()) FERRY_LOG_DEBUG("{}: reply dropped: {}", options_.name, sent.ToString());
-  });
-  return absl::OkStatus();
+  std::lock_guard<std::recursive_mutex> lock(mutex_);
+  if (stopping_ || worker_ == nullptr) {
+    node_->buffers_.Release(std::move(message));
+    return Stopped();
+  }
+  return SendOrDefer(peer, kAmReply, call_id, std::move(message), false);
 }
 
 absl::StatusOr<std::string> UcxNode::Impl::DescribePeer(PeerId peer_id) {
-  std::string text;
-  FERRY_RETURN_IF_ERROR(RunOnThread([&]() -> absl::Status {
-    auto it = peers_.find(peer_id);
-    if (it == peers_.end() || it->second.ep == nullptr) {
-      return absl::NotFoundError(absl::StrCat("no endpoint for peer ", peer_id));
-    }
-    char* buffer = nullptr;
-    size_t size = 0;
-    FILE* stream = open_memstream(&buffer, &size);
-    if (stream == nullptr) return absl::InternalError("open_memstream failed");
-    ucp_ep_print_info(it->second.ep, stream);
-    fclose(stream);
-    text.assign(buffer, size);
-    free(buffer);
-    return absl::OkStatus();
-  }));
+  std::lock_guard<std::recursive_mutex> lock(mutex_);
+  auto it = peers_.find(peer_id);
+  if (it == peers_.end() || it->second.ep == nullptr) {
+    return absl::NotFoundError(absl::StrCat("no endpoint for peer ", peer_id));
+  }
+  char* buffer = nullptr;
+  size_t size = 0;
+  FILE* stream = open_memstream(&buffer, &size);
+  if (stream == nullptr) return absl::InternalError("open_memstream failed");
+  ucp_ep_print_info(it->second.ep, stream);
+  fclose(stream);
+  std::string text(buffer, size);
+  free(buffer);
   return text;
 }
 
 void UcxNode::Impl::Disconnect(PeerId peer_id) {
-  RunOnThread([&]() -> absl::Status {
-    auto it = peers_.find(peer_id);
-    if (it == peers_.end()) return absl::OkStatus();
-    FailPeer(peer_id, absl::CancelledError(absl::StrCat("peer ", peer_id, " disconnected")));
-    ClosePeerEndpoint(it->second);
-    peers_.erase(it);
-    return absl::OkStatus();
-  }).IgnoreError();
+  std::lock_guard<std::recursive_mutex> lock(mutex_);
+  auto it = peers_.find(peer_id);
+  if (it == peers_.end() || worker_ == nullptr) return;
+  FailPeer(peer_id, absl::CancelledError(absl::StrCat("peer ", peer_id, " disconnected")));
+  ClosePeerEndpoint(it->second);
+  peers_.erase(it);
 }
 
 absl::Status UcxNode::Impl::PeerStatus(PeerId peer_id) {
-  absl::Status result;
-  FERRY_RETURN_IF_ERROR(RunOnThread([&]() -> absl::Status {
-    auto it = peers_.find(peer_id);
-    if (it == peers_.end()) return absl::NotFoundError(absl::StrCat("unknown peer ", peer_id));
-    result = it->second.error;
-    return absl::OkStatus();
-  }));
-  return result;
+  std::lock_guard<std::recursive_mutex> lock(mutex_);
+  auto it = peers_.find(peer_id);
+  if (it == peers_.end()) return absl::NotFoundError(absl::StrCat("unknown peer ", peer_id));
+  return it->second.error;
+}
+
+void UcxNode::Impl::SetRequestHandler(RequestHandler handler) {
+  std::lock_guard<std::recursive_mutex> lock(mutex_);
+  handler_ = std::move(handler);
 }
 
 UcxNode::UcxNode(const UcxNodeOptions& options) : options_(options) {}
@@ -765,10 +933,11 @@ absl::StatusOr<std::unique_ptr<UcxNode>> UcxNode::Create(const UcxNodeOptions& o
 }
 
 void UcxNode::SetRequestHandler(RequestHandler handler) {
-  impl_->RunOnThread([&]() -> absl::Status {
-    impl_->handler_ = std::move(handler);
-    return absl::OkStatus();
-  }).IgnoreError();
+  impl_->SetRequestHandler(std::move(handler));
+}
+
+absl::StatusOr<IncomingRequest> UcxNode::NextRequest(absl::Duration timeout) {
+  return impl_->NextRequest(timeout);
 }
 
 absl::StatusOr<int> UcxNode::Listen(const std::string& host, int port) {
@@ -784,21 +953,7 @@ std::future<CallResult> UcxNode::Call(PeerId peer, Buffer message, absl::Duratio
 }
 
 CallResult UcxNode::Await(std::future<CallResult>& future, absl::Duration timeout) {
-  if (timeout <= absl::ZeroDuration()) timeout = options_.call_timeout;
-  // The progress thread completes every call by its deadline; the slack covers a busy thread.
-  const absl::Duration bound = timeout + absl::Seconds(1);
-  // Spin briefly first: a reply within the busy-poll window costs no sleep and wake-up.
-  const auto spin_until = Clock::now() + std::chrono::nanoseconds(
-                                             absl::ToInt64Nanoseconds(options_.busy_poll));
-  while (Clock::now() < spin_until) {
-    if (future.wait_for(std::chrono::seconds(0)) == std::future_status::ready) return future.get();
-    std::this_thread::yield();
-  }
-  if (future.wait_for(std::chrono::nanoseconds(absl::ToInt64Nanoseconds(bound))) !=
-      std::future_status::ready) {
-    return absl::DeadlineExceededError(absl::StrCat(options_.name, ": call not completed"));
-  }
-  return future.get();
+  return impl_->Await(future, timeout);
 }
 
 absl::Status UcxNode::Reply(PeerId peer, uint64_t call_id, Buffer message) {
@@ -810,6 +965,8 @@ absl::StatusOr<std::string> UcxNode::DescribePeer(PeerId peer) { return impl_->D
 void UcxNode::Disconnect(PeerId peer) { impl_->Disconnect(peer); }
 
 absl::Status UcxNode::PeerStatus(PeerId peer) { return impl_->PeerStatus(peer); }
+
+bool UcxNode::SupportsCudaMemory() const { return impl_->SupportsCudaMemory(); }
 
 void UcxNode::Shutdown() {
   if (impl_) impl_->Stop();

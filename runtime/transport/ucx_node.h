@@ -1,5 +1,6 @@
-// One UCX node: a UCP context and worker driven by a progress thread, a listener, endpoints to
-// peers, and request/reply messaging over UCP active messages.
+// One UCX node: a UCP context and worker, progressed by the threads that wait on it (and a
+// background thread between them), a listener, endpoints to peers, and request/reply messaging
+// over UCP active messages.
 //
 // Messages are opaque byte buffers (runtime/offload frames them). A request carries a call id in
 // its active-message header; the reply carries the same id back, so a reply finds its caller
@@ -16,13 +17,25 @@
 //
 // Memory: message buffers come from a BufferPool and go back to it when sent or consumed, so
 // steady traffic reuses the same host allocations (and UCX's registration cache hits for
-// rendezvous). Device memory is not handled here yet: a CUDA worker stages through host buffers
-// until a later change hands device pointers to UCX where `ucx_info -d` reports cuda memory.
+// rendezvous). Messages are host memory: SupportsCudaMemory() says whether this UCX build could
+// take device pointers (Debian's UCX 1.13 cannot), so a CUDA worker gives the pool a pinned-memory
+// allocator and copies between frames and the device itself.
 //
-// Threads: every UCX object is touched only by the node's progress thread. Public methods are
-// thread-safe; they post work to that thread and wait for it with a bound. The request handler
-// runs on the progress thread and must not block (hand the message to another thread) nor call
-// Shutdown().
+// Threads and progress: one lock guards the UCP worker (UCS_THREAD_MODE_SERIALIZED) and the
+// node's state, and any thread may take it to progress the worker. The hot paths are driven by
+// the threads that use them, with no hand-off between threads: Call() sends from the caller's
+// thread; Await() progresses the worker on the caller's thread until the reply is there,
+// spinning for options.busy_poll after the last activity (yielding the core between polls, so a
+// peer on the same core still runs), then sleeping on the worker's wakeup fd (and a per-thread
+// eventfd another thread writes when it completes this thread's wait), each sleep bounded by the
+// nearest deadline; a server thread takes requests with NextRequest(), which
+// waits the same way, and answers with Reply(), which sends from its thread. A background
+// progress thread covers the idle gaps (no thread waiting in Await or NextRequest): incoming
+// connections, keepalive, calls nobody awaits yet, requests while the server thread computes;
+// it steps back while a thread drives. Request handlers (SetRequestHandler) run inside progress
+// on whichever thread progresses, with the lock held: they must not block, wait or call
+// Shutdown(), but may Reply() (the send leaves after the progress call returns). Every public
+// method is thread-safe.
 #pragma once
 
 #include <atomic>
@@ -59,9 +72,15 @@ struct UcxNodeOptions {
 };
 
 // Incoming request: the peer, the call id to answer, and the message (or why it could not be
-// received, e.g. too large; the handler should still answer so the caller does not wait).
+// received, e.g. too large; the server should still answer so the caller does not wait).
 using RequestHandler =
     std::function<void(PeerId peer, uint64_t call_id, absl::StatusOr<Buffer> message)>;
+struct IncomingRequest {
+  PeerId peer = 0;
+  uint64_t call_id = 0;
+  absl::Status status;  // not OK: the message could not be received (it is empty then)
+  Buffer message;
+};
 
 using CallResult = absl::StatusOr<Buffer>;
 
@@ -72,8 +91,14 @@ class UcxNode {
   UcxNode(const UcxNode&) = delete;
   UcxNode& operator=(const UcxNode&) = delete;
 
-  // Must be set before Listen() if the node serves requests.
+  // A node serves requests either through a handler (set before Listen(); it runs inside
+  // progress, see above) or, with none set, through a queue that NextRequest() drains.
   void SetRequestHandler(RequestHandler handler);
+
+  // Queue mode: the next request, progressing the worker on this thread while it waits (at most
+  // `timeout`). DeadlineExceeded when none came in time, Cancelled once the node shuts down,
+  // FailedPrecondition when a handler is set.
+  absl::StatusOr<IncomingRequest> NextRequest(absl::Duration timeout);
 
   // Listens on host:port (port 0 picks one); returns the port bound.
   absl::StatusOr<int> Listen(const std::string& host, int port);
@@ -86,10 +111,12 @@ class UcxNode {
   // `timeout` (call_timeout when zero) after the call.
   std::future<CallResult> Call(PeerId peer, Buffer message, absl::Duration timeout = {});
 
-  // Waits for a call's future with a bound (the call's own deadline plus slack).
+  // Waits for a call's future with a bound (the call's own deadline plus slack), progressing
+  // the worker on this thread meanwhile.
   CallResult Await(std::future<CallResult>& future, absl::Duration timeout = {});
 
-  // Answers a request. Errors (the peer is gone) are returned, not logged.
+  // Answers a request (sends from this thread). Errors (the peer is gone) are returned, not
+  // logged.
   absl::Status Reply(PeerId peer, uint64_t call_id, Buffer message);
 
   // UCX's description of the endpoint (lanes and transports), to check which transport runs.
@@ -102,6 +129,9 @@ class UcxNode {
   absl::Status PeerStatus(PeerId peer);
 
   void Shutdown();
+
+  // Whether this UCX build registers CUDA device memory (ucp_context_query's memory types).
+  bool SupportsCudaMemory() const;
 
   BufferPool& buffers() { return buffers_; }
   const UcxNodeOptions& options() const { return options_; }

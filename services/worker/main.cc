@@ -60,8 +60,12 @@ int main(int argc, char** argv) {
   CLI::App app{"ferry-worker: holds KV and runs decode attention for the coordinator"};
   app.add_option("--coordinator", flags.coordinator, "coordinator gRPC address host:port")
       ->required();
-  app.add_option("--device", flags.device, "attention device")
-      ->check(CLI::IsMember({"cpu"}))
+  app.add_option("--device", flags.device,
+                 "attention device: cpu, or cuda:N (KV pools and attention on GPU N)")
+      ->check([](const std::string& device) {
+        auto parsed = ferry::offload::WorkerServer::ParseDevice(device);
+        return parsed.ok() ? std::string() : std::string(parsed.status().message());
+      })
       ->capture_default_str();
   app.add_option("--kv-capacity", flags.kv_capacity, "bytes of K and V pools")
       ->check(CLI::Range(int64_t{1} << 20, int64_t{1} << 50));
@@ -100,6 +104,7 @@ int main(int argc, char** argv) {
   options.node.connection_managers = flags.ucx_cm;
   options.host = flags.data_listen.substr(0, colon);
   options.port = std::atoi(flags.data_listen.c_str() + colon + 1);
+  options.device = flags.device;
   options.service.kv_capacity_bytes = flags.kv_capacity;
   options.service.num_threads = flags.threads;
   auto server = ferry::offload::WorkerServer::Start(options);
@@ -114,8 +119,10 @@ int main(int argc, char** argv) {
   ferry::worker::CoordinatorLinkOptions link_options;
   link_options.coordinator_address = flags.coordinator;
   link_options.registration.set_data_address(data_address);
-  link_options.registration.set_device(ferry::v1::DEVICE_KIND_CPU);
-  link_options.registration.set_device_name(CpuModelName());
+  const bool on_cuda = *ferry::offload::WorkerServer::ParseDevice(flags.device) >= 0;
+  link_options.registration.set_device(on_cuda ? ferry::v1::DEVICE_KIND_CUDA
+                                               : ferry::v1::DEVICE_KIND_CPU);
+  link_options.registration.set_device_name(on_cuda ? flags.device : CpuModelName());
   link_options.registration.set_kv_capacity_bytes(flags.kv_capacity);
   link_options.registration.set_worker_id(flags.worker_id);
   ferry::offload::WorkerServer* raw_server = server->get();

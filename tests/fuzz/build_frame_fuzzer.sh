@@ -33,7 +33,7 @@ flags=(-std=c++20 -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer-no-link,addre
 plain="${PLAINCXX:-g++}"
 plain_flags=(-std=c++20 -g -O2 -I"$root/kernels/include" $(pkg-config --cflags absl_status absl_strings))
 sources=(tests/fuzz/frame_fuzzer.cc runtime/offload/frame.cc runtime/offload/worker_service.cc
-         runtime/kv/kv_cache.cc kernels/cpu/decode_attention_cpu.cc
+         runtime/offload/cpu_attention_backend.cc runtime/kv/kv_cache.cc kernels/cpu/decode_attention_cpu.cc
          kernels/cpu/decode_attention_span_avx512.cc kernels/cpu/decode_attention_span_avx2.cc
          kernels/cpu/decode_attention_span_baseline.cc kernels/cpu/dtype.cc kernels/cpu/thread_pool.cc)
 objects=()

@@ -3,8 +3,11 @@
 #include "runtime/transport/ucx_node.h"
 #include "runtime/transport/ucx_status.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
@@ -144,6 +147,74 @@ TEST_P(UcxNodeTest, ShutdownWithOutstandingCallsCancelsThem) {
     CallResult reply = future.get();  // already set: Shutdown completes every call
     EXPECT_FALSE(reply.ok());
   }
+}
+
+// Queue mode, as WorkerServer serves: a server thread takes requests with NextRequest (driving
+// progress itself) and replies from that thread, while several client threads each drive their
+// own calls at once, small and rendezvous-sized.
+TEST_P(UcxNodeTest, QueueModeServerThreadAndConcurrentCallersAllAnswered) {
+  auto server = UcxNode::Create(Options("server"));
+  ASSERT_TRUE(server.ok()) << server.status();
+  UcxNode* raw = server->get();
+  auto port = raw->Listen("127.0.0.1", 0);
+  ASSERT_TRUE(port.ok()) << port.status();
+  std::atomic<bool> stop{false};
+  std::atomic<int> served{0};
+  std::thread serving([&] {
+    while (!stop) {
+      auto request = raw->NextRequest(absl::Milliseconds(50));
+      if (!request.ok()) continue;
+      ASSERT_TRUE(request->status.ok()) << request->status;
+      if (request->message.size() > 0) request->message.data()[0]++;
+      ASSERT_TRUE(raw->Reply(request->peer, request->call_id, std::move(request->message)).ok());
+      ++served;
+    }
+  });
+  auto client = UcxNode::Create(Options("client"));
+  ASSERT_TRUE(client.ok());
+  auto peer = (*client)->Connect("127.0.0.1", *port);
+  ASSERT_TRUE(peer.ok()) << peer.status();
+  constexpr int kThreads = 4, kCalls = 40;
+  std::vector<std::thread> callers;
+  std::atomic<int> answered{0};
+  for (int t = 0; t < kThreads; ++t) {
+    callers.emplace_back([&, t] {
+      for (int i = 0; i < kCalls; ++i) {
+        // Every tenth call is past the eager limit (rendezvous).
+        const size_t size = i % 10 == 9 ? (size_t{1} << 20) + t : 16 + 977 * i + t;
+        Buffer message(size);
+        message.data()[0] = static_cast<uint8_t>(i + t);
+        message.data()[size - 1] = static_cast<uint8_t>(size * 13);
+        auto future = (*client)->Call(*peer, std::move(message));
+        CallResult reply = (*client)->Await(future);
+        ASSERT_TRUE(reply.ok()) << reply.status();
+        ASSERT_EQ(reply->size(), size);
+        EXPECT_EQ(reply->data()[0], static_cast<uint8_t>(i + t + 1));
+        EXPECT_EQ(reply->data()[size - 1], static_cast<uint8_t>(size * 13));
+        (*client)->buffers().Release(std::move(*reply));
+        ++answered;
+      }
+    });
+  }
+  for (std::thread& caller : callers) caller.join();
+  EXPECT_EQ(answered.load(), kThreads * kCalls);
+  EXPECT_EQ(served.load(), kThreads * kCalls);
+  stop = true;
+  serving.join();
+  // With nothing queued, NextRequest waits out its bound; after shutdown it is Cancelled at once.
+  const absl::Time start = absl::Now();
+  EXPECT_EQ(raw->NextRequest(absl::Milliseconds(100)).status().code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_GE(absl::Now() - start, absl::Milliseconds(100));
+  raw->Shutdown();
+  EXPECT_EQ(raw->NextRequest(absl::Seconds(5)).status().code(), absl::StatusCode::kCancelled);
+}
+
+TEST_P(UcxNodeTest, NextRequestRefusesWhileAHandlerServes) {
+  int port = 0;
+  auto server = StartServer(&port);
+  EXPECT_EQ(server->NextRequest(absl::Milliseconds(10)).status().code(),
+            absl::StatusCode::kFailedPrecondition);
 }
 
 TEST(UcsToStatusTest, MapsEveryNamedCode) {
