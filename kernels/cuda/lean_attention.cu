@@ -28,9 +28,17 @@
 #include "ferry/kernels/attention_state.h"
 #include "ferry/kernels/lean_attention.h"
 #include "ferry/kernels/lean_schedule.h"
+#include "ferry/kernels/mma_sm80.cuh"
 
 namespace ferry::kernels {
 namespace {
+
+using mma::CpAsync16;
+using mma::CpAsyncCommit;
+using mma::LdMatrixX4;
+using mma::LdMatrixX4Trans;
+using mma::SmemAddr;
+using mma::SwizzledOffset;
 
 constexpr int kMaxGroup = 16;  // one m16 MMA tile of q rows
 constexpr float kLog2e = 1.4426950408889634f;
@@ -66,57 +74,6 @@ struct LeanConfig {
   static_assert(kGroups * 16 * kHeadDim * 4 <= kStageBytes, "scratch must fit a stage");
 };
 
-struct Bf16Traits {
-  using T = __nv_bfloat16;
-  static __device__ __forceinline__ uint32_t Pack(float a, float b) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ float Rounded(float x) {
-    return __bfloat162float(__float2bfloat16_rn(x));
-  }
-  static __device__ __forceinline__ T FromFloat(float x) { return __float2bfloat16_rn(x); }
-  static __device__ __forceinline__ void Mma(float* c, const uint32_t* a, uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-struct Fp16Traits {
-  using T = __half;
-  static __device__ __forceinline__ uint32_t Pack(float a, float b) {
-    __half2 v = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ float Rounded(float x) {
-    return __half2float(__float2half_rn(x));
-  }
-  static __device__ __forceinline__ T FromFloat(float x) { return __float2half_rn(x); }
-  static __device__ __forceinline__ void Mma(float* c, const uint32_t* a, uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; src_bytes 0 writes zeros and reads nothing.
-__device__ __forceinline__ void CpAsync16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
-
 // Waits until at most n groups are pending. n is a run-time value (the stage count is picked
 // per device), the instruction needs an immediate.
 __device__ __forceinline__ void CpAsyncWaitPending(int n) {
@@ -127,24 +84,6 @@ __device__ __forceinline__ void CpAsyncWaitPending(int n) {
     case 3: asm volatile("cp.async.wait_group 3;\n" ::: "memory"); break;
     default: asm volatile("cp.async.wait_group 4;\n" ::: "memory"); break;
   }
-}
-
-__device__ __forceinline__ void LdMatrixX4(uint32_t* r, uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void LdMatrixX4Trans(uint32_t* r, uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][head_dim] 16-bit tile:
-// the XOR spreads the 8 rows one ldmatrix reads over all 32 banks.
-template <int kHeadDim>
-__device__ __forceinline__ uint32_t SwizzledOffset(int row, int chunk) {
-  return row * (kHeadDim * 2) + ((chunk ^ (row & 7)) << 4);
 }
 
 struct LeanParams {
@@ -868,18 +807,18 @@ LaunchPlan FindLaunchPlan(int head_dim, DType dtype, int device) {
   switch (head_dim) {
 #ifdef FERRY_LEAN_HEAD_DIM_64
     case 64:
-      return bf16 ? CachedLaunchPlan<64, Bf16Traits>(device)
-                  : CachedLaunchPlan<64, Fp16Traits>(device);
+      return bf16 ? CachedLaunchPlan<64, mma::Bf16>(device)
+                  : CachedLaunchPlan<64, mma::Fp16>(device);
 #endif
 #ifdef FERRY_LEAN_HEAD_DIM_128
     case 128:
-      return bf16 ? CachedLaunchPlan<128, Bf16Traits>(device)
-                  : CachedLaunchPlan<128, Fp16Traits>(device);
+      return bf16 ? CachedLaunchPlan<128, mma::Bf16>(device)
+                  : CachedLaunchPlan<128, mma::Fp16>(device);
 #endif
 #ifdef FERRY_LEAN_HEAD_DIM_256
     case 256:
-      return bf16 ? CachedLaunchPlan<256, Bf16Traits>(device)
-                  : CachedLaunchPlan<256, Fp16Traits>(device);
+      return bf16 ? CachedLaunchPlan<256, mma::Bf16>(device)
+                  : CachedLaunchPlan<256, mma::Fp16>(device);
 #endif
     default:
       return none;
