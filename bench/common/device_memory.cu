@@ -17,11 +17,22 @@ __device__ __forceinline__ uint32_t Hash(uint64_t x) {
   return static_cast<uint32_t>(x);
 }
 
+__device__ __forceinline__ float RandomValue(uint64_t seed, int64_t i) {
+  return (Hash(seed * 0x9e3779b97f4a7c15ull + i) >> 8) * (4.0f / 16777216.0f) - 2.0f;
+}
+
+// bf16 as the high half of the float.
 __global__ void FillBf16Kernel(uint16_t* data, int64_t n, uint64_t seed) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
-    const float x = (Hash(seed * 0x9e3779b97f4a7c15ull + i) >> 8) * (4.0f / 16777216.0f) - 2.0f;
-    data[i] = static_cast<uint16_t>(__float_as_uint(x) >> 16);
+    data[i] = static_cast<uint16_t>(__float_as_uint(RandomValue(seed, i)) >> 16);
+  }
+}
+
+__global__ void FillFloatKernel(float* data, int64_t n, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    data[i] = RandomValue(seed, i);
   }
 }
 
@@ -40,6 +51,11 @@ __global__ void ReadKernel(const uint4* __restrict__ data, int64_t n, uint32_t* 
 
 bool FillRandomBf16(void* data, int64_t n, uint64_t seed) {
   FillBf16Kernel<<<4096, 256>>>(static_cast<uint16_t*>(data), n, seed);
+  return cudaGetLastError() == cudaSuccess && cudaDeviceSynchronize() == cudaSuccess;
+}
+
+bool FillRandomFloat(float* data, int64_t n, uint64_t seed) {
+  FillFloatKernel<<<4096, 256>>>(data, n, seed);
   return cudaGetLastError() == cudaSuccess && cudaDeviceSynchronize() == cudaSuccess;
 }
 

@@ -5,8 +5,9 @@
 //   (one launch of sms * 8 blocks of 512 threads), after warm-up; the median of `iters` launches
 //   timed back to back with CUDA events. Returns GB/s (1e9 bytes/s), or a negative value on a
 //   CUDA error. Allocates and frees its own buffer on the current device.
-// FillRandomBf16: n bf16 values in about [-2, 2), a hash of (seed, index): never zeros, so
-//   timings do not see the cheap paths zeros can take. Device pointer; synchronous.
+// FillRandomBf16 / FillRandomFloat: n bf16 / float32 values in about [-2, 2), a hash of (seed,
+//   index): never zeros, so timings do not see the cheap paths zeros can take. Device pointer;
+//   synchronous; false on a CUDA error.
 #pragma once
 
 #include <cstdint>
@@ -15,5 +16,6 @@ namespace ferry::bench {
 
 double MeasureHbmReadBandwidth(int64_t bytes, int iters);
 bool FillRandomBf16(void* data, int64_t n, uint64_t seed);
+bool FillRandomFloat(float* data, int64_t n, uint64_t seed);
 
 }  // namespace ferry::bench

@@ -20,20 +20,12 @@
 #include <string>
 #include <vector>
 
+#include "bench/common/cuda_check.h"
+#include "bench/common/device_memory.h"
 #include "ferry/kernels/lean_attention.h"
 
 namespace ferry::kernels {
 namespace {
-
-#define BENCH_CHECK(expr)                                                          \
-  do {                                                                             \
-    const cudaError_t err_ = (expr);                                               \
-    if (err_ != cudaSuccess) {                                                     \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr,            \
-                   cudaGetErrorString(err_));                                      \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
 
 struct BenchShape {
   std::string name;
@@ -88,41 +80,6 @@ std::vector<BenchShape> Suite() {
   return suite;
 }
 
-__device__ __forceinline__ uint32_t Hash(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdull;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ull;
-  x ^= x >> 33;
-  return static_cast<uint32_t>(x);
-}
-
-// Values in about [-2, 2) as 16-bit floats (bf16: high half of a float; fp16 not used here).
-__global__ void FillBf16(uint16_t* data, int64_t n, uint64_t seed) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const float x = (Hash(seed + i) >> 8) * (4.0f / 16777216.0f) - 2.0f;
-    data[i] = static_cast<uint16_t>(__float_as_uint(x) >> 16);
-  }
-}
-__global__ void FillFloat(float* data, int64_t n, uint64_t seed) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    data[i] = (Hash(seed + i) >> 8) * (4.0f / 16777216.0f) - 2.0f;
-  }
-}
-
-// Streams a buffer with 16-byte loads; the guarded store keeps the loads alive.
-__global__ void ReadKernel(const uint4* __restrict__ data, int64_t n, uint32_t* sink) {
-  uint32_t acc = 0;
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const uint4 v = __ldcs(data + i);
-    acc ^= v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (acc == 0x12345678u) *sink = acc;
-}
-
 float Median(std::vector<float> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -157,23 +114,6 @@ std::vector<float> TimeBackToBack(int warmup, int iters, Launch launch) {
   }
   for (cudaEvent_t& e : events) BENCH_CHECK(cudaEventDestroy(e));
   return ms;
-}
-
-double MeasureReadBandwidth(int iters) {
-  const int64_t bytes = int64_t{4} << 30;
-  void* buffer = nullptr;
-  uint32_t* sink = nullptr;
-  BENCH_CHECK(cudaMalloc(&buffer, bytes));
-  BENCH_CHECK(cudaMalloc(&sink, 4));
-  FillFloat<<<4096, 256>>>(static_cast<float*>(buffer), bytes / 4, 1);
-  int sms = 0;
-  BENCH_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  const std::vector<float> ms = TimeBackToBack(3, iters, [&](int) {
-    ReadKernel<<<sms * 8, 512>>>(static_cast<const uint4*>(buffer), bytes / 16, sink);
-  });
-  BENCH_CHECK(cudaFree(buffer));
-  BENCH_CHECK(cudaFree(sink));
-  return bytes / (Median(ms) * 1e-3) / 1e9;
 }
 
 struct ShapeResult {
@@ -233,10 +173,11 @@ ShapeResult RunShape(const BenchShape& shape, int iters) {
   }
   BENCH_CHECK(cudaMemcpy(d_indptr, indptr.data(), indptr.size() * 4, cudaMemcpyHostToDevice));
   BENCH_CHECK(cudaMemcpy(d_lens, shape.seq_lens.data(), num_seqs * 4, cudaMemcpyHostToDevice));
-  FillBf16<<<4096, 256>>>(k, pool_elems, 11);
-  FillBf16<<<4096, 256>>>(v, pool_elems, 22);
-  FillFloat<<<1024, 256>>>(q, q_elems, 33);
-  BENCH_CHECK(cudaGetLastError());
+  if (!bench::FillRandomBf16(k, pool_elems, 11) || !bench::FillRandomBf16(v, pool_elems, 22) ||
+      !bench::FillRandomFloat(q, q_elems, 33)) {
+    std::fprintf(stderr, "random fill failed\n");
+    std::exit(1);
+  }
 
   DecodeAttentionArgs args;
   args.num_seqs = num_seqs;
@@ -305,7 +246,11 @@ int Main(int argc, char** argv) {
   }
   cudaDeviceProp prop;
   BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
-  const double read_gbps = MeasureReadBandwidth(20);
+  const double read_gbps = bench::MeasureHbmReadBandwidth(int64_t{4} << 30, 20);
+  if (read_gbps <= 0) {
+    std::fprintf(stderr, "read-bandwidth measurement failed\n");
+    return 1;
+  }
   std::printf("device %s, %d SMs, L2 %d MB; streaming read %.0f GB/s\n", prop.name,
               prop.multiProcessorCount, prop.l2CacheSize >> 20, read_gbps);
   int64_t max_pool = 0;

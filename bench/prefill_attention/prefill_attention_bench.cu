@@ -22,20 +22,12 @@
 #include <string>
 #include <vector>
 
+#include "bench/common/cuda_check.h"
+#include "bench/common/device_memory.h"
 #include "ferry/kernels/prefill_attention.h"
 
 namespace ferry::kernels {
 namespace {
-
-#define BENCH_CHECK(expr)                                                          \
-  do {                                                                             \
-    const cudaError_t err_ = (expr);                                               \
-    if (err_ != cudaSuccess) {                                                     \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr,            \
-                   cudaGetErrorString(err_));                                      \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
 
 struct BenchShape {
   int batch;        // chunks (one per sequence)
@@ -51,30 +43,6 @@ std::string Name(const BenchShape& s) {
          (s.prefix > 0 ? " prefix" + std::to_string(s.prefix) : "") + " hq" +
          std::to_string(s.num_q_heads) + " hkv" + std::to_string(s.num_kv_heads) + " d" +
          std::to_string(s.head_dim);
-}
-
-__device__ __forceinline__ uint32_t Hash(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdull;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ull;
-  x ^= x >> 33;
-  return static_cast<uint32_t>(x);
-}
-
-// Values in about [-2, 2): bf16 as the high half of a float.
-__global__ void FillBf16(uint16_t* data, int64_t n, uint64_t seed) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    const float x = (Hash(seed + i) >> 8) * (4.0f / 16777216.0f) - 2.0f;
-    data[i] = static_cast<uint16_t>(__float_as_uint(x) >> 16);
-  }
-}
-__global__ void FillFloat(float* data, int64_t n, uint64_t seed) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    data[i] = (Hash(seed + i) >> 8) * (4.0f / 16777216.0f) - 2.0f;
-  }
 }
 
 template <typename T>
@@ -114,10 +82,11 @@ Result RunShape(const BenchShape& shape, int iters) {
   BENCH_CHECK(cudaMalloc(&q, q_elems * 4));
   BENCH_CHECK(cudaMalloc(&o, q_elems * 4));
   BENCH_CHECK(cudaMalloc(&lse, q_elems / shape.head_dim * 4));
-  FillBf16<<<4096, 256>>>(k, pool_elems, 11);
-  FillBf16<<<4096, 256>>>(v, pool_elems, 22);
-  FillFloat<<<4096, 256>>>(q, q_elems, 33);
-  BENCH_CHECK(cudaGetLastError());
+  if (!bench::FillRandomBf16(k, pool_elems, 11) || !bench::FillRandomBf16(v, pool_elems, 22) ||
+      !bench::FillRandomFloat(q, q_elems, 33)) {
+    std::fprintf(stderr, "random fill failed\n");
+    std::exit(1);
+  }
   int32_t* d_table = Upload(table);
   int32_t* d_table_indptr = Upload(table_indptr);
   int32_t* d_q_indptr = Upload(q_indptr);
