@@ -34,60 +34,52 @@ absl::Status UseCudaDevice(int device) {
   return CudaStatus(cudaSetDevice(device), absl::StrCat("cudaSetDevice(", device, ")"));
 }
 
-absl::StatusOr<DeviceBuffer> DeviceBuffer::Allocate(size_t bytes, std::string_view what) {
-  DeviceBuffer buffer;
+template <CudaMemory kKind>
+absl::StatusOr<CudaBuffer<kKind>> CudaBuffer<kKind>::Allocate(size_t bytes,
+                                                              std::string_view what) {
+  constexpr bool kDevice = kKind == CudaMemory::kDevice;
+  CudaBuffer buffer;
   if (bytes == 0) return buffer;
   void* ptr = nullptr;
-  const cudaError_t error = cudaMalloc(&ptr, bytes);
+  const cudaError_t error = kDevice ? cudaMalloc(&ptr, bytes) : cudaMallocHost(&ptr, bytes);
   if (error != cudaSuccess) {
     cudaGetLastError();  // an allocation failure is not sticky; clear it for later checks
-    return CudaStatus(error,
-                      absl::StrCat("cudaMalloc of ", bytes, " bytes for ", std::string(what)));
+    return CudaStatus(error, absl::StrCat(kDevice ? "cudaMalloc" : "cudaMallocHost", " of ",
+                                          bytes, " bytes for ", std::string(what)));
   }
   buffer.ptr_ = ptr;
   buffer.bytes_ = bytes;
   return buffer;
 }
 
-DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+template <CudaMemory kKind>
+CudaBuffer<kKind>& CudaBuffer<kKind>::operator=(CudaBuffer&& other) noexcept {
   if (this != &other) {
-    if (ptr_ != nullptr) cudaFree(ptr_);
+    Free();
     ptr_ = std::exchange(other.ptr_, nullptr);
     bytes_ = std::exchange(other.bytes_, 0);
   }
   return *this;
 }
 
-DeviceBuffer::~DeviceBuffer() {
-  if (ptr_ != nullptr) cudaFree(ptr_);
+template <CudaMemory kKind>
+CudaBuffer<kKind>::~CudaBuffer() {
+  Free();
 }
 
-absl::StatusOr<PinnedBuffer> PinnedBuffer::Allocate(size_t bytes, std::string_view what) {
-  PinnedBuffer buffer;
-  if (bytes == 0) return buffer;
-  void* ptr = nullptr;
-  const cudaError_t error = cudaMallocHost(&ptr, bytes);
-  if (error != cudaSuccess) {
-    cudaGetLastError();
-    return CudaStatus(error,
-                      absl::StrCat("cudaMallocHost of ", bytes, " bytes for ", std::string(what)));
+template <CudaMemory kKind>
+void CudaBuffer<kKind>::Free() {
+  if (ptr_ == nullptr) return;
+  if constexpr (kKind == CudaMemory::kDevice) {
+    cudaFree(ptr_);
+  } else {
+    cudaFreeHost(ptr_);
   }
-  buffer.ptr_ = ptr;
-  buffer.bytes_ = bytes;
-  return buffer;
+  ptr_ = nullptr;
+  bytes_ = 0;
 }
 
-PinnedBuffer& PinnedBuffer::operator=(PinnedBuffer&& other) noexcept {
-  if (this != &other) {
-    if (ptr_ != nullptr) cudaFreeHost(ptr_);
-    ptr_ = std::exchange(other.ptr_, nullptr);
-    bytes_ = std::exchange(other.bytes_, 0);
-  }
-  return *this;
-}
-
-PinnedBuffer::~PinnedBuffer() {
-  if (ptr_ != nullptr) cudaFreeHost(ptr_);
-}
+template class CudaBuffer<CudaMemory::kDevice>;
+template class CudaBuffer<CudaMemory::kPinnedHost>;
 
 }  // namespace ferry

@@ -3,9 +3,9 @@
 //
 // No CUDA types here (runtime headers stay free of them): errors travel as int (a cudaError_t),
 // streams as void* (a cudaStream_t). Built only when CUDA is (FERRY_HAVE_CUDA).
-// DeviceBuffer / PinnedBuffer own their memory and free it on destruction (the device current
-// then must be the one that allocated it, or any device for pinned memory); they move, never
-// copy. Threads: no shared state.
+// DeviceBuffer / PinnedBuffer (one CudaBuffer template) own their memory and free it on
+// destruction (the device current then must be the one that allocated it, or any device for
+// pinned memory); they move, never copy. Threads: no shared state.
 #pragma once
 
 #include <cstddef>
@@ -24,43 +24,36 @@ absl::Status CudaStatus(int cuda_error, std::string_view what);
 // calling thread's current device.
 absl::Status UseCudaDevice(int device);
 
-class DeviceBuffer {
+// Where a CudaBuffer's memory lives: device memory (cudaMalloc), or page-locked host memory
+// (cudaMallocHost), so async copies from and to it do not stage through the driver.
+enum class CudaMemory { kDevice, kPinnedHost };
+
+template <CudaMemory kKind>
+class CudaBuffer {
  public:
-  DeviceBuffer() = default;
-  static absl::StatusOr<DeviceBuffer> Allocate(size_t bytes, std::string_view what);
-  DeviceBuffer(DeviceBuffer&& other) noexcept { *this = static_cast<DeviceBuffer&&>(other); }
-  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  ~DeviceBuffer();
+  CudaBuffer() = default;
+  // A zero-byte request gives an empty buffer (get() == nullptr) and no allocation.
+  static absl::StatusOr<CudaBuffer> Allocate(size_t bytes, std::string_view what);
+  CudaBuffer(CudaBuffer&& other) noexcept { *this = static_cast<CudaBuffer&&>(other); }
+  CudaBuffer& operator=(CudaBuffer&& other) noexcept;
+  CudaBuffer(const CudaBuffer&) = delete;
+  CudaBuffer& operator=(const CudaBuffer&) = delete;
+  ~CudaBuffer();
 
   template <typename T = void>
   T* get() const { return static_cast<T*>(ptr_); }
   size_t bytes() const { return bytes_; }
 
  private:
+  void Free();
+
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
 };
 
-// Page-locked host memory, so async copies from and to it do not stage through the driver.
-class PinnedBuffer {
- public:
-  PinnedBuffer() = default;
-  static absl::StatusOr<PinnedBuffer> Allocate(size_t bytes, std::string_view what);
-  PinnedBuffer(PinnedBuffer&& other) noexcept { *this = static_cast<PinnedBuffer&&>(other); }
-  PinnedBuffer& operator=(PinnedBuffer&& other) noexcept;
-  PinnedBuffer(const PinnedBuffer&) = delete;
-  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-  ~PinnedBuffer();
-
-  template <typename T = void>
-  T* get() const { return static_cast<T*>(ptr_); }
-  size_t bytes() const { return bytes_; }
-
- private:
-  void* ptr_ = nullptr;
-  size_t bytes_ = 0;
-};
+extern template class CudaBuffer<CudaMemory::kDevice>;
+extern template class CudaBuffer<CudaMemory::kPinnedHost>;
+using DeviceBuffer = CudaBuffer<CudaMemory::kDevice>;
+using PinnedBuffer = CudaBuffer<CudaMemory::kPinnedHost>;
 
 }  // namespace ferry

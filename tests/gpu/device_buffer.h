@@ -1,4 +1,6 @@
-// Test helpers for GPU tests: an owning device buffer and an assertion on cudaError_t.
+// Test helpers for the kernel GPU tests: an owning device buffer and an assertion on cudaError_t.
+// Kernel tests link only kernels/ (they must not depend on runtime/), so this is not
+// runtime/common/cuda_util.h's DeviceBuffer; tests of runtime/ code use that one.
 #pragma once
 
 #include <cuda_runtime.h>
