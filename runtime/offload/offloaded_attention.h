@@ -2,19 +2,27 @@
 // coordinator's side of DESIGN.md's "per layer, ship q (and the new k, v) to the workers that
 // hold each sequence's KV, merge the partial states, continue".
 //
-// Placement (sharding by sequence range): a new sequence opens one shard, positions [0, ...), on
-// the accepting worker with the most KV bytes free (its capacity less the KV this coordinator
-// holds there, which is exact and current, unlike a heartbeat's figure). When the tail shard holds shard_positions positions or more, the
-// next step opens a new tail shard on another worker at the current position, so one long
-// sequence spreads over several workers' memory; every shard answers with partial states that
-// are merged (attention_state.h), so attention stays exact.
+// Placement. A sequence's KV is cut two ways:
+//  - by KV-head group (num_head_groups > 1, `--shard heads`): group g holds KV heads
+//    [g * w, (g + 1) * w), w = model KV heads / num_head_groups, and the q heads that read them.
+//    Groups are placed on distinct workers where there are enough (so workers beyond the number
+//    of groups take other sequences' groups); their outputs are disjoint heads, so no merge.
+//    Every worker is configured with w KV heads per sequence, and a group travels under its own
+//    wire id, sequence * num_head_groups + g (two groups of one sequence may then share a worker
+//    when the workers are fewer than the groups).
+//  - by position range (shard_positions > 0): when a group's tail shard holds shard_positions
+//    positions or more, the next step opens a new tail shard for that group on another worker at
+//    the current position, so one long sequence spreads over several workers' memory; the
+//    shards' partial states are merged (attention_state.h), so attention stays exact.
+// A new shard goes to the accepting worker with the most KV bytes free (its capacity less the KV
+// this coordinator holds there, which is exact and current, unlike a heartbeat's figure).
 // Per layer: decode rows (one new token) go to every worker at once (AttentionClient::
-// AttendLayer), one round trip: the tail shard's worker appends the new k, v and attends in the
-// same message, earlier shards' workers attend over what they hold;
-// prompt chunks go by Prefill to the tail (with k, v) and to the earlier shards (without), and
-// the per-query states are merged in shard order.
-// Draining: before each step, sequences on workers the directory no longer lists as accepting
-// are migrated worker to worker onto an accepting worker that holds no shard of them.
+// StartAttendLayer), one round trip: a tail shard's worker appends the new k, v and attends in
+// the same message, earlier shards' workers attend over what they hold; prompt chunks go by
+// Prefill to the tail (with k, v) and to the earlier shards (without), and the per-query states
+// are merged in shard order.
+// Draining: before each step, shards on workers the directory no longer lists as accepting are
+// migrated worker to worker onto an accepting worker that holds no shard of the same group.
 // Errors: a worker failure fails the step with that worker's status (lengths stay unchanged, as
 // AttentionStep requires); rebuilding a lost worker's KV is the fault-tolerance layer's job.
 // Threads: the scheduler thread only (as AttentionStep); the directory function must be
@@ -25,6 +33,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -46,15 +55,16 @@ using WorkerDirectory = std::function<std::vector<WorkerEndpoint>()>;
 
 struct OffloadedAttentionOptions {
   int num_heads = 0;
-  ModelShape shape;                 // layers, kv heads, head dim, block size, KV dtype
-  int64_t shard_positions = 0;      // 0: a sequence stays on one worker
+  ModelShape shape;              // the model's: layers, KV heads, head dim, block size, KV dtype
+  int num_head_groups = 1;       // KV-head groups per sequence; divides shape.num_kv_heads
+  int64_t shard_positions = 0;   // 0: a group stays on one worker
 };
 
 class OffloadedAttention : public model::AttentionStep {
  public:
-  // `client` must outlive this object.
-  OffloadedAttention(AttentionClient* client, WorkerDirectory directory,
-                     OffloadedAttentionOptions options);
+  // `client` must outlive the object. Checks the options (head groups divide the KV heads).
+  static absl::StatusOr<std::unique_ptr<OffloadedAttention>> Create(
+      AttentionClient* client, WorkerDirectory directory, OffloadedAttentionOptions options);
 
   absl::Status AddSequence(kv::SequenceId seq) override;
   absl::Status FreeSequence(kv::SequenceId seq) override;
@@ -64,19 +74,27 @@ class OffloadedAttention : public model::AttentionStep {
                       float* out) override;
   absl::Status EndStep() override;
 
-  // Shards per sequence, for tests and metrics: (worker id, first position) in order.
-  std::vector<std::pair<std::string, int64_t>> Shards(kv::SequenceId seq) const;
+  // Where a sequence's KV lives, for tests and metrics: per group, per shard in position order.
+  struct ShardInfo {
+    std::string worker_id;
+    int group = 0;
+    int64_t first_position = 0;
+  };
+  std::vector<ShardInfo> Shards(kv::SequenceId seq) const;
 
  private:
   struct Shard {
     int worker;  // index in the client
     int64_t first_position;
   };
+  struct Group {
+    std::vector<Shard> shards;  // in position order; the last one is the tail
+  };
   struct Sequence {
-    std::vector<Shard> shards;
+    std::vector<Group> groups;
     int64_t length = 0;
   };
-  struct Run {
+  struct Run {  // the rows of one sequence in this step
     kv::SequenceId seq;
     int64_t first_row;
     int64_t first_position;
@@ -90,28 +108,66 @@ class OffloadedAttention : public model::AttentionStep {
     bool accepting = false;
     bool listed = false;
   };
+  // A prompt chunk's call to one shard of one group.
+  struct PrefillCall {
+    size_t run;  // index in runs_
+    int group;
+    int part;    // shard index in the group
+    AttentionClient::PendingCall call;
+  };
+  // Attention sent for a range of the step's rows and not yet gathered.
+  struct PendingRange {
+    int layer = 0;
+    int64_t first_row = 0;
+    float* out = nullptr;                 // the range's first row
+    std::vector<size_t> decode_runs;      // indices in runs_, in batch order
+    std::vector<int> decode_workers;      // per shard of `decode`, the worker
+    std::optional<AttentionClient::PendingLayer> decode;
+    std::vector<PrefillCall> prefill;
+  };
 
+  OffloadedAttention(AttentionClient* client, WorkerDirectory directory,
+                     OffloadedAttentionOptions options);
+
+  uint64_t WireId(kv::SequenceId seq, int group) const {
+    return seq * static_cast<uint64_t>(options_.num_head_groups) + static_cast<uint64_t>(group);
+  }
   // Connects and configures workers the directory lists for the first time; updates the rest.
   absl::Status Refresh();
-  // KV bytes this coordinator holds on each worker (by client index).
+  // KV bytes of one position of one group, and what this coordinator holds on each worker.
+  int64_t GroupPositionBytes() const;
   std::vector<int64_t> HeldBytes() const;
-  // The accepting worker with the most free bytes, not in `exclude`; -1 when none.
-  int PickWorker(const std::vector<int>& exclude) const;
-  absl::Status OpenShard(kv::SequenceId seq, Sequence& sequence, int64_t first_position);
+  // The accepting worker with the most free bytes, not in `exclude` (and, while any other is
+  // left, not in `avoid`); -1 when none.
+  int PickWorker(const std::vector<int>& exclude, const std::vector<int>& avoid) const;
+  absl::Status OpenShard(kv::SequenceId seq, Sequence& sequence, int group,
+                         int64_t first_position);
   absl::Status MigrateOffDrainingWorkers();
-  absl::Status AttendDecodeRows(int layer, const float* q, const uint8_t* k, const uint8_t* v,
-                                float* out);
-  absl::Status AttendPrefillRun(int layer, const Run& run, const float* q, const uint8_t* k,
-                                const uint8_t* v, float* out);
+  // Sends the attention of the rows [first_row, first_row + num_rows) (whole runs); q, k, v and
+  // out point at the range's first row. FinishRange gathers it into out.
+  absl::Status StartRange(int layer, int64_t first_row, int64_t num_rows, const float* q,
+                          const float* k, const float* v, float* out);
+  absl::Status FinishRange(int64_t first_row);
+  absl::Status StartDecodeRows(PendingRange& pending, const float* q, const uint8_t* k,
+                               const uint8_t* v);
+  absl::Status StartPrefillRun(PendingRange& pending, size_t run, const float* q,
+                               const uint8_t* k, const uint8_t* v);
+  absl::Status FinishDecodeRows(PendingRange& pending);
+  absl::Status FinishPrefillRuns(PendingRange& pending);
+  absl::Status WorkerError(int worker, const absl::Status& status) const;
 
   AttentionClient* const client_;
   const WorkerDirectory directory_;
   const OffloadedAttentionOptions options_;
+  const int group_kv_heads_;       // KV heads per group
+  const int group_q_heads_;        // q heads per group
+  ModelShape worker_shape_;        // what every worker is configured with
   std::map<std::string, Known> workers_;        // by worker id
   std::vector<std::string> worker_ids_;          // by client index
   std::map<kv::SequenceId, Sequence> sequences_;
   std::vector<Run> runs_;
   bool in_step_ = false;
+  std::map<int64_t, PendingRange> pending_;      // by first row
   std::vector<uint8_t> k_staging_, v_staging_;   // k, v in the KV dtype
 };
 

@@ -119,6 +119,16 @@ absl::StatusOr<WorkerService::Sequence*> WorkerService::Find(uint64_t sequence) 
   return &it->second;
 }
 
+absl::Status WorkerService::CheckFirstKvHead(int64_t first_kv_head) const {
+  const int held = cache_->config().num_kv_heads;
+  if (first_kv_head < 0 || first_kv_head % held != 0 || first_kv_head + held > model_kv_heads_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kv heads from ", first_kv_head, ": a sequence here holds ", held,
+        " kv heads from a multiple of ", held, ", within the model's ", model_kv_heads_));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<WorkerService::Entry>> WorkerService::ReadTable(
     PayloadReader& reader, int n, bool want_known) const {
   std::vector<Entry> entries(n);
@@ -166,21 +176,28 @@ absl::StatusOr<transport::Buffer> WorkerService::Configure(const FrameHeader& he
   config.dtype = static_cast<DType>(header.dtype);
   if (header.payload_bytes != 16) return LengthMismatch(header, 16);
   float scale = 0;
-  int32_t workers = 0, tile = 0, zero = 0;
+  int32_t workers = 0, tile = 0, model_kv_heads = 0;
   reader.F32(&scale);
   reader.I32(&workers);
   reader.I32(&tile);
-  reader.I32(&zero);
+  reader.I32(&model_kv_heads);
   if (!std::isfinite(scale) || scale < 0 || workers < 0 || workers > 1024 || tile < 0 ||
-      tile > (1 << 20) || zero != 0) {
-    return absl::InvalidArgumentError("configure: bad scale, plan or reserved field");
+      tile > (1 << 20)) {
+    return absl::InvalidArgumentError("configure: bad scale or attention plan");
+  }
+  if (model_kv_heads == 0) model_kv_heads = config.num_kv_heads;
+  if (model_kv_heads < config.num_kv_heads || model_kv_heads > 1024 ||
+      model_kv_heads % config.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("configure: the model's ", model_kv_heads,
+                                                   " kv heads are not a multiple of the ",
+                                                   config.num_kv_heads, " a sequence holds"));
   }
   if (cache_ != nullptr) {
     const kv::KvCacheConfig& old = cache_->config();
     const bool same = old.num_layers == config.num_layers &&
                       old.num_kv_heads == config.num_kv_heads &&
                       old.head_dim == config.head_dim && old.block_size == config.block_size &&
-                      old.dtype == config.dtype;
+                      old.dtype == config.dtype && model_kv_heads_ == model_kv_heads;
     if (!same && !sequences_.empty()) {
       return absl::FailedPreconditionError(
           "configure: a different model shape while sequences are held");
@@ -190,6 +207,7 @@ absl::StatusOr<transport::Buffer> WorkerService::Configure(const FrameHeader& he
   if (cache_ == nullptr) {
     FERRY_ASSIGN_OR_RETURN(cache_, kv::KvCache::CreateOnHost(config));
   }
+  model_kv_heads_ = model_kv_heads;
   softmax_scale_ = scale > 0 ? scale : 1.0f / std::sqrt(static_cast<float>(config.head_dim));
   plan_.num_workers = workers;
   plan_.kv_tile_size = tile > 0 ? tile : kernels::CpuDecodeOptions{}.kv_tile_size;
@@ -203,6 +221,10 @@ absl::StatusOr<transport::Buffer> WorkerService::OpenSequence(const FrameHeader&
                                                               PayloadReader& reader) {
   FERRY_RETURN_IF_ERROR(RequireConfigured());
   FERRY_ASSIGN_OR_RETURN(const int n, CheckBatch(header.shape[0]));
+  FERRY_RETURN_IF_ERROR(CheckFirstKvHead(header.shape[1]));
+  if (header.shape[2] != 0 || header.shape[3] != 0) {
+    return absl::InvalidArgumentError("open-sequence: shape[2] and shape[3] must be 0");
+  }
   if (header.payload_bytes != static_cast<uint64_t>(n * kEntryBytes)) {
     return LengthMismatch(header, n * kEntryBytes);
   }
@@ -218,8 +240,8 @@ absl::StatusOr<transport::Buffer> WorkerService::OpenSequence(const FrameHeader&
   }
   for (const Entry& entry : entries) {
     FERRY_RETURN_IF_ERROR(cache_->AddSequence(entry.sequence));
-    sequences_[entry.sequence] =
-        Sequence{entry.position, std::vector<int64_t>(cache_->config().num_layers, 0)};
+    sequences_[entry.sequence] = Sequence{entry.position, header.shape[1],
+                                          std::vector<int64_t>(cache_->config().num_layers, 0)};
   }
   return StartReply(header, 0, nullptr, 0).Finish();
 }
@@ -491,13 +513,15 @@ absl::StatusOr<transport::Buffer> WorkerService::ExportImage(uint64_t id, uint64
   header.shape[1] = config.num_kv_heads;
   header.shape[2] = config.block_size;
   header.shape[3] = config.head_dim;
-  header.payload_bytes = 8 + 8 + 4 + 4 + 8 * config.num_layers +
+  header.payload_bytes = 8 + 8 + 4 + 4 + 4 + 4 + 8 * config.num_layers +
                          num_blocks * config.num_layers * 2 * cache_->BlockPoolBytes();
   FrameWriter writer(header, pool_);
   writer.U64(id);
   writer.I64(sequence->first_position);
   writer.I32(config.num_layers);
   writer.I32(static_cast<int32_t>(num_blocks));
+  writer.I32(sequence->first_kv_head);
+  writer.I32(0);
   for (int64_t length : sequence->layer_lengths) writer.I64(length);
   for (int32_t block : *blocks) {
     for (int layer = 0; layer < config.num_layers; ++layer) {
@@ -537,14 +561,15 @@ absl::StatusOr<transport::Buffer> WorkerService::ImportBlocks(const FrameHeader&
   }
   uint64_t id = 0;
   int64_t first = 0;
-  int32_t layers = 0, num_blocks = 0;
+  int32_t layers = 0, num_blocks = 0, first_kv_head = 0, zero = 0;
   if (!reader.U64(&id) || !reader.I64(&first) || !reader.I32(&layers) ||
-      !reader.I32(&num_blocks)) {
+      !reader.I32(&num_blocks) || !reader.I32(&first_kv_head) || !reader.I32(&zero)) {
     return absl::InvalidArgumentError("import-blocks: image header truncated");
   }
-  if (layers != config.num_layers || num_blocks < 0 || first < 0) {
+  if (layers != config.num_layers || num_blocks < 0 || first < 0 || zero != 0) {
     return absl::InvalidArgumentError("import-blocks: bad layer count, block count or position");
   }
+  FERRY_RETURN_IF_ERROR(CheckFirstKvHead(first_kv_head));
   if (sequences_.count(id) != 0) {
     return absl::AlreadyExistsError(absl::StrCat("import-blocks: sequence ", id,
                                                  " already held"));
@@ -583,7 +608,7 @@ absl::StatusOr<transport::Buffer> WorkerService::ImportBlocks(const FrameHeader&
     }
   }
   FERRY_RETURN_IF_ERROR(cache_->SetLength(id, longest));
-  sequences_[id] = Sequence{first, std::move(lengths)};
+  sequences_[id] = Sequence{first, first_kv_head, std::move(lengths)};
   return StartReply(header, 0, nullptr, 0).Finish();
 }
 

@@ -39,6 +39,7 @@ struct Flags {
   int dead_after_ms = 2000;
   bool strict = false;
   std::string shard = "sequence";
+  int head_groups = 0;
   int64_t shard_positions = 0;
   std::string ucx_tls;
   std::string ucx_cm = "tcp";
@@ -77,9 +78,15 @@ int main(int argc, char** argv) {
   app.add_option("--heartbeat-ms", flags.heartbeat_ms)->check(CLI::Range(10, 600000));
   app.add_option("--dead-after-ms", flags.dead_after_ms)->check(CLI::Range(20, 3600000));
   app.add_flag("--strict", flags.strict, "refuse checkpoints with unused tensors");
-  app.add_option("--shard", flags.shard, "KV placement on workers: by sequence position range")
-      ->check(CLI::IsMember({"sequence"}))
+  app.add_option("--shard", flags.shard,
+                 "KV placement on workers: sequence (whole sequences, position ranges with "
+                 "--shard-positions) or heads (each sequence's KV-head groups on distinct workers)")
+      ->check(CLI::IsMember({"sequence", "heads"}))
       ->capture_default_str();
+  app.add_option("--head-groups", flags.head_groups,
+                 "KV-head groups per sequence with --shard=heads (divides the model's KV heads; "
+                 "0: one group per KV head)")
+      ->check(CLI::Range(0, 1024));
   app.add_option("--shard-positions", flags.shard_positions,
                  "open a new shard on another worker every N positions (0: one worker per "
                  "sequence)")
@@ -147,6 +154,10 @@ int main(int argc, char** argv) {
     offload_options.shape.block_size = flags.block_size;
     offload_options.shape.dtype = kv_dtype;
     offload_options.shard_positions = flags.shard_positions;
+    if (flags.shard == "heads") {
+      offload_options.num_head_groups =
+          flags.head_groups > 0 ? flags.head_groups : config.num_kv_heads;
+    }
     auto directory = [&registry] {
       std::vector<ferry::offload::WorkerEndpoint> endpoints;
       for (const auto& worker : registry.List()) {
@@ -159,8 +170,10 @@ int main(int argc, char** argv) {
       }
       return endpoints;
     };
-    attention = std::make_unique<ferry::offload::OffloadedAttention>(attention_client.get(),
-                                                                     directory, offload_options);
+    auto offloaded = ferry::offload::OffloadedAttention::Create(attention_client.get(), directory,
+                                                                offload_options);
+    if (!offloaded.ok()) return Fail(offloaded.status());
+    attention = std::move(*offloaded);
   }
   ferry::model::Decoder decoder(**model, *attention);
 

@@ -105,6 +105,8 @@ std::vector<std::pair<std::string, transport::Buffer>> Seeds(transport::BufferPo
     Put64(p, 0);
     Put32(p, kLayers);
     Put32(p, 1);
+    Put32(p, 0);
+    Put32(p, 0);
     Put64(p, 3);
     Put64(p, 2);
     PutRows(p, size_t{kLayers} * 2 * kBlockSize * kRowBytes);

@@ -1,6 +1,7 @@
 // The frame header codec and the worker service without a network (UCX-free paths).
 #include "runtime/offload/frame.h"
 
+#include <cstring>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -92,6 +93,56 @@ TEST(WorkerServiceTest, RefusesWorkBeforeConfigureAndShapeChangesWhileHoldingSeq
   attend[0] = 1;
   EXPECT_TRUE(call(FrameType::kAttend, {1, 2, 64}, attend).ok());
   EXPECT_GT(service.errors_answered(), 0);
+}
+
+TEST(WorkerServiceTest, HeadGroupSequencesHoldAValidatedRangeOfTheModelsKvHeads) {
+  transport::BufferPool pool;
+  WorkerServiceOptions options;
+  options.kv_capacity_bytes = 1 << 20;
+  options.num_threads = 1;
+  WorkerService service(options, pool);
+  auto call = [&](FrameType type, std::vector<int32_t> shape, std::vector<uint8_t> payload) {
+    FrameHeader header;
+    header.type = static_cast<uint16_t>(type);
+    header.dtype = 3;
+    for (size_t i = 0; i < shape.size(); ++i) header.shape[i] = shape[i];
+    header.payload_bytes = payload.size();
+    FrameWriter writer(header, pool);
+    writer.Bytes(payload.data(), payload.size());
+    transport::Buffer frame = writer.Finish();
+    transport::Buffer reply = service.Handle(frame.data(), frame.size());
+    auto decoded = DecodeFrameHeader(reply.data(), reply.size());
+    EXPECT_TRUE(decoded.ok());
+    return ReplyStatus(*decoded, reply.data() + kFrameHeaderBytes);
+  };
+  auto plan = [](int32_t model_kv_heads) {
+    std::vector<uint8_t> payload(16, 0);
+    std::memcpy(payload.data() + 12, &model_kv_heads, 4);
+    return payload;
+  };
+  // Each sequence holds 2 of the model's 8 kv heads; 3 is not a multiple of 2.
+  EXPECT_EQ(call(FrameType::kConfigure, {2, 2, 64, 16}, plan(3)).code(),
+            absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(call(FrameType::kConfigure, {2, 2, 64, 16}, plan(8)).ok());
+  std::vector<uint8_t> open(16, 0);
+  for (int32_t first_head : {6, 0, 4}) {
+    open[0] = static_cast<uint8_t>(first_head + 1);
+    EXPECT_TRUE(call(FrameType::kOpenSequence, {1, first_head}, open).ok()) << first_head;
+  }
+  for (int32_t first_head : {-2, 1, 8, 7}) {
+    open[0] = 100;
+    EXPECT_EQ(call(FrameType::kOpenSequence, {1, first_head}, open).code(),
+              absl::StatusCode::kInvalidArgument)
+        << first_head;
+  }
+  EXPECT_EQ(service.cache()->num_sequences(), 3u);
+  // A group's q heads: 4 q heads over its 2 kv heads.
+  std::vector<uint8_t> attend(16 + 4 * 64 * 4, 0);
+  attend[0] = 7;
+  EXPECT_TRUE(call(FrameType::kAttend, {1, 4, 64}, attend).ok());
+  // The same shape with another model width while sequences are held is refused.
+  EXPECT_EQ(call(FrameType::kConfigure, {2, 2, 64, 16}, plan(4)).code(),
+            absl::StatusCode::kFailedPrecondition);
 }
 
 }  // namespace
