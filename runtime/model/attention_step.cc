@@ -1,5 +1,6 @@
 #include "runtime/model/attention_step.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -43,6 +44,7 @@ absl::StatusOr<int64_t> InProcessAttention::Length(kv::SequenceId seq) const {
 
 absl::Status InProcessAttention::BeginStep(std::span<const StepRow> rows) {
   in_step_ = false;
+  started_.clear();
   runs_.clear();
   for (int64_t r = 0; r < static_cast<int64_t>(rows.size()); ++r) {
     const StepRow& row = rows[r];
@@ -93,15 +95,30 @@ absl::Status InProcessAttention::BeginStep(std::span<const StepRow> rows) {
   return absl::OkStatus();
 }
 
-absl::Status InProcessAttention::Attend(int layer, const float* q, const float* k, const float* v,
-                                        float* out) {
+absl::Status InProcessAttention::StartAttend(int layer, int64_t first_row, int64_t num_rows,
+                                             const float* q, const float* k, const float* v,
+                                             float* out) {
   if (!in_step_) return absl::FailedPreconditionError("attention step: Attend outside a step");
+  if (first_row < 0 || num_rows < 1 || first_row + num_rows > num_rows_) {
+    return absl::InvalidArgumentError(absl::StrCat("attention step: rows [", first_row, ", ",
+                                                   first_row + num_rows, ") outside the step's ",
+                                                   num_rows_));
+  }
+  int64_t covered = 0;
+  for (const Run& run : runs_) {
+    const bool inside = run.first_row >= first_row && run.first_row < first_row + num_rows;
+    if (inside && run.first_row + run.count > first_row + num_rows) covered = -1;
+    if (inside && covered >= 0) covered += run.count;
+  }
+  if (covered != num_rows) {
+    return absl::InvalidArgumentError("attention step: a row range must hold whole sequences");
+  }
   const int64_t row_elems = int64_t{options_.kv.num_kv_heads} * options_.kv.head_dim;
   const DType dtype = options_.kv.dtype;
   const void* k_src = k;
   const void* v_src = v;
   if (dtype != DType::kFloat32) {
-    const int64_t n = num_rows_ * row_elems;
+    const int64_t n = num_rows * row_elems;
     k_half_.resize(n);
     v_half_.resize(n);
     for (int64_t i = 0; i < n; ++i) {
@@ -113,27 +130,49 @@ absl::Status InProcessAttention::Attend(int layer, const float* q, const float* 
   }
   const int64_t row_bytes = row_elems * DTypeSize(dtype);
   for (const Run& run : runs_) {
+    if (run.first_row < first_row || run.first_row >= first_row + num_rows) continue;
+    const int64_t row = run.first_row - first_row;
     FERRY_RETURN_IF_ERROR(cache_->WriteHost(
         run.seq, layer, run.first_position, run.count,
-        static_cast<const uint8_t*>(k_src) + run.first_row * row_bytes,
-        static_cast<const uint8_t*>(v_src) + run.first_row * row_bytes));
+        static_cast<const uint8_t*>(k_src) + row * row_bytes,
+        static_cast<const uint8_t*>(v_src) + row * row_bytes));
+  }
+  // The range's rows of the step's per-row block tables, indptr rebased to 0.
+  range_indptr_.resize(num_rows + 1);
+  for (int64_t r = 0; r <= num_rows; ++r) {
+    range_indptr_[r] = indptr_[first_row + r] - indptr_[first_row];
   }
   kernels::DecodeAttentionArgs args;
-  args.num_seqs = static_cast<int>(num_rows_);
+  args.num_seqs = static_cast<int>(num_rows);
   args.num_q_heads = options_.num_heads;
   args.q = q;
   args.kv = cache_->LayerView(layer);
-  args.block_table_indptr = indptr_.data();
-  args.block_table = block_table_.data();
-  args.seq_lens = seq_lens_.data();
+  args.block_table_indptr = range_indptr_.data();
+  args.block_table = block_table_.data() + indptr_[first_row];
+  args.seq_lens = seq_lens_.data() + first_row;
   args.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(options_.kv.head_dim)));
   args.state_o = out;  // the whole range is covered, so o is the normalised output
-  args.state_lse = lse_.data();
-  return kernels::DecodeAttentionCpu(args, *pool_);
+  args.state_lse = lse_.data() + first_row * options_.num_heads;
+  FERRY_RETURN_IF_ERROR(kernels::DecodeAttentionCpu(args, *pool_));
+  started_.emplace_back(layer, first_row);
+  return absl::OkStatus();
+}
+
+absl::Status InProcessAttention::FinishAttend(int layer, int64_t first_row) {
+  auto it = std::find(started_.begin(), started_.end(), std::make_pair(layer, first_row));
+  if (it == started_.end()) {
+    return absl::FailedPreconditionError(absl::StrCat("attention step: layer ", layer, " rows from ",
+                                                      first_row, " were not started"));
+  }
+  started_.erase(it);
+  return absl::OkStatus();
 }
 
 absl::Status InProcessAttention::EndStep() {
   if (!in_step_) return absl::FailedPreconditionError("attention step: EndStep outside a step");
+  if (!started_.empty()) {
+    return absl::FailedPreconditionError("attention step: EndStep with attention not finished");
+  }
   in_step_ = false;
   for (const Run& run : runs_) {
     FERRY_RETURN_IF_ERROR(cache_->SetLength(run.seq, run.first_position + run.count));

@@ -6,11 +6,18 @@
 // and hold consecutive positions that start at the sequence's current length (a prefill chunk is
 // many rows, a decode step one). Per step the decoder calls:
 //   BeginStep(rows)                  once, before layer 0
-//   Attend(layer, q, k, v, out)      once per layer, in layer order
-//     q   (rows, num_heads, head_dim)     float32, RoPE applied
-//     k,v (rows, num_kv_heads, head_dim)  float32, RoPE applied to k: the rows' new KV entries
-//     out (rows, num_heads, head_dim)     float32: causal attention of each row over positions
-//                                          [0, its position] of its sequence, new rows included
+//   per layer, in layer order, for each micro-batch (a range of rows [first_row, first_row + n)
+//   holding whole sequences' rows; one range of all rows without micro-batching):
+//     StartAttend(layer, first_row, n, q, k, v, out)   sends the range's attention
+//     FinishAttend(layer, first_row)                   waits for it and writes out
+//       q   (n, num_heads, head_dim)     float32, RoPE applied
+//       k,v (n, num_kv_heads, head_dim)  float32, RoPE applied to k: the rows' new KV entries
+//       out (n, num_heads, head_dim)     float32: causal attention of each row over positions
+//                                        [0, its position] of its sequence, new rows included
+//     StartAttend may return before the attention is done (offloaded attention then runs on
+//     the workers while the caller runs another micro-batch's dense layers); it keeps nothing
+//     of q, k, v, so those buffers are free on return; out must stay valid until FinishAttend.
+//     Ranges of one layer are disjoint; every started range is finished before EndStep.
 //   EndStep()                        once, after the last layer: the rows become part of the
 //                                    sequences' lengths. A failed step leaves lengths unchanged.
 // Softmax scale 1/sqrt(head_dim); GQA maps q head h to KV head h / (num_heads / num_kv_heads).
@@ -41,8 +48,9 @@ class AttentionStep {
   virtual absl::Status FreeSequence(kv::SequenceId seq) = 0;
   virtual absl::StatusOr<int64_t> Length(kv::SequenceId seq) const = 0;
   virtual absl::Status BeginStep(std::span<const StepRow> rows) = 0;
-  virtual absl::Status Attend(int layer, const float* q, const float* k, const float* v,
-                              float* out) = 0;
+  virtual absl::Status StartAttend(int layer, int64_t first_row, int64_t num_rows, const float* q,
+                                   const float* k, const float* v, float* out) = 0;
+  virtual absl::Status FinishAttend(int layer, int64_t first_row) = 0;
   virtual absl::Status EndStep() = 0;
 };
 
@@ -54,7 +62,8 @@ struct InProcessAttentionOptions {
 
 // Host KV cache (runtime/kv) + DecodeAttentionCpu. Prefill runs through the same kernel: each
 // prompt row is a query whose range ends at its own position, which makes it causal.
-// Head dims are the kernel's (64, 128, 256).
+// StartAttend computes at once (FinishAttend only checks), so micro-batches run one after the
+// other. Head dims are the kernel's (64, 128, 256).
 class InProcessAttention : public AttentionStep {
  public:
   static absl::StatusOr<std::unique_ptr<InProcessAttention>> Create(
@@ -64,8 +73,9 @@ class InProcessAttention : public AttentionStep {
   absl::Status FreeSequence(kv::SequenceId seq) override;
   absl::StatusOr<int64_t> Length(kv::SequenceId seq) const override;
   absl::Status BeginStep(std::span<const StepRow> rows) override;
-  absl::Status Attend(int layer, const float* q, const float* k, const float* v,
-                      float* out) override;
+  absl::Status StartAttend(int layer, int64_t first_row, int64_t num_rows, const float* q,
+                           const float* k, const float* v, float* out) override;
+  absl::Status FinishAttend(int layer, int64_t first_row) override;
   absl::Status EndStep() override;
 
   kv::KvCache& cache() { return *cache_; }
@@ -86,6 +96,8 @@ class InProcessAttention : public AttentionStep {
   int64_t num_rows_ = 0;
   std::vector<Run> runs_;
   std::vector<int32_t> indptr_, block_table_, seq_lens_;
+  std::vector<int32_t> range_indptr_;
+  std::vector<std::pair<int, int64_t>> started_;  // (layer, first row) attended, not finished
   std::vector<float> lse_;
   std::vector<uint16_t> k_half_, v_half_;  // staging for bf16 / fp16 caches
 };

@@ -1,5 +1,6 @@
 #include "runtime/model/decoder.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -8,16 +9,86 @@
 
 namespace ferry::model {
 
-Decoder::Decoder(const Model& model, AttentionStep& attention)
+Decoder::Decoder(const Model& model, AttentionStep& attention, DecoderOptions options)
     : model_(model),
       attention_(attention),
+      options_(options),
       inv_freq_(RopeInvFreq(model.config.rope, model.config.head_dim)) {}
+
+std::vector<Decoder::RowRange> Decoder::MicroBatches(std::span<const SeqChunk> chunks,
+                                                     int64_t rows) const {
+  const int64_t batches =
+      std::min<int64_t>(std::max(1, options_.micro_batches), static_cast<int64_t>(chunks.size()));
+  std::vector<RowRange> ranges;
+  int64_t start = 0, end = 0;
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    end += static_cast<int64_t>(chunks[i].tokens.size());
+    const int64_t cut = static_cast<int64_t>(ranges.size()) + 1;  // the cut this could be
+    const int64_t chunks_after = static_cast<int64_t>(chunks.size() - i - 1);
+    if (cut < batches && end * batches >= rows * cut && chunks_after >= batches - cut) {
+      ranges.push_back({start, end - start});
+      start = end;
+    }
+  }
+  ranges.push_back({start, rows - start});
+  return ranges;
+}
+
+void Decoder::DenseIn(int layer, RowRange range) {
+  const ModelConfig& c = model_.config;
+  const int hidden = c.hidden_size, hd = c.head_dim;
+  const int q_out = c.num_heads * hd, kv_out = c.num_kv_heads * hd;
+  const int qkv_out = q_out + 2 * kv_out;
+  const LayerWeights& w = model_.layers[layer];
+  const int64_t r0 = range.first, n = range.count;
+  RmsNorm(&x_[r0 * hidden], w.input_norm.data(), n, hidden, c.rms_norm_eps, &h_[r0 * hidden]);
+  Linear(&h_[r0 * hidden], n, hidden, w.wqkv.data(), qkv_out,
+         w.bqkv.empty() ? nullptr : w.bqkv.data(), &qkv_[r0 * qkv_out]);
+  for (int64_t i = r0; i < r0 + n; ++i) {
+    const float* row = &qkv_[i * qkv_out];
+    float* q = &q_[i * q_out];
+    float* k = &k_[i * kv_out];
+    std::memcpy(q, row, q_out * sizeof(float));
+    std::memcpy(k, row + q_out, kv_out * sizeof(float));
+    std::memcpy(&v_[i * kv_out], row + q_out + kv_out, kv_out * sizeof(float));
+    ApplyRope(q, c.num_heads, hd, &cos_sin_[i * hd]);
+    ApplyRope(k, c.num_kv_heads, hd, &cos_sin_[i * hd]);
+  }
+}
+
+absl::Status Decoder::StartAttend(int layer, RowRange range) {
+  const ModelConfig& c = model_.config;
+  const int64_t q_out = int64_t{c.num_heads} * c.head_dim;
+  const int64_t kv_out = int64_t{c.num_kv_heads} * c.head_dim;
+  const int64_t r0 = range.first;
+  return attention_.StartAttend(layer, r0, range.count, &q_[r0 * q_out], &k_[r0 * kv_out],
+                                &v_[r0 * kv_out], &attn_[r0 * q_out]);
+}
+
+void Decoder::DenseOut(int layer, RowRange range) {
+  const ModelConfig& c = model_.config;
+  const int hidden = c.hidden_size, inter = c.intermediate_size;
+  const int q_out = c.num_heads * c.head_dim;
+  const LayerWeights& w = model_.layers[layer];
+  const int64_t r0 = range.first, n = range.count;
+  Linear(&attn_[r0 * q_out], n, q_out, w.wo.data(), hidden, w.bo.empty() ? nullptr : w.bo.data(),
+         &x_[r0 * hidden], /*accumulate=*/true);
+  RmsNorm(&x_[r0 * hidden], w.post_norm.data(), n, hidden, c.rms_norm_eps, &h_[r0 * hidden]);
+  Linear(&h_[r0 * hidden], n, hidden, w.w_gate_up.data(), 2 * inter, nullptr,
+         &gate_up_[r0 * 2 * inter]);
+  SwiGlu(&gate_up_[r0 * 2 * inter], n, inter, &act_[r0 * inter]);
+  Linear(&act_[r0 * inter], n, inter, w.w_down.data(), hidden, nullptr, &x_[r0 * hidden],
+         /*accumulate=*/true);
+}
 
 absl::Status Decoder::Forward(std::span<const SeqChunk> chunks, std::vector<float>* logits) {
   const ModelConfig& c = model_.config;
   const int hidden = c.hidden_size, hd = c.head_dim, inter = c.intermediate_size;
   const int q_out = c.num_heads * hd, kv_out = c.num_kv_heads * hd;
   const int qkv_out = q_out + 2 * kv_out;
+  if (options_.micro_batches < 1) {
+    return absl::InvalidArgumentError("decoder: micro_batches must be at least 1");
+  }
 
   rows_.clear();
   for (const SeqChunk& chunk : chunks) {
@@ -71,28 +142,20 @@ absl::Status Decoder::Forward(std::span<const SeqChunk> chunks, std::vector<floa
     }
   }
 
+  const std::vector<RowRange> batches = MicroBatches(chunks, n);
+  for (const RowRange& batch : batches) {
+    DenseIn(0, batch);
+    FERRY_RETURN_IF_ERROR(StartAttend(0, batch));
+  }
   for (int l = 0; l < c.num_layers; ++l) {
-    const LayerWeights& w = model_.layers[l];
-    RmsNorm(x_.data(), w.input_norm.data(), n, hidden, c.rms_norm_eps, h_.data());
-    Linear(h_.data(), n, hidden, w.wqkv.data(), qkv_out, w.bqkv.empty() ? nullptr : w.bqkv.data(),
-           qkv_.data());
-    for (int64_t i = 0; i < n; ++i) {
-      const float* row = &qkv_[i * qkv_out];
-      float* q = &q_[i * q_out];
-      float* k = &k_[i * kv_out];
-      std::memcpy(q, row, q_out * sizeof(float));
-      std::memcpy(k, row + q_out, kv_out * sizeof(float));
-      std::memcpy(&v_[i * kv_out], row + q_out + kv_out, kv_out * sizeof(float));
-      ApplyRope(q, c.num_heads, hd, &cos_sin_[i * hd]);
-      ApplyRope(k, c.num_kv_heads, hd, &cos_sin_[i * hd]);
+    for (const RowRange& batch : batches) {
+      FERRY_RETURN_IF_ERROR(attention_.FinishAttend(l, batch.first));
+      DenseOut(l, batch);
+      if (l + 1 < c.num_layers) {
+        DenseIn(l + 1, batch);
+        FERRY_RETURN_IF_ERROR(StartAttend(l + 1, batch));
+      }
     }
-    FERRY_RETURN_IF_ERROR(attention_.Attend(l, q_.data(), k_.data(), v_.data(), attn_.data()));
-    Linear(attn_.data(), n, q_out, w.wo.data(), hidden, w.bo.empty() ? nullptr : w.bo.data(),
-           x_.data(), /*accumulate=*/true);
-    RmsNorm(x_.data(), w.post_norm.data(), n, hidden, c.rms_norm_eps, h_.data());
-    Linear(h_.data(), n, hidden, w.w_gate_up.data(), 2 * inter, nullptr, gate_up_.data());
-    SwiGlu(gate_up_.data(), n, inter, act_.data());
-    Linear(act_.data(), n, inter, w.w_down.data(), hidden, nullptr, x_.data(), /*accumulate=*/true);
   }
   FERRY_RETURN_IF_ERROR(attention_.EndStep());
 

@@ -9,6 +9,13 @@
 // one GEMM over every row of the batch. Output: logits of each chunk's last token,
 // (num_chunks, vocab) float32 row-major. Numerics: float32 weights and activations (checkpoint.h
 // explains why), sums of squares in double.
+// Micro-batch pipelining (options.micro_batches = K > 1): the step's rows are cut, at chunk
+// boundaries, into up to K micro-batches of about equal rows; per layer each micro-batch's
+// attention is started (AttentionStep::StartAttend) as soon as its q, k, v exist, and while it
+// runs (on attention workers) the decoder runs the other micro-batches' dense work:
+//   for m: dense-in(0, m), start(0, m)
+//   for l: for m: finish(l, m), dense-out(l, m), and unless l is last: dense-in(l+1, m), start(l+1, m)
+// Every row sees the same arithmetic as without micro-batches (the dense ops are row-wise).
 // Ownership: the Decoder borrows the Model and the AttentionStep, which must outlive it.
 // Threads: one Forward at a time (scratch buffers are members).
 #pragma once
@@ -29,9 +36,13 @@ struct SeqChunk {
   std::span<const int32_t> tokens;
 };
 
+struct DecoderOptions {
+  int micro_batches = 1;  // >= 1
+};
+
 class Decoder {
  public:
-  Decoder(const Model& model, AttentionStep& attention);
+  Decoder(const Model& model, AttentionStep& attention, DecoderOptions options = {});
 
   absl::Status Forward(std::span<const SeqChunk> chunks, std::vector<float>* logits);
 
@@ -39,8 +50,21 @@ class Decoder {
   AttentionStep& attention() { return attention_; }
 
  private:
+  // Rows [first, first + count) of the step, at chunk boundaries.
+  struct RowRange {
+    int64_t first;
+    int64_t count;
+  };
+  std::vector<RowRange> MicroBatches(std::span<const SeqChunk> chunks, int64_t rows) const;
+  // A layer's dense work on a range of rows: before attention (norm, QKV, RoPE: x_ to q_, k_,
+  // v_) and after it (o projection, residual, norm, MLP: attn_ to x_).
+  void DenseIn(int layer, RowRange range);
+  void DenseOut(int layer, RowRange range);
+  absl::Status StartAttend(int layer, RowRange range);
+
   const Model& model_;
   AttentionStep& attention_;
+  const DecoderOptions options_;
   std::vector<float> inv_freq_;
   // Scratch, reused across calls.
   std::vector<StepRow> rows_;

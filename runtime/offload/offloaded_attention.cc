@@ -281,23 +281,19 @@ absl::Status OffloadedAttention::BeginStep(std::span<const model::StepRow> rows)
   return absl::OkStatus();
 }
 
-absl::Status OffloadedAttention::Attend(int layer, const float* q, const float* k,
-                                        const float* v, float* out) {
-  const int64_t num_rows = runs_.empty() ? 0 : runs_.back().first_row + runs_.back().count;
-  FERRY_RETURN_IF_ERROR(StartRange(layer, 0, num_rows, q, k, v, out));
-  return FinishRange(0);
-}
-
 absl::Status OffloadedAttention::WorkerError(int worker, const absl::Status& status) const {
   return absl::Status(status.code(),
                       absl::StrCat("worker ", worker_ids_[worker], ": ", status.message()));
 }
 
-absl::Status OffloadedAttention::StartRange(int layer, int64_t first_row, int64_t num_rows,
-                                            const float* q, const float* k, const float* v,
-                                            float* out) {
+absl::Status OffloadedAttention::StartAttend(int layer, int64_t first_row, int64_t num_rows,
+                                             const float* q, const float* k, const float* v,
+                                             float* out) {
   if (!in_step_) return absl::FailedPreconditionError("attention outside a step");
-  if (pending_.count(first_row) != 0) {
+  if (layer < 0 || layer >= options_.shape.num_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range"));
+  }
+  if (pending_.count({layer, first_row}) != 0) {
     return absl::FailedPreconditionError(absl::StrCat("rows from ", first_row, " already sent"));
   }
   PendingRange pending;
@@ -327,12 +323,12 @@ absl::Status OffloadedAttention::StartRange(int layer, int64_t first_row, int64_
   for (size_t run : prefill_runs) {
     FERRY_RETURN_IF_ERROR(StartPrefillRun(pending, run, q, k_staging_.data(), v_staging_.data()));
   }
-  pending_.emplace(first_row, std::move(pending));
+  pending_.emplace(std::make_pair(layer, first_row), std::move(pending));
   return absl::OkStatus();
 }
 
-absl::Status OffloadedAttention::FinishRange(int64_t first_row) {
-  auto it = pending_.find(first_row);
+absl::Status OffloadedAttention::FinishAttend(int layer, int64_t first_row) {
+  auto it = pending_.find({layer, first_row});
   if (it == pending_.end()) {
     return absl::FailedPreconditionError(absl::StrCat("no attention sent for rows from ",
                                                       first_row));

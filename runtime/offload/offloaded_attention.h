@@ -16,8 +16,9 @@
 //    shards' partial states are merged (attention_state.h), so attention stays exact.
 // A new shard goes to the accepting worker with the most KV bytes free (its capacity less the KV
 // this coordinator holds there, which is exact and current, unlike a heartbeat's figure).
-// Per layer: decode rows (one new token) go to every worker at once (AttentionClient::
-// StartAttendLayer), one round trip: a tail shard's worker appends the new k, v and attends in
+// Per layer and micro-batch (a range of the step's rows, AttentionStep): StartAttend sends and
+// returns, FinishAttend gathers. Decode rows (one new token) go to every worker at once
+// (AttentionClient::StartAttendLayer), one round trip: a tail shard's worker appends the new k, v and attends in
 // the same message, earlier shards' workers attend over what they hold; prompt chunks go by
 // Prefill to the tail (with k, v) and to the earlier shards (without), and the per-query states
 // are merged in shard order.
@@ -70,8 +71,9 @@ class OffloadedAttention : public model::AttentionStep {
   absl::Status FreeSequence(kv::SequenceId seq) override;
   absl::StatusOr<int64_t> Length(kv::SequenceId seq) const override;
   absl::Status BeginStep(std::span<const model::StepRow> rows) override;
-  absl::Status Attend(int layer, const float* q, const float* k, const float* v,
-                      float* out) override;
+  absl::Status StartAttend(int layer, int64_t first_row, int64_t num_rows, const float* q,
+                           const float* k, const float* v, float* out) override;
+  absl::Status FinishAttend(int layer, int64_t first_row) override;
   absl::Status EndStep() override;
 
   // Where a sequence's KV lives, for tests and metrics: per group, per shard in position order.
@@ -143,11 +145,6 @@ class OffloadedAttention : public model::AttentionStep {
   absl::Status OpenShard(kv::SequenceId seq, Sequence& sequence, int group,
                          int64_t first_position);
   absl::Status MigrateOffDrainingWorkers();
-  // Sends the attention of the rows [first_row, first_row + num_rows) (whole runs); q, k, v and
-  // out point at the range's first row. FinishRange gathers it into out.
-  absl::Status StartRange(int layer, int64_t first_row, int64_t num_rows, const float* q,
-                          const float* k, const float* v, float* out);
-  absl::Status FinishRange(int64_t first_row);
   absl::Status StartDecodeRows(PendingRange& pending, const float* q, const uint8_t* k,
                                const uint8_t* v);
   absl::Status StartPrefillRun(PendingRange& pending, size_t run, const float* q,
@@ -167,7 +164,7 @@ class OffloadedAttention : public model::AttentionStep {
   std::map<kv::SequenceId, Sequence> sequences_;
   std::vector<Run> runs_;
   bool in_step_ = false;
-  std::map<int64_t, PendingRange> pending_;      // by first row
+  std::map<std::pair<int, int64_t>, PendingRange> pending_;  // by (layer, first row)
   std::vector<uint8_t> k_staging_, v_staging_;   // k, v in the KV dtype
 };
 

@@ -40,6 +40,7 @@ struct Flags {
   bool strict = false;
   std::string shard = "sequence";
   int head_groups = 0;
+  int micro_batches = 1;
   int64_t shard_positions = 0;
   std::string ucx_tls;
   std::string ucx_cm = "tcp";
@@ -87,6 +88,11 @@ int main(int argc, char** argv) {
                  "KV-head groups per sequence with --shard=heads (divides the model's KV heads; "
                  "0: one group per KV head)")
       ->check(CLI::Range(0, 1024));
+  app.add_option("--micro-batches", flags.micro_batches,
+                 "split each step's batch so one part's dense layers run while another's "
+                 "attention is on the workers")
+      ->check(CLI::Range(1, 8))
+      ->capture_default_str();
   app.add_option("--shard-positions", flags.shard_positions,
                  "open a new shard on another worker every N positions (0: one worker per "
                  "sequence)")
@@ -175,7 +181,9 @@ int main(int argc, char** argv) {
     if (!offloaded.ok()) return Fail(offloaded.status());
     attention = std::move(*offloaded);
   }
-  ferry::model::Decoder decoder(**model, *attention);
+  ferry::model::DecoderOptions decoder_options;
+  decoder_options.micro_batches = flags.micro_batches;
+  ferry::model::Decoder decoder(**model, *attention, decoder_options);
 
   ferry::scheduler::BatchSchedulerOptions scheduler_options;
   scheduler_options.max_running = flags.max_batch;

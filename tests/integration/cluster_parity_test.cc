@@ -113,7 +113,12 @@ TEST(ClusterHeadGroupTest, OneSequencesHeadGroupsLandOnDistinctWorkers) {
 INSTANTIATE_TEST_SUITE_P(
     Placements, ClusterParityTest,
     ::testing::Values(Mode{"by_sequence_range", {"--shard", "sequence", "--shard-positions", "48"}},
-                      Mode{"by_head_group", {"--shard", "heads"}}),
+                      Mode{"by_head_group", {"--shard", "heads"}},
+                      Mode{"by_sequence_range_2_micro_batches",
+                           {"--shard", "sequence", "--shard-positions", "48", "--micro-batches",
+                            "2"}},
+                      Mode{"by_head_group_2_micro_batches",
+                           {"--shard", "heads", "--micro-batches", "2"}}),
     [](const ::testing::TestParamInfo<Mode>& info) { return std::string(info.param.name); });
 
 }  // namespace
