@@ -1,5 +1,6 @@
 #include "runtime/offload/attention_client.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -170,6 +171,7 @@ absl::StatusOr<PartialStates> AttentionClient::ReadStates(const ReplyFrame& repl
   out.lse.resize(states);
   std::memcpy(out.o.data(), reply.payload(), out.o.size() * 4);
   std::memcpy(out.lse.data(), reply.payload() + out.o.size() * 4, out.lse.size() * 4);
+  out.worker_seconds = std::max(0, reply.header.shape[3]) * 1e-6;
   return out;
 }
 
@@ -374,7 +376,9 @@ absl::StatusOr<AttentionClient::LayerResult> AttentionClient::FinishAttendLayer(
     const std::vector<int>& batch_index = pending.batch_index[p];
     absl::StatusOr<ReplyFrame> reply = Finish(call.worker, call.header, call.future);
     absl::Status status = reply.status();
+    double seconds = 0;
     if (reply.ok()) {
+      seconds = std::max(0, reply->header.shape[3]) * 1e-6;
       const int n = static_cast<int>(batch_index.size());
       if (reply->header.shape[0] != n || reply->header.shape[1] != num_q_heads ||
           reply->header.payload_bytes != static_cast<uint64_t>(n) * row * 4 + n * num_q_heads * 4) {
@@ -396,6 +400,7 @@ absl::StatusOr<AttentionClient::LayerResult> AttentionClient::FinishAttendLayer(
       for (int index : batch_index) result.complete[index] = false;
     }
     result.shard_status.push_back(std::move(status));
+    result.shard_seconds.push_back(seconds);
   }
   result.merged.o.resize(num_states * head_dim);
   result.merged.lse.resize(num_states);

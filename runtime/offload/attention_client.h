@@ -45,10 +45,12 @@ struct SequenceEntry {
   int64_t position = 0;  // OpenSequence: first position held; AppendKv: the position appended
 };
 
-// Partial states: o (n, num_q_heads, head_dim) and lse (n, num_q_heads), float32.
+// Partial states: o (n, num_q_heads, head_dim) and lse (n, num_q_heads), float32, and the time
+// the worker reported spending on them.
 struct PartialStates {
   std::vector<float> o;
   std::vector<float> lse;
+  double worker_seconds = 0;
 };
 
 // A reply frame whose header was checked and whose status was OK.
@@ -123,6 +125,7 @@ class AttentionClient {
   struct LayerResult {
     PartialStates merged;                    // (batch, num_q_heads, ...) merged over shards
     std::vector<absl::Status> shard_status;  // one per shard
+    std::vector<double> shard_seconds;       // per shard: the worker's reported time (0: failed)
     std::vector<bool> complete;              // per batch entry: every shard holding it answered
   };
   // q (batch, num_q_heads, head_dim) float32. Fails only on bad arguments; worker failures are

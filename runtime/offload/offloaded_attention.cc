@@ -75,13 +75,16 @@ absl::Status OffloadedAttention::Refresh() {
     Known& known = workers_[endpoint.id];
     if (known.index < 0 || known.host != endpoint.host || known.port != endpoint.port) {
       absl::StatusOr<int> index = client_->AddWorker(endpoint.host, endpoint.port);
-      absl::Status configured =
-          index.ok() ? client_->Configure(*index, worker_shape_).status() : index.status();
-      if (!configured.ok()) {
-        FERRY_LOG_WARN("worker {}: cannot use it yet: {}", endpoint.id, configured.ToString());
+      absl::StatusOr<int64_t> total_blocks =
+          index.ok() ? client_->Configure(*index, worker_shape_) : index.status();
+      if (!total_blocks.ok()) {
+        FERRY_LOG_WARN("worker {}: cannot use it yet: {}", endpoint.id,
+                       total_blocks.status().ToString());
         continue;
       }
       known.index = *index;
+      known.total_blocks = *total_blocks;
+      known.speed = AttentionSpeed();
       known.host = endpoint.host;
       known.port = endpoint.port;
       if (static_cast<int>(worker_ids_.size()) <= *index) worker_ids_.resize(*index + 1);
@@ -89,52 +92,49 @@ absl::Status OffloadedAttention::Refresh() {
       FERRY_LOG_INFO("worker {}: attention connected at {}:{}", endpoint.id, endpoint.host,
                      endpoint.port);
     }
-    known.capacity_bytes = endpoint.capacity_bytes;
     known.accepting = endpoint.accepting;
     known.listed = true;
   }
   return absl::OkStatus();
 }
 
-int64_t OffloadedAttention::GroupPositionBytes() const {
-  return 2 * int64_t{options_.shape.num_layers} * group_kv_heads_ * options_.shape.head_dim *
-         DTypeSize(options_.shape.dtype);
+int64_t OffloadedAttention::LayerPositionBytes() const {
+  return 2 * int64_t{group_kv_heads_} * options_.shape.head_dim * DTypeSize(options_.shape.dtype);
 }
 
-std::vector<int64_t> OffloadedAttention::HeldBytes() const {
-  std::vector<int64_t> held(worker_ids_.size(), 0);
+std::vector<OffloadedAttention::Load> OffloadedAttention::Loads() const {
+  const int64_t block_size = options_.shape.block_size;
+  const int64_t position_bytes = LayerPositionBytes() * options_.shape.num_layers;
+  std::vector<Load> loads(worker_ids_.size());
   for (const auto& [seq, sequence] : sequences_) {
     for (const Group& group : sequence.groups) {
       for (size_t i = 0; i < group.shards.size(); ++i) {
         const int64_t end = i + 1 < group.shards.size() ? group.shards[i + 1].first_position
                                                         : sequence.length;
-        held[group.shards[i].worker] +=
-            (end - group.shards[i].first_position) * GroupPositionBytes();
+        const int64_t held = end - group.shards[i].first_position;
+        Load& load = loads[group.shards[i].worker];
+        load.blocks += (held + block_size - 1) / block_size;
+        load.bytes += held * position_bytes;
       }
     }
   }
-  return held;
+  return loads;
 }
 
-int OffloadedAttention::PickWorker(const std::vector<int>& exclude,
-                                   const std::vector<int>& avoid) const {
-  const std::vector<int64_t> held = HeldBytes();
-  int best = -1;
-  bool best_avoided = true;
-  int64_t best_free = 0;
+int OffloadedAttention::PickWorker(const std::vector<int>& exclude, const std::vector<int>& avoid,
+                                   int64_t blocks) const {
+  const std::vector<Load> loads = Loads();
+  std::vector<PlacementCandidate> candidates;
   for (const auto& [id, known] : workers_) {
     if (!known.listed || !known.accepting || known.index < 0) continue;
     if (Contains(exclude, known.index)) continue;
-    const bool avoided = Contains(avoid, known.index);
-    const int64_t free = known.capacity_bytes - held[known.index];
-    if (best < 0 || (best_avoided && !avoided) ||
-        (best_avoided == avoided && free > best_free)) {
-      best = known.index;
-      best_avoided = avoided;
-      best_free = free;
-    }
+    const Load& load = loads[known.index];
+    candidates.push_back({known.index, known.total_blocks, load.blocks, load.bytes,
+                          known.speed.seconds_per_byte(), Contains(avoid, known.index)});
   }
-  return best;
+  return ChoosePlacement(candidates, blocks,
+                         blocks * options_.shape.block_size * LayerPositionBytes() *
+                             options_.shape.num_layers);
 }
 
 absl::Status OffloadedAttention::OpenShard(kv::SequenceId seq, Sequence& sequence, int group,
@@ -145,7 +145,7 @@ absl::Status OffloadedAttention::OpenShard(kv::SequenceId seq, Sequence& sequenc
       (g == group ? exclude : avoid).push_back(shard.worker);
     }
   }
-  const int worker = PickWorker(exclude, avoid);
+  const int worker = PickWorker(exclude, avoid, 1);
   if (worker < 0) {
     return absl::UnavailableError(absl::StrCat("sequence ", seq, " group ", group,
                                                ": no attention worker can take a new shard"));
@@ -218,10 +218,12 @@ std::vector<OffloadedAttention::ShardInfo> OffloadedAttention::Shards(kv::Sequen
 }
 
 absl::Status OffloadedAttention::MigrateOffDrainingWorkers() {
+  const int64_t block_size = options_.shape.block_size;
   for (auto& [seq, sequence] : sequences_) {
     for (int g = 0; g < static_cast<int>(sequence.groups.size()); ++g) {
-      for (Shard& shard : sequence.groups[g].shards) {
-        const Known& from = workers_[worker_ids_[shard.worker]];
+      std::vector<Shard>& shards = sequence.groups[g].shards;
+      for (size_t p = 0; p < shards.size(); ++p) {
+        const Known& from = KnownWorker(shards[p].worker);
         if (!from.listed || from.accepting) continue;
         std::vector<int> exclude, avoid;
         for (int other = 0; other < static_cast<int>(sequence.groups.size()); ++other) {
@@ -229,13 +231,16 @@ absl::Status OffloadedAttention::MigrateOffDrainingWorkers() {
             (other == g ? exclude : avoid).push_back(s.worker);
           }
         }
-        const int target = PickWorker(exclude, avoid);
+        const int64_t end = p + 1 < shards.size() ? shards[p + 1].first_position : sequence.length;
+        const int64_t blocks = (end - shards[p].first_position + block_size - 1) / block_size;
+        const int target = PickWorker(exclude, avoid, blocks);
         if (target < 0) continue;  // nowhere to go yet; it stays until a worker can take it
-        const Known& to = workers_[worker_ids_[target]];
-        FERRY_RETURN_IF_ERROR(client_->Migrate(shard.worker, WireId(seq, g), to.host, to.port));
+        const Known& to = KnownWorker(target);
+        FERRY_RETURN_IF_ERROR(
+            client_->Migrate(shards[p].worker, WireId(seq, g), to.host, to.port));
         FERRY_LOG_INFO("sequence {} group {}: moved from draining worker {} to {}", seq, g,
-                       worker_ids_[shard.worker], worker_ids_[target]);
-        shard.worker = target;
+                       worker_ids_[shards[p].worker], worker_ids_[target]);
+        shards[p].worker = target;
       }
     }
   }
@@ -358,6 +363,7 @@ absl::Status OffloadedAttention::StartDecodeRows(PendingRange& pending, const fl
   std::vector<float> batch_q(pending.decode_runs.size() * q_row);
   std::map<std::pair<int, bool>, AttentionClient::Shard> by_worker;  // (worker, is tail)
   std::map<std::pair<int, bool>, std::pair<std::vector<uint8_t>, std::vector<uint8_t>>> new_kv;
+  std::map<std::pair<int, bool>, double> kv_bytes;  // what each message's attention reads
   for (size_t i = 0; i < pending.decode_runs.size(); ++i) {
     const Run& run = runs_[pending.decode_runs[i]];
     const int64_t row = run.first_row - pending.first_row;
@@ -369,6 +375,9 @@ absl::Status OffloadedAttention::StartDecodeRows(PendingRange& pending, const fl
         const bool tail = p + 1 == shards.size();
         AttentionClient::Shard& s = by_worker[{shards[p].worker, tail}];
         s.worker = shards[p].worker;
+        const int64_t end = tail ? run.first_position + 1 : shards[p + 1].first_position;
+        kv_bytes[{shards[p].worker, tail}] +=
+            static_cast<double>((end - shards[p].first_position) * LayerPositionBytes());
         s.batch_index.push_back(static_cast<int>(i * num_groups + g));
         s.sequences.push_back(WireId(run.seq, g));
         if (!tail) continue;
@@ -387,6 +396,7 @@ absl::Status OffloadedAttention::StartDecodeRows(PendingRange& pending, const fl
   std::vector<AttentionClient::Shard> shards;
   for (auto& [key, shard] : by_worker) {
     pending.decode_workers.push_back(shard.worker);
+    pending.decode_kv_bytes.push_back(kv_bytes[key]);
     shards.push_back(std::move(shard));
   }
   FERRY_ASSIGN_OR_RETURN(AttentionClient::PendingLayer sent,
@@ -404,6 +414,9 @@ absl::Status OffloadedAttention::FinishDecodeRows(PendingRange& pending) {
     if (!result.shard_status[s].ok()) {
       return WorkerError(pending.decode_workers[s], result.shard_status[s]);
     }
+    Known& known = KnownWorker(pending.decode_workers[s]);
+    known.speed.Observe(result.shard_seconds[s], pending.decode_kv_bytes[s]);
+    known.speed_changed = true;
   }
   // A partial state's o is normalised over its positions: merged over all shards it is the
   // attention output.
@@ -508,6 +521,14 @@ absl::Status OffloadedAttention::EndStep() {
   if (!pending_.empty()) return absl::FailedPreconditionError("EndStep with attention in flight");
   for (const Run& run : runs_) sequences_[run.seq].length += run.count;
   in_step_ = false;
+  for (auto& [id, known] : workers_) {
+    if (!known.speed_changed) continue;
+    known.speed_changed = false;
+    const double seconds_per_byte = known.speed.seconds_per_byte();
+    if (options_.on_worker_speed && seconds_per_byte > 0) {
+      options_.on_worker_speed(id, 1.0 / seconds_per_byte);
+    }
+  }
   return absl::OkStatus();
 }
 

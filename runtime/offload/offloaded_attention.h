@@ -14,8 +14,11 @@
 //    positions or more, the next step opens a new tail shard for that group on another worker at
 //    the current position, so one long sequence spreads over several workers' memory; the
 //    shards' partial states are merged (attention_state.h), so attention stays exact.
-// A new shard goes to the accepting worker with the most KV bytes free (its capacity less the KV
-// this coordinator holds there, which is exact and current, unlike a heartbeat's figure).
+// A new shard goes where placement.h's ChoosePlacement puts it: it weighs each accepting
+// worker's free KV blocks (its capacity, which the worker reports when configured, less what
+// this coordinator holds there: exact and current, unlike a heartbeat's figure) and its measured
+// attention speed (the time workers report in their attention replies, per KV byte read), so
+// mixed slow and fast workers each get the share of KV they can attend in the same time.
 // Per layer and micro-batch (a range of the step's rows, AttentionStep): StartAttend sends and
 // returns, FinishAttend gathers. Decode rows (one new token) go to every worker at once
 // (AttentionClient::StartAttendLayer), one round trip: a tail shard's worker appends the new k, v and attends in
@@ -40,6 +43,7 @@
 
 #include "runtime/model/attention_step.h"
 #include "runtime/offload/attention_client.h"
+#include "runtime/offload/placement.h"
 
 namespace ferry::offload {
 
@@ -47,7 +51,6 @@ struct WorkerEndpoint {
   std::string id;
   std::string host;
   int port = 0;
-  int64_t capacity_bytes = 0;
   bool accepting = true;  // false while draining: holds KV but takes no new sequence
 };
 
@@ -59,6 +62,8 @@ struct OffloadedAttentionOptions {
   ModelShape shape;              // the model's: layers, KV heads, head dim, block size, KV dtype
   int num_head_groups = 1;       // KV-head groups per sequence; divides shape.num_kv_heads
   int64_t shard_positions = 0;   // 0: a group stays on one worker
+  // Called at the end of a step for each worker whose measured speed changed (scheduler thread).
+  std::function<void(const std::string& worker_id, double kv_bytes_per_second)> on_worker_speed;
 };
 
 class OffloadedAttention : public model::AttentionStep {
@@ -106,9 +111,16 @@ class OffloadedAttention : public model::AttentionStep {
     int index = -1;  // in the client
     std::string host;
     int port = 0;
-    int64_t capacity_bytes = 0;
+    int64_t total_blocks = 0;  // as the worker reported when configured
     bool accepting = false;
     bool listed = false;
+    AttentionSpeed speed;
+    bool speed_changed = false;
+  };
+  // What this coordinator holds on one worker.
+  struct Load {
+    int64_t blocks = 0;
+    int64_t bytes = 0;  // KV bytes of the positions held (all layers)
   };
   // A prompt chunk's call to one shard of one group.
   struct PrefillCall {
@@ -124,6 +136,7 @@ class OffloadedAttention : public model::AttentionStep {
     float* out = nullptr;                 // the range's first row
     std::vector<size_t> decode_runs;      // indices in runs_, in batch order
     std::vector<int> decode_workers;      // per shard of `decode`, the worker
+    std::vector<double> decode_kv_bytes;  // per shard of `decode`, the KV bytes it reads
     std::optional<AttentionClient::PendingLayer> decode;
     std::vector<PrefillCall> prefill;
   };
@@ -136,12 +149,14 @@ class OffloadedAttention : public model::AttentionStep {
   }
   // Connects and configures workers the directory lists for the first time; updates the rest.
   absl::Status Refresh();
-  // KV bytes of one position of one group, and what this coordinator holds on each worker.
-  int64_t GroupPositionBytes() const;
-  std::vector<int64_t> HeldBytes() const;
-  // The accepting worker with the most free bytes, not in `exclude` (and, while any other is
-  // left, not in `avoid`); -1 when none.
-  int PickWorker(const std::vector<int>& exclude, const std::vector<int>& avoid) const;
+  // KV bytes of one position of one group in one layer; what this coordinator holds per worker.
+  int64_t LayerPositionBytes() const;
+  std::vector<Load> Loads() const;
+  Known& KnownWorker(int index) { return workers_.at(worker_ids_[index]); }
+  // The accepting worker placement chooses for a new shard of `blocks` blocks, not in `exclude`
+  // (and, while another has room, not in `avoid`); -1 when none has room.
+  int PickWorker(const std::vector<int>& exclude, const std::vector<int>& avoid,
+                 int64_t blocks) const;
   absl::Status OpenShard(kv::SequenceId seq, Sequence& sequence, int group,
                          int64_t first_position);
   absl::Status MigrateOffDrainingWorkers();

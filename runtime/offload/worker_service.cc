@@ -1,6 +1,8 @@
 #include "runtime/offload/worker_service.h"
 
 #include <algorithm>
+#include <chrono>
+#include <climits>
 #include <cmath>
 #include <unordered_set>
 
@@ -20,6 +22,21 @@ absl::Status LengthMismatch(const FrameHeader& header, int64_t expected) {
 }
 
 bool ValidDType(uint8_t dtype) { return dtype >= 1 && dtype <= 3; }
+
+// Puts the microseconds since `start` into an attention reply's shape[3] (its handling time,
+// which the coordinator turns into this worker's attention speed for placement).
+transport::Buffer StampHandlingTime(transport::Buffer reply,
+                                    std::chrono::steady_clock::time_point start) {
+  const int64_t micros = std::chrono::duration_cast<std::chrono::microseconds>(
+                             std::chrono::steady_clock::now() - start)
+                             .count();
+  absl::StatusOr<FrameHeader> header = DecodeFrameHeader(reply.data(), reply.size());
+  if (header.ok()) {
+    header->shape[3] = static_cast<int32_t>(std::min<int64_t>(micros, INT32_MAX));
+    EncodeFrameHeader(*header, reply.data());
+  }
+  return reply;
+}
 
 }  // namespace
 
@@ -315,6 +332,7 @@ absl::StatusOr<transport::Buffer> WorkerService::AppendKv(const FrameHeader& hea
 
 absl::StatusOr<transport::Buffer> WorkerService::Attend(const FrameHeader& header,
                                                         PayloadReader& reader) {
+  const auto start = std::chrono::steady_clock::now();
   FERRY_RETURN_IF_ERROR(RequireConfigured());
   FERRY_RETURN_IF_ERROR(CheckLayer(header));
   FERRY_RETURN_IF_ERROR(CheckKvDtype(header));
@@ -371,11 +389,12 @@ absl::StatusOr<transport::Buffer> WorkerService::Attend(const FrameHeader& heade
   args.state_o = reinterpret_cast<float*>(writer.Reserve(states * config.head_dim * 4));
   args.state_lse = reinterpret_cast<float*>(writer.Reserve(states * 4));
   FERRY_RETURN_IF_ERROR(kernels::DecodeAttentionCpu(args, threads_, plan_));
-  return writer.Finish();
+  return StampHandlingTime(writer.Finish(), start);
 }
 
 absl::StatusOr<transport::Buffer> WorkerService::Prefill(const FrameHeader& header,
                                                          PayloadReader& reader) {
+  const auto start = std::chrono::steady_clock::now();
   FERRY_RETURN_IF_ERROR(RequireConfigured());
   FERRY_RETURN_IF_ERROR(CheckLayer(header));
   FERRY_RETURN_IF_ERROR(CheckKvDtype(header));
@@ -472,7 +491,7 @@ absl::StatusOr<transport::Buffer> WorkerService::Prefill(const FrameHeader& head
     args.state_lse = state_lse + int64_t{start} * num_q_heads;
     FERRY_RETURN_IF_ERROR(kernels::DecodeAttentionCpu(args, threads_, plan_));
   }
-  return writer.Finish();
+  return StampHandlingTime(writer.Finish(), start);
 }
 
 absl::StatusOr<transport::Buffer> WorkerService::FreeSequence(const FrameHeader& header,

@@ -17,13 +17,14 @@
 //                 head dim) in the KV dtype. Each position must be the next one of that layer.
 //   Attend        layer; shape {n, q heads, head dim}; table, q (n, q heads, head dim) float32,
 //                 and with kFlagWithKv the new token's K and V as in AppendKv (appended first).
-//                 Reply shape {n, q heads, head dim}: o (n, q heads, head dim) then lse
-//                 (n, q heads), float32 partial states over the positions this worker holds.
+//                 Reply shape {n, q heads, head dim, microseconds the worker spent on the
+//                 request}: o (n, q heads, head dim) then lse (n, q heads), float32 partial
+//                 states over the positions this worker holds.
 //   Prefill       layer; shape {T, q heads, head dim}; payload {sequence, first position P},
 //                 q (T, q heads, head dim) float32, with kFlagWithKv K and V (T, kv heads,
 //                 head dim) appended at P.. first. Query t (position P + t) attends causally
 //                 over the held positions <= P + t (CPU path: the decode kernel, one query per
-//                 row, 256 queries per call). Reply as Attend, with T states.
+//                 row, 256 queries per call). Reply as Attend, with T states (and the time).
 //   FreeSequence  payload n x {sequence}: returns every block. Reply {i64 blocks freed}.
 //   ExportBlocks  payload {sequence}. Reply shape {layers, kv heads, block size, head dim},
 //                 dtype: the sequence image {sequence, first position, i32 layers, i32 blocks,

@@ -160,6 +160,9 @@ int main(int argc, char** argv) {
     offload_options.shape.block_size = flags.block_size;
     offload_options.shape.dtype = kv_dtype;
     offload_options.shard_positions = flags.shard_positions;
+    offload_options.on_worker_speed = [&registry](const std::string& id, double bytes_per_second) {
+      registry.RecordAttentionThroughput(id, bytes_per_second);
+    };
     if (flags.shard == "heads") {
       offload_options.num_head_groups =
           flags.head_groups > 0 ? flags.head_groups : config.num_kv_heads;
@@ -171,7 +174,6 @@ int main(int argc, char** argv) {
         const size_t colon = worker.data_address.rfind(':');
         endpoints.push_back({worker.worker_id, worker.data_address.substr(0, colon),
                              std::atoi(worker.data_address.c_str() + colon + 1),
-                             worker.kv_capacity_bytes,
                              worker.state == ferry::coordinator::WorkerState::kReady});
       }
       return endpoints;

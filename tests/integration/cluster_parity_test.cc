@@ -1,7 +1,8 @@
 // Token parity of a loaded cluster: 16 concurrent jobs (greedy and seeded sampling, prompts from
 // 1 to 150 tokens) over 3 CPU workers give exactly the tokens of in-process generation with the
 // same seeds, for each KV placement (by sequence range, by KV-head group) and micro-batching.
-// Every worker must have held KV during the run, and every block is freed at the end.
+// Every worker must have held KV during the run and had its attention speed measured, and every
+// block is freed at the end.
 #include <algorithm>
 #include <atomic>
 #include <iostream>
@@ -81,6 +82,11 @@ TEST_P(ClusterParityTest, SixteenJobsOverThreeWorkersGiveTheInProcessTokens) {
   }
   for (int i = 0; i < 3; ++i) EXPECT_TRUE(held[i]) << "worker " << i << " never held KV";
   EXPECT_TRUE(cluster.WaitAllKvFreed(5s)) << "KV left on a worker after every job finished";
+  // Each worker's attention speed was measured (placement weighs it).
+  const ferry::v1::ListWorkersResponse workers = cluster.Workers();
+  for (const auto& w : workers.workers()) {
+    EXPECT_GT(w.attention_bytes_per_second(), 0) << w.worker_id();
+  }
 }
 
 TEST(ClusterHeadGroupTest, OneSequencesHeadGroupsLandOnDistinctWorkers) {
