@@ -19,7 +19,16 @@
 //     of q, k, v, so those buffers are free on return; out must stay valid until FinishAttend.
 //     Ranges of one layer are disjoint; every started range is finished before EndStep.
 //   EndStep()                        once, after the last layer: the rows become part of the
-//                                    sequences' lengths. A failed step leaves lengths unchanged.
+//                                    sequences' lengths.
+// A failed step (any call above returned an error, BeginStep included) is ended by AbortStep():
+// it waits for attention still in flight and puts every sequence's KV back at its length before
+// the step, wherever it is held, so the step can be retried; it returns the sequences the failure
+// belongs to (e.g. their KV was lost with a worker): the caller fails those and may retry the
+// rest. An empty list means the failure is not tied to particular sequences; KV that does not fit
+// is such a failure (RESOURCE_EXHAUSTED: the sequences holding the room are the ones to give way,
+// which is the caller's choice).
+// CheckCapacity(positions) says RESOURCE_EXHAUSTED when a sequence of that many positions could
+// not fit even in all of the KV capacity (a scheduler refuses such a request up front).
 // Softmax scale 1/sqrt(head_dim); GQA maps q head h to KV head h / (num_heads / num_kv_heads).
 // Threads: one step at a time per object; the caller serialises.
 #pragma once
@@ -52,6 +61,8 @@ class AttentionStep {
                                    const float* k, const float* v, float* out) = 0;
   virtual absl::Status FinishAttend(int layer, int64_t first_row) = 0;
   virtual absl::Status EndStep() = 0;
+  virtual std::vector<kv::SequenceId> AbortStep() = 0;
+  virtual absl::Status CheckCapacity(int64_t positions) = 0;
 };
 
 struct InProcessAttentionOptions {
@@ -77,6 +88,8 @@ class InProcessAttention : public AttentionStep {
                            const float* k, const float* v, float* out) override;
   absl::Status FinishAttend(int layer, int64_t first_row) override;
   absl::Status EndStep() override;
+  std::vector<kv::SequenceId> AbortStep() override;
+  absl::Status CheckCapacity(int64_t positions) override;
 
   kv::KvCache& cache() { return *cache_; }
 

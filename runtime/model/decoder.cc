@@ -83,9 +83,8 @@ void Decoder::DenseOut(int layer, RowRange range) {
 
 absl::Status Decoder::Forward(std::span<const SeqChunk> chunks, std::vector<float>* logits) {
   const ModelConfig& c = model_.config;
-  const int hidden = c.hidden_size, hd = c.head_dim, inter = c.intermediate_size;
-  const int q_out = c.num_heads * hd, kv_out = c.num_kv_heads * hd;
-  const int qkv_out = q_out + 2 * kv_out;
+  const int hidden = c.hidden_size;
+  failed_sequences_.clear();
   if (options_.micro_batches < 1) {
     return absl::InvalidArgumentError("decoder: micro_batches must be at least 1");
   }
@@ -120,7 +119,34 @@ absl::Status Decoder::Forward(std::span<const SeqChunk> chunks, std::vector<floa
     }
   }
   const int64_t n = static_cast<int64_t>(rows_.size());
-  FERRY_RETURN_IF_ERROR(attention_.BeginStep(rows_));
+  absl::Status status = attention_.BeginStep(rows_);
+  if (status.ok()) status = RunLayers(chunks, n);
+  if (status.ok()) status = attention_.EndStep();
+  if (!status.ok()) {
+    failed_sequences_ = attention_.AbortStep();
+    return status;
+  }
+
+  // Only each chunk's last row goes through the final norm and the LM head.
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+  last_.resize(num_chunks * hidden);
+  int64_t end = 0;
+  for (int64_t i = 0; i < num_chunks; ++i) {
+    end += static_cast<int64_t>(chunks[i].tokens.size());
+    RmsNorm(&x_[(end - 1) * hidden], model_.final_norm.data(), 1, hidden, c.rms_norm_eps,
+            &last_[i * hidden]);
+  }
+  logits->resize(num_chunks * c.vocab_size);
+  Linear(last_.data(), num_chunks, hidden, model_.lm_head_data(), c.vocab_size, nullptr,
+         logits->data());
+  return absl::OkStatus();
+}
+
+absl::Status Decoder::RunLayers(std::span<const SeqChunk> chunks, int64_t n) {
+  const ModelConfig& c = model_.config;
+  const int hidden = c.hidden_size, hd = c.head_dim, inter = c.intermediate_size;
+  const int q_out = c.num_heads * hd, kv_out = c.num_kv_heads * hd;
+  const int qkv_out = q_out + 2 * kv_out;
 
   x_.resize(n * hidden);
   h_.resize(n * hidden);
@@ -157,20 +183,6 @@ absl::Status Decoder::Forward(std::span<const SeqChunk> chunks, std::vector<floa
       }
     }
   }
-  FERRY_RETURN_IF_ERROR(attention_.EndStep());
-
-  // Only each chunk's last row goes through the final norm and the LM head.
-  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
-  last_.resize(num_chunks * hidden);
-  int64_t end = 0;
-  for (int64_t i = 0; i < num_chunks; ++i) {
-    end += static_cast<int64_t>(chunks[i].tokens.size());
-    RmsNorm(&x_[(end - 1) * hidden], model_.final_norm.data(), 1, hidden, c.rms_norm_eps,
-            &last_[i * hidden]);
-  }
-  logits->resize(num_chunks * c.vocab_size);
-  Linear(last_.data(), num_chunks, hidden, model_.lm_head_data(), c.vocab_size, nullptr,
-         logits->data());
   return absl::OkStatus();
 }
 

@@ -16,6 +16,8 @@
 //   for m: dense-in(0, m), start(0, m)
 //   for l: for m: finish(l, m), dense-out(l, m), and unless l is last: dense-in(l+1, m), start(l+1, m)
 // Every row sees the same arithmetic as without micro-batches (the dense ops are row-wise).
+// A step that fails after BeginStep is ended with AttentionStep::AbortStep (lengths and KV as
+// before the step); failed_sequences() then names the sequences the failure belongs to.
 // Ownership: the Decoder borrows the Model and the AttentionStep, which must outlive it.
 // Threads: one Forward at a time (scratch buffers are members).
 #pragma once
@@ -45,6 +47,8 @@ class Decoder {
   Decoder(const Model& model, AttentionStep& attention, DecoderOptions options = {});
 
   absl::Status Forward(std::span<const SeqChunk> chunks, std::vector<float>* logits);
+  // After a failed Forward: the sequences its failure belongs to (AttentionStep::AbortStep).
+  const std::vector<kv::SequenceId>& failed_sequences() const { return failed_sequences_; }
 
   const Model& model() const { return model_; }
   AttentionStep& attention() { return attention_; }
@@ -61,11 +65,14 @@ class Decoder {
   void DenseIn(int layer, RowRange range);
   void DenseOut(int layer, RowRange range);
   absl::Status StartAttend(int layer, RowRange range);
+  // The layers of a step whose rows are set up (x_ embedded): BeginStep done, EndStep not.
+  absl::Status RunLayers(std::span<const SeqChunk> chunks, int64_t rows);
 
   const Model& model_;
   AttentionStep& attention_;
   const DecoderOptions options_;
   std::vector<float> inv_freq_;
+  std::vector<kv::SequenceId> failed_sequences_;
   // Scratch, reused across calls.
   std::vector<StepRow> rows_;
   std::vector<float> x_, h_, qkv_, q_, k_, v_, attn_, gate_up_, act_, cos_sin_, last_;

@@ -258,6 +258,23 @@ absl::StatusOr<int64_t> AttentionClient::FreeSequences(int worker,
   return freed;
 }
 
+absl::StatusOr<int64_t> AttentionClient::Truncate(int worker,
+                                                  absl::Span<const SequenceEntry> entries) {
+  FERRY_RETURN_IF_ERROR(CheckWorker(worker));
+  FrameHeader header = NewHeader(FrameType::kTruncate, 0, 16 * entries.size());
+  header.shape[0] = static_cast<int32_t>(entries.size());
+  FrameWriter writer(header, node_->buffers());
+  for (const SequenceEntry& entry : entries) {
+    writer.U64(entry.sequence);
+    writer.I64(entry.position);
+  }
+  FERRY_ASSIGN_OR_RETURN(ReplyFrame reply, Call(worker, header, writer.Finish()));
+  int64_t freed = 0;
+  if (reply.header.payload_bytes == 8) std::memcpy(&freed, reply.payload(), 8);
+  node_->buffers().Release(std::move(reply.frame));
+  return freed;
+}
+
 absl::Status AttentionClient::Migrate(int from_worker, uint64_t sequence,
                                       const std::string& to_host, int to_port) {
   FERRY_RETURN_IF_ERROR(CheckWorker(from_worker));

@@ -103,6 +103,9 @@ class AttentionClient {
   absl::StatusOr<PartialStates> FinishPrefill(PendingCall& call);
   // Returns the number of blocks freed.
   absl::StatusOr<int64_t> FreeSequences(int worker, absl::Span<const uint64_t> sequences);
+  // Cuts each sequence back to the positions before entry.position (worker_service.h); returns
+  // the number of blocks freed.
+  absl::StatusOr<int64_t> Truncate(int worker, absl::Span<const SequenceEntry> entries);
   // Moves a sequence's KV from one worker to another, worker to worker.
   absl::Status Migrate(int from_worker, uint64_t sequence, const std::string& to_host,
                        int to_port);

@@ -85,6 +85,7 @@ absl::Status OffloadedAttention::Refresh() {
       known.index = *index;
       known.total_blocks = *total_blocks;
       known.speed = AttentionSpeed();
+      known.failed = false;
       known.host = endpoint.host;
       known.port = endpoint.port;
       if (static_cast<int>(worker_ids_.size()) <= *index) worker_ids_.resize(*index + 1);
@@ -94,6 +95,10 @@ absl::Status OffloadedAttention::Refresh() {
     }
     known.accepting = endpoint.accepting;
     known.listed = true;
+  }
+  // A failed worker that left the directory is connected afresh if it comes back.
+  for (auto& [id, known] : workers_) {
+    if (!known.listed && known.failed) known.index = -1;
   }
   return absl::OkStatus();
 }
@@ -114,7 +119,9 @@ std::vector<OffloadedAttention::Load> OffloadedAttention::Loads() const {
         const int64_t held = end - group.shards[i].first_position;
         Load& load = loads[group.shards[i].worker];
         load.blocks += (held + block_size - 1) / block_size;
-        load.bytes += held * position_bytes;
+        // A shard counts at least one block's positions: one just opened holds nothing yet, but
+        // sequences placed in the same step must still spread out.
+        load.bytes += std::max(held, block_size) * position_bytes;
       }
     }
   }
@@ -122,14 +129,16 @@ std::vector<OffloadedAttention::Load> OffloadedAttention::Loads() const {
 }
 
 int OffloadedAttention::PickWorker(const std::vector<int>& exclude, const std::vector<int>& avoid,
-                                   int64_t blocks) const {
+                                   int64_t blocks, const std::vector<int64_t>& reserved) const {
   const std::vector<Load> loads = Loads();
   std::vector<PlacementCandidate> candidates;
   for (const auto& [id, known] : workers_) {
-    if (!known.listed || !known.accepting || known.index < 0) continue;
+    if (!known.listed || !known.accepting || known.failed || known.index < 0) continue;
     if (Contains(exclude, known.index)) continue;
     const Load& load = loads[known.index];
-    candidates.push_back({known.index, known.total_blocks, load.blocks, load.bytes,
+    const int64_t promised =
+        known.index < static_cast<int>(reserved.size()) ? reserved[known.index] : 0;
+    candidates.push_back({known.index, known.total_blocks, load.blocks + promised, load.bytes,
                           known.speed.seconds_per_byte(), Contains(avoid, known.index)});
   }
   return ChoosePlacement(candidates, blocks,
@@ -137,24 +146,30 @@ int OffloadedAttention::PickWorker(const std::vector<int>& exclude, const std::v
                              options_.shape.num_layers);
 }
 
-absl::Status OffloadedAttention::OpenShard(kv::SequenceId seq, Sequence& sequence, int group,
-                                           int64_t first_position) {
+absl::StatusOr<int> OffloadedAttention::OpenShard(kv::SequenceId seq, Sequence& sequence,
+                                                  int group, int64_t first_position,
+                                                  int64_t blocks,
+                                                  const std::vector<int64_t>& reserved) {
   std::vector<int> exclude, avoid;
   for (int g = 0; g < static_cast<int>(sequence.groups.size()); ++g) {
     for (const Shard& shard : sequence.groups[g].shards) {
       (g == group ? exclude : avoid).push_back(shard.worker);
     }
   }
-  const int worker = PickWorker(exclude, avoid, 1);
+  const int worker = PickWorker(exclude, avoid, blocks, reserved);
   if (worker < 0) {
-    return absl::UnavailableError(absl::StrCat("sequence ", seq, " group ", group,
-                                               ": no attention worker can take a new shard"));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "sequence ", seq, " group ", group, ": no attention worker has room for ", blocks,
+        " more KV blocks"));
   }
   const SequenceEntry entry{WireId(seq, group), first_position};
-  FERRY_RETURN_IF_ERROR(
-      client_->OpenSequences(worker, {&entry, 1}, group * group_kv_heads_));
+  absl::Status opened = client_->OpenSequences(worker, {&entry, 1}, group * group_kv_heads_);
+  if (!opened.ok()) {
+    NoteFailure(worker, opened, {});
+    return WorkerError(worker, opened);
+  }
   sequence.groups[group].shards.push_back({worker, first_position});
-  return absl::OkStatus();
+  return worker;
 }
 
 absl::Status OffloadedAttention::AddSequence(kv::SequenceId seq) {
@@ -165,7 +180,7 @@ absl::Status OffloadedAttention::AddSequence(kv::SequenceId seq) {
   Sequence sequence;
   sequence.groups.resize(options_.num_head_groups);
   for (int g = 0; g < options_.num_head_groups; ++g) {
-    absl::Status opened = OpenShard(seq, sequence, g, 0);
+    absl::Status opened = OpenShard(seq, sequence, g, 0).status();
     if (!opened.ok()) {
       for (int done = 0; done < g; ++done) {
         const uint64_t id = WireId(seq, done);
@@ -236,8 +251,12 @@ absl::Status OffloadedAttention::MigrateOffDrainingWorkers() {
         const int target = PickWorker(exclude, avoid, blocks);
         if (target < 0) continue;  // nowhere to go yet; it stays until a worker can take it
         const Known& to = KnownWorker(target);
-        FERRY_RETURN_IF_ERROR(
-            client_->Migrate(shards[p].worker, WireId(seq, g), to.host, to.port));
+        absl::Status moved = client_->Migrate(shards[p].worker, WireId(seq, g), to.host, to.port);
+        if (!moved.ok()) {  // it stays where it is; the next step tries again
+          FERRY_LOG_WARN("sequence {} group {}: moving off draining worker {} failed: {}", seq, g,
+                         worker_ids_[shards[p].worker], moved.ToString());
+          continue;
+        }
         FERRY_LOG_INFO("sequence {} group {}: moved from draining worker {} to {}", seq, g,
                        worker_ids_[shards[p].worker], worker_ids_[target]);
         shards[p].worker = target;
@@ -250,6 +269,7 @@ absl::Status OffloadedAttention::MigrateOffDrainingWorkers() {
 absl::Status OffloadedAttention::BeginStep(std::span<const model::StepRow> rows) {
   in_step_ = false;  // a failed step ends without EndStep
   pending_.clear();
+  failed_.clear();
   FERRY_RETURN_IF_ERROR(Refresh());
   FERRY_RETURN_IF_ERROR(MigrateOffDrainingWorkers());
   runs_.clear();
@@ -275,15 +295,70 @@ absl::Status OffloadedAttention::BeginStep(std::span<const model::StepRow> rows)
     for (int g = 0; g < static_cast<int>(sequence.groups.size()); ++g) {
       const int64_t tail_held = sequence.length - sequence.groups[g].shards.back().first_position;
       if (options_.shard_positions > 0 && tail_held >= options_.shard_positions) {
-        absl::Status opened = OpenShard(run.seq, sequence, g, sequence.length);
+        const int64_t blocks =
+            (run.count + options_.shape.block_size - 1) / options_.shape.block_size;
+        absl::StatusOr<int> opened = OpenShard(run.seq, sequence, g, sequence.length, blocks);
         if (!opened.ok()) {  // no other worker: the tail keeps growing
-          FERRY_LOG_DEBUG("sequence {}: {}", run.seq, opened.ToString());
+          FERRY_LOG_DEBUG("sequence {}: {}", run.seq, opened.status().ToString());
         }
       }
     }
   }
+  FERRY_RETURN_IF_ERROR(ReserveStepBlocks());
   in_step_ = true;
   return absl::OkStatus();
+}
+
+absl::Status OffloadedAttention::ReserveStepBlocks() {
+  const int64_t block_size = options_.shape.block_size;
+  auto blocks_for = [block_size](int64_t positions) {
+    return (positions + block_size - 1) / block_size;
+  };
+  const std::vector<Load> loads = Loads();
+  std::vector<int64_t> reserved(worker_ids_.size(), 0);
+  for (const Run& run : runs_) {
+    Sequence& sequence = sequences_.at(run.seq);
+    for (int g = 0; g < static_cast<int>(sequence.groups.size()); ++g) {
+      // A copy: opening a new shard below grows the shard list.
+      const Shard tail = sequence.groups[g].shards.back();
+      const int64_t held = sequence.length - tail.first_position;
+      const int64_t needed = blocks_for(held + run.count) - blocks_for(held);
+      const Known& known = KnownWorker(tail.worker);
+      if (needed <= known.total_blocks - loads[tail.worker].blocks - reserved[tail.worker]) {
+        reserved[tail.worker] += needed;
+        continue;
+      }
+      // The tail's worker is full: the group continues on a new shard where there is room.
+      const int64_t fresh = blocks_for(run.count);
+      absl::StatusOr<int> spilled =
+          OpenShard(run.seq, sequence, g, sequence.length, fresh, reserved);
+      if (spilled.ok()) {
+        FERRY_LOG_INFO("sequence {} group {}: worker {} is full; continuing on {}", run.seq, g,
+                       worker_ids_[tail.worker], worker_ids_[*spilled]);
+        reserved[*spilled] += fresh;
+        continue;
+      }
+      // Not tied to this sequence (the others hold the room it lacks): the caller decides who
+      // gives way.
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "kv cache full: sequence ", run.seq, " needs ", needed, " more blocks on worker ",
+          worker_ids_[tail.worker], " and no worker has room for ", fresh));
+    }
+  }
+  return absl::OkStatus();
+}
+
+void OffloadedAttention::NoteFailure(int worker, const absl::Status& status,
+                                     const std::vector<kv::SequenceId>& sequences) {
+  failed_.insert(sequences.begin(), sequences.end());
+  Known& known = KnownWorker(worker);
+  // A dead peer (reset, unreachable, keepalive timeout) marks the endpoint; an error reply or a
+  // slow call does not.
+  if (!known.failed && !client_->node().PeerStatus(client_->peer(worker)).ok()) {
+    known.failed = true;
+    FERRY_LOG_WARN("worker {}: {}; it takes no new shards", worker_ids_[worker],
+                   status.ToString());
+  }
 }
 
 absl::Status OffloadedAttention::WorkerError(int worker, const absl::Status& status) const {
@@ -364,6 +439,7 @@ absl::Status OffloadedAttention::StartDecodeRows(PendingRange& pending, const fl
   std::map<std::pair<int, bool>, AttentionClient::Shard> by_worker;  // (worker, is tail)
   std::map<std::pair<int, bool>, std::pair<std::vector<uint8_t>, std::vector<uint8_t>>> new_kv;
   std::map<std::pair<int, bool>, double> kv_bytes;  // what each message's attention reads
+  std::map<std::pair<int, bool>, std::vector<kv::SequenceId>> owners;
   for (size_t i = 0; i < pending.decode_runs.size(); ++i) {
     const Run& run = runs_[pending.decode_runs[i]];
     const int64_t row = run.first_row - pending.first_row;
@@ -380,6 +456,7 @@ absl::Status OffloadedAttention::StartDecodeRows(PendingRange& pending, const fl
             static_cast<double>((end - shards[p].first_position) * LayerPositionBytes());
         s.batch_index.push_back(static_cast<int>(i * num_groups + g));
         s.sequences.push_back(WireId(run.seq, g));
+        owners[{shards[p].worker, tail}].push_back(run.seq);
         if (!tail) continue;
         s.positions.push_back(run.first_position);
         auto& [shard_k, shard_v] = new_kv[{shards[p].worker, true}];
@@ -397,6 +474,7 @@ absl::Status OffloadedAttention::StartDecodeRows(PendingRange& pending, const fl
   for (auto& [key, shard] : by_worker) {
     pending.decode_workers.push_back(shard.worker);
     pending.decode_kv_bytes.push_back(kv_bytes[key]);
+    pending.decode_sequences.push_back(std::move(owners[key]));
     shards.push_back(std::move(shard));
   }
   FERRY_ASSIGN_OR_RETURN(AttentionClient::PendingLayer sent,
@@ -410,14 +488,19 @@ absl::Status OffloadedAttention::FinishDecodeRows(PendingRange& pending) {
   if (!pending.decode.has_value()) return absl::OkStatus();
   FERRY_ASSIGN_OR_RETURN(AttentionClient::LayerResult result,
                          client_->FinishAttendLayer(*pending.decode));
+  absl::Status first_error;
   for (size_t s = 0; s < result.shard_status.size(); ++s) {
+    const int worker = pending.decode_workers[s];
     if (!result.shard_status[s].ok()) {
-      return WorkerError(pending.decode_workers[s], result.shard_status[s]);
+      NoteFailure(worker, result.shard_status[s], pending.decode_sequences[s]);
+      if (first_error.ok()) first_error = WorkerError(worker, result.shard_status[s]);
+      continue;
     }
-    Known& known = KnownWorker(pending.decode_workers[s]);
+    Known& known = KnownWorker(worker);
     known.speed.Observe(result.shard_seconds[s], pending.decode_kv_bytes[s]);
     known.speed_changed = true;
   }
+  FERRY_RETURN_IF_ERROR(first_error);
   // A partial state's o is normalised over its positions: merged over all shards it is the
   // attention output.
   const int64_t q_row = int64_t{options_.num_heads} * options_.shape.head_dim;
@@ -461,7 +544,10 @@ absl::Status OffloadedAttention::StartPrefillRun(PendingRange& pending, size_t r
           shards[p].worker, pending.layer, WireId(run.seq, g), run.first_position,
           static_cast<int>(run.count), group_q_heads_, reinterpret_cast<const float*>(run_q),
           tail ? run_k : nullptr, tail ? run_v : nullptr);
-      if (!call.ok()) return WorkerError(shards[p].worker, call.status());
+      if (!call.ok()) {
+        NoteFailure(shards[p].worker, call.status(), {run.seq});
+        return WorkerError(shards[p].worker, call.status());
+      }
       pending.prefill.push_back({run_index, g, static_cast<int>(p), std::move(*call)});
     }
   }
@@ -491,6 +577,7 @@ absl::Status OffloadedAttention::FinishPrefillRuns(PendingRange& pending) {
       PrefillCall& prefill = pending.prefill[c];
       absl::StatusOr<PartialStates> states = client_->FinishPrefill(prefill.call);
       if (!states.ok()) {
+        NoteFailure(prefill.call.worker, states.status(), {run.seq});
         if (first_error.ok()) first_error = WorkerError(prefill.call.worker, states.status());
         complete = false;
         continue;
@@ -528,6 +615,58 @@ absl::Status OffloadedAttention::EndStep() {
     if (options_.on_worker_speed && seconds_per_byte > 0) {
       options_.on_worker_speed(id, 1.0 / seconds_per_byte);
     }
+  }
+  return absl::OkStatus();
+}
+
+std::vector<kv::SequenceId> OffloadedAttention::AbortStep() {
+  // Nothing may still be on its way to a worker when the appends are undone.
+  for (auto& [key, pending] : pending_) {
+    (void)FinishDecodeRows(pending);
+    (void)FinishPrefillRuns(pending);
+  }
+  pending_.clear();
+  // Only tail shards take appends: cut each back to the sequence's length before the step.
+  std::map<int, std::vector<SequenceEntry>> entries;
+  std::map<int, std::vector<kv::SequenceId>> owners;
+  for (const Run& run : runs_) {
+    auto it = sequences_.find(run.seq);
+    if (it == sequences_.end()) continue;
+    for (int g = 0; g < static_cast<int>(it->second.groups.size()); ++g) {
+      const int worker = it->second.groups[g].shards.back().worker;
+      entries[worker].push_back({WireId(run.seq, g), it->second.length});
+      owners[worker].push_back(run.seq);
+    }
+  }
+  for (const auto& [worker, list] : entries) {
+    absl::StatusOr<int64_t> truncated = client_->Truncate(worker, list);
+    if (!truncated.ok()) {
+      FERRY_LOG_WARN("worker {}: undoing a failed step's appends failed: {}", worker_ids_[worker],
+                     truncated.status().ToString());
+      NoteFailure(worker, truncated.status(), owners[worker]);
+    }
+  }
+  in_step_ = false;
+  runs_.clear();
+  std::vector<kv::SequenceId> failed(failed_.begin(), failed_.end());
+  failed_.clear();
+  return failed;
+}
+
+absl::Status OffloadedAttention::CheckCapacity(int64_t positions) {
+  FERRY_RETURN_IF_ERROR(Refresh());
+  int64_t total_blocks = 0;
+  for (const auto& [id, known] : workers_) {
+    if (known.listed && known.accepting && !known.failed && known.index >= 0) {
+      total_blocks += known.total_blocks;
+    }
+  }
+  const int64_t block_size = options_.shape.block_size;
+  const int64_t needed = options_.num_head_groups * ((positions + block_size - 1) / block_size);
+  if (needed > total_blocks) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "a sequence of ", positions, " positions needs ", needed,
+        " KV blocks; the attention workers have ", total_blocks, " in all"));
   }
   return absl::OkStatus();
 }

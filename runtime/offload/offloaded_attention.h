@@ -25,10 +25,19 @@
 // the same message, earlier shards' workers attend over what they hold; prompt chunks go by
 // Prefill to the tail (with k, v) and to the earlier shards (without), and the per-query states
 // are merged in shard order.
+// KV room: BeginStep checks, in blocks, that every tail shard's worker has room for the step's
+// new positions (the coordinator's count is exact: it is the workers' only client). A tail whose
+// worker is full continues on a new shard on a worker with room; when none has, the step fails
+// with RESOURCE_EXHAUSTED before anything is sent (not tied to a sequence: the scheduler picks
+// the request that gives way).
 // Draining: before each step, shards on workers the directory no longer lists as accepting are
 // migrated worker to worker onto an accepting worker that holds no shard of the same group.
-// Errors: a worker failure fails the step with that worker's status (lengths stay unchanged, as
-// AttentionStep requires); rebuilding a lost worker's KV is the fault-tolerance layer's job.
+// Errors: a worker failure fails the step with that worker's status; the sequences it concerns
+// (those in the failed message) are the step's failed sequences. AbortStep waits for every reply
+// still due and sends Truncate to the tail shards of the step's sequences, so appends of layers
+// that did go through are undone on every worker, and the others can retry the step. A worker
+// whose peer failed takes no new shards until the directory lists it at a new address or after
+// it was unlisted; rebuilding a lost worker's KV is the fault-tolerance layer's job.
 // Threads: the scheduler thread only (as AttentionStep); the directory function must be
 // thread-safe.
 #pragma once
@@ -38,6 +47,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -80,6 +90,8 @@ class OffloadedAttention : public model::AttentionStep {
                            const float* k, const float* v, float* out) override;
   absl::Status FinishAttend(int layer, int64_t first_row) override;
   absl::Status EndStep() override;
+  std::vector<kv::SequenceId> AbortStep() override;
+  absl::Status CheckCapacity(int64_t positions) override;
 
   // Where a sequence's KV lives, for tests and metrics: per group, per shard in position order.
   struct ShardInfo {
@@ -116,11 +128,12 @@ class OffloadedAttention : public model::AttentionStep {
     bool listed = false;
     AttentionSpeed speed;
     bool speed_changed = false;
+    bool failed = false;  // its peer failed: no new shards
   };
   // What this coordinator holds on one worker.
   struct Load {
     int64_t blocks = 0;
-    int64_t bytes = 0;  // KV bytes of the positions held (all layers)
+    int64_t bytes = 0;  // KV bytes of the positions held (all layers; a block at least per shard)
   };
   // A prompt chunk's call to one shard of one group.
   struct PrefillCall {
@@ -137,6 +150,7 @@ class OffloadedAttention : public model::AttentionStep {
     std::vector<size_t> decode_runs;      // indices in runs_, in batch order
     std::vector<int> decode_workers;      // per shard of `decode`, the worker
     std::vector<double> decode_kv_bytes;  // per shard of `decode`, the KV bytes it reads
+    std::vector<std::vector<kv::SequenceId>> decode_sequences;  // per shard of `decode`
     std::optional<AttentionClient::PendingLayer> decode;
     std::vector<PrefillCall> prefill;
   };
@@ -154,11 +168,22 @@ class OffloadedAttention : public model::AttentionStep {
   std::vector<Load> Loads() const;
   Known& KnownWorker(int index) { return workers_.at(worker_ids_[index]); }
   // The accepting worker placement chooses for a new shard of `blocks` blocks, not in `exclude`
-  // (and, while another has room, not in `avoid`); -1 when none has room.
-  int PickWorker(const std::vector<int>& exclude, const std::vector<int>& avoid,
-                 int64_t blocks) const;
-  absl::Status OpenShard(kv::SequenceId seq, Sequence& sequence, int group,
-                         int64_t first_position);
+  // (and, while another has room, not in `avoid`); -1 when none has room. `reserved`: blocks
+  // already promised this step, per worker (may be empty).
+  int PickWorker(const std::vector<int>& exclude, const std::vector<int>& avoid, int64_t blocks,
+                 const std::vector<int64_t>& reserved = {}) const;
+  // Opens a new tail shard of `group` at `first_position` on a worker with room for `blocks`;
+  // returns the worker.
+  absl::StatusOr<int> OpenShard(kv::SequenceId seq, Sequence& sequence, int group,
+                                int64_t first_position, int64_t blocks = 1,
+                                const std::vector<int64_t>& reserved = {});
+  // Checks that every run's tail shards have room for its new positions, opening new tails where
+  // a worker is full; RESOURCE_EXHAUSTED when a run fits nowhere.
+  absl::Status ReserveStepBlocks();
+  // Records a worker's failed call: the sequences it concerns fail, and a dead peer takes no
+  // new shards.
+  void NoteFailure(int worker, const absl::Status& status,
+                   const std::vector<kv::SequenceId>& sequences);
   absl::Status MigrateOffDrainingWorkers();
   absl::Status StartDecodeRows(PendingRange& pending, const float* q, const uint8_t* k,
                                const uint8_t* v);
@@ -179,6 +204,7 @@ class OffloadedAttention : public model::AttentionStep {
   std::map<kv::SequenceId, Sequence> sequences_;
   std::vector<Run> runs_;
   bool in_step_ = false;
+  std::set<kv::SequenceId> failed_;  // of the current step
   std::map<std::pair<int, int64_t>, PendingRange> pending_;  // by (layer, first row)
   std::vector<uint8_t> k_staging_, v_staging_;   // k, v in the KV dtype
 };

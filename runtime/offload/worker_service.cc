@@ -79,6 +79,7 @@ absl::StatusOr<transport::Buffer> WorkerService::Dispatch(const FrameHeader& hea
     case FrameType::kExportBlocks: return ExportBlocks(header, reader);
     case FrameType::kImportBlocks: return ImportBlocks(header, reader);
     case FrameType::kMigrate: return Migrate(header, reader);
+    case FrameType::kTruncate: return Truncate(header, reader);
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown frame type ", header.type));
 }
@@ -659,6 +660,33 @@ absl::StatusOr<transport::Buffer> WorkerService::Migrate(const FrameHeader& head
   FERRY_RETURN_IF_ERROR(cache_->FreeSequence(id));
   sequences_.erase(id);
   return StartReply(header, 0, nullptr, 0).Finish();
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::Truncate(const FrameHeader& header,
+                                                          PayloadReader& reader) {
+  FERRY_RETURN_IF_ERROR(RequireConfigured());
+  FERRY_ASSIGN_OR_RETURN(const int n, CheckBatch(header.shape[0]));
+  if (header.payload_bytes != static_cast<uint64_t>(n * kEntryBytes)) {
+    return LengthMismatch(header, n * kEntryBytes);
+  }
+  FERRY_ASSIGN_OR_RETURN(std::vector<Entry> entries, ReadTable(reader, n, true));
+  for (const Entry& entry : entries) {
+    if (entry.position < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("truncate: sequence ", entry.sequence,
+                                                     ": negative position"));
+    }
+  }
+  int64_t freed = 0;
+  for (const Entry& entry : entries) {
+    Sequence& sequence = sequences_.at(entry.sequence);
+    const int64_t keep = std::max<int64_t>(0, entry.position - sequence.first_position);
+    for (int64_t& length : sequence.layer_lengths) length = std::min(length, keep);
+    FERRY_ASSIGN_OR_RETURN(const int64_t blocks, cache_->Truncate(entry.sequence, keep));
+    freed += blocks;
+  }
+  FrameWriter writer = StartReply(header, 8, nullptr, 0);
+  writer.I64(freed);
+  return writer.Finish();
 }
 
 }  // namespace ferry::offload

@@ -35,6 +35,10 @@
 //   Migrate       payload {sequence, i32 port, i32 host length, host bytes}: this worker sends
 //                 the sequence to the worker at host:port (ImportBlocks) and frees it here once
 //                 that worker accepted it.
+//   Truncate      payload n x {sequence, position}: each sequence keeps only the positions
+//                 before `position` in every layer (at least its first position; nothing is
+//                 added) and returns the blocks beyond them: undoes the appends of a step that
+//                 failed part way, so it can be retried. Reply {i64 blocks freed}.
 // Every field is checked against this worker's state (configured, known sequence, layer in
 // range, dtype and head dim served, lengths that add up, positions in order, sizes within the
 // limits); a bad frame gets an error reply for that request alone and changes nothing. KV that
@@ -113,6 +117,7 @@ class WorkerService {
   absl::StatusOr<transport::Buffer> ImportBlocks(const FrameHeader& header,
                                                  PayloadReader& reader);
   absl::StatusOr<transport::Buffer> Migrate(const FrameHeader& header, PayloadReader& reader);
+  absl::StatusOr<transport::Buffer> Truncate(const FrameHeader& header, PayloadReader& reader);
 
   absl::Status RequireConfigured() const;
   absl::Status CheckLayer(const FrameHeader& header) const;

@@ -205,6 +205,9 @@ int main(int argc, char** argv) {
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
+  // Above the API's own limits (generation.proto: 4 MiB of prompt text, 2^20 prompt ids), so a
+  // request over them gets INVALID_ARGUMENT naming the field; gRPC refuses anything larger.
+  builder.SetMaxReceiveMessageSize(8 << 20);
   int bound_port = 0;
   builder.AddListeningPort(flags.listen, grpc::InsecureServerCredentials(), &bound_port);
   builder.RegisterService(&cluster_service);
