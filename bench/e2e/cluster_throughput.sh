@@ -30,26 +30,10 @@ if [ -z "$model" ]; then
   "$bin/ferry" model make-tiny --out="$model" >/dev/null 2>&1
 fi
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_ready() {  # $1 address, $2 workers expected
-  for _ in $(seq 1 200); do
-    if [ "$2" -eq 0 ]; then
-      "$bin/ferry" cluster status --coordinator="$1" --timeout-ms=300 >/dev/null 2>&1 && return 0
-    else
-      [ "$("$bin/ferry" cluster status --coordinator="$1" --timeout-ms=300 2>/dev/null | grep -c READY)" -ge "$2" ] && return 0
-    fi
-    sleep 0.1
-  done
-  echo "cluster at $1 did not come up" >&2; return 1
-}
-run_load() {  # $1 address -> JSON summary
-  "$bin/ferry" generate --coordinator="$1" --prompt-ids=1,17,42,99,7,3,250,11 \
-    --max-tokens="$max_tokens" --ignore-eos --requests="$requests" --concurrency="$concurrency" --json
-}
-field() { python3 -c "import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])" "$1" "$2"; }
+source bench/e2e/lib.sh
 
 # Baseline: attention in the coordinator's process.
-address=127.0.0.1:$(port)
+address=127.0.0.1:$(free_port)
 "$bin/ferry-coordinator" --model="$model" --listen="$address" --local-attention >"$work/local.log" 2>&1 &
 pids+=($!)
 wait_ready "$address" 0
@@ -58,7 +42,7 @@ local_json=$(run_load "$address")
 kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
 
 # Attention on workers.
-address=127.0.0.1:$(port)
+address=127.0.0.1:$(free_port)
 "$bin/ferry-coordinator" --model="$model" --listen="$address" --ucx-tls=tcp >"$work/coord.log" 2>&1 &
 pids+=($!)
 for i in $(seq 1 "$workers"); do

@@ -1,5 +1,6 @@
 #include "runtime/kv/kv_cache.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -115,6 +116,20 @@ absl::Status KvCache::FreeSequence(SequenceId id) {
   free_list_.insert(free_list_.end(), it->second.blocks.rbegin(), it->second.blocks.rend());
   sequences_.erase(it);
   return absl::OkStatus();
+}
+
+absl::StatusOr<int64_t> KvCache::Truncate(SequenceId id, int64_t num_positions) {
+  FERRY_ASSIGN_OR_RETURN(Sequence * sequence, Find(id));
+  if (num_positions < 0) return absl::InvalidArgumentError("negative truncation");
+  const int64_t keep = (num_positions + config_.block_size - 1) / config_.block_size;
+  int64_t freed = 0;
+  while (static_cast<int64_t>(sequence->blocks.size()) > keep) {
+    free_list_.push_back(sequence->blocks.back());
+    sequence->blocks.pop_back();
+    ++freed;
+  }
+  sequence->length = std::min(sequence->length, num_positions);
+  return freed;
 }
 
 absl::StatusOr<const std::vector<int32_t>*> KvCache::BlockTable(SequenceId id) const {

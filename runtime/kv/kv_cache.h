@@ -79,6 +79,10 @@ class KvCache {
   absl::Status SetLength(SequenceId id, int64_t length);
   // Returns every block of the sequence to the pool and forgets it.
   absl::Status FreeSequence(SequenceId id);
+  // Keeps positions [0, num_positions) (the length is cut to at most that) and returns the blocks
+  // beyond them to the pool: undoes writes and reservations past num_positions. Returns the
+  // number of blocks freed.
+  absl::StatusOr<int64_t> Truncate(SequenceId id, int64_t num_positions);
   absl::StatusOr<const std::vector<int32_t>*> BlockTable(SequenceId id) const;
 
   // Copies K and V rows for positions [first, first + count) of one layer from host memory:

@@ -1,5 +1,6 @@
 #include "runtime/model/attention_step.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -74,8 +75,15 @@ absl::Status GroupStepRows(std::span<const StepRow> rows, const kv::KvCache& cac
 
 absl::Status InProcessAttention::BeginStep(std::span<const StepRow> rows) {
   in_step_ = false;
-  FERRY_RETURN_IF_ERROR(GroupStepRows(rows, *cache_, &runs_));
-  for (const kv::KvAppendRun& run : runs_) {
+  started_.clear();
+  runs_.clear();
+  FERRY_RETURN_IF_ERROR(GroupStepRows(rows, *cache_, &grouped_));
+  int64_t first_row = 0;
+  for (const kv::KvAppendRun& run : grouped_) {
+    runs_.push_back(Run{run.seq, first_row, run.first_position, run.count});
+    first_row += run.count;
+  }
+  for (const Run& run : runs_) {
     FERRY_RETURN_IF_ERROR(cache_->Reserve(run.seq, run.first_position + run.count));
   }
   // One kernel "sequence" per row: the row's block table, its length cut at its own position.
@@ -83,7 +91,7 @@ absl::Status InProcessAttention::BeginStep(std::span<const StepRow> rows) {
   indptr_.assign(1, 0);
   block_table_.clear();
   seq_lens_.clear();
-  for (const kv::KvAppendRun& run : runs_) {
+  for (const Run& run : runs_) {
     FERRY_ASSIGN_OR_RETURN(const std::vector<int32_t>* blocks, cache_->BlockTable(run.seq));
     for (int64_t i = 0; i < run.count; ++i) {
       const int64_t len = run.first_position + i + 1;
@@ -98,15 +106,30 @@ absl::Status InProcessAttention::BeginStep(std::span<const StepRow> rows) {
   return absl::OkStatus();
 }
 
-absl::Status InProcessAttention::Attend(int layer, const float* q, const float* k, const float* v,
-                                        float* out) {
+absl::Status InProcessAttention::StartAttend(int layer, int64_t first_row, int64_t num_rows,
+                                             const float* q, const float* k, const float* v,
+                                             float* out) {
   if (!in_step_) return absl::FailedPreconditionError("attention step: Attend outside a step");
+  if (first_row < 0 || num_rows < 1 || first_row + num_rows > num_rows_) {
+    return absl::InvalidArgumentError(absl::StrCat("attention step: rows [", first_row, ", ",
+                                                   first_row + num_rows, ") outside the step's ",
+                                                   num_rows_));
+  }
+  int64_t covered = 0;
+  for (const Run& run : runs_) {
+    const bool inside = run.first_row >= first_row && run.first_row < first_row + num_rows;
+    if (inside && run.first_row + run.count > first_row + num_rows) covered = -1;
+    if (inside && covered >= 0) covered += run.count;
+  }
+  if (covered != num_rows) {
+    return absl::InvalidArgumentError("attention step: a row range must hold whole sequences");
+  }
   const int64_t row_elems = int64_t{options_.kv.num_kv_heads} * options_.kv.head_dim;
   const DType dtype = options_.kv.dtype;
   const void* k_src = k;
   const void* v_src = v;
   if (dtype != DType::kFloat32) {
-    const int64_t n = num_rows_ * row_elems;
+    const int64_t n = num_rows * row_elems;
     k_half_.resize(n);
     v_half_.resize(n);
     for (int64_t i = 0; i < n; ++i) {
@@ -117,33 +140,76 @@ absl::Status InProcessAttention::Attend(int layer, const float* q, const float* 
     v_src = v_half_.data();
   }
   const int64_t row_bytes = row_elems * DTypeSize(dtype);
-  int64_t first_row = 0;
-  for (const kv::KvAppendRun& run : runs_) {
+  for (const Run& run : runs_) {
+    if (run.first_row < first_row || run.first_row >= first_row + num_rows) continue;
+    const int64_t row = run.first_row - first_row;
     FERRY_RETURN_IF_ERROR(cache_->WriteHost(
         run.seq, layer, run.first_position, run.count,
-        static_cast<const uint8_t*>(k_src) + first_row * row_bytes,
-        static_cast<const uint8_t*>(v_src) + first_row * row_bytes));
-    first_row += run.count;
+        static_cast<const uint8_t*>(k_src) + row * row_bytes,
+        static_cast<const uint8_t*>(v_src) + row * row_bytes));
+  }
+  // The range's rows of the step's per-row block tables, indptr rebased to 0.
+  range_indptr_.resize(num_rows + 1);
+  for (int64_t r = 0; r <= num_rows; ++r) {
+    range_indptr_[r] = indptr_[first_row + r] - indptr_[first_row];
   }
   kernels::DecodeAttentionArgs args;
-  args.num_seqs = static_cast<int>(num_rows_);
+  args.num_seqs = static_cast<int>(num_rows);
   args.num_q_heads = options_.num_heads;
   args.q = q;
   args.kv = cache_->LayerView(layer);
-  args.block_table_indptr = indptr_.data();
-  args.block_table = block_table_.data();
-  args.seq_lens = seq_lens_.data();
+  args.block_table_indptr = range_indptr_.data();
+  args.block_table = block_table_.data() + indptr_[first_row];
+  args.seq_lens = seq_lens_.data() + first_row;
   args.softmax_scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(options_.kv.head_dim)));
   args.state_o = out;  // the whole range is covered, so o is the normalised output
-  args.state_lse = lse_.data();
-  return kernels::DecodeAttentionCpu(args, *pool_);
+  args.state_lse = lse_.data() + first_row * options_.num_heads;
+  FERRY_RETURN_IF_ERROR(kernels::DecodeAttentionCpu(args, *pool_));
+  started_.emplace_back(layer, first_row);
+  return absl::OkStatus();
+}
+
+absl::Status InProcessAttention::FinishAttend(int layer, int64_t first_row) {
+  auto it = std::find(started_.begin(), started_.end(), std::make_pair(layer, first_row));
+  if (it == started_.end()) {
+    return absl::FailedPreconditionError(absl::StrCat("attention step: layer ", layer, " rows from ",
+                                                      first_row, " were not started"));
+  }
+  started_.erase(it);
+  return absl::OkStatus();
 }
 
 absl::Status InProcessAttention::EndStep() {
   if (!in_step_) return absl::FailedPreconditionError("attention step: EndStep outside a step");
+  if (!started_.empty()) {
+    return absl::FailedPreconditionError("attention step: EndStep with attention not finished");
+  }
   in_step_ = false;
-  for (const kv::KvAppendRun& run : runs_) {
+  for (const Run& run : runs_) {
     FERRY_RETURN_IF_ERROR(cache_->SetLength(run.seq, run.first_position + run.count));
+  }
+  return absl::OkStatus();
+}
+
+std::vector<kv::SequenceId> InProcessAttention::AbortStep() {
+  in_step_ = false;
+  started_.clear();
+  // Rows written past a sequence's length are simply overwritten by a retry; only the blocks
+  // reserved for them go back.
+  for (const Run& run : runs_) {
+    absl::StatusOr<int64_t> length = cache_->Length(run.seq);
+    if (length.ok()) (void)cache_->Truncate(run.seq, *length);
+  }
+  runs_.clear();
+  return {};  // in-process attention fails only as a whole (or on room, which is not a sequence's)
+}
+
+absl::Status InProcessAttention::CheckCapacity(int64_t positions) {
+  const int64_t blocks = (positions + options_.kv.block_size - 1) / options_.kv.block_size;
+  if (blocks > cache_->total_blocks()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "a sequence of ", positions, " positions needs ", blocks, " KV blocks; the cache has ",
+        cache_->total_blocks()));
   }
   return absl::OkStatus();
 }

@@ -7,13 +7,29 @@
 // and hold consecutive positions that start at the sequence's current length (a prefill chunk is
 // many rows, a decode step one). Per step the decoder calls:
 //   BeginStep(rows)                  once, before layer 0
-//   Attend(layer, q, k, v, out)      once per layer, in layer order
-//     q   (rows, num_heads, head_dim)     float32, RoPE applied
-//     k,v (rows, num_kv_heads, head_dim)  float32, RoPE applied to k: the rows' new KV entries
-//     out (rows, num_heads, head_dim)     float32: causal attention of each row over positions
-//                                          [0, its position] of its sequence, new rows included
+//   per layer, in layer order, for each micro-batch (a range of rows [first_row, first_row + n)
+//   holding whole sequences' rows; one range of all rows without micro-batching):
+//     StartAttend(layer, first_row, n, q, k, v, out)   sends the range's attention
+//     FinishAttend(layer, first_row)                   waits for it and writes out
+//       q   (n, num_heads, head_dim)     float32, RoPE applied
+//       k,v (n, num_kv_heads, head_dim)  float32, RoPE applied to k: the rows' new KV entries
+//       out (n, num_heads, head_dim)     float32: causal attention of each row over positions
+//                                        [0, its position] of its sequence, new rows included
+//     StartAttend may return before the attention is done (offloaded attention then runs on
+//     the workers while the caller runs another micro-batch's dense layers); it keeps nothing
+//     of q, k, v, so those buffers are free on return; out must stay valid until FinishAttend.
+//     Ranges of one layer are disjoint; every started range is finished before EndStep.
 //   EndStep()                        once, after the last layer: the rows become part of the
-//                                    sequences' lengths. A failed step leaves lengths unchanged.
+//                                    sequences' lengths.
+// A failed step (any call above returned an error, BeginStep included) is ended by AbortStep():
+// it waits for attention still in flight and puts every sequence's KV back at its length before
+// the step, wherever it is held, so the step can be retried; it returns the sequences the failure
+// belongs to (e.g. their KV was lost with a worker): the caller fails those and may retry the
+// rest. An empty list means the failure is not tied to particular sequences; KV that does not fit
+// is such a failure (RESOURCE_EXHAUSTED: the sequences holding the room are the ones to give way,
+// which is the caller's choice).
+// CheckCapacity(positions) says RESOURCE_EXHAUSTED when a sequence of that many positions could
+// not fit even in all of the KV capacity (a scheduler refuses such a request up front).
 // Softmax scale 1/sqrt(head_dim); GQA maps q head h to KV head h / (num_heads / num_kv_heads).
 // Threads: one step at a time per object; the caller serialises.
 #pragma once
@@ -42,23 +58,26 @@ class AttentionStep {
   virtual absl::Status FreeSequence(kv::SequenceId seq) = 0;
   virtual absl::StatusOr<int64_t> Length(kv::SequenceId seq) const = 0;
   virtual absl::Status BeginStep(std::span<const StepRow> rows) = 0;
-  virtual absl::Status Attend(int layer, const float* q, const float* k, const float* v,
-                              float* out) = 0;
+  virtual absl::Status StartAttend(int layer, int64_t first_row, int64_t num_rows, const float* q,
+                                   const float* k, const float* v, float* out) = 0;
+  virtual absl::Status FinishAttend(int layer, int64_t first_row) = 0;
   virtual absl::Status EndStep() = 0;
+  virtual std::vector<kv::SequenceId> AbortStep() = 0;
+  virtual absl::Status CheckCapacity(int64_t positions) = 0;
 
-  // nullptr (the default): Attend takes host pointers and is done when it returns. Otherwise the
-  // step lives on a CUDA device: Attend takes device pointers, enqueues its work on this stream
-  // (a cudaStream_t) and returns at once, and BeginStep's uploads are ordered on the same
-  // stream. Such an Attend launches only work whose arguments depend on the layer, the step's
-  // row count and whether every row is a decode row (one row per sequence), and never waits on
-  // the host, so a decoder may capture a step's Attend calls into a CUDA graph and replay it in
-  // place of the Attend calls of a later step of the same shape, after that step's BeginStep.
+  // nullptr (the default): StartAttend takes host pointers. Otherwise the step lives on a CUDA
+  // device: StartAttend takes device pointers, enqueues its work on this stream (a
+  // cudaStream_t) and returns at once, and BeginStep's uploads are ordered on the same stream.
+  // Such a StartAttend launches only work whose arguments depend on the layer, the step's row
+  // count and whether every row is a decode row (one row per sequence), and never waits on the
+  // host, so a decoder may capture a step's attention calls into a CUDA graph and replay it in
+  // place of the calls of a later step of the same shape, after that step's BeginStep.
   virtual void* device_stream() const { return nullptr; }
 };
 
 // Groups a step's rows into runs (one per sequence, in row order) and checks them against the
 // cache: a sequence's rows contiguous, at consecutive positions that start at its length.
-// INVALID_ARGUMENT otherwise, NOT_FOUND for an unknown sequence. Shared by the in-process steps.
+// INVALID_ARGUMENT otherwise, NOT_FOUND for an unknown sequence. Used by CudaAttention.
 absl::Status GroupStepRows(std::span<const StepRow> rows, const kv::KvCache& cache,
                            std::vector<kv::KvAppendRun>* runs);
 
@@ -70,7 +89,8 @@ struct InProcessAttentionOptions {
 
 // Host KV cache (runtime/kv) + DecodeAttentionCpu. Prefill runs through the same kernel: each
 // prompt row is a query whose range ends at its own position, which makes it causal.
-// Head dims are the kernel's (64, 128, 256).
+// StartAttend computes at once (FinishAttend only checks), so micro-batches run one after the
+// other. Head dims are the kernel's (64, 128, 256).
 class InProcessAttention : public AttentionStep {
  public:
   static absl::StatusOr<std::unique_ptr<InProcessAttention>> Create(
@@ -80,13 +100,22 @@ class InProcessAttention : public AttentionStep {
   absl::Status FreeSequence(kv::SequenceId seq) override;
   absl::StatusOr<int64_t> Length(kv::SequenceId seq) const override;
   absl::Status BeginStep(std::span<const StepRow> rows) override;
-  absl::Status Attend(int layer, const float* q, const float* k, const float* v,
-                      float* out) override;
+  absl::Status StartAttend(int layer, int64_t first_row, int64_t num_rows, const float* q,
+                           const float* k, const float* v, float* out) override;
+  absl::Status FinishAttend(int layer, int64_t first_row) override;
   absl::Status EndStep() override;
+  std::vector<kv::SequenceId> AbortStep() override;
+  absl::Status CheckCapacity(int64_t positions) override;
 
   kv::KvCache& cache() { return *cache_; }
 
  private:
+  struct Run {  // the rows of one sequence in this step
+    kv::SequenceId seq;
+    int64_t first_row;
+    int64_t first_position;
+    int64_t count;
+  };
   InProcessAttention(const InProcessAttentionOptions& options, std::unique_ptr<kv::KvCache> cache);
 
   InProcessAttentionOptions options_;
@@ -94,8 +123,11 @@ class InProcessAttention : public AttentionStep {
   std::unique_ptr<kernels::ThreadPool> pool_;
   bool in_step_ = false;
   int64_t num_rows_ = 0;
-  std::vector<kv::KvAppendRun> runs_;
+  std::vector<Run> runs_;
+  std::vector<kv::KvAppendRun> grouped_;  // GroupStepRows' output, reused
   std::vector<int32_t> indptr_, block_table_, seq_lens_;
+  std::vector<int32_t> range_indptr_;
+  std::vector<std::pair<int, int64_t>> started_;  // (layer, first row) attended, not finished
   std::vector<float> lse_;
   std::vector<uint16_t> k_half_, v_half_;  // staging for bf16 / fp16 caches
 };

@@ -3,7 +3,7 @@
 //
 // KV lives in a kv::CudaKvPool (device pools in DESIGN.md's layout, the host cache's allocator).
 // BeginStep groups the rows into runs (GroupStepRows), reserves blocks and stages the step's
-// tables on the device without a host synchronisation; Attend (device pointers, attention_step.h)
+// tables on the device without a host synchronisation; StartAttend (device pointers, attention_step.h)
 // appends the rows' k/v (float32, converted to the cache dtype) and runs
 //   LeanDecode (kernels/include/ferry/kernels/lean_attention.h) when every row is a decode row,
 //     the cache is bf16/fp16 and the build serves the head dim and group, else
@@ -54,8 +54,13 @@ class CudaAttention : public AttentionStep {
   absl::Status FreeSequence(kv::SequenceId seq) override;
   absl::StatusOr<int64_t> Length(kv::SequenceId seq) const override;
   absl::Status BeginStep(std::span<const StepRow> rows) override;
-  absl::Status Attend(int layer, const float* q, const float* k, const float* v,
-                      float* out) override;
+  // One range of all the step's rows (micro-batches are for offloaded attention): the work is
+  // enqueued on device_stream() and FinishAttend only checks the call order.
+  absl::Status StartAttend(int layer, int64_t first_row, int64_t num_rows, const float* q,
+                           const float* k, const float* v, float* out) override;
+  absl::Status FinishAttend(int layer, int64_t first_row) override;
+  std::vector<kv::SequenceId> AbortStep() override;
+  absl::Status CheckCapacity(int64_t positions) override;
   absl::Status EndStep() override;
   void* device_stream() const override { return stream_; }
 

@@ -13,6 +13,15 @@
 // The CPU backend (this file's two-argument constructor) runs float32 weights and activations
 // (checkpoint.h explains why) with OpenBLAS, sums of squares in double. The CUDA backend
 // (cuda_decoder.h) runs on a GPU with the same model, attention interface and numerics rules.
+// Micro-batch pipelining (CPU backend, options.micro_batches = K > 1): the step's rows are cut,
+// at chunk boundaries, into up to K micro-batches of about equal rows; per layer each
+// micro-batch's attention is started (AttentionStep::StartAttend) as soon as its q, k, v exist,
+// and while it runs (on attention workers) the decoder runs the other micro-batches' dense work:
+//   for m: dense-in(0, m), start(0, m)
+//   for l: for m: finish(l, m), dense-out(l, m), and unless l is last: dense-in(l+1, m), start(l+1, m)
+// Every row sees the same arithmetic as without micro-batches (the dense ops are row-wise).
+// A step that fails is ended with AttentionStep::AbortStep (lengths and KV as before the step);
+// failed_sequences() then names the sequences the failure belongs to.
 // Ownership: the Decoder borrows the Model and the AttentionStep, which must outlive it.
 // Threads: one Forward at a time (scratch buffers are members).
 #pragma once
@@ -42,8 +51,12 @@ struct DecoderStep {
   std::span<const int32_t> last_rows;
 };
 
-// The math of a decoder step on one device. Forward runs the attention step's BeginStep, Attend
-// per layer and EndStep itself, and fills `logits` (num_chunks, vocab) and/or `greedy`
+struct DecoderOptions {
+  int micro_batches = 1;  // >= 1; the CPU backend's (decoder.h's header comment)
+};
+
+// The math of a decoder step on one device. Forward runs the attention step's BeginStep,
+// StartAttend / FinishAttend per layer and EndStep itself (not AbortStep: the Decoder does), and fills `logits` (num_chunks, vocab) and/or `greedy`
 // (num_chunks) where non-null.
 class DecoderBackend {
  public:
@@ -55,7 +68,7 @@ class DecoderBackend {
 class Decoder {
  public:
   // The CPU backend.
-  Decoder(const Model& model, AttentionStep& attention);
+  Decoder(const Model& model, AttentionStep& attention, DecoderOptions options = {});
   // Another backend over the same model and attention step (CreateCudaDecoder builds these).
   Decoder(const Model& model, AttentionStep& attention, std::unique_ptr<DecoderBackend> backend);
   ~Decoder();
@@ -63,15 +76,21 @@ class Decoder {
   absl::Status Forward(std::span<const SeqChunk> chunks, std::vector<float>* logits);
   absl::Status ForwardGreedy(std::span<const SeqChunk> chunks, std::vector<int32_t>* tokens);
 
+  // After a failed Forward: the sequences its failure belongs to (AttentionStep::AbortStep).
+  const std::vector<kv::SequenceId>& failed_sequences() const { return failed_sequences_; }
+
   const Model& model() const { return model_; }
   AttentionStep& attention() { return attention_; }
 
  private:
   absl::Status PrepareStep(std::span<const SeqChunk> chunks);
+  absl::Status RunStep(std::span<const SeqChunk> chunks, std::vector<float>* logits,
+                       std::vector<int32_t>* greedy);
 
   const Model& model_;
   AttentionStep& attention_;
   std::unique_ptr<DecoderBackend> backend_;
+  std::vector<kv::SequenceId> failed_sequences_;
   // The step's rows, reused across calls.
   std::vector<StepRow> rows_;
   std::vector<int32_t> tokens_, last_rows_;

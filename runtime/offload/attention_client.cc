@@ -1,5 +1,6 @@
 #include "runtime/offload/attention_client.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -91,7 +92,7 @@ absl::StatusOr<transport::Buffer> AttentionClient::CallRaw(int worker, transport
   return node_->Await(future);
 }
 
-absl::Status AttentionClient::Configure(int worker, const ModelShape& shape) {
+absl::StatusOr<int64_t> AttentionClient::Configure(int worker, const ModelShape& shape) {
   if (worker < 0 || worker >= num_workers()) return absl::InvalidArgumentError("no such worker");
   FrameHeader header = NewHeader(FrameType::kConfigure, 0, 16);
   header.dtype = static_cast<uint8_t>(shape.dtype);
@@ -103,19 +104,26 @@ absl::Status AttentionClient::Configure(int worker, const ModelShape& shape) {
   writer.F32(shape.softmax_scale);
   writer.I32(shape.plan_workers);
   writer.I32(shape.kv_tile_size);
-  writer.I32(0);
+  writer.I32(shape.model_kv_heads);
   // Configure allocates (and the OS zero-fills) the worker's whole KV pool: its own bound.
   FERRY_ASSIGN_OR_RETURN(ReplyFrame reply,
                          Call(worker, header, writer.Finish(), kConfigureTimeout));
+  int64_t total_blocks = 0;
+  if (reply.header.payload_bytes == 16) std::memcpy(&total_blocks, reply.payload(), 8);
   node_->buffers().Release(std::move(reply.frame));
+  if (total_blocks <= 0) {
+    return absl::InternalError(absl::StrCat("worker ", worker, ": configure reply without blocks"));
+  }
   shapes_[worker] = shape;
-  return absl::OkStatus();
+  return total_blocks;
 }
 
-absl::Status AttentionClient::OpenSequences(int worker, absl::Span<const SequenceEntry> sequences) {
+absl::Status AttentionClient::OpenSequences(int worker, absl::Span<const SequenceEntry> sequences,
+                                            int first_kv_head) {
   FERRY_RETURN_IF_ERROR(CheckWorker(worker));
   FrameHeader header = NewHeader(FrameType::kOpenSequence, 0, 16 * sequences.size());
   header.shape[0] = static_cast<int32_t>(sequences.size());
+  header.shape[1] = first_kv_head;
   FrameWriter writer(header, node_->buffers());
   for (const SequenceEntry& entry : sequences) {
     writer.U64(entry.sequence);
@@ -163,6 +171,7 @@ absl::StatusOr<PartialStates> AttentionClient::ReadStates(const ReplyFrame& repl
   out.lse.resize(states);
   std::memcpy(out.o.data(), reply.payload(), out.o.size() * 4);
   std::memcpy(out.lse.data(), reply.payload() + out.o.size() * 4, out.lse.size() * 4);
+  out.worker_seconds = std::max(0, reply.header.shape[3]) * 1e-6;
   return out;
 }
 
@@ -194,6 +203,14 @@ absl::StatusOr<PartialStates> AttentionClient::Prefill(int worker, int layer, ui
                                                        int64_t first, int tokens,
                                                        int num_q_heads, const float* q,
                                                        const void* k, const void* v) {
+  FERRY_ASSIGN_OR_RETURN(PendingCall call, StartPrefill(worker, layer, sequence, first, tokens,
+                                                        num_q_heads, q, k, v));
+  return FinishPrefill(call);
+}
+
+absl::StatusOr<AttentionClient::PendingCall> AttentionClient::StartPrefill(
+    int worker, int layer, uint64_t sequence, int64_t first, int tokens, int num_q_heads,
+    const float* q, const void* k, const void* v) {
   FERRY_RETURN_IF_ERROR(CheckWorker(worker));
   const ModelShape& shape = shapes_[worker];
   const bool with_kv = k != nullptr && v != nullptr;
@@ -216,8 +233,13 @@ absl::StatusOr<PartialStates> AttentionClient::Prefill(int worker, int layer, ui
     writer.Bytes(k, rows);
     writer.Bytes(v, rows);
   }
-  FERRY_ASSIGN_OR_RETURN(ReplyFrame reply, Call(worker, header, writer.Finish()));
-  absl::StatusOr<PartialStates> states = ReadStates(reply, tokens, num_q_heads);
+  return PendingCall{worker, header, Send(worker, writer.Finish())};
+}
+
+absl::StatusOr<PartialStates> AttentionClient::FinishPrefill(PendingCall& call) {
+  FERRY_ASSIGN_OR_RETURN(ReplyFrame reply, Finish(call.worker, call.header, call.future));
+  absl::StatusOr<PartialStates> states =
+      ReadStates(reply, call.header.shape[0], call.header.shape[1]);
   node_->buffers().Release(std::move(reply.frame));
   return states;
 }
@@ -229,6 +251,23 @@ absl::StatusOr<int64_t> AttentionClient::FreeSequences(int worker,
   header.shape[0] = static_cast<int32_t>(sequences.size());
   FrameWriter writer(header, node_->buffers());
   for (uint64_t id : sequences) writer.U64(id);
+  FERRY_ASSIGN_OR_RETURN(ReplyFrame reply, Call(worker, header, writer.Finish()));
+  int64_t freed = 0;
+  if (reply.header.payload_bytes == 8) std::memcpy(&freed, reply.payload(), 8);
+  node_->buffers().Release(std::move(reply.frame));
+  return freed;
+}
+
+absl::StatusOr<int64_t> AttentionClient::Truncate(int worker,
+                                                  absl::Span<const SequenceEntry> entries) {
+  FERRY_RETURN_IF_ERROR(CheckWorker(worker));
+  FrameHeader header = NewHeader(FrameType::kTruncate, 0, 16 * entries.size());
+  header.shape[0] = static_cast<int32_t>(entries.size());
+  FrameWriter writer(header, node_->buffers());
+  for (const SequenceEntry& entry : entries) {
+    writer.U64(entry.sequence);
+    writer.I64(entry.position);
+  }
   FERRY_ASSIGN_OR_RETURN(ReplyFrame reply, Call(worker, header, writer.Finish()));
   int64_t freed = 0;
   if (reply.header.payload_bytes == 8) std::memcpy(&freed, reply.payload(), 8);
@@ -274,6 +313,13 @@ absl::Status AttentionClient::ImportBlocks(int worker, transport::Buffer image) 
 
 absl::StatusOr<AttentionClient::LayerResult> AttentionClient::AttendLayer(
     int layer, int batch, int num_q_heads, const float* q, absl::Span<const Shard> shards) {
+  FERRY_ASSIGN_OR_RETURN(PendingLayer pending,
+                         StartAttendLayer(layer, batch, num_q_heads, q, shards));
+  return FinishAttendLayer(pending);
+}
+
+absl::StatusOr<AttentionClient::PendingLayer> AttentionClient::StartAttendLayer(
+    int layer, int batch, int num_q_heads, const float* q, absl::Span<const Shard> shards) {
   if (batch < 1 || num_q_heads < 1 || shards.empty()) {
     return absl::InvalidArgumentError("attend-layer: empty batch or no shards");
   }
@@ -298,8 +344,10 @@ absl::StatusOr<AttentionClient::LayerResult> AttentionClient::AttendLayer(
   const size_t row = static_cast<size_t>(num_q_heads) * head_dim;
 
   // Send every shard's request before waiting for any.
-  std::vector<FrameHeader> headers;
-  std::vector<std::future<transport::CallResult>> futures;
+  PendingLayer pending;
+  pending.batch = batch;
+  pending.num_q_heads = num_q_heads;
+  pending.head_dim = head_dim;
   for (const Shard& shard : shards) {
     const ModelShape& shape = shapes_[shard.worker];
     const size_t n = shard.sequences.size();
@@ -322,32 +370,42 @@ absl::StatusOr<AttentionClient::LayerResult> AttentionClient::AttendLayer(
       writer.Bytes(shard.new_k, kv_bytes);
       writer.Bytes(shard.new_v, kv_bytes);
     }
-    headers.push_back(header);
-    futures.push_back(Send(shard.worker, writer.Finish()));
+    pending.batch_index.push_back(shard.batch_index);
+    pending.calls.push_back(PendingCall{shard.worker, header, Send(shard.worker, writer.Finish())});
   }
+  return pending;
+}
 
+absl::StatusOr<AttentionClient::LayerResult> AttentionClient::FinishAttendLayer(
+    PendingLayer& pending) {
+  const int batch = pending.batch, num_q_heads = pending.num_q_heads;
+  const int head_dim = pending.head_dim;
+  const size_t row = static_cast<size_t>(num_q_heads) * head_dim;
   // parts (num_shards, batch * num_q_heads, head_dim): identity where a shard has no part.
   const int64_t num_states = int64_t{batch} * num_q_heads;
-  const int num_parts = static_cast<int>(shards.size());
+  const int num_parts = static_cast<int>(pending.calls.size());
   std::vector<float> parts_o(num_parts * num_states * head_dim, 0.0f);
   std::vector<float> parts_lse(num_parts * num_states, FERRY_EMPTY_LSE);
   LayerResult result;
   result.complete.assign(batch, true);
   for (int p = 0; p < num_parts; ++p) {
-    const Shard& shard = shards[p];
-    absl::StatusOr<ReplyFrame> reply = Finish(shard.worker, headers[p], futures[p]);
+    PendingCall& call = pending.calls[p];
+    const std::vector<int>& batch_index = pending.batch_index[p];
+    absl::StatusOr<ReplyFrame> reply = Finish(call.worker, call.header, call.future);
     absl::Status status = reply.status();
+    double seconds = 0;
     if (reply.ok()) {
-      const int n = static_cast<int>(shard.sequences.size());
+      seconds = std::max(0, reply->header.shape[3]) * 1e-6;
+      const int n = static_cast<int>(batch_index.size());
       if (reply->header.shape[0] != n || reply->header.shape[1] != num_q_heads ||
           reply->header.payload_bytes != static_cast<uint64_t>(n) * row * 4 + n * num_q_heads * 4) {
-        status = absl::InternalError(absl::StrCat("worker ", shard.worker,
+        status = absl::InternalError(absl::StrCat("worker ", call.worker,
                                                   ": attention reply has the wrong shape"));
       } else {
         const float* o = reinterpret_cast<const float*>(reply->payload());
         const float* lse = o + n * row;
         for (int i = 0; i < n; ++i) {
-          const int64_t state = int64_t{shard.batch_index[i]} * num_q_heads;
+          const int64_t state = int64_t{batch_index[i]} * num_q_heads;
           std::memcpy(&parts_o[(p * num_states + state) * head_dim], o + i * row, row * 4);
           std::memcpy(&parts_lse[p * num_states + state], lse + i * num_q_heads,
                       num_q_heads * 4);
@@ -356,9 +414,10 @@ absl::StatusOr<AttentionClient::LayerResult> AttentionClient::AttendLayer(
       node_->buffers().Release(std::move(reply->frame));
     }
     if (!status.ok()) {
-      for (int index : shard.batch_index) result.complete[index] = false;
+      for (int index : batch_index) result.complete[index] = false;
     }
     result.shard_status.push_back(std::move(status));
+    result.shard_seconds.push_back(seconds);
   }
   result.merged.o.resize(num_states * head_dim);
   result.merged.lse.resize(num_states);

@@ -26,9 +26,13 @@
 
 namespace ferry::offload {
 
+// What a worker serves. With sharding by KV-head group, num_kv_heads is one group's heads (what a
+// sequence on the worker holds) and model_kv_heads the model's; q and the new K/V sent for a
+// sequence are its group's heads only.
 struct ModelShape {
   int num_layers = 0;
   int num_kv_heads = 0;
+  int model_kv_heads = 0;  // 0: num_kv_heads
   int head_dim = 0;
   int block_size = 64;
   DType dtype = DType::kBFloat16;
@@ -42,10 +46,12 @@ struct SequenceEntry {
   int64_t position = 0;  // OpenSequence: first position held; AppendKv: the position appended
 };
 
-// Partial states: o (n, num_q_heads, head_dim) and lse (n, num_q_heads), float32.
+// Partial states: o (n, num_q_heads, head_dim) and lse (n, num_q_heads), float32, and the time
+// the worker reported spending on them.
 struct PartialStates {
   std::vector<float> o;
   std::vector<float> lse;
+  double worker_seconds = 0;
 };
 
 // A reply frame whose header was checked and whose status was OK.
@@ -68,21 +74,39 @@ class AttentionClient {
   absl::StatusOr<int> AddWorker(const std::string& host, int port);
   int num_workers() const { return static_cast<int>(peers_.size()); }
 
-  absl::Status Configure(int worker, const ModelShape& shape);
-  absl::Status OpenSequences(int worker, absl::Span<const SequenceEntry> sequences);
+  // Returns the worker's KV blocks in all (its capacity in blocks of this shape).
+  absl::StatusOr<int64_t> Configure(int worker, const ModelShape& shape);
+  // The sequences hold KV heads [first_kv_head, + shape.num_kv_heads) of the model.
+  absl::Status OpenSequences(int worker, absl::Span<const SequenceEntry> sequences,
+                             int first_kv_head = 0);
   // k, v: (n, num_kv_heads, head_dim) in the model's dtype, one row per entry.
   absl::Status AppendKv(int worker, int layer, absl::Span<const SequenceEntry> entries,
                         const void* k, const void* v);
   // q (n, num_q_heads, head_dim) float32 for the listed sequences; states over what it holds.
   absl::StatusOr<PartialStates> Attend(int worker, int layer, absl::Span<const uint64_t> sequences,
                                        int num_q_heads, const float* q);
+  // A request sent and not yet answered (the Start*/Finish* pairs below). Move-only.
+  struct PendingCall {
+    int worker = 0;
+    FrameHeader header;
+    std::future<transport::CallResult> future;
+  };
+
   // A prompt chunk at positions [first, first + tokens): q (tokens, num_q_heads, head_dim);
   // k and v (tokens, num_kv_heads, head_dim) are appended first unless null.
   absl::StatusOr<PartialStates> Prefill(int worker, int layer, uint64_t sequence, int64_t first,
                                         int tokens, int num_q_heads, const float* q,
                                         const void* k, const void* v);
+  // Prefill in two halves: Start sends (q, k, v are copied into the frame), Finish waits.
+  absl::StatusOr<PendingCall> StartPrefill(int worker, int layer, uint64_t sequence,
+                                           int64_t first, int tokens, int num_q_heads,
+                                           const float* q, const void* k, const void* v);
+  absl::StatusOr<PartialStates> FinishPrefill(PendingCall& call);
   // Returns the number of blocks freed.
   absl::StatusOr<int64_t> FreeSequences(int worker, absl::Span<const uint64_t> sequences);
+  // Cuts each sequence back to the positions before entry.position (worker_service.h); returns
+  // the number of blocks freed.
+  absl::StatusOr<int64_t> Truncate(int worker, absl::Span<const SequenceEntry> entries);
   // Moves a sequence's KV from one worker to another, worker to worker.
   absl::Status Migrate(int from_worker, uint64_t sequence, const std::string& to_host,
                        int to_port);
@@ -105,12 +129,26 @@ class AttentionClient {
   struct LayerResult {
     PartialStates merged;                    // (batch, num_q_heads, ...) merged over shards
     std::vector<absl::Status> shard_status;  // one per shard
+    std::vector<double> shard_seconds;       // per shard: the worker's reported time (0: failed)
     std::vector<bool> complete;              // per batch entry: every shard holding it answered
   };
   // q (batch, num_q_heads, head_dim) float32. Fails only on bad arguments; worker failures are
   // in shard_status.
   absl::StatusOr<LayerResult> AttendLayer(int layer, int batch, int num_q_heads, const float* q,
                                           absl::Span<const Shard> shards);
+  // AttendLayer in two halves, so the caller can work while the workers attend: Start checks
+  // and sends every shard's frame (q and the new K/V are copied into them, so the caller's
+  // buffers are free again on return); Finish waits for the replies and merges.
+  struct PendingLayer {
+    int batch = 0;
+    int num_q_heads = 0;
+    int head_dim = 0;
+    std::vector<std::vector<int>> batch_index;  // per shard
+    std::vector<PendingCall> calls;             // per shard
+  };
+  absl::StatusOr<PendingLayer> StartAttendLayer(int layer, int batch, int num_q_heads,
+                                                const float* q, absl::Span<const Shard> shards);
+  absl::StatusOr<LayerResult> FinishAttendLayer(PendingLayer& pending);
 
   // Sends a raw frame (tests: malformed frames) and returns the reply frame unchecked.
   absl::StatusOr<transport::Buffer> CallRaw(int worker, transport::Buffer frame);

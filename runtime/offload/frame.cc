@@ -89,6 +89,7 @@ absl::string_view FrameTypeName(uint16_t type) {
     case FrameType::kExportBlocks: return "export-blocks";
     case FrameType::kImportBlocks: return "import-blocks";
     case FrameType::kMigrate: return "migrate";
+    case FrameType::kTruncate: return "truncate";
   }
   return "unknown";
 }

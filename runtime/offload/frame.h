@@ -46,9 +46,10 @@ enum class FrameType : uint16_t {
   kExportBlocks = 7,
   kImportBlocks = 8,
   kMigrate = 9,
+  kTruncate = 10,
 };
 constexpr uint16_t kReplyBit = 0x8000;
-constexpr uint16_t kMaxFrameType = 9;
+constexpr uint16_t kMaxFrameType = 10;
 
 // Flags of kAttend / kPrefill.
 constexpr uint8_t kFlagWithKv = 1;  // K and V of the new positions follow q (append, then attend)

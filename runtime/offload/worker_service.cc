@@ -1,6 +1,8 @@
 #include "runtime/offload/worker_service.h"
 
 #include <algorithm>
+#include <chrono>
+#include <climits>
 #include <cmath>
 #include <unordered_set>
 
@@ -20,6 +22,21 @@ absl::Status LengthMismatch(const FrameHeader& header, int64_t expected) {
 }
 
 bool ValidDType(uint8_t dtype) { return dtype >= 1 && dtype <= 3; }
+
+// Puts the microseconds since `start` into an attention reply's shape[3] (its handling time,
+// which the coordinator turns into this worker's attention speed for placement).
+transport::Buffer StampHandlingTime(transport::Buffer reply,
+                                    std::chrono::steady_clock::time_point start) {
+  const int64_t micros = std::chrono::duration_cast<std::chrono::microseconds>(
+                             std::chrono::steady_clock::now() - start)
+                             .count();
+  absl::StatusOr<FrameHeader> header = DecodeFrameHeader(reply.data(), reply.size());
+  if (header.ok()) {
+    header->shape[3] = static_cast<int32_t>(std::min<int64_t>(micros, INT32_MAX));
+    EncodeFrameHeader(*header, reply.data());
+  }
+  return reply;
+}
 
 }  // namespace
 
@@ -62,6 +79,7 @@ absl::StatusOr<transport::Buffer> WorkerService::Dispatch(const FrameHeader& hea
     case FrameType::kExportBlocks: return ExportBlocks(header, reader);
     case FrameType::kImportBlocks: return ImportBlocks(header, reader);
     case FrameType::kMigrate: return Migrate(header, reader);
+    case FrameType::kTruncate: return Truncate(header, reader);
   }
   return absl::InvalidArgumentError(absl::StrCat("unknown frame type ", header.type));
 }
@@ -119,6 +137,16 @@ absl::StatusOr<WorkerService::Sequence*> WorkerService::Find(uint64_t sequence) 
   return &it->second;
 }
 
+absl::Status WorkerService::CheckFirstKvHead(int64_t first_kv_head) const {
+  const int held = cache_->config().num_kv_heads;
+  if (first_kv_head < 0 || first_kv_head % held != 0 || first_kv_head + held > model_kv_heads_) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "kv heads from ", first_kv_head, ": a sequence here holds ", held,
+        " kv heads from a multiple of ", held, ", within the model's ", model_kv_heads_));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<WorkerService::Entry>> WorkerService::ReadTable(
     PayloadReader& reader, int n, bool want_known) const {
   std::vector<Entry> entries(n);
@@ -166,21 +194,28 @@ absl::StatusOr<transport::Buffer> WorkerService::Configure(const FrameHeader& he
   config.dtype = static_cast<DType>(header.dtype);
   if (header.payload_bytes != 16) return LengthMismatch(header, 16);
   float scale = 0;
-  int32_t workers = 0, tile = 0, zero = 0;
+  int32_t workers = 0, tile = 0, model_kv_heads = 0;
   reader.F32(&scale);
   reader.I32(&workers);
   reader.I32(&tile);
-  reader.I32(&zero);
+  reader.I32(&model_kv_heads);
   if (!std::isfinite(scale) || scale < 0 || workers < 0 || workers > 1024 || tile < 0 ||
-      tile > (1 << 20) || zero != 0) {
-    return absl::InvalidArgumentError("configure: bad scale, plan or reserved field");
+      tile > (1 << 20)) {
+    return absl::InvalidArgumentError("configure: bad scale or attention plan");
+  }
+  if (model_kv_heads == 0) model_kv_heads = config.num_kv_heads;
+  if (model_kv_heads < config.num_kv_heads || model_kv_heads > 1024 ||
+      model_kv_heads % config.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("configure: the model's ", model_kv_heads,
+                                                   " kv heads are not a multiple of the ",
+                                                   config.num_kv_heads, " a sequence holds"));
   }
   if (cache_ != nullptr) {
     const kv::KvCacheConfig& old = cache_->config();
     const bool same = old.num_layers == config.num_layers &&
                       old.num_kv_heads == config.num_kv_heads &&
                       old.head_dim == config.head_dim && old.block_size == config.block_size &&
-                      old.dtype == config.dtype;
+                      old.dtype == config.dtype && model_kv_heads_ == model_kv_heads;
     if (!same && !sequences_.empty()) {
       return absl::FailedPreconditionError(
           "configure: a different model shape while sequences are held");
@@ -198,6 +233,7 @@ absl::StatusOr<transport::Buffer> WorkerService::Configure(const FrameHeader& he
     }
     cache_ = &backend_->cache();
   }
+  model_kv_heads_ = model_kv_heads;
   softmax_scale_ = scale > 0 ? scale : 1.0f / std::sqrt(static_cast<float>(config.head_dim));
   plan_.num_workers = workers;
   plan_.kv_tile_size = tile > 0 ? tile : kernels::CpuDecodeOptions{}.kv_tile_size;
@@ -211,6 +247,10 @@ absl::StatusOr<transport::Buffer> WorkerService::OpenSequence(const FrameHeader&
                                                               PayloadReader& reader) {
   FERRY_RETURN_IF_ERROR(RequireConfigured());
   FERRY_ASSIGN_OR_RETURN(const int n, CheckBatch(header.shape[0]));
+  FERRY_RETURN_IF_ERROR(CheckFirstKvHead(header.shape[1]));
+  if (header.shape[2] != 0 || header.shape[3] != 0) {
+    return absl::InvalidArgumentError("open-sequence: shape[2] and shape[3] must be 0");
+  }
   if (header.payload_bytes != static_cast<uint64_t>(n * kEntryBytes)) {
     return LengthMismatch(header, n * kEntryBytes);
   }
@@ -226,8 +266,8 @@ absl::StatusOr<transport::Buffer> WorkerService::OpenSequence(const FrameHeader&
   }
   for (const Entry& entry : entries) {
     FERRY_RETURN_IF_ERROR(cache_->AddSequence(entry.sequence));
-    sequences_[entry.sequence] =
-        Sequence{entry.position, std::vector<int64_t>(cache_->config().num_layers, 0)};
+    sequences_[entry.sequence] = Sequence{entry.position, header.shape[1],
+                                          std::vector<int64_t>(cache_->config().num_layers, 0)};
   }
   return StartReply(header, 0, nullptr, 0).Finish();
 }
@@ -304,6 +344,7 @@ absl::StatusOr<transport::Buffer> WorkerService::AppendKv(const FrameHeader& hea
 
 absl::StatusOr<transport::Buffer> WorkerService::Attend(const FrameHeader& header,
                                                         PayloadReader& reader) {
+  const auto start = std::chrono::steady_clock::now();
   FERRY_RETURN_IF_ERROR(RequireConfigured());
   FERRY_RETURN_IF_ERROR(CheckLayer(header));
   FERRY_RETURN_IF_ERROR(CheckKvDtype(header));
@@ -360,11 +401,12 @@ absl::StatusOr<transport::Buffer> WorkerService::Attend(const FrameHeader& heade
   args.state_o = reinterpret_cast<float*>(writer.Reserve(states * config.head_dim * 4));
   args.state_lse = reinterpret_cast<float*>(writer.Reserve(states * 4));
   FERRY_RETURN_IF_ERROR(backend_->Attend(header.layer, args, plan_));
-  return writer.Finish();
+  return StampHandlingTime(writer.Finish(), start);
 }
 
 absl::StatusOr<transport::Buffer> WorkerService::Prefill(const FrameHeader& header,
                                                          PayloadReader& reader) {
+  const auto start = std::chrono::steady_clock::now();
   FERRY_RETURN_IF_ERROR(RequireConfigured());
   FERRY_RETURN_IF_ERROR(CheckLayer(header));
   FERRY_RETURN_IF_ERROR(CheckKvDtype(header));
@@ -431,7 +473,7 @@ absl::StatusOr<transport::Buffer> WorkerService::Prefill(const FrameHeader& head
                                           first - sequence.first_position, tokens, num_q_heads,
                                           softmax_scale_, reinterpret_cast<const float*>(q),
                                           state_o, state_lse, plan_));
-  return writer.Finish();
+  return StampHandlingTime(writer.Finish(), start);
 }
 
 absl::StatusOr<transport::Buffer> WorkerService::FreeSequence(const FrameHeader& header,
@@ -472,13 +514,15 @@ absl::StatusOr<transport::Buffer> WorkerService::ExportImage(uint64_t id, uint64
   header.shape[1] = config.num_kv_heads;
   header.shape[2] = config.block_size;
   header.shape[3] = config.head_dim;
-  header.payload_bytes = 8 + 8 + 4 + 4 + 8 * config.num_layers +
+  header.payload_bytes = 8 + 8 + 4 + 4 + 4 + 4 + 8 * config.num_layers +
                          num_blocks * config.num_layers * 2 * cache_->BlockPoolBytes();
   FrameWriter writer(header, pool_);
   writer.U64(id);
   writer.I64(sequence->first_position);
   writer.I32(config.num_layers);
   writer.I32(static_cast<int32_t>(num_blocks));
+  writer.I32(sequence->first_kv_head);
+  writer.I32(0);
   for (int64_t length : sequence->layer_lengths) writer.I64(length);
   FERRY_RETURN_IF_ERROR(backend_->ExportBlocks(
       *blocks, writer.Reserve(num_blocks * config.num_layers * 2 * cache_->BlockPoolBytes())));
@@ -514,14 +558,15 @@ absl::StatusOr<transport::Buffer> WorkerService::ImportBlocks(const FrameHeader&
   }
   uint64_t id = 0;
   int64_t first = 0;
-  int32_t layers = 0, num_blocks = 0;
+  int32_t layers = 0, num_blocks = 0, first_kv_head = 0, zero = 0;
   if (!reader.U64(&id) || !reader.I64(&first) || !reader.I32(&layers) ||
-      !reader.I32(&num_blocks)) {
+      !reader.I32(&num_blocks) || !reader.I32(&first_kv_head) || !reader.I32(&zero)) {
     return absl::InvalidArgumentError("import-blocks: image header truncated");
   }
-  if (layers != config.num_layers || num_blocks < 0 || first < 0) {
+  if (layers != config.num_layers || num_blocks < 0 || first < 0 || zero != 0) {
     return absl::InvalidArgumentError("import-blocks: bad layer count, block count or position");
   }
+  FERRY_RETURN_IF_ERROR(CheckFirstKvHead(first_kv_head));
   if (sequences_.count(id) != 0) {
     return absl::AlreadyExistsError(absl::StrCat("import-blocks: sequence ", id,
                                                  " already held"));
@@ -557,7 +602,7 @@ absl::StatusOr<transport::Buffer> WorkerService::ImportBlocks(const FrameHeader&
     return copied;
   }
   FERRY_RETURN_IF_ERROR(cache_->SetLength(id, longest));
-  sequences_[id] = Sequence{first, std::move(lengths)};
+  sequences_[id] = Sequence{first, first_kv_head, std::move(lengths)};
   return StartReply(header, 0, nullptr, 0).Finish();
 }
 
@@ -589,6 +634,33 @@ absl::StatusOr<transport::Buffer> WorkerService::Migrate(const FrameHeader& head
   FERRY_RETURN_IF_ERROR(cache_->FreeSequence(id));
   sequences_.erase(id);
   return StartReply(header, 0, nullptr, 0).Finish();
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::Truncate(const FrameHeader& header,
+                                                          PayloadReader& reader) {
+  FERRY_RETURN_IF_ERROR(RequireConfigured());
+  FERRY_ASSIGN_OR_RETURN(const int n, CheckBatch(header.shape[0]));
+  if (header.payload_bytes != static_cast<uint64_t>(n * kEntryBytes)) {
+    return LengthMismatch(header, n * kEntryBytes);
+  }
+  FERRY_ASSIGN_OR_RETURN(std::vector<Entry> entries, ReadTable(reader, n, true));
+  for (const Entry& entry : entries) {
+    if (entry.position < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("truncate: sequence ", entry.sequence,
+                                                     ": negative position"));
+    }
+  }
+  int64_t freed = 0;
+  for (const Entry& entry : entries) {
+    Sequence& sequence = sequences_.at(entry.sequence);
+    const int64_t keep = std::max<int64_t>(0, entry.position - sequence.first_position);
+    for (int64_t& length : sequence.layer_lengths) length = std::min(length, keep);
+    FERRY_ASSIGN_OR_RETURN(const int64_t blocks, cache_->Truncate(entry.sequence, keep));
+    freed += blocks;
+  }
+  FrameWriter writer = StartReply(header, 8, nullptr, 0);
+  writer.I64(freed);
+  return writer.Finish();
 }
 
 }  // namespace ferry::offload

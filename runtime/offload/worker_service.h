@@ -5,32 +5,41 @@
 // Operations (frame.h's header; `n` = shape[0]; table entries are {u64 sequence, i64 position}):
 //   Configure     shape {layers, kv heads, head dim, block size}, dtype; payload {f32 softmax
 //                 scale (0: 1/sqrt(head dim)), i32 cpu workers of the attention plan (0: pool
-//                 size), i32 kv tile, i32 0}. Before any sequence; repeating the same config is
-//                 fine, a different one while sequences live is FAILED_PRECONDITION.
-//                 Reply payload {i64 total blocks, i64 free blocks}.
-//   OpenSequence  payload n x {sequence, first position}: the worker holds the sequence's
-//                 positions from `first position` on (all layers, all KV heads).
+//                 size), i32 kv tile, i32 model kv heads}. `kv heads` is what one sequence here
+//                 holds (the pools' head count); `model kv heads` (0: the same) is the model's,
+//                 a multiple of it when the coordinator shards by KV-head group. Before any
+//                 sequence; repeating the same config is fine, a different one while sequences
+//                 live is FAILED_PRECONDITION. Reply payload {i64 total blocks, i64 free blocks}.
+//   OpenSequence  shape {n, first kv head, 0, 0}; payload n x {sequence, first position}: the
+//                 worker holds the sequences' positions from `first position` on, all layers,
+//                 KV heads [first kv head, + kv heads) of the model (a multiple of kv heads).
 //   AppendKv      layer; shape {n, kv heads, head dim}; table, then K and V (n, kv heads,
 //                 head dim) in the KV dtype. Each position must be the next one of that layer.
 //   Attend        layer; shape {n, q heads, head dim}; table, q (n, q heads, head dim) float32,
 //                 and with kFlagWithKv the new token's K and V as in AppendKv (appended first).
-//                 Reply shape {n, q heads, head dim}: o (n, q heads, head dim) then lse
-//                 (n, q heads), float32 partial states over the positions this worker holds.
+//                 Reply shape {n, q heads, head dim, microseconds the worker spent on the
+//                 request}: o (n, q heads, head dim) then lse (n, q heads), float32 partial
+//                 states over the positions this worker holds.
 //   Prefill       layer; shape {T, q heads, head dim}; payload {sequence, first position P},
 //                 q (T, q heads, head dim) float32, with kFlagWithKv K and V (T, kv heads,
 //                 head dim) appended at P.. first. Query t (position P + t) attends causally
 //                 over the held positions <= P + t (CPU backend: the decode kernel, one query
 //                 per row, 256 queries per call; CUDA: PrefillAttention). Reply as Attend,
-//                 with T states.
+//                 with T states (and the time).
 //   FreeSequence  payload n x {sequence}: returns every block. Reply {i64 blocks freed}.
 //   ExportBlocks  payload {sequence}. Reply shape {layers, kv heads, block size, head dim},
 //                 dtype: the sequence image {sequence, first position, i32 layers, i32 blocks,
-//                 i64 length per layer, then per block, per layer, K block then V block}.
+//                 i32 first kv head, i32 0, i64 length per layer, then per block, per layer,
+//                 K block then V block}.
 //   ImportBlocks  the image as the payload (shape and dtype as in the export reply); creates the
 //                 sequence here.
 //   Migrate       payload {sequence, i32 port, i32 host length, host bytes}: this worker sends
 //                 the sequence to the worker at host:port (ImportBlocks) and frees it here once
 //                 that worker accepted it.
+//   Truncate      payload n x {sequence, position}: each sequence keeps only the positions
+//                 before `position` in every layer (at least its first position; nothing is
+//                 added) and returns the blocks beyond them: undoes the appends of a step that
+//                 failed part way, so it can be retried. Reply {i64 blocks freed}.
 // Every field is checked against this worker's state (configured, known sequence, layer in
 // range, dtype and head dim served, lengths that add up, positions in order, sizes within the
 // limits); a bad frame gets an error reply for that request alone and changes nothing. KV that
@@ -93,6 +102,7 @@ class WorkerService {
  private:
   struct Sequence {
     int64_t first_position = 0;
+    int first_kv_head = 0;               // of the model's KV heads
     std::vector<int64_t> layer_lengths;  // positions held per layer
   };
   struct Entry {
@@ -114,11 +124,13 @@ class WorkerService {
   absl::StatusOr<transport::Buffer> ImportBlocks(const FrameHeader& header,
                                                  PayloadReader& reader);
   absl::StatusOr<transport::Buffer> Migrate(const FrameHeader& header, PayloadReader& reader);
+  absl::StatusOr<transport::Buffer> Truncate(const FrameHeader& header, PayloadReader& reader);
 
   absl::Status RequireConfigured() const;
   absl::Status CheckLayer(const FrameHeader& header) const;
   absl::Status CheckKvDtype(const FrameHeader& header) const;
   absl::StatusOr<int> CheckBatch(int32_t n) const;
+  absl::Status CheckFirstKvHead(int64_t first_kv_head) const;
   absl::StatusOr<std::vector<Entry>> ReadTable(PayloadReader& reader, int n,
                                                bool want_known) const;
   absl::StatusOr<Sequence*> Find(uint64_t sequence);
@@ -138,6 +150,7 @@ class WorkerService {
   transport::BufferPool& pool_;
   std::unique_ptr<AttentionBackend> backend_;
   kv::KvCache* cache_ = nullptr;  // backend_'s
+  int model_kv_heads_ = 0;
   float softmax_scale_ = 1.0f;
   kernels::CpuDecodeOptions plan_;
   std::unordered_map<uint64_t, Sequence> sequences_;

@@ -181,20 +181,37 @@ bool BatchScheduler::Step() {
     ++steps_;
   }
   if (!status.ok()) {
-    // The step changed no sequence's length (AttentionStep's contract), so it can be retried.
-    if (status.code() == absl::StatusCode::kResourceExhausted && parts.size() > 1) {
+    // The decoder aborted the step: every sequence's KV is as before it, so the step can be
+    // retried without the requests the failure belongs to.
+    std::vector<Active*> failing;
+    const std::vector<kv::SequenceId>& culprits = decoder_.failed_sequences();
+    for (const Part& part : parts) {
+      const bool culprit =
+          std::find(culprits.begin(), culprits.end(), part.owner->id) != culprits.end();
+      if (culprit && std::find(failing.begin(), failing.end(), part.owner) == failing.end()) {
+        failing.push_back(part.owner);
+      }
+    }
+    if (failing.empty() && status.code() == absl::StatusCode::kResourceExhausted &&
+        parts.size() > 1) {
+      // Not tied to a sequence: the most recently admitted request gives way.
       Active* newest = parts[0].owner;
       for (const Part& part : parts) newest = part.owner->id > newest->id ? part.owner : newest;
-      FERRY_LOG_WARN("request {}: {}; failing it so the others continue", newest->id,
-                     status.ToString());
-      Finish(*newest, FinishReason::kError, status);
-      std::erase_if(running_, [&](const auto& a) { return a.get() == newest; });
-    } else {
-      FERRY_LOG_ERROR("decoder step failed: {}", status.ToString());
+      failing.push_back(newest);
+    }
+    if (failing.empty()) {
       for (const Part& part : parts) {
-        Finish(*part.owner, FinishReason::kError, status);
-        std::erase_if(running_, [&](const auto& a) { return a.get() == part.owner; });
+        if (std::find(failing.begin(), failing.end(), part.owner) == failing.end()) {
+          failing.push_back(part.owner);
+        }
       }
+    }
+    const bool others_continue = failing.size() < running_.size();
+    for (Active* active : failing) {
+      FERRY_LOG_WARN("request {}: {}{}", active->id, status.ToString(),
+                     others_continue ? "; the others continue" : "");
+      Finish(*active, FinishReason::kError, status);
+      std::erase_if(running_, [&](const auto& a) { return a.get() == active; });
     }
     return true;
   }
@@ -250,6 +267,12 @@ void BatchScheduler::Loop() {
     }
     for (auto& active : admitted) {
       active->admitted = Clock::now();
+      const int64_t positions =
+          static_cast<int64_t>(active->request.prompt.size()) + active->request.max_tokens;
+      if (absl::Status fits = decoder_.attention().CheckCapacity(positions); !fits.ok()) {
+        Finish(*active, FinishReason::kError, fits);
+        continue;
+      }
       if (absl::Status added = decoder_.attention().AddSequence(active->id); !added.ok()) {
         Finish(*active, FinishReason::kError, added);
         continue;

@@ -9,8 +9,13 @@
 // A request finishes on max_tokens (LENGTH), a stop token or, unless ignore_eos, an end token of
 // the model (STOP, the token included), on Cancel (CANCELLED) or on an error (ERROR). Its KV is
 // freed when it finishes, whatever the reason.
-// KV exhaustion: when a step fails with RESOURCE_EXHAUSTED, the most recently admitted request
-// of the step fails with that error and the step is retried without it, so the others go on.
+// A request whose prompt plus max_tokens could never fit in the KV capacity fails at admission
+// with RESOURCE_EXHAUSTED (AttentionStep::CheckCapacity). A failed step has been aborted by the
+// decoder (every sequence's KV as before the step, on every worker); the requests its failure
+// belongs to (Decoder::failed_sequences: their KV did not fit, or was on a worker that failed)
+// finish with ERROR and that status, freeing their KV everywhere, and the others run on in the
+// next step. A RESOURCE_EXHAUSTED not tied to sequences fails the step's most recently admitted
+// request; any other untied failure fails every request of the step.
 // Threads: Submit and Cancel may be called from any thread. Callbacks run on the scheduler
 // thread: keep them short (push to a queue). The Decoder is used only by the scheduler thread.
 #pragma once

@@ -219,6 +219,12 @@ grpc::Status GenerationServiceImpl::Generate(
   timings->set_prompt_tokens(state->timings.prompt_tokens);
   timings->set_generated_tokens(static_cast<int>(generated.size()));
   writer->Write(response);
+  // A job that failed ends the call with its error's code (e.g. RESOURCE_EXHAUSTED when its KV
+  // cannot fit, UNAVAILABLE when the worker holding it died), after the finish message.
+  if (!stopped_by_string && state->reason == scheduler::FinishReason::kError &&
+      !state->error.ok()) {
+    return services::ToGrpcStatus(state->error);
+  }
   return grpc::Status::OK;
 }
 

@@ -2,7 +2,8 @@
 //
 // Generate validates the request (sizes of every repeated field, sampling parameters), turns a
 // text prompt into ids with the model's tokenizer (FAILED_PRECONDITION without one), submits it
-// and streams each token as the scheduler produces it, then one `finished` message. The call's
+// and streams each token as the scheduler produces it, then one `finished` message; a job that
+// failed (reason ERROR) then ends the call with its error's status code. The call's
 // cancellation (client cancel, deadline, broken stream) cancels the request in the scheduler.
 // Stop strings are matched on the decoded text; a match ends the request with reason STOP.
 // Every wait is bounded: the handler polls for cancellation every 50 ms and gives up waiting

@@ -43,6 +43,8 @@ struct Flags {
   int dead_after_ms = 2000;
   bool strict = false;
   std::string shard = "sequence";
+  int head_groups = 0;
+  int micro_batches = 1;
   int64_t shard_positions = 0;
   std::string ucx_tls;
   std::string ucx_cm = "tcp";
@@ -85,8 +87,19 @@ int main(int argc, char** argv) {
   app.add_option("--heartbeat-ms", flags.heartbeat_ms)->check(CLI::Range(10, 600000));
   app.add_option("--dead-after-ms", flags.dead_after_ms)->check(CLI::Range(20, 3600000));
   app.add_flag("--strict", flags.strict, "refuse checkpoints with unused tensors");
-  app.add_option("--shard", flags.shard, "KV placement on workers: by sequence position range")
-      ->check(CLI::IsMember({"sequence"}))
+  app.add_option("--shard", flags.shard,
+                 "KV placement on workers: sequence (whole sequences, position ranges with "
+                 "--shard-positions) or heads (each sequence's KV-head groups on distinct workers)")
+      ->check(CLI::IsMember({"sequence", "heads"}))
+      ->capture_default_str();
+  app.add_option("--head-groups", flags.head_groups,
+                 "KV-head groups per sequence with --shard=heads (divides the model's KV heads; "
+                 "0: one group per KV head)")
+      ->check(CLI::Range(0, 1024));
+  app.add_option("--micro-batches", flags.micro_batches,
+                 "split each step's batch so one part's dense layers run while another's "
+                 "attention is on the workers")
+      ->check(CLI::Range(1, 8))
       ->capture_default_str();
   app.add_option("--shard-positions", flags.shard_positions,
                  "open a new shard on another worker every N positions (0: one worker per "
@@ -170,6 +183,13 @@ int main(int argc, char** argv) {
     offload_options.shape.block_size = flags.block_size;
     offload_options.shape.dtype = kv_dtype;
     offload_options.shard_positions = flags.shard_positions;
+    offload_options.on_worker_speed = [&registry](const std::string& id, double bytes_per_second) {
+      registry.RecordAttentionThroughput(id, bytes_per_second);
+    };
+    if (flags.shard == "heads") {
+      offload_options.num_head_groups =
+          flags.head_groups > 0 ? flags.head_groups : config.num_kv_heads;
+    }
     auto directory = [&registry] {
       std::vector<ferry::offload::WorkerEndpoint> endpoints;
       for (const auto& worker : registry.List()) {
@@ -177,20 +197,27 @@ int main(int argc, char** argv) {
         const size_t colon = worker.data_address.rfind(':');
         endpoints.push_back({worker.worker_id, worker.data_address.substr(0, colon),
                              std::atoi(worker.data_address.c_str() + colon + 1),
-                             worker.kv_capacity_bytes,
                              worker.state == ferry::coordinator::WorkerState::kReady});
       }
       return endpoints;
     };
-    attention = std::make_unique<ferry::offload::OffloadedAttention>(attention_client.get(),
-                                                                     directory, offload_options);
+    auto offloaded = ferry::offload::OffloadedAttention::Create(attention_client.get(), directory,
+                                                                offload_options);
+    if (!offloaded.ok()) return Fail(offloaded.status());
+    attention = std::move(*offloaded);
   }
   // The dense layers: the CPU backend, or CUDA (with attention on the same GPU, or on the host /
   // the workers, q/k/v crossing to the host each layer).
   std::unique_ptr<ferry::model::Decoder> decoder;
   if (*device < 0) {
-    decoder = std::make_unique<ferry::model::Decoder>(**model, *attention);
+    ferry::model::DecoderOptions decoder_options;
+    decoder_options.micro_batches = flags.micro_batches;
+    decoder = std::make_unique<ferry::model::Decoder>(**model, *attention, decoder_options);
   } else {
+    if (flags.micro_batches != 1) {
+      return Fail(absl::InvalidArgumentError(
+          "--micro-batches: pipelining runs on the CPU dense path; with --device cuda it must be 1"));
+    }
     ferry::model::CudaDecoderOptions dense;
     dense.device = *device;
     ferry::ParseDType(flags.weight_dtype, &dense.weight_dtype);
@@ -219,6 +246,9 @@ int main(int argc, char** argv) {
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
+  // Above the API's own limits (generation.proto: 4 MiB of prompt text, 2^20 prompt ids), so a
+  // request over them gets INVALID_ARGUMENT naming the field; gRPC refuses anything larger.
+  builder.SetMaxReceiveMessageSize(8 << 20);
   int bound_port = 0;
   builder.AddListeningPort(flags.listen, grpc::InsecureServerCredentials(), &bound_port);
   builder.RegisterService(&cluster_service);

@@ -105,6 +105,8 @@ std::vector<std::pair<std::string, transport::Buffer>> Seeds(transport::BufferPo
     Put64(p, 0);
     Put32(p, kLayers);
     Put32(p, 1);
+    Put32(p, 0);
+    Put32(p, 0);
     Put64(p, 3);
     Put64(p, 2);
     PutRows(p, size_t{kLayers} * 2 * kBlockSize * kRowBytes);
@@ -118,6 +120,12 @@ std::vector<std::pair<std::string, transport::Buffer>> Seeds(transport::BufferPo
     Put32(p, 9);
     for (char c : std::string("127.0.0.1")) p.push_back(static_cast<uint8_t>(c));
     seeds.emplace_back("migrate", Make(FrameType::kMigrate, 0, 0, {}, p, pool));
+  }
+  {
+    std::vector<uint8_t> p;
+    Put64(p, 1);
+    Put64(p, 10);
+    seeds.emplace_back("truncate", Make(FrameType::kTruncate, 0, 0, {1}, p, pool));
   }
   return seeds;
 }

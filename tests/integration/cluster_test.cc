@@ -3,17 +3,12 @@
 // sequence spread over both workers, draining a worker mid-generation (its KV migrates, the
 // tokens do not change, the worker leaves), and a SIGKILLed worker (its request fails within the
 // bound, the cluster keeps serving).
-#include <filesystem>
+#include <iostream>
 #include <thread>
 
-#include "daemon.h"
-#include "ferry/v1/cluster.grpc.pb.h"
-#include "ferry/v1/generation.grpc.pb.h"
 #include "gtest/gtest.h"
-#include "generation_stream.h"
 #include "in_process_tokens.h"
-#include "runtime/model/tiny_checkpoint.h"
-#include "test_ports.h"
+#include "local_cluster.h"
 
 namespace ferry {
 namespace {
@@ -24,58 +19,18 @@ using testing::StreamResult;
 
 class ClusterTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = std::filesystem::temp_directory_path() /
-           ("ferry_cluster_test_" + std::to_string(getpid()));
-    model::TinyCheckpointOptions tiny;
-    tiny.out_dir = dir_;
-    tiny.seed = 9;
-    ASSERT_TRUE(model::WriteTinyCheckpoint(tiny).ok());
-  }
   void TearDown() override {
-    workers_.clear();
-    coordinator_.reset();
-    std::filesystem::remove_all(dir_);
+    if (HasFailure() && cluster_ != nullptr) std::cerr << cluster_->Logs();
+    cluster_.reset();
   }
 
   void StartCluster(int shard_positions) {
-    address_ = "127.0.0.1:" + std::to_string(testing::UnusedTcpPort());
-    coordinator_ = std::make_unique<testing::Daemon>(
-        FERRY_COORDINATOR_BINARY,
-        std::vector<std::string>{"--model", dir_, "--listen", address_, "--ucx-tls", "tcp",
-                                 "--kv-dtype", "fp32", "--heartbeat-ms", "100",
-                                 "--dead-after-ms", "1500", "--shard-positions",
-                                 std::to_string(shard_positions)},
-        dir_ + "/coordinator.log");
-    for (int i = 0; i < 2; ++i) {
-      workers_.push_back(std::make_unique<testing::Daemon>(
-          FERRY_WORKER_BINARY,
-          std::vector<std::string>{"--coordinator", address_, "--kv-capacity", "67108864",
-                                   "--ucx-tls", "tcp", "--threads", "1", "--worker-id",
-                                   "w" + std::to_string(i), "--drain-timeout", "10"},
-          dir_ + "/worker" + std::to_string(i) + ".log"));
-    }
-    ASSERT_TRUE(coordinator_->WaitHealthy(address_, 20s)) << coordinator_->Log();
-    channel_ = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
-    generation_ = ferry::v1::GenerationService::NewStub(channel_);
-    cluster_ = ferry::v1::ClusterService::NewStub(channel_);
-    for (int i = 0; i < 200 && ReadyWorkers() < 2; ++i) std::this_thread::sleep_for(50ms);
-    ASSERT_EQ(ReadyWorkers(), 2) << workers_[0]->Log();
+    testing::LocalClusterOptions options;
+    options.coordinator_flags = {"--shard-positions", std::to_string(shard_positions)};
+    cluster_ = std::make_unique<testing::LocalCluster>(options);
+    ASSERT_TRUE(cluster_->ok());
   }
 
-  ferry::v1::ListWorkersResponse Workers() {
-    grpc::ClientContext context;
-    context.set_deadline(std::chrono::system_clock::now() + 2s);
-    ferry::v1::ListWorkersResponse response;
-    cluster_->ListWorkers(&context, {}, &response);
-    return response;
-  }
-  int ReadyWorkers() {
-    int ready = 0;
-    const ferry::v1::ListWorkersResponse workers = Workers();
-    for (const auto& w : workers.workers()) ready += w.state() == ferry::v1::WORKER_STATE_READY;
-    return ready;
-  }
   // The worker that reports holding the one running sequence; waits (bounded) for heartbeats.
   std::string HolderOfTheOnlySequence() {
     for (int i = 0; i < 100; ++i) {
@@ -85,36 +40,21 @@ class ClusterTest : public ::testing::Test {
     }
     return "";
   }
-  int SequencesOn(const std::string& id) {
-    const ferry::v1::ListWorkersResponse workers = Workers();
-    for (const auto& w : workers.workers()) {
-      if (w.worker_id() == id) return w.sequences_held();
-    }
-    return -1;
-  }
+  int SequencesOn(const std::string& id) { return cluster_->SequencesOn(id); }
+  ferry::v1::ListWorkersResponse Workers() { return cluster_->Workers(); }
 
   StreamResult Generate(const std::vector<int32_t>& prompt, int max_tokens,
                         std::function<void(int)> on_token = {}) {
-    return testing::ReadGeneration(*generation_, testing::TokenRequest(prompt, max_tokens), 40s,
-                                   on_token);
+    return cluster_->Generate(testing::TokenRequest(prompt, max_tokens), 40s, on_token);
   }
 
   std::vector<int32_t> InProcessTokens(const std::vector<int32_t>& prompt, int max_tokens) {
-    return testing::InProcessTokens(dir_, prompt, max_tokens);
+    return testing::InProcessTokens(cluster_->model_dir(), prompt, max_tokens);
   }
 
-  std::vector<int32_t> Prompt(int length) {
-    std::vector<int32_t> prompt(length);
-    for (int i = 0; i < length; ++i) prompt[i] = (i * 31 + 7) % 500;
-    return prompt;
-  }
+  std::vector<int32_t> Prompt(int length) { return testing::TestPrompt(length); }
 
-  std::string dir_, address_;
-  std::unique_ptr<testing::Daemon> coordinator_;
-  std::vector<std::unique_ptr<testing::Daemon>> workers_;
-  std::shared_ptr<grpc::Channel> channel_;
-  std::unique_ptr<ferry::v1::GenerationService::Stub> generation_;
-  std::unique_ptr<ferry::v1::ClusterService::Stub> cluster_;
+  std::unique_ptr<testing::LocalCluster> cluster_;
 };
 
 TEST_F(ClusterTest, OffloadedAttentionGivesTheTokensOfInProcessAttention) {
@@ -167,14 +107,14 @@ TEST_F(ClusterTest, DrainingAWorkerMovesItsKvAndItLeaves) {
     ferry::v1::DrainWorkerRequest request;
     request.set_worker_id(drained);
     ferry::v1::DrainWorkerResponse response;
-    EXPECT_TRUE(cluster_->DrainWorker(&context, request, &response).ok());
+    EXPECT_TRUE(cluster_->cluster().DrainWorker(&context, request, &response).ok());
   });
-  ASSERT_TRUE(result.status.ok()) << result.status.error_message() << coordinator_->Log();
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
   EXPECT_EQ(result.reason, ferry::v1::FINISH_REASON_LENGTH) << result.error;
   EXPECT_EQ(result.tokens, InProcessTokens(prompt, 150));
   ASSERT_FALSE(drained.empty());
   const int index = drained == "w0" ? 0 : 1;
-  EXPECT_EQ(workers_[index]->Wait(15s), 0) << workers_[index]->Log();
+  EXPECT_EQ(cluster_->worker(index).Wait(15s), 0);
   // Gone from the table once its heartbeats stop; the other one serves on.
   for (int i = 0; i < 100 && Workers().workers_size() != 1; ++i) std::this_thread::sleep_for(50ms);
   EXPECT_EQ(Workers().workers_size(), 1);
@@ -191,7 +131,7 @@ TEST_F(ClusterTest, KilledWorkerFailsItsRequestWithinTheBoundAndTheClusterGoesOn
     if (count != 10) return;
     killed = HolderOfTheOnlySequence();
     if (killed.empty()) return;
-    workers_[killed == "w0" ? 0 : 1]->Signal(SIGKILL);
+    cluster_->worker(killed == "w0" ? 0 : 1).Signal(SIGKILL);
     kill_time = std::chrono::steady_clock::now();
   });
   ASSERT_FALSE(killed.empty());

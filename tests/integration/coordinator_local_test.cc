@@ -105,6 +105,22 @@ TEST_F(CoordinatorLocalTest, DeadlinesAndBadRequestsSpareTheOthers) {
   ferry::v1::GenerateRequest text = Request({}, 4);
   text.set_prompt_text("no tokenizer in this model folder");
   EXPECT_EQ(Generate(*stub_, text).status.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  // Absurd max_tokens: none, negative, or past the model's 4096 positions.
+  for (int max_tokens : {0, -5, 1 << 30, 4094}) {
+    EXPECT_EQ(Generate(*stub_, Request({1, 2, 3}, max_tokens)).status.error_code(),
+              grpc::StatusCode::INVALID_ARGUMENT)
+        << max_tokens;
+  }
+  // Oversized messages: more prompt ids, or more prompt text, than the API takes.
+  std::vector<int32_t> many_ids((1 << 20) + 1, 7);
+  EXPECT_EQ(Generate(*stub_, Request(many_ids, 4)).status.error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  ferry::v1::GenerateRequest long_text = Request({}, 4);
+  long_text.set_prompt_text(std::string((4 << 20) + 1, 'a'));
+  EXPECT_EQ(Generate(*stub_, long_text).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  ferry::v1::GenerateRequest long_stop = Request({1, 2}, 4);
+  long_stop.add_stop_strings(std::string(300, 's'));
+  EXPECT_EQ(Generate(*stub_, long_stop).status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   // And the daemon still serves.
   const std::vector<int32_t> prompt = {9, 8, 7};
   const StreamResult after = Generate(*stub_, Request(prompt, 6));

@@ -19,13 +19,17 @@ struct StreamResult {
   std::string error;  // the finish message's error, if any
 };
 
-// Greedy, end tokens ignored, so the length is exactly max_tokens unless the job fails.
+// Greedy unless a temperature is given, end tokens ignored, so the length is exactly max_tokens
+// unless the job fails.
 inline ferry::v1::GenerateRequest TokenRequest(const std::vector<int32_t>& prompt,
-                                               int max_tokens) {
+                                               int max_tokens, float temperature = 0,
+                                               uint64_t seed = 0) {
   ferry::v1::GenerateRequest request;
   for (int32_t id : prompt) request.mutable_prompt_token_ids()->add_ids(id);
   request.set_max_tokens(max_tokens);
   request.set_ignore_eos(true);
+  request.mutable_sampling()->set_temperature(temperature);
+  request.mutable_sampling()->set_seed(seed);
   return request;
 }
 

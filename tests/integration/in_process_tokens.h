@@ -1,5 +1,6 @@
-// Test helper: the greedy tokens in-process generation gives for a model folder (fp32 KV, block
-// 64), the reference the daemons' streams are compared with.
+// Test helper: the tokens in-process generation gives for a model folder (fp32 KV, block 64;
+// greedy unless sampling parameters are given), the reference the daemons' streams are compared
+// with.
 #pragma once
 
 #include <string>
@@ -13,7 +14,8 @@
 namespace ferry::testing {
 
 inline std::vector<int32_t> InProcessTokens(const std::string& model_dir,
-                                            const std::vector<int32_t>& prompt, int max_tokens) {
+                                            const std::vector<int32_t>& prompt, int max_tokens,
+                                            const model::SamplingParams& sampling = {}) {
   auto model = model::LoadModel(model_dir);
   EXPECT_TRUE(model.ok()) << model.status();
   if (!model.ok()) return {};
@@ -28,6 +30,7 @@ inline std::vector<int32_t> InProcessTokens(const std::string& model_dir,
   model::GenerateOptions generate;
   generate.max_tokens = max_tokens;
   generate.ignore_eos = true;
+  generate.sampling = sampling;
   auto result = model::Generate(decoder, 1, prompt, generate);
   EXPECT_TRUE(result.ok()) << result.status();
   return result.ok() ? result->tokens : std::vector<int32_t>{};

@@ -220,8 +220,8 @@ class OffloadTest : public ::testing::TestWithParam<TransportCase> {
   int Connect(AttentionClient& client, const WorkerProcess& worker) {
     auto index = client.AddWorker("127.0.0.1", worker.port());
     EXPECT_TRUE(index.ok()) << index.status();
-    absl::Status configured = client.Configure(*index, Shape());
-    EXPECT_TRUE(configured.ok()) << configured;
+    absl::StatusOr<int64_t> configured = client.Configure(*index, Shape());
+    EXPECT_TRUE(configured.ok()) << configured.status();
     auto info = client.node().DescribePeer(client.peer(*index));
     EXPECT_TRUE(info.ok());
     // The transport under test really carries the data (no silent fall-back to tcp).

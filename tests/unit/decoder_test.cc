@@ -170,6 +170,44 @@ TEST_P(DecoderTest, BatchedDecodeEqualsOneAtATime) {
   }
 }
 
+TEST_P(DecoderTest, MicroBatchesGiveTheLogitsOfOneBatch) {
+  const std::vector<int> prompt_lens = {5, 1, 30, 2, 9};
+  const int vocab = model_->config.vocab_size;
+  std::vector<std::vector<int32_t>> seqs;
+  for (int n : prompt_lens) seqs.push_back(RandomTokens(n + 3));
+  // The same mixed steps (prefills, then decodes of every sequence) with 1, 2 and 3 micro-batches.
+  std::vector<std::vector<float>> final_logits;
+  for (int micro_batches : {1, 2, 3}) {
+    auto attention = MakeAttention();
+    Decoder decoder(*model_, *attention, DecoderOptions{micro_batches});
+    for (size_t s = 0; s < seqs.size(); ++s) ASSERT_TRUE(attention->AddSequence(s).ok());
+    std::vector<SeqChunk> chunks;
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      chunks.push_back({s, 0, std::span<const int32_t>(seqs[s].data(), prompt_lens[s])});
+    }
+    std::vector<float> logits;
+    ASSERT_TRUE(decoder.Forward(chunks, &logits).ok());
+    for (int step = 0; step < 3; ++step) {
+      chunks.clear();
+      for (size_t s = 0; s < seqs.size(); ++s) {
+        const int position = prompt_lens[s] + step;
+        chunks.push_back({s, position, std::span<const int32_t>(&seqs[s][position], 1)});
+      }
+      ASSERT_TRUE(decoder.Forward(chunks, &logits).ok()) << micro_batches;
+    }
+    final_logits.push_back(logits);
+  }
+  for (size_t i = 1; i < final_logits.size(); ++i) {
+    EXPECT_LT(RelError(final_logits[i].data(), final_logits[0].data(),
+                       static_cast<int>(seqs.size()) * vocab),
+              1e-6)
+        << "micro-batches " << i + 1;
+  }
+  auto attention = MakeAttention();
+  EXPECT_EQ(Decoder(*model_, *attention, DecoderOptions{0}).Forward({}, nullptr).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_P(DecoderTest, RejectsBadSteps) {
   auto attention = MakeAttention();
   Decoder decoder(*model_, *attention);

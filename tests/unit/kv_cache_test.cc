@@ -45,6 +45,25 @@ TEST(KvCacheTest, ReserveIsAllOrNothingAndFreeIsExact) {
   EXPECT_EQ(cache->FreeSequence(2).code(), absl::StatusCode::kNotFound);
 }
 
+TEST(KvCacheTest, TruncateReturnsTheBlocksPastTheKeptPositions) {
+  auto cache = *KvCache::CreateOnHost(SmallConfig(6));
+  ASSERT_TRUE(cache->AddSequence(1).ok());
+  ASSERT_TRUE(cache->Reserve(1, 70).ok());  // 5 blocks of 16
+  ASSERT_TRUE(cache->SetLength(1, 70).ok());
+  auto freed = cache->Truncate(1, 33);  // keeps 3 blocks
+  ASSERT_TRUE(freed.ok()) << freed.status();
+  EXPECT_EQ(*freed, 2);
+  EXPECT_EQ(cache->free_blocks(), 3);
+  EXPECT_EQ(*cache->Length(1), 33);
+  EXPECT_EQ(*cache->Truncate(1, 40), 0);  // nothing past 40 is held: no change
+  EXPECT_EQ(*cache->Length(1), 33);
+  EXPECT_EQ(*cache->Truncate(1, 0), 3);
+  EXPECT_EQ(cache->free_blocks(), 6);
+  ASSERT_TRUE(cache->Reserve(1, 16).ok());  // usable again
+  EXPECT_EQ(cache->Truncate(1, -1).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(cache->Truncate(9, 0).status().code(), absl::StatusCode::kNotFound);
+}
+
 TEST(KvCacheTest, WritesLandInTheLayoutKernelsRead) {
   auto cache = *KvCache::CreateOnHost(SmallConfig(4));
   ASSERT_TRUE(cache->AddSequence(7).ok());

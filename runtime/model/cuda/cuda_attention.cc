@@ -105,9 +105,15 @@ absl::Status CudaAttention::BeginStep(std::span<const StepRow> rows) {
   return absl::OkStatus();
 }
 
-absl::Status CudaAttention::Attend(int layer, const float* q, const float* k, const float* v,
-                                   float* out) {
+absl::Status CudaAttention::StartAttend(int layer, int64_t first_row, int64_t num_rows,
+                                        const float* q, const float* k, const float* v,
+                                        float* out) {
   if (!in_step_) return absl::FailedPreconditionError("attention step: Attend outside a step");
+  if (first_row != 0 || num_rows != pool_->step().num_rows) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "CUDA attention: one range of all ", pool_->step().num_rows, " rows per layer, not [",
+        first_row, ", ", first_row + num_rows, ")"));
+  }
   auto stream = static_cast<cudaStream_t>(stream_);
   FERRY_RETURN_IF_ERROR(pool_->Append(layer, k, v, DType::kFloat32, stream_));
   const kv::CudaStepTables& t = pool_->step();
@@ -142,6 +148,35 @@ absl::Status CudaAttention::Attend(int layer, const float* q, const float* k, co
   args.out = out;
   args.lse = lse_.get<float>();
   return CudaStatus(kernels::PagedPrefillAttention(args, stream), "PagedPrefillAttention");
+}
+
+absl::Status CudaAttention::FinishAttend(int /*layer*/, int64_t first_row) {
+  if (!in_step_) return absl::FailedPreconditionError("attention step: Attend outside a step");
+  if (first_row != 0) return absl::InvalidArgumentError("CUDA attention: no range starts there");
+  return absl::OkStatus();
+}
+
+std::vector<kv::SequenceId> CudaAttention::AbortStep() {
+  in_step_ = false;
+  // Rows written past a sequence's length are overwritten by a retry; the blocks reserved for
+  // them go back.
+  for (const kv::KvAppendRun& run : runs_) {
+    absl::StatusOr<int64_t> length = pool_->cache().Length(run.seq);
+    if (length.ok()) (void)pool_->cache().Truncate(run.seq, *length);
+  }
+  runs_.clear();
+  return {};
+}
+
+absl::Status CudaAttention::CheckCapacity(int64_t positions) {
+  const int64_t block_size = options_.kv.block_size;
+  const int64_t blocks = (positions + block_size - 1) / block_size;
+  if (blocks > pool_->cache().total_blocks()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "a sequence of ", positions, " positions needs ", blocks, " KV blocks; the GPU cache has ",
+        pool_->cache().total_blocks()));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status CudaAttention::EndStep() {

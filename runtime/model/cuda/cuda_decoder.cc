@@ -340,7 +340,8 @@ absl::Status CudaBackend::HostAttention(int layer, int rows) {
   FERRY_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(v, s_.v, kv_elems * 4, cudaMemcpyDeviceToHost,
                                                stream_), "v to host"));
   FERRY_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "q/k/v to host"));
-  FERRY_RETURN_IF_ERROR(attention_.Attend(layer, q, k, v, out));
+  FERRY_RETURN_IF_ERROR(attention_.StartAttend(layer, 0, rows, q, k, v, out));
+  FERRY_RETURN_IF_ERROR(attention_.FinishAttend(layer, 0));
   return CudaStatus(cudaMemcpyAsync(s_.attn, out, q_elems * 4, cudaMemcpyHostToDevice, stream_),
                 "attention output to device");
 }
@@ -368,7 +369,8 @@ absl::Status CudaBackend::EnqueueStep(int rows, int chunks) {
                                                        s_.k, s_.v, stream_),
                                  "RopeSplitQkv"));
     if (device_attention_) {
-      FERRY_RETURN_IF_ERROR(attention_.Attend(l, s_.q, s_.k, s_.v, s_.attn));
+      FERRY_RETURN_IF_ERROR(attention_.StartAttend(l, 0, rows, s_.q, s_.k, s_.v, s_.attn));
+      FERRY_RETURN_IF_ERROR(attention_.FinishAttend(l, 0));
     } else {
       FERRY_RETURN_IF_ERROR(HostAttention(l, rows));
     }

@@ -1,0 +1,131 @@
+// Token parity of a loaded cluster: 16 concurrent jobs (greedy and seeded sampling, prompts from
+// 1 to 150 tokens) over 3 CPU workers give exactly the tokens of in-process generation with the
+// same seeds, for each KV placement (by sequence range, by KV-head group) and micro-batching.
+// Every worker must have held KV during the run and had its attention speed measured, and every
+// block is freed at the end.
+#include <algorithm>
+#include <atomic>
+#include <iostream>
+#include <thread>
+
+#include "gtest/gtest.h"
+#include "in_process_tokens.h"
+#include "local_cluster.h"
+
+namespace ferry {
+namespace {
+
+using namespace std::chrono_literals;
+
+struct Mode {
+  const char* name;
+  std::vector<std::string> coordinator_flags;
+};
+void PrintTo(const Mode& mode, std::ostream* os) { *os << mode.name; }
+
+class ClusterParityTest : public ::testing::TestWithParam<Mode> {};
+
+TEST_P(ClusterParityTest, SixteenJobsOverThreeWorkersGiveTheInProcessTokens) {
+  testing::LocalClusterOptions options;
+  options.num_workers = 3;
+  options.coordinator_flags = GetParam().coordinator_flags;
+  testing::LocalCluster cluster(options);
+  ASSERT_TRUE(cluster.ok());
+
+  constexpr int kJobs = 16, kMaxTokens = 16;
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<model::SamplingParams> sampling(kJobs);
+  for (int i = 0; i < kJobs; ++i) {
+    prompts.push_back(testing::TestPrompt(1 + (i * 37) % 150, i));
+    if (i % 2 == 1) {  // seeded sampling for half of them
+      sampling[i].temperature = 0.75;
+      sampling[i].seed = 1000 + i;
+    }
+  }
+  // Which workers held KV while the jobs ran (heartbeats every 100 ms).
+  std::atomic<bool> running{true};
+  std::vector<std::atomic<bool>> held(3);
+  std::thread watcher([&] {
+    while (running) {
+      const ferry::v1::ListWorkersResponse workers = cluster.Workers();
+      for (const auto& w : workers.workers()) {
+        for (int i = 0; i < 3; ++i) {
+          if (w.worker_id() == testing::LocalCluster::WorkerId(i) && w.kv_used_bytes() > 0) {
+            held[i] = true;
+          }
+        }
+      }
+      std::this_thread::sleep_for(30ms);
+    }
+  });
+  std::vector<testing::StreamResult> results(kJobs);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kJobs; ++i) {
+    threads.emplace_back([&, i] {
+      results[i] = cluster.Generate(testing::TokenRequest(prompts[i], kMaxTokens,
+                                                          static_cast<float>(sampling[i].temperature),
+                                                          sampling[i].seed),
+                                    50s);
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  running = false;
+  watcher.join();
+
+  for (int i = 0; i < kJobs; ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << "job " << i << ": " << results[i].status.error_message()
+                                        << cluster.Logs();
+    EXPECT_EQ(results[i].reason, ferry::v1::FINISH_REASON_LENGTH) << results[i].error;
+    EXPECT_EQ(results[i].tokens, testing::InProcessTokens(cluster.model_dir(), prompts[i],
+                                                          kMaxTokens, sampling[i]))
+        << "job " << i;
+  }
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(held[i]) << "worker " << i << " never held KV";
+  EXPECT_TRUE(cluster.WaitAllKvFreed(5s)) << "KV left on a worker after every job finished";
+  // Each worker's attention speed was measured (placement weighs it).
+  const ferry::v1::ListWorkersResponse workers = cluster.Workers();
+  for (const auto& w : workers.workers()) {
+    EXPECT_GT(w.attention_bytes_per_second(), 0) << w.worker_id();
+  }
+}
+
+TEST(ClusterHeadGroupTest, OneSequencesHeadGroupsLandOnDistinctWorkers) {
+  testing::LocalClusterOptions options;
+  options.num_workers = 3;
+  options.coordinator_flags = {"--shard", "heads"};  // the tiny model: 2 kv heads, 2 groups
+  testing::LocalCluster cluster(options);
+  ASSERT_TRUE(cluster.ok());
+  const std::vector<int32_t> prompt = testing::TestPrompt(50);
+  std::vector<int> holding;
+  const testing::StreamResult result =
+      cluster.Generate(testing::TokenRequest(prompt, 200), 40s, [&](int count) {
+        if (count != 20) return;
+        for (int attempt = 0; attempt < 100; ++attempt) {  // heartbeats every 100 ms
+          holding.clear();
+          for (int i = 0; i < 3; ++i) {
+            holding.push_back(cluster.SequencesOn(testing::LocalCluster::WorkerId(i)));
+          }
+          if (std::count(holding.begin(), holding.end(), 1) == 2) break;
+          std::this_thread::sleep_for(20ms);
+        }
+      });
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  EXPECT_EQ(result.tokens, testing::InProcessTokens(cluster.model_dir(), prompt, 200));
+  // Two workers hold one group each; the third is free for other sequences.
+  EXPECT_EQ(std::count(holding.begin(), holding.end(), 1), 2);
+  EXPECT_EQ(std::count(holding.begin(), holding.end(), 0), 1);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Placements, ClusterParityTest,
+    ::testing::Values(Mode{"by_sequence_range", {"--shard", "sequence", "--shard-positions", "48"}},
+                      Mode{"by_head_group", {"--shard", "heads"}},
+                      Mode{"by_sequence_range_2_micro_batches",
+                           {"--shard", "sequence", "--shard-positions", "48", "--micro-batches",
+                            "2"}},
+                      Mode{"by_head_group_2_micro_batches",
+                           {"--shard", "heads", "--micro-batches", "2"}}),
+    [](const ::testing::TestParamInfo<Mode>& info) { return std::string(info.param.name); });
+
+}  // namespace
+}  // namespace ferry
