@@ -6,9 +6,10 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# $1 address, $2 workers expected READY (0: the coordinator answers at all). Bounded: 20 s.
+# $1 address, $2 workers expected READY (0: the coordinator answers at all). Bounded:
+# FERRY_READY_TIMEOUT_S seconds (20 by default; a large model takes longer to load).
 wait_ready() {
-  for _ in $(seq 1 200); do
+  for _ in $(seq 1 $((${FERRY_READY_TIMEOUT_S:-20} * 10))); do
     if [ "$2" -eq 0 ]; then
       "$bin/ferry" cluster status --coordinator="$1" --timeout-ms=300 >/dev/null 2>&1 && return 0
     else
