@@ -39,7 +39,7 @@ stamp "after gradient test ok=$ok"
 timeout 60 python3 bench/linear_attention/segment_sweep.py --out /tmp > "$OUT/sweep.log" 2>&1
 stamp "sweep rc=$?"
 
-timeout 200 python3 bench/linear_attention/bench.py --fla-budget "${FLA_BUDGET:-150}" \
+timeout 130 python3 bench/linear_attention/bench.py --fla-budget "${FLA_BUDGET:-150}" \
     --fla-shapes "${FLA_SHAPES:-}" --out "$OUT" > "$OUT/bench.log" 2>&1
 stamp "bench rc=$?"
 grep -v "^|" "$OUT/bench.log" | tail -60
@@ -50,7 +50,7 @@ q, k, v = [(torch.randn(4, 8192, 16, 128, device="cuda") * 128 ** -0.5).bfloat16
 f.linear_attention(q, k, v, "elu_plus_one", True).backward(torch.randn(4, 8192, 16, 128, device="cuda").bfloat16())
 torch.cuda.synchronize()
 PY
-timeout 40 ncu --clock-control none --kernel-name regex:LinearCoreKernel --launch-count 2 \
+timeout 30 ncu --clock-control none --kernel-name regex:LinearCoreKernel --launch-count 2 \
     --section SpeedOfLight --section LaunchStats --section Occupancy python3 /tmp/one_step.py \
     > "$OUT/ncu.txt" 2>&1
 stamp "ncu rc=$?"

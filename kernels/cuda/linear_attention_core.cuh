@@ -1332,8 +1332,10 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// Chunks per segment below which pass A's extra work outweighs the parallelism gained.
-constexpr int kMinSegmentChunks = 4;
+// Chunks per segment when a call is split: the best of 4, 8, 16 and 32 at B = 1, H = 16,
+// d = 64 / 128, N = 8k / 32k on the H100, or within 13% of it (bench/RESULTS.md, "Linear
+// attention: sequence segments").
+constexpr int kSegmentChunks = 32;
 
 // Upper bound on the global segments of a call (see LinearSegmentTableKernel).
 inline int64_t MaxSegments(int num_seqs, int64_t total_tokens, int segment_chunks) {
@@ -1342,11 +1344,11 @@ inline int64_t MaxSegments(int num_seqs, int64_t total_tokens, int segment_chunk
 }
 
 // Chunks per segment of a call: 0 = one block walks a whole sequence. `requested`: < 0 whole
-// sequences, > 0 that many chunks, 0 automatic: split only when the unsplit grid
-// (slices x heads x sequences) fills under 3/4 of the SMs' resident block slots, into about two
-// waves of them (segments of equal length for sequences of the mean length). A grid that fills
-// them gains nothing from more blocks: each SM already holds as many as its registers and shared
-// memory allow, and pass A adds work.
+// sequences, > 0 that many chunks, 0 automatic: kSegmentChunks when the unsplit grid
+// (slices x heads x sequences) has at most one block per SM, else unsplit. Measured on the H100
+// (B = 4, H = 16: 256 blocks, about one per resident slot), splitting such a grid only adds
+// pass A's work: fwd + bwd 5.67 ms unsplit against 8.0 to 10.7 ms split at d = 128, N = 8k, and
+// 3.21 against 3.9 to 4.5 ms at d = 64; at B = 1 (64 blocks) it gains 2.2x to 2.8x.
 inline int SegmentChunks(const LinearAttentionConfig& c, int64_t total_tokens, int requested) {
   if (requested < 0 || total_tokens <= 0 || c.num_seqs <= 0) return 0;
   const int64_t chunks = (total_tokens + kChunk - 1) / kChunk;
@@ -1357,14 +1359,9 @@ inline int SegmentChunks(const LinearAttentionConfig& c, int64_t total_tokens, i
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
       return 0;
     }
-    const int slices = c.head_dim / SliceWidth(c.head_dim);
-    const int64_t per_seq = int64_t{slices} * c.num_kv_heads;
-    const int64_t resident = int64_t{sms} * (c.head_dim == 64 ? 3 : c.head_dim == 128 ? 2 : 1);
-    const int64_t blocks = per_seq * c.num_seqs;
-    if (4 * blocks >= 3 * resident) return 0;
-    const int64_t segments = (2 * resident + blocks - 1) / blocks;  // per sequence
-    const int64_t mean_chunks = (chunks + c.num_seqs - 1) / c.num_seqs;
-    s = std::max<int64_t>(kMinSegmentChunks, (mean_chunks + segments - 1) / segments);
+    const int64_t slices = c.head_dim / SliceWidth(c.head_dim);
+    if (slices * c.num_kv_heads * c.num_seqs > sms) return 0;
+    s = kSegmentChunks;
   }
   while (MaxSegments(c.num_seqs, total_tokens, static_cast<int>(s)) > 65535) s *= 2;
   return s >= chunks ? 0 : static_cast<int>(s);

@@ -39,17 +39,18 @@
 //   Numerics.) workspace: device memory of LinearAttentionForwardWorkspaceSize() bytes (may be 0,
 //   then workspace may be null), 16-byte aligned, contents ignored.
 //
-// Sequence segments (both directions): when the batch's sequences x heads do not fill the GPU,
-//   each sequence is split into segments of segment_chunks 64-token chunks walked in parallel
-//   (each segment's own state sum, an exclusive prefix over segments, then the segment's outputs
-//   from its prefix state; kernels/cuda/linear_attention_core.cuh). The workspace then holds one
+// Sequence segments (both directions): when the batch's sequences x heads leave SMs idle (at most
+//   one block per SM), each sequence is split into segments of segment_chunks 64-token chunks
+//   (32 by default) walked in parallel (each segment's own state sum, an exclusive prefix over
+//   segments, then the segment's outputs from its prefix state;
+//   kernels/cuda/linear_attention_core.cuh). The workspace then holds one
 //   float32 state sum per (segment, head): about N d^2 / (64 segment_chunks) floats per head.
 //   segment_chunks (last argument of the launchers and the size functions, the same in both):
 //   0 = chosen from the current device's SM count and the shape, < 0 = never split, > 0 = that
 //   many chunks. Results agree with the unsplit walk to float32 rounding (sums in another order).
 //
-// Backward: LinearAttentionBackwardCuda(args, workspace, workspace_bytes, stream, segment_chunks): dq, dk, dv of
-//   sum(dout * out) for a forward with the same config, cu_seqlens, q, k, v and initial_state,
+// Backward: LinearAttentionBackwardCuda(args, workspace, workspace_bytes, stream, segment_chunks):
+//   dq, dk, dv of sum(dout * out) for a forward with the same config, cu_seqlens, q, k, v and initial_state,
 //   given that forward's out, out_residual and row_stats; and, if d_initial_state is set, the gradient with
 //   respect to every field of initial_state (S, z, V, n, k_norm, q_norm; padding zero). The
 //   final state is treated as unused (no gradient flows from it). The max-norm gradients follow
