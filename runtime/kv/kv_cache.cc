@@ -12,7 +12,7 @@ int64_t KvBlockBytes(const KvCacheConfig& config) {
          config.head_dim * DTypeSize(config.dtype);
 }
 
-absl::StatusOr<std::unique_ptr<KvCache>> KvCache::CreateOnHost(const KvCacheConfig& config) {
+absl::StatusOr<int64_t> KvCacheTotalBlocks(const KvCacheConfig& config) {
   if (config.num_layers <= 0 || config.num_kv_heads <= 0 || config.head_dim <= 0 ||
       config.block_size <= 0) {
     return absl::InvalidArgumentError(
@@ -27,12 +27,30 @@ absl::StatusOr<std::unique_ptr<KvCache>> KvCache::CreateOnHost(const KvCacheConf
   if (total_blocks > INT32_MAX) {
     return absl::InvalidArgumentError("kv cache: more than 2^31 blocks; use larger blocks");
   }
-  return std::unique_ptr<KvCache>(new KvCache(config, total_blocks));
+  return total_blocks;
 }
 
-KvCache::KvCache(const KvCacheConfig& config, int64_t total_blocks)
+absl::StatusOr<std::unique_ptr<KvCache>> KvCache::CreateOnHost(const KvCacheConfig& config) {
+  FERRY_ASSIGN_OR_RETURN(const int64_t total_blocks, KvCacheTotalBlocks(config));
+  return std::unique_ptr<KvCache>(new KvCache(config, total_blocks, nullptr));
+}
+
+absl::StatusOr<std::unique_ptr<KvCache>> KvCache::CreateOverPools(const KvCacheConfig& config,
+                                                                  void* pools) {
+  FERRY_ASSIGN_OR_RETURN(const int64_t total_blocks, KvCacheTotalBlocks(config));
+  if (pools == nullptr) return absl::InvalidArgumentError("kv cache: null pools");
+  return std::unique_ptr<KvCache>(
+      new KvCache(config, total_blocks, static_cast<uint8_t*>(pools)));
+}
+
+KvCache::KvCache(const KvCacheConfig& config, int64_t total_blocks, uint8_t* external_pools)
     : config_(config), total_blocks_(total_blocks) {
-  pools_.reset(new uint8_t[2 * config.num_layers * PoolBytes()]);
+  if (external_pools == nullptr) {
+    pools_.reset(new uint8_t[2 * config.num_layers * PoolBytes()]);
+    base_ = pools_.get();
+  } else {
+    base_ = external_pools;
+  }
   free_list_.reserve(total_blocks);
   // Lowest ids are handed out first (popped from the back).
   for (int64_t b = total_blocks - 1; b >= 0; --b) free_list_.push_back(static_cast<int32_t>(b));
@@ -107,6 +125,9 @@ absl::StatusOr<const std::vector<int32_t>*> KvCache::BlockTable(SequenceId id) c
 
 absl::Status KvCache::WriteHost(SequenceId id, int layer, int64_t first, int64_t count,
                                 const void* k, const void* v) {
+  if (!host_memory()) {
+    return absl::FailedPreconditionError("kv cache: WriteHost on pools that are not host memory");
+  }
   FERRY_ASSIGN_OR_RETURN(Sequence * sequence, Find(id));
   if (layer < 0 || layer >= config_.num_layers) {
     return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " out of range [0, ",

@@ -8,8 +8,10 @@
 // capacity_bytes buys floor(capacity_bytes / that) blocks.
 // Errors: a reservation the pool cannot meet is RESOURCE_EXHAUSTED and changes nothing; unknown
 // sequences are NOT_FOUND; out-of-range layers or positions are INVALID_ARGUMENT / OUT_OF_RANGE.
-// Memory: host memory (this class allocates it) or device memory (handed in as an allocation
-// from a backend; the pools' pointers are then device pointers and Write* need that backend).
+// Memory: host memory (CreateOnHost allocates it) or memory the caller allocated and owns
+// (CreateOverPools: device memory, say; runtime/kv/cuda_kv_pool.h does this on CUDA). Over
+// caller memory the pools' pointers are that memory's, and WriteHost / BlockData are refused or
+// unusable: the owner writes through its backend.
 // Threads: not thread-safe; the owner serialises calls (the worker service's request loop).
 #pragma once
 
@@ -39,10 +41,28 @@ struct KvCacheConfig {
 // Bytes one block takes over all layers, K and V.
 int64_t KvBlockBytes(const KvCacheConfig& config);
 
+// Validates the config and returns the blocks its capacity buys (at least 1, below 2^31).
+absl::StatusOr<int64_t> KvCacheTotalBlocks(const KvCacheConfig& config);
+
+// A run of new positions [first_position, first_position + count) of one sequence: what a step
+// appends to it. A step's rows are its runs' rows, in run order.
+struct KvAppendRun {
+  SequenceId seq = 0;
+  int64_t first_position = 0;
+  int64_t count = 0;
+};
+
 class KvCache {
  public:
   // Host-memory cache. Fails on a bad config or a capacity of less than one block.
   static absl::StatusOr<std::unique_ptr<KvCache>> CreateOnHost(const KvCacheConfig& config);
+  // Accounting over pools the caller allocated: `pools` holds KvCacheTotalBlocks(config) *
+  // KvBlockBytes(config) bytes in the layout above and outlives the cache.
+  static absl::StatusOr<std::unique_ptr<KvCache>> CreateOverPools(const KvCacheConfig& config,
+                                                                  void* pools);
+
+  // False for caches over caller memory: WriteHost is refused and BlockData must not be used.
+  bool host_memory() const { return pools_ != nullptr; }
 
   const KvCacheConfig& config() const { return config_; }
   int64_t total_blocks() const { return total_blocks_; }
@@ -63,6 +83,7 @@ class KvCache {
 
   // Copies K and V rows for positions [first, first + count) of one layer from host memory:
   // k and v are (count, num_kv_heads, head_dim) in the cache's dtype. Positions must be reserved.
+  // Host-memory caches only (FAILED_PRECONDITION otherwise).
   absl::Status WriteHost(SequenceId id, int layer, int64_t first, int64_t count, const void* k,
                          const void* v);
 
@@ -75,13 +96,13 @@ class KvCache {
   // Host address of one block of one layer's K or V pool (host-memory caches only; the caller
   // checks block against total_blocks()).
   uint8_t* BlockData(int layer, bool is_v, int32_t block) {
-    return pools_.get() + PoolOffset(layer, is_v) + block * BlockPoolBytes();
+    return base_ + PoolOffset(layer, is_v) + block * BlockPoolBytes();
   }
 
   // The layer's pools as the kernels see them.
   kernels::PagedKvView LayerView(int layer) const;
-  void* k_pool(int layer) { return pools_.get() + PoolOffset(layer, /*is_v=*/false); }
-  void* v_pool(int layer) { return pools_.get() + PoolOffset(layer, /*is_v=*/true); }
+  void* k_pool(int layer) { return base_ + PoolOffset(layer, /*is_v=*/false); }
+  void* v_pool(int layer) { return base_ + PoolOffset(layer, /*is_v=*/true); }
 
  private:
   struct Sequence {
@@ -89,7 +110,7 @@ class KvCache {
     int64_t length = 0;
   };
 
-  KvCache(const KvCacheConfig& config, int64_t total_blocks);
+  KvCache(const KvCacheConfig& config, int64_t total_blocks, uint8_t* external_pools);
   int64_t PoolBytes() const;
   int64_t PoolOffset(int layer, bool is_v) const {
     return (2 * int64_t{layer} + (is_v ? 1 : 0)) * PoolBytes();
@@ -99,8 +120,10 @@ class KvCache {
   KvCacheConfig config_;
   int64_t total_blocks_;
   // Per layer: K pool then V pool. Left uninitialised: the kernels read only written positions,
-  // and untouched pages of a large capacity then cost no memory until used.
+  // and untouched pages of a large capacity then cost no memory until used. pools_ is empty
+  // over caller memory; base_ points at the pools either way.
   std::unique_ptr<uint8_t[]> pools_;
+  uint8_t* base_ = nullptr;
   std::vector<int32_t> free_list_;
   std::unordered_map<SequenceId, Sequence> sequences_;
 };

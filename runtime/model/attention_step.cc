@@ -41,13 +41,12 @@ absl::StatusOr<int64_t> InProcessAttention::Length(kv::SequenceId seq) const {
   return cache_->Length(seq);
 }
 
-absl::Status InProcessAttention::BeginStep(std::span<const StepRow> rows) {
-  in_step_ = false;
-  runs_.clear();
-  for (int64_t r = 0; r < static_cast<int64_t>(rows.size()); ++r) {
-    const StepRow& row = rows[r];
-    if (!runs_.empty() && runs_.back().seq == row.seq) {
-      Run& run = runs_.back();
+absl::Status GroupStepRows(std::span<const StepRow> rows, const kv::KvCache& cache,
+                           std::vector<kv::KvAppendRun>* runs) {
+  runs->clear();
+  for (const StepRow& row : rows) {
+    if (!runs->empty() && runs->back().seq == row.seq) {
+      kv::KvAppendRun& run = runs->back();
       if (row.position != run.first_position + run.count) {
         return absl::InvalidArgumentError(absl::StrCat("attention step: sequence ", row.seq,
                                                        " rows are not consecutive positions"));
@@ -55,22 +54,28 @@ absl::Status InProcessAttention::BeginStep(std::span<const StepRow> rows) {
       ++run.count;
       continue;
     }
-    for (const Run& run : runs_) {
+    for (const kv::KvAppendRun& run : *runs) {
       if (run.seq == row.seq) {
         return absl::InvalidArgumentError(
             absl::StrCat("attention step: rows of sequence ", row.seq, " are not contiguous"));
       }
     }
-    FERRY_ASSIGN_OR_RETURN(int64_t length, cache_->Length(row.seq));
+    FERRY_ASSIGN_OR_RETURN(int64_t length, cache.Length(row.seq));
     if (row.position != length) {
       return absl::InvalidArgumentError(absl::StrCat("attention step: sequence ", row.seq,
                                                      " holds ", length, " positions; a step must "
                                                      "continue at that position, not ",
                                                      row.position));
     }
-    runs_.push_back(Run{row.seq, r, row.position, 1});
+    runs->push_back(kv::KvAppendRun{row.seq, row.position, 1});
   }
-  for (const Run& run : runs_) {
+  return absl::OkStatus();
+}
+
+absl::Status InProcessAttention::BeginStep(std::span<const StepRow> rows) {
+  in_step_ = false;
+  FERRY_RETURN_IF_ERROR(GroupStepRows(rows, *cache_, &runs_));
+  for (const kv::KvAppendRun& run : runs_) {
     FERRY_RETURN_IF_ERROR(cache_->Reserve(run.seq, run.first_position + run.count));
   }
   // One kernel "sequence" per row: the row's block table, its length cut at its own position.
@@ -78,7 +83,7 @@ absl::Status InProcessAttention::BeginStep(std::span<const StepRow> rows) {
   indptr_.assign(1, 0);
   block_table_.clear();
   seq_lens_.clear();
-  for (const Run& run : runs_) {
+  for (const kv::KvAppendRun& run : runs_) {
     FERRY_ASSIGN_OR_RETURN(const std::vector<int32_t>* blocks, cache_->BlockTable(run.seq));
     for (int64_t i = 0; i < run.count; ++i) {
       const int64_t len = run.first_position + i + 1;
@@ -112,11 +117,13 @@ absl::Status InProcessAttention::Attend(int layer, const float* q, const float* 
     v_src = v_half_.data();
   }
   const int64_t row_bytes = row_elems * DTypeSize(dtype);
-  for (const Run& run : runs_) {
+  int64_t first_row = 0;
+  for (const kv::KvAppendRun& run : runs_) {
     FERRY_RETURN_IF_ERROR(cache_->WriteHost(
         run.seq, layer, run.first_position, run.count,
-        static_cast<const uint8_t*>(k_src) + run.first_row * row_bytes,
-        static_cast<const uint8_t*>(v_src) + run.first_row * row_bytes));
+        static_cast<const uint8_t*>(k_src) + first_row * row_bytes,
+        static_cast<const uint8_t*>(v_src) + first_row * row_bytes));
+    first_row += run.count;
   }
   kernels::DecodeAttentionArgs args;
   args.num_seqs = static_cast<int>(num_rows_);
@@ -135,7 +142,7 @@ absl::Status InProcessAttention::Attend(int layer, const float* q, const float* 
 absl::Status InProcessAttention::EndStep() {
   if (!in_step_) return absl::FailedPreconditionError("attention step: EndStep outside a step");
   in_step_ = false;
-  for (const Run& run : runs_) {
+  for (const kv::KvAppendRun& run : runs_) {
     FERRY_RETURN_IF_ERROR(cache_->SetLength(run.seq, run.first_position + run.count));
   }
   return absl::OkStatus();

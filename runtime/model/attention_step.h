@@ -1,5 +1,6 @@
 // Attention as a pluggable step of the decoder, so the same model code runs with in-process
-// attention (InProcessAttention, below) or with attention offloaded to workers (runtime/offload).
+// attention (InProcessAttention, below; CudaAttention on a GPU, cuda_attention.h) or with
+// attention offloaded to workers (runtime/offload).
 //
 // One decode/prefill step of the decoder is a batch of token rows; row r belongs to sequence
 // rows[r].seq at position rows[r].position. The rows of one sequence are contiguous in the batch
@@ -44,7 +45,22 @@ class AttentionStep {
   virtual absl::Status Attend(int layer, const float* q, const float* k, const float* v,
                               float* out) = 0;
   virtual absl::Status EndStep() = 0;
+
+  // nullptr (the default): Attend takes host pointers and is done when it returns. Otherwise the
+  // step lives on a CUDA device: Attend takes device pointers, enqueues its work on this stream
+  // (a cudaStream_t) and returns at once, and BeginStep's uploads are ordered on the same
+  // stream. Such an Attend launches only work whose arguments depend on the layer, the step's
+  // row count and whether every row is a decode row (one row per sequence), and never waits on
+  // the host, so a decoder may capture a step's Attend calls into a CUDA graph and replay it in
+  // place of the Attend calls of a later step of the same shape, after that step's BeginStep.
+  virtual void* device_stream() const { return nullptr; }
 };
+
+// Groups a step's rows into runs (one per sequence, in row order) and checks them against the
+// cache: a sequence's rows contiguous, at consecutive positions that start at its length.
+// INVALID_ARGUMENT otherwise, NOT_FOUND for an unknown sequence. Shared by the in-process steps.
+absl::Status GroupStepRows(std::span<const StepRow> rows, const kv::KvCache& cache,
+                           std::vector<kv::KvAppendRun>* runs);
 
 struct InProcessAttentionOptions {
   int num_heads = 0;
@@ -71,12 +87,6 @@ class InProcessAttention : public AttentionStep {
   kv::KvCache& cache() { return *cache_; }
 
  private:
-  struct Run {  // the rows of one sequence in this step
-    kv::SequenceId seq;
-    int64_t first_row;
-    int64_t first_position;
-    int64_t count;
-  };
   InProcessAttention(const InProcessAttentionOptions& options, std::unique_ptr<kv::KvCache> cache);
 
   InProcessAttentionOptions options_;
@@ -84,7 +94,7 @@ class InProcessAttention : public AttentionStep {
   std::unique_ptr<kernels::ThreadPool> pool_;
   bool in_step_ = false;
   int64_t num_rows_ = 0;
-  std::vector<Run> runs_;
+  std::vector<kv::KvAppendRun> runs_;
   std::vector<int32_t> indptr_, block_table_, seq_lens_;
   std::vector<float> lse_;
   std::vector<uint16_t> k_half_, v_half_;  // staging for bf16 / fp16 caches

@@ -1,19 +1,24 @@
-// The Llama-family decoder on the CPU: embedding, per layer RMSNorm -> q/k/v projection (+bias)
-// -> RoPE -> attention (a pluggable AttentionStep) -> o projection (+bias) + residual -> RMSNorm
-// -> SwiGLU MLP + residual, then final RMSNorm and the LM head.
+// The Llama-family decoder: embedding, per layer RMSNorm -> q/k/v projection (+bias) -> RoPE ->
+// attention (a pluggable AttentionStep) -> o projection (+bias) + residual -> RMSNorm -> SwiGLU
+// MLP + residual, then final RMSNorm and the LM head.
 //
 // One Forward call runs a batch of chunks: chunk i appends tokens to sequence chunks[i].seq
 // starting at chunks[i].start_position (which must equal the sequence's length in the attention
 // step). A chunk of many tokens is a prefill (causal over the prompt), a chunk of one a decode
 // step; one batch may mix them and hold sequences at different positions. All dense work runs as
 // one GEMM over every row of the batch. Output: logits of each chunk's last token,
-// (num_chunks, vocab) float32 row-major. Numerics: float32 weights and activations (checkpoint.h
-// explains why), sums of squares in double.
+// (num_chunks, vocab) float32 row-major; ForwardGreedy gives each chunk's arg max instead (the
+// Sampler's greedy rule: lowest id on ties, NaN never wins), computed where the logits are.
+// Backends: Decoder checks the chunks and builds the step's rows; a DecoderBackend does the math.
+// The CPU backend (this file's two-argument constructor) runs float32 weights and activations
+// (checkpoint.h explains why) with OpenBLAS, sums of squares in double. The CUDA backend
+// (cuda_decoder.h) runs on a GPU with the same model, attention interface and numerics rules.
 // Ownership: the Decoder borrows the Model and the AttentionStep, which must outlive it.
 // Threads: one Forward at a time (scratch buffers are members).
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <vector>
 
@@ -29,22 +34,47 @@ struct SeqChunk {
   std::span<const int32_t> tokens;
 };
 
+// One Forward as a backend sees it, already checked by Decoder: row r holds token tokens[r] at
+// rows[r] (attention_step.h's StepRow); chunk c's last row is last_rows[c].
+struct DecoderStep {
+  std::span<const int32_t> tokens;
+  std::span<const StepRow> rows;
+  std::span<const int32_t> last_rows;
+};
+
+// The math of a decoder step on one device. Forward runs the attention step's BeginStep, Attend
+// per layer and EndStep itself, and fills `logits` (num_chunks, vocab) and/or `greedy`
+// (num_chunks) where non-null.
+class DecoderBackend {
+ public:
+  virtual ~DecoderBackend() = default;
+  virtual absl::Status Forward(const DecoderStep& step, std::vector<float>* logits,
+                               std::vector<int32_t>* greedy) = 0;
+};
+
 class Decoder {
  public:
+  // The CPU backend.
   Decoder(const Model& model, AttentionStep& attention);
+  // Another backend over the same model and attention step (CreateCudaDecoder builds these).
+  Decoder(const Model& model, AttentionStep& attention, std::unique_ptr<DecoderBackend> backend);
+  ~Decoder();
 
   absl::Status Forward(std::span<const SeqChunk> chunks, std::vector<float>* logits);
+  absl::Status ForwardGreedy(std::span<const SeqChunk> chunks, std::vector<int32_t>* tokens);
 
   const Model& model() const { return model_; }
   AttentionStep& attention() { return attention_; }
 
  private:
+  absl::Status PrepareStep(std::span<const SeqChunk> chunks);
+
   const Model& model_;
   AttentionStep& attention_;
-  std::vector<float> inv_freq_;
-  // Scratch, reused across calls.
+  std::unique_ptr<DecoderBackend> backend_;
+  // The step's rows, reused across calls.
   std::vector<StepRow> rows_;
-  std::vector<float> x_, h_, qkv_, q_, k_, v_, attn_, gate_up_, act_, cos_sin_, last_;
+  std::vector<int32_t> tokens_, last_rows_;
 };
 
 }  // namespace ferry::model

@@ -94,8 +94,15 @@ int main(int argc, char** argv) {
   generate->add_flag("--json", gen.json, "JSON lines on stdout");
   generate->add_flag("--strict", gen.strict, "refuse checkpoints with unused tensors");
   generate->add_option("--threads", gen.threads, "attention threads")->check(CLI::Range(1, 1024));
-  generate->add_option("--kv-dtype", gen.kv_dtype, "in-process KV cache dtype")
+  generate->add_option("--kv-dtype", gen.kv_dtype,
+                       "in-process KV cache dtype (default: fp32 on the CPU, bf16 on CUDA)")
       ->check(CLI::IsMember({"fp32", "bf16", "fp16"}));
+  generate->add_option("--device", gen.device, "where --local runs the model: cpu, cuda or cuda:N")
+      ->capture_default_str();
+  generate->add_option("--weight-dtype", gen.weight_dtype,
+                       "weights on CUDA: bf16, or fp32 for exact comparisons (the CPU is fp32)")
+      ->check(CLI::IsMember({"bf16", "fp32"}))
+      ->capture_default_str();
   generate->add_option("--dump-logits", gen.dump_logits,
                        "write the logits that chose the last token to this JSON file");
 

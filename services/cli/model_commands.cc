@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -12,6 +13,8 @@
 #include "runtime/common/log.h"
 #include "runtime/model/attention_step.h"
 #include "runtime/model/checkpoint.h"
+#include "runtime/model/cuda_attention.h"
+#include "runtime/model/cuda_decoder.h"
 #include "runtime/model/decoder.h"
 #include "runtime/model/generate.h"
 #include "runtime/model/tokenizer.h"
@@ -70,21 +73,50 @@ absl::Status RunGenerateLocal(const GenerateLocalOptions& options) {
     if (loaded.ok()) tokenizer = std::move(*loaded);
   }
 
-  ferry::model::InProcessAttentionOptions attn;
-  attn.num_heads = config.num_heads;
-  attn.kv.num_layers = config.num_layers;
-  attn.kv.num_kv_heads = config.num_kv_heads;
-  attn.kv.head_dim = config.head_dim;
-  if (!ParseDType(options.kv_dtype, &attn.kv.dtype)) {
+  FERRY_ASSIGN_OR_RETURN(const int device, ferry::model::ParseComputeDevice(options.device));
+  ferry::kv::KvCacheConfig kv;
+  kv.num_layers = config.num_layers;
+  kv.num_kv_heads = config.num_kv_heads;
+  kv.head_dim = config.head_dim;
+  const std::string kv_dtype = !options.kv_dtype.empty() ? options.kv_dtype
+                               : device >= 0            ? "bf16"
+                                                        : "fp32";
+  if (!ParseDType(kv_dtype, &kv.dtype)) {
     return absl::InvalidArgumentError("generate: --kv-dtype must be fp32, bf16 or fp16");
   }
-  attn.kv.block_size = 64;
+  kv.block_size = 64;
   const int64_t positions = static_cast<int64_t>(prompt.size()) + options.max_tokens;
-  const int64_t blocks = (positions + attn.kv.block_size - 1) / attn.kv.block_size + 1;
-  attn.kv.capacity_bytes = blocks * ferry::kv::KvBlockBytes(attn.kv);
-  attn.num_threads = options.threads;
-  FERRY_ASSIGN_OR_RETURN(auto attention, ferry::model::InProcessAttention::Create(attn));
-  ferry::model::Decoder decoder(*model, *attention);
+  const int64_t blocks = (positions + kv.block_size - 1) / kv.block_size + 1;
+  kv.capacity_bytes = blocks * ferry::kv::KvBlockBytes(kv);
+  std::unique_ptr<ferry::model::AttentionStep> attention;
+  std::unique_ptr<ferry::model::Decoder> decoder;
+  if (device < 0) {
+    ferry::model::InProcessAttentionOptions attn;
+    attn.num_heads = config.num_heads;
+    attn.kv = kv;
+    attn.num_threads = options.threads;
+    FERRY_ASSIGN_OR_RETURN(attention, ferry::model::InProcessAttention::Create(attn));
+    decoder = std::make_unique<ferry::model::Decoder>(*model, *attention);
+  } else {
+    // The whole prompt is one prefill step, so it bounds the step's rows.
+    const int step_rows = std::max<int>(1, static_cast<int>(prompt.size()));
+    ferry::model::CudaAttentionOptions attn;
+    attn.num_heads = config.num_heads;
+    attn.kv = kv;
+    attn.device = device;
+    attn.max_step_rows = step_rows;
+    attn.max_step_seqs = 1;
+    FERRY_ASSIGN_OR_RETURN(attention, ferry::model::CreateCudaAttention(attn));
+    ferry::model::CudaDecoderOptions dense;
+    dense.device = device;
+    if (!ParseDType(options.weight_dtype, &dense.weight_dtype) ||
+        dense.weight_dtype == DType::kFloat16) {
+      return absl::InvalidArgumentError("generate: --weight-dtype must be bf16 or fp32");
+    }
+    dense.max_rows = step_rows;
+    dense.max_chunks = 1;
+    FERRY_ASSIGN_OR_RETURN(decoder, ferry::model::CreateCudaDecoder(*model, *attention, dense));
+  }
 
   ferry::model::GenerateOptions gen;
   gen.max_tokens = options.max_tokens;
@@ -116,7 +148,7 @@ absl::Status RunGenerateLocal(const GenerateLocalOptions& options) {
     }
     std::fflush(stdout);
   };
-  FERRY_ASSIGN_OR_RETURN(auto result, ferry::model::Generate(decoder, 1, prompt, gen, on_token));
+  FERRY_ASSIGN_OR_RETURN(auto result, ferry::model::Generate(*decoder, 1, prompt, gen, on_token));
   if (options.json) {
     nlohmann::json final_line = {{"token_ids", result.tokens},
                                  {"finish_reason", result.finish_reason},

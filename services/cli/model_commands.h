@@ -36,7 +36,9 @@ struct GenerateLocalOptions {
   bool json = false;
   bool strict = false;
   int threads = 1;
-  std::string kv_dtype = "fp32";  // the in-process KV cache's dtype
+  std::string device = "cpu";      // cpu | cuda | cuda:N: where the model runs
+  std::string weight_dtype = "bf16";  // CUDA only: bf16 | fp32 (the CPU backend is fp32)
+  std::string kv_dtype;            // fp32 | bf16 | fp16; empty: fp32 on the CPU, bf16 on CUDA
   std::string dump_logits;        // write the logits that chose the last token (JSON) here
 };
 absl::Status RunGenerateLocal(const GenerateLocalOptions& options);

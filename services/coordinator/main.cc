@@ -5,6 +5,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -13,6 +14,8 @@
 #include "runtime/common/log.h"
 #include "runtime/model/attention_step.h"
 #include "runtime/model/checkpoint.h"
+#include "runtime/model/cuda_attention.h"
+#include "runtime/model/cuda_decoder.h"
 #include "runtime/model/decoder.h"
 #include "runtime/model/tokenizer.h"
 #include "runtime/offload/offloaded_attention.h"
@@ -27,6 +30,7 @@ struct Flags {
   std::string listen = "0.0.0.0:50051";
   std::string model_dir;
   std::string device = "cpu";
+  std::string weight_dtype = "bf16";
   bool local_attention = false;
   int threads = 0;
   int64_t kv_capacity = int64_t{4} << 30;
@@ -56,14 +60,18 @@ int main(int argc, char** argv) {
   CLI::App app{"ferry-coordinator: runs the dense layers and schedules generation jobs"};
   app.add_option("--listen", flags.listen, "gRPC address host:port")->capture_default_str();
   app.add_option("--model", flags.model_dir, "Hugging Face model folder")->required();
-  app.add_option("--device", flags.device, "where the dense layers run")
-      ->check(CLI::IsMember({"cpu"}))
+  app.add_option("--device", flags.device, "where the dense layers run: cpu, cuda or cuda:N")
+      ->capture_default_str();
+  app.add_option("--weight-dtype", flags.weight_dtype,
+                 "weights on CUDA: bf16, or fp32 for exact comparisons (the CPU is fp32)")
+      ->check(CLI::IsMember({"bf16", "fp32"}))
       ->capture_default_str();
   app.add_flag("--local-attention", flags.local_attention,
                "run attention in this process (the single-machine mode)");
   app.add_option("--threads", flags.threads, "attention threads for --local-attention (0: all)")
       ->check(CLI::Range(0, 1024));
-  app.add_option("--kv-capacity", flags.kv_capacity, "KV bytes for --local-attention")
+  app.add_option("--kv-capacity", flags.kv_capacity,
+                 "KV bytes for --local-attention (device memory with --device cuda)")
       ->check(CLI::Range(int64_t{1} << 20, int64_t{1} << 50));
   app.add_option("--kv-dtype", flags.kv_dtype)->check(CLI::IsMember({"bf16", "fp16", "fp32"}));
   app.add_option("--block-size", flags.block_size, "KV positions per block")
@@ -112,6 +120,10 @@ int main(int argc, char** argv) {
 
   ferry::DType kv_dtype = ferry::DType::kBFloat16;
   ferry::ParseDType(flags.kv_dtype, &kv_dtype);
+  auto device = ferry::model::ParseComputeDevice(flags.device);
+  if (!device.ok()) return Fail(device.status());
+  // A step holds at most max_batch sequences and step_tokens rows (the scheduler's budget).
+  const int step_rows = std::max(flags.step_tokens, flags.max_batch);
 
   ferry::coordinator::WorkerRegistry::Options registry_options;
   registry_options.heartbeat_interval = std::chrono::milliseconds(flags.heartbeat_ms);
@@ -121,7 +133,18 @@ int main(int argc, char** argv) {
   // Attention: in this process, or on the registered workers through UCX.
   std::unique_ptr<ferry::model::AttentionStep> attention;
   std::unique_ptr<ferry::offload::AttentionClient> attention_client;
-  if (flags.local_attention) {
+  if (flags.local_attention && *device >= 0) {
+    ferry::model::CudaAttentionOptions attention_options;
+    attention_options.num_heads = config.num_heads;
+    attention_options.kv = {config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype,
+                            flags.block_size, flags.kv_capacity};
+    attention_options.device = *device;
+    attention_options.max_step_rows = step_rows;
+    attention_options.max_step_seqs = flags.max_batch;
+    auto local = ferry::model::CreateCudaAttention(attention_options);
+    if (!local.ok()) return Fail(local.status());
+    attention = std::move(*local);
+  } else if (flags.local_attention) {
     ferry::model::InProcessAttentionOptions attention_options;
     attention_options.num_heads = config.num_heads;
     attention_options.kv = {config.num_layers, config.num_kv_heads, config.head_dim, kv_dtype,
@@ -162,14 +185,28 @@ int main(int argc, char** argv) {
     attention = std::make_unique<ferry::offload::OffloadedAttention>(attention_client.get(),
                                                                      directory, offload_options);
   }
-  ferry::model::Decoder decoder(**model, *attention);
+  // The dense layers: the CPU backend, or CUDA (with attention on the same GPU, or on the host /
+  // the workers, q/k/v crossing to the host each layer).
+  std::unique_ptr<ferry::model::Decoder> decoder;
+  if (*device < 0) {
+    decoder = std::make_unique<ferry::model::Decoder>(**model, *attention);
+  } else {
+    ferry::model::CudaDecoderOptions dense;
+    dense.device = *device;
+    ferry::ParseDType(flags.weight_dtype, &dense.weight_dtype);
+    dense.max_rows = step_rows;
+    dense.max_chunks = flags.max_batch;
+    auto cuda = ferry::model::CreateCudaDecoder(**model, *attention, dense);
+    if (!cuda.ok()) return Fail(cuda.status());
+    decoder = std::move(*cuda);
+  }
 
   ferry::scheduler::BatchSchedulerOptions scheduler_options;
   scheduler_options.max_running = flags.max_batch;
   scheduler_options.prefill_chunk_tokens = flags.prefill_chunk;
-  scheduler_options.step_token_budget = std::max(flags.step_tokens, flags.max_batch);
+  scheduler_options.step_token_budget = step_rows;
   scheduler_options.eos_token_ids = config.eos_token_ids;
-  ferry::scheduler::BatchScheduler scheduler(decoder, scheduler_options);
+  ferry::scheduler::BatchScheduler scheduler(*decoder, scheduler_options);
 
   ferry::v1::ModelShape shape;
   shape.set_num_layers(config.num_layers);
@@ -190,8 +227,8 @@ int main(int argc, char** argv) {
   if (server == nullptr || bound_port == 0) {
     return Fail(absl::UnavailableError("cannot listen on " + flags.listen));
   }
-  FERRY_LOG_INFO("coordinator: serving {} ({} layers, {} attention) on {} (port {})",
-                 flags.model_dir, config.num_layers,
+  FERRY_LOG_INFO("coordinator: serving {} ({} layers on {}, {} attention) on {} (port {})",
+                 flags.model_dir, config.num_layers, flags.device,
                  flags.local_attention ? "local" : "worker", flags.listen, bound_port);
 
   int signal_number = 0;

@@ -1,6 +1,7 @@
 // The CLI's model commands end to end: make-tiny, then generate --local with --json (JSON lines
 // only on stdout), both flag forms, seeds, a text prompt through tokenizer.json, and errors.
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
@@ -18,8 +19,9 @@ struct CliRun {
   std::string out;
 };
 
-CliRun RunFerry(const std::string& args) {
-  const std::string cmd = std::string(FERRY_BIN) + " " + args + " 2>/dev/null";
+// stdout only, or stdout and stderr together.
+CliRun RunFerry(const std::string& args, bool with_stderr = false) {
+  const std::string cmd = std::string(FERRY_BIN) + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null");
   FILE* pipe = popen(cmd.c_str(), "r");
   CliRun run{-1, ""};
   if (pipe == nullptr) return run;
@@ -46,7 +48,8 @@ std::vector<nlohmann::json> JsonLines(const std::string& out) {
 class CliModelTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    dir_ = ::testing::TempDir() + "/ferry_cli_tiny";
+    // One folder per process: ctest -j runs this suite's cases as parallel processes.
+    dir_ = ::testing::TempDir() + "/ferry_cli_tiny_" + std::to_string(getpid());
     std::filesystem::remove_all(dir_);
     ASSERT_EQ(RunFerry("model make-tiny --out=" + dir_ +
                        " --layers 1 --hidden=128 --heads 2 --kv-heads=1 --vocab=300 --seed=5")
@@ -103,6 +106,19 @@ TEST_F(CliModelTest, ClearErrors) {
             0);
   EXPECT_EQ(RunFerry("generate --local --model=" + dir_ + " --prompt-ids=999").exit_code, 1);
   EXPECT_EQ(RunFerry("generate --local --model=" + dir_ + " --prompt=hi").exit_code, 1);  // no tokenizer
+}
+
+// Without CUDA in the build, without a device, or with no such device: one line that says so.
+TEST_F(CliModelTest, MissingCudaDeviceIsAClearError) {
+  const CliRun run = RunFerry(
+      "generate --local --model=" + dir_ + " --prompt-ids=1 --max-tokens=1 --device=cuda:99",
+      /*with_stderr=*/true);
+  EXPECT_EQ(run.exit_code, 1);
+  EXPECT_NE(run.out.find("CUDA"), std::string::npos) << run.out;
+  const CliRun bad = RunFerry("generate --local --model=" + dir_ + " --prompt-ids=1 --device=gpu",
+                              /*with_stderr=*/true);
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.out.find("--device must be cpu, cuda or cuda:N"), std::string::npos) << bad.out;
 }
 
 }  // namespace

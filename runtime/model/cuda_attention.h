@@ -1,0 +1,79 @@
+// In-process attention on a CUDA device: the AttentionStep of the CUDA decoder's single-machine
+// mode (`--device cuda:N --local-attention`).
+//
+// KV lives in a kv::CudaKvPool (device pools in DESIGN.md's layout, the host cache's allocator).
+// BeginStep groups the rows into runs (GroupStepRows), reserves blocks and stages the step's
+// tables on the device without a host synchronisation; Attend (device pointers, attention_step.h)
+// appends the rows' k/v (float32, converted to the cache dtype) and runs
+//   LeanDecode (kernels/include/ferry/kernels/lean_attention.h) when every row is a decode row,
+//     the cache is bf16/fp16 and the build serves the head dim and group, else
+//   PagedPrefillAttention (causal over each row's own positions: prefills, mixed steps, fp32
+//     caches).
+// Both read only device tables at fixed addresses, so the decoder may replay captured decode
+// steps (device_stream()). out is float32 (rows, num_heads, head_dim), normalised.
+// Memory: kv.capacity_bytes of device memory for the pools, plus tables and workspace sized by
+// max_step_rows / max_step_seqs. A step larger than those is INVALID_ARGUMENT.
+// Threads: one owner thread (the decoder's); all work is on device_stream(), created here.
+// Availability: CreateCudaAttention is FAILED_PRECONDITION in builds without CUDA or when the
+// device does not exist. No CUDA types in this header.
+#pragma once
+
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "runtime/common/cuda_util.h"
+#include "runtime/kv/kv_cache.h"
+#include "runtime/model/attention_step.h"
+
+namespace ferry::kv {
+class CudaKvPool;
+}
+
+namespace ferry::model {
+
+struct CudaAttentionOptions {
+  int num_heads = 0;
+  kv::KvCacheConfig kv;  // capacity_bytes counts device memory
+  int device = 0;
+  int max_step_rows = 2048;
+  int max_step_seqs = 256;
+};
+
+absl::StatusOr<std::unique_ptr<AttentionStep>> CreateCudaAttention(
+    const CudaAttentionOptions& options);
+
+// The concrete step, for CUDA-built code that needs the pool (benchmarks, GPU tests).
+class CudaAttention : public AttentionStep {
+ public:
+  static absl::StatusOr<std::unique_ptr<CudaAttention>> Create(const CudaAttentionOptions& options);
+  ~CudaAttention() override;
+
+  absl::Status AddSequence(kv::SequenceId seq) override;
+  absl::Status FreeSequence(kv::SequenceId seq) override;
+  absl::StatusOr<int64_t> Length(kv::SequenceId seq) const override;
+  absl::Status BeginStep(std::span<const StepRow> rows) override;
+  absl::Status Attend(int layer, const float* q, const float* k, const float* v,
+                      float* out) override;
+  absl::Status EndStep() override;
+  void* device_stream() const override { return stream_; }
+
+  kv::CudaKvPool& pool() { return *pool_; }
+  // Whether decode steps run LeanDecode (else PagedPrefillAttention serves every step).
+  bool uses_lean_decode() const { return lean_workspace_.bytes() > 0; }
+
+ private:
+  explicit CudaAttention(const CudaAttentionOptions& options);
+
+  CudaAttentionOptions options_;
+  void* stream_ = nullptr;  // cudaStream_t
+  std::unique_ptr<kv::CudaKvPool> pool_;
+  DeviceBuffer lean_workspace_;  // empty when LeanDecode does not serve the shape
+  DeviceBuffer lse_;             // (max_step_rows, num_heads) float32
+  bool in_step_ = false;
+  bool decode_only_ = false;
+  std::vector<kv::KvAppendRun> runs_;
+};
+
+}  // namespace ferry::model
