@@ -9,7 +9,8 @@ compared (it is imported when found, never vendored):
 Shapes: B=4, H=16 (q and kv heads), bf16, d in {64, 128}, N in {2k .. 32k}. Times are medians of
 CUDA-event timings (triton.testing.do_bench) on fresh random inputs. Ferry runs
 elu_plus_one (normalised; the feature map applied inside the kernels) and one_plus_x_max_norm
-(normalised); fla runs normalize=True on inputs that already went through elu + 1 outside the
+(normalised), both with the sequence segments the library picks, and elu_plus_one unsplit (one
+block walks a whole sequence); fla runs normalize=True on inputs that already went through elu + 1 outside the
 timed region (so it computes the same function as Ferry's elu_plus_one, which is checked), and
 SDPA is causal softmax attention.
 Byte floor: q, k, v read and out written once forward (8 N d bytes per head), q, k, v, dout
@@ -55,15 +56,23 @@ def methods(d):
     def elu1(x):
         return torch.nn.functional.elu(x.float()).add_(1).to(x.dtype)
 
-    ms["ferry elu+1"] = (lambda q, k, v: (q, k, v),
-                         lambda q, k, v: ferry.linear_attention(q, k, v, "elu_plus_one", True))
-    ms["ferry 1+x maxnorm"] = (lambda q, k, v: (q, k, v),
-                               lambda q, k, v: ferry.linear_attention(q, k, v, "one_plus_x_max_norm", True))
+    def ferry_fn(feature_map, segment_chunks):
+        # The segment setting is global to the extension: set on every forward, so the
+        # backward that follows it uses it too.
+        def fn(q, k, v):
+            ferry.extension().set_segment_chunks(segment_chunks)
+            return ferry.linear_attention(q, k, v, feature_map, True)
+        return fn
+
+    ms["ferry elu+1"] = (lambda q, k, v: (q, k, v), ferry_fn("elu_plus_one", 0))
+    ms["ferry 1+x maxnorm"] = (lambda q, k, v: (q, k, v), ferry_fn("one_plus_x_max_norm", 0))
+    ms["ferry elu+1 unsplit"] = (lambda q, k, v: (q, k, v), ferry_fn("elu_plus_one", -1))
     if HAVE_FLA:
-        ms["fla chunk"] = (lambda q, k, v: (elu1(q), elu1(k), v),
-                           lambda q, k, v: chunk_linear_attn(q, k, v, normalize=True)[0])
+        # fused_chunk first: its Triton autotuning is the shorter of the two.
         ms["fla fused_chunk"] = (lambda q, k, v: (elu1(q), elu1(k), v),
                                  lambda q, k, v: fused_chunk_linear_attn(q, k, v, normalize=True)[0])
+        ms["fla chunk"] = (lambda q, k, v: (elu1(q), elu1(k), v),
+                           lambda q, k, v: chunk_linear_attn(q, k, v, normalize=True)[0])
     ms["sdpa causal"] = (lambda q, k, v: tuple(x.transpose(1, 2) for x in (q, k, v)),
                          lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
                              q, k, v, is_causal=True))
@@ -122,6 +131,8 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--fla-budget", type=float, default=1e9,
                         help="seconds after which fla (its Triton autotuning is slow) is skipped")
+    parser.add_argument("--fla-shapes", default="",
+                        help="d:N pairs (comma separated) fla runs at; default every shape")
     args = parser.parse_args()
     torch.manual_seed(int(time.time()))
     dev = torch.cuda.get_device_properties(0)
@@ -141,8 +152,10 @@ def main():
     # Ferry and SDPA for every shape first, then fla (slow to autotune) while its budget lasts.
     plan = [(d, n, name) for d in (128, 64) for n in ns for name in methods(d)
             if not name.startswith("fla")]
+    fla_shapes = {tuple(int(x) for x in pair.split(":")) for pair in args.fla_shapes.split(",")
+                  if pair}
     plan += [(d, n, name) for d in (128, 64) for n in ns for name in methods(d)
-             if name.startswith("fla")]
+             if name.startswith("fla") and (not fla_shapes or (d, n) in fla_shapes)]
     os.makedirs(args.out, exist_ok=True)
     for i, (d, n, name) in enumerate(plan):
         if name.startswith("fla") and not plan[i - 1][2].startswith("fla") and not args.quick:

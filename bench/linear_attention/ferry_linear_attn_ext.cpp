@@ -15,6 +15,10 @@
 
 namespace {
 
+// Chunks per sequence segment (cuda_linear_attention.h): 0 lets the library choose; the
+// benchmark sets others to compare.
+int g_segment_chunks = 0;
+
 using ferry::DType;
 using ferry::kernels::LinearAttentionConfig;
 using ferry::kernels::LinearFeatureMap;
@@ -101,9 +105,16 @@ Forward(
   args.out = out.data_ptr();
   args.initial_state = initial_state.has_value() ? initial_state->data_ptr<float>() : nullptr;
   args.final_state = final_state.has_value() ? final_state->data_ptr<float>() : nullptr;
+  // A torch allocation, so that the segment sums count in torch's peak memory.
+  const size_t ws_bytes =
+      ferry::kernels::LinearAttentionForwardWorkspaceSize(c, q.size(0), g_segment_chunks);
+  auto workspace =
+      torch::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(torch::kUInt8));
   Check(ferry::kernels::LinearAttentionForwardCuda(
             args, stats.has_value() ? stats->data_ptr<float>() : nullptr,
-            residual.has_value() ? residual->data_ptr() : nullptr, at::cuda::getCurrentCUDAStream()),
+            residual.has_value() ? residual->data_ptr() : nullptr,
+            ws_bytes > 0 ? workspace.data_ptr() : nullptr, ws_bytes,
+            at::cuda::getCurrentCUDAStream(), g_segment_chunks),
         "LinearAttentionForwardCuda");
   return {out, final_state, stats, residual};
 }
@@ -132,7 +143,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, std::optional<torch::Ten
   auto f32 = q.options().dtype(torch::kFloat32);
   if (want_d_state) d_state = torch::empty({c.num_seqs, c.num_kv_heads, StateStride(c)}, f32);
   if (initial_state.has_value()) CheckState(*initial_state, c, "initial_state");
-  const size_t ws_bytes = ferry::kernels::LinearAttentionBackwardWorkspaceSize(c, q.size(0));
+  const size_t ws_bytes =
+      ferry::kernels::LinearAttentionBackwardWorkspaceSize(c, q.size(0), g_segment_chunks);
   auto workspace =
       torch::empty({static_cast<int64_t>(ws_bytes)}, q.options().dtype(torch::kUInt8));
   ferry::kernels::LinearAttentionBackwardCudaArgs args;
@@ -152,7 +164,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, std::optional<torch::Ten
   args.dv = dv.data_ptr();
   args.d_initial_state = d_state.has_value() ? d_state->data_ptr<float>() : nullptr;
   Check(ferry::kernels::LinearAttentionBackwardCuda(args, workspace.data_ptr(), ws_bytes,
-                                                    at::cuda::getCurrentCUDAStream()),
+                                                    at::cuda::getCurrentCUDAStream(),
+                                                    g_segment_chunks),
         "LinearAttentionBackwardCuda");
   return {dq, dk, dv, d_state};
 }
@@ -193,6 +206,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &Forward, "causal linear attention forward");
   m.def("backward", &Backward, "causal linear attention backward");
   m.def("decode", &Decode, "one decode step per sequence");
+  m.def("set_segment_chunks", [](int chunks) { g_segment_chunks = chunks; },
+        "chunks per sequence segment of later calls (0 automatic, < 0 unsplit)");
   m.def("state_stride", [](int head_dim, int group) {
     return ferry::kernels::MakeLinearStateLayout(head_dim, group).stride;
   });

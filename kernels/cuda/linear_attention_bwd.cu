@@ -16,12 +16,14 @@ using linear_cuda::FloatToBits;
 constexpr size_t kAlign = 256;
 size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
-// Float arrays of the workspace, in order; everything after dden is zeroed per call.
+// Float arrays of the workspace, in order; gq to state_gk are zeroed per call; then the segment
+// table and records (linear_attention_core.cuh), when the passes are split.
 struct WorkspaceLayout {
   size_t dden = 0, gq = 0, gk = 0, state_gq = 0, state_gk = 0, total = 0;
 };
 
-WorkspaceLayout LayoutWorkspace(const LinearAttentionConfig& c, int64_t total_tokens) {
+WorkspaceLayout LayoutWorkspace(const LinearAttentionConfig& c, int64_t total_tokens,
+                                int segment_chunks, linear_cuda::SegmentWorkspace* segments) {
   const size_t tokens = static_cast<size_t>(std::max<int64_t>(total_tokens, 0));
   const size_t seqs = static_cast<size_t>(std::max(c.num_seqs, 0));
   const size_t hq = static_cast<size_t>(std::max(c.num_q_heads, 0));
@@ -33,6 +35,15 @@ WorkspaceLayout LayoutWorkspace(const LinearAttentionConfig& c, int64_t total_to
   w.state_gq = w.gk + AlignUp(sizeof(float) * tokens * hkv);
   w.state_gk = w.state_gq + AlignUp(sizeof(float) * seqs * hq);
   w.total = w.state_gk + AlignUp(sizeof(float) * seqs * hkv);
+  using linear_cuda::Op;
+  using linear_cuda::SegmentHeadFloats;
+  const int64_t head_floats =
+      std::max({SegmentHeadFloats<Op::kGradQ>(c.head_dim) * static_cast<int64_t>(hq),
+                SegmentHeadFloats<Op::kGradK>(c.head_dim) * static_cast<int64_t>(hkv),
+                SegmentHeadFloats<Op::kGradV>(c.head_dim) * static_cast<int64_t>(hkv)});
+  *segments = linear_cuda::LayoutSegmentWorkspace(c, total_tokens, segment_chunks, head_floats,
+                                                  w.total);
+  w.total = segments->total;
   return w;
 }
 
@@ -88,13 +99,18 @@ int RowGrid(int64_t rows) { return static_cast<int>(std::min<int64_t>((rows + 7)
 }  // namespace
 
 size_t LinearAttentionBackwardWorkspaceSize(const LinearAttentionConfig& config,
-                                            int64_t total_tokens) {
-  return LayoutWorkspace(config, total_tokens).total;
+                                            int64_t total_tokens, int segment_chunks) {
+  linear_cuda::SegmentWorkspace segments;
+  const int chunks_per_segment =
+      linear_cuda::CheckConfig(config) == cudaSuccess
+          ? linear_cuda::SegmentChunks(config, total_tokens, segment_chunks)
+          : 0;
+  return LayoutWorkspace(config, total_tokens, chunks_per_segment, &segments).total;
 }
 
 cudaError_t LinearAttentionBackwardCuda(const LinearAttentionBackwardCudaArgs& args,
                                         void* workspace, size_t workspace_bytes,
-                                        cudaStream_t stream) {
+                                        cudaStream_t stream, int segment_chunks) {
   using namespace linear_cuda;
   const LinearAttentionConfig& c = args.config;
   cudaError_t error = CheckConfig(c);
@@ -113,13 +129,16 @@ cudaError_t LinearAttentionBackwardCuda(const LinearAttentionBackwardCudaArgs& a
       !Aligned16(args.dv) || !Aligned16(args.row_stats)) {
     return cudaErrorInvalidValue;
   }
-  const WorkspaceLayout w = LayoutWorkspace(c, args.total_tokens);
+  const int chunks_per_segment = SegmentChunks(c, args.total_tokens, segment_chunks);
+  SegmentWorkspace segments;
+  const WorkspaceLayout w = LayoutWorkspace(c, args.total_tokens, chunks_per_segment, &segments);
   if (workspace == nullptr || workspace_bytes < w.total || !Aligned16(workspace)) {
     return cudaErrorInvalidValue;
   }
   uint8_t* base = static_cast<uint8_t*>(workspace);
   // The max-norm gradients are summed with atomics: start from zero.
-  if ((error = cudaMemsetAsync(base + w.gq, 0, w.total - w.gq, stream)) != cudaSuccess) {
+  if ((error = cudaMemsetAsync(base + w.gq, 0, segments.seg_first - w.gq, stream)) !=
+      cudaSuccess) {
     return error;
   }
   CoreParams p = MakeCoreParams(c, args.cu_seqlens, args.total_tokens);
@@ -135,6 +154,9 @@ cudaError_t LinearAttentionBackwardCuda(const LinearAttentionBackwardCudaArgs& a
   p.ws_gk = reinterpret_cast<float*>(base + w.gk);
   p.ws_state_gq = reinterpret_cast<float*>(base + w.state_gq);
   p.ws_state_gk = reinterpret_cast<float*>(base + w.state_gk);
+
+  error = PrepareSegments(p, segments, base, chunks_per_segment, args.total_tokens, stream);
+  if (error != cudaSuccess) return error;
 
   const int64_t q_rows = args.total_tokens * c.num_q_heads;
   int head_dim = c.head_dim;
@@ -152,7 +174,8 @@ cudaError_t LinearAttentionBackwardCuda(const LinearAttentionBackwardCudaArgs& a
     if (error != cudaSuccess) return error;
   }
   p.out = static_cast<uint16_t*>(args.dq);
-  error = LaunchCoreForHeadDim<Op::kGradQ>(p, c.head_dim, c.num_q_heads, c.num_seqs, stream);
+  p.grid_heads = c.num_q_heads;
+  error = RunCoreForHeadDim<Op::kGradQ>(p, c.head_dim, args.total_tokens, stream);
   if (error != cudaSuccess) return error;
   if (c.feature_map == LinearFeatureMap::kOnePlusXMaxNorm && q_rows > 0) {
     const uint16_t* q = p.q;
@@ -166,10 +189,11 @@ cudaError_t LinearAttentionBackwardCuda(const LinearAttentionBackwardCudaArgs& a
     if (error != cudaSuccess) return error;
   }
   p.out = static_cast<uint16_t*>(args.dk);
-  error = LaunchCoreForHeadDim<Op::kGradK>(p, c.head_dim, c.num_kv_heads, c.num_seqs, stream);
+  p.grid_heads = c.num_kv_heads;
+  error = RunCoreForHeadDim<Op::kGradK>(p, c.head_dim, args.total_tokens, stream);
   if (error != cudaSuccess) return error;
   p.out = static_cast<uint16_t*>(args.dv);
-  return LaunchCoreForHeadDim<Op::kGradV>(p, c.head_dim, c.num_kv_heads, c.num_seqs, stream);
+  return RunCoreForHeadDim<Op::kGradV>(p, c.head_dim, args.total_tokens, stream);
 }
 
 }  // namespace ferry::kernels

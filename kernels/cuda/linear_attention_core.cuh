@@ -25,12 +25,28 @@
 // cp.async (16-byte copies, zero-filled past the sequence) into one of two stages while the
 // previous chunk computes; elementwise transforms (feature map, per-row scales, fp16 -> bf16)
 // run in place in shared memory. Score weights and S reach the tensor cores as bf16 hi + lo pairs.
+//
+// Segments. A block per (slice, head, sequence) walking all chunks leaves SMs idle when the batch
+// has few sequences or heads, so a call may split each sequence into segments of
+// segment_chunks chunks (SegmentChunks picks the count), walked by separate blocks in three steps:
+//   pass A (kStateOnly): each segment's own S and B (from a zero state) and, forward, its q / k
+//          norm maxima, dq pass, its last record position, to a record in the workspace;
+//   pass B (LinearSegmentPrefixKernel): per sequence, each record becomes the sum (maximum) of
+//          the earlier segments' in walk order (reverse passes: the later segments');
+//   pass C: the usual walk over the segment's chunks starting from initial state + prefix. The
+//          dq pass takes the running floored maxima from the forward's row_stats of the row
+//          before the segment. Only the block walking the sequence's last chunk (in its
+//          direction) writes the final state / the state gradient.
+// The records hold O(N d^2 / (64 segment_chunks)) floats per head; the per-token memory stays
+// O(N d).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <mutex>
 
@@ -93,6 +109,13 @@ struct CoreParams {
   float* ws_gk = nullptr;        // (total_tokens, num_kv_heads): d loss / d b
   float* ws_state_gq = nullptr;  // (num_seqs, num_q_heads): ... when the state holds the max
   float* ws_state_gk = nullptr;  // (num_seqs, num_kv_heads)
+  // Sequence segments (see "Segments" above). seg_first null: one block walks a whole sequence
+  // (grid z = sequence).
+  int num_seqs = 0;
+  int segment_chunks = 0;                // chunks per segment
+  const int32_t* seg_first = nullptr;    // (num_seqs + 1): first global segment of each sequence
+  float* seg_states = nullptr;           // (segments, grid heads, slices, record floats)
+  int grid_heads = 0;
 };
 
 template <Op kOp, int kD>
@@ -129,6 +152,12 @@ struct CoreShape {
   static_assert(kSmemBytes <= kMaxSharedBytes, "shared memory");
   static_assert(kCols < kThreads, "one thread per column keeps B");
   static_assert(kD % 64 == 0 && kDv % 16 == 0, "tile shapes");
+  // A segment's state record (pass A writes, pass B prefixes, pass C reads), in the order the
+  // threads hold it: S fragments (element i of thread t at i * kThreads + t), B per thread, then
+  // kSegmentScalars int-ordered maxima (the forward's running norms as float bits, the dq pass's
+  // record positions), padded to 4 floats.
+  static constexpr int kSegmentSumFloats = (kMt * kNt * 4 + 1) * kThreads;
+  static constexpr int kSegmentRecordFloats = kSegmentSumFloats + 4;
 };
 
 // ---- small device helpers ----
@@ -278,7 +307,9 @@ __device__ __forceinline__ void LoadTile(uint16_t* dst, int stride, const TileSo
 
 // ---- the kernel ----
 
-template <Op kOp, int kD>
+// kStateOnly: pass A of a segmented walk (see "Segments"): only the segment's own sum S, B and
+// scalars, written to its record; no outputs.
+template <Op kOp, int kD, bool kStateOnly>
 __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
     LinearCoreKernel(const CoreParams p) {
   using Shape = CoreShape<kOp, kD>;
@@ -316,7 +347,24 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
   const int lane = tid % 32;
   const int slice = blockIdx.x;
   const int head = blockIdx.y;
-  const int seq = blockIdx.z;
+  // The sequence and segment of this block (grid z: the global segment, or the sequence).
+  int seq = blockIdx.z, seg_local = 0, seg_count = 1;
+  if (p.seg_first != nullptr) {
+    const int gseg = blockIdx.z;
+    if (gseg >= p.seg_first[p.num_seqs]) return;
+    int lo = 0, hi = p.num_seqs - 1;  // the last sequence whose first segment is <= gseg
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (p.seg_first[mid] <= gseg) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    seq = lo;
+    seg_local = gseg - p.seg_first[seq];
+    seg_count = p.seg_first[seq + 1] - p.seg_first[seq];
+  }
   const int group = p.group;
   const int hq = p.num_q_heads;
   const int hkv = p.num_kv_heads;
@@ -328,8 +376,19 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
   if (first < 0 || last < first || last > p.total_tokens) return;
   const int64_t len = last - first;
   const int num_chunks = static_cast<int>((len + kChunk - 1) / kChunk);
+  // This block's chunks [c_begin, c_end); it writes the final state (forward) or the initial
+  // state's gradient (reverse) when it walks the sequence's last chunk in its direction.
+  const int c_begin = p.seg_first != nullptr ? min(num_chunks, seg_local * p.segment_chunks) : 0;
+  const int c_end =
+      p.seg_first != nullptr ? min(num_chunks, c_begin + p.segment_chunks) : num_chunks;
+  const bool writes_final = kReverse ? seg_local == 0 : seg_local == seg_count - 1;
+  float* seg_rec = p.seg_first != nullptr
+                       ? p.seg_states + ((int64_t{blockIdx.z} * p.grid_heads + head) *
+                                             Shape::kSlices + slice) *
+                                            Shape::kSegmentRecordFloats
+                       : nullptr;
   const int key_blocks = kReverse ? group : 1;
-  const int64_t steps = int64_t{num_chunks} * key_blocks;
+  const int64_t steps = int64_t{c_end - c_begin} * key_blocks;
   const bool lifted = p.feature_map == static_cast<int>(LinearFeatureMap::kOnePlusXMaxNorm);
   const bool elu = p.feature_map == static_cast<int>(LinearFeatureMap::kEluPlusOne);
   const bool fp16 = p.fp16;
@@ -362,7 +421,7 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
   };
   auto step_chunk = [&](int64_t n) {
     const int c = static_cast<int>(n / key_blocks);
-    return kReverse ? num_chunks - 1 - c : c;
+    return kReverse ? c_end - 1 - c : c_begin + c;
   };
 
   auto issue_loads = [&](int64_t n, int stage) {
@@ -373,7 +432,10 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
     const int valid_rows = static_cast<int>(len - int64_t{c} * kChunk < kChunk ? len - int64_t{c} * kChunk : kChunk);
     TileSource qs, ks, vs;
     sources(g, qs, ks, vs);
-    LoadTile<kD>(reinterpret_cast<uint16_t*>(base + Shape::kQTile), kSD, qs, t0, valid_rows);
+    // Pass A needs no query' rows, except the forward's q for its running norms.
+    if (!kStateOnly || kOp == Op::kForward) {
+      LoadTile<kD>(reinterpret_cast<uint16_t*>(base + Shape::kQTile), kSD, qs, t0, valid_rows);
+    }
     LoadTile<kD>(reinterpret_cast<uint16_t*>(base + Shape::kKTile), kSD, ks, t0, valid_rows);
     LoadTile<kDv>(reinterpret_cast<uint16_t*>(base + Shape::kVTile), kSV, vs, t0, valid_rows);
     // Per-row inputs: threads 0..63 the query' rows, 64..127 the key' rows.
@@ -420,7 +482,7 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
         const int f = f_base + mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
         const int col = nt * 8 + 2 * (lane % 4) + (e & 1);
         float x = 0.0f;
-        if (init != nullptr) {
+        if (!kStateOnly && init != nullptr) {
           if constexpr (kOp == Op::kForward) {
             if (col < kDv) {
               x = init[layout.s_offset + int64_t{f} * kD + col0 + col];
@@ -437,7 +499,7 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
     }
   }
   float bsum = 0.0f;  // thread t < kCols: B[t]; thread kCols: sum of w (the dcount of kGradK)
-  if (init != nullptr && tid < kCols) {
+  if (!kStateOnly && init != nullptr && tid < kCols) {
     if constexpr (kOp == Op::kForward) {
       bsum = tid < kDv ? init[layout.v_sum_offset + col0 + tid]
                        : (tid == kDv ? init[layout.count_offset] : 0.0f);
@@ -456,6 +518,37 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
   } else if constexpr (kOp == Op::kGradQ) {
     run_q = fmaxf(kLinearNormFloor, init != nullptr ? init[layout.q_norm_offset + g_in_group] : 0.0f);
     run_k = fmaxf(kLinearNormFloor, init != nullptr ? init[layout.k_norm_offset] : 0.0f);
+    if (seg_local > 0 && c_begin < c_end) {
+      // The floored maxima so far are the previous row's a and b.
+      const float4 prev = reinterpret_cast<const float4*>(
+          p.stats)[(first + int64_t{c_begin} * kChunk - 1) * hq + head];
+      run_q = prev.y;
+      run_k = prev.z;
+    }
+  }
+  if constexpr (!kStateOnly) {
+    if (seg_rec != nullptr) {
+      // Pass C: add the earlier segments' sums (pass B's exclusive prefix).
+      int i = 0;
+#pragma unroll
+      for (int mt = 0; mt < kMt; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sacc[mt][nt][e] += seg_rec[(i++) * kThreads + tid];
+        }
+      }
+      bsum += seg_rec[kMt * kNt * 4 * kThreads + tid];
+      const int* scalars = reinterpret_cast<const int*>(seg_rec + Shape::kSegmentSumFloats);
+      if constexpr (kOp == Op::kForward) {
+        // Non-negative floats order as their bits; INT_MIN (no earlier segment) becomes 0.
+        run_q = fmaxf(run_q, __int_as_float(max(scalars[0], 0)));
+        run_k = fmaxf(run_k, __int_as_float(max(scalars[1], 0)));
+      } else if constexpr (kOp == Op::kGradQ) {
+        arg_q = max(arg_q, scalars[0]);
+        arg_k = max(arg_k, scalars[1]);
+      }
+    }
   }
 
   auto store_state_smem = [&]() {
@@ -509,7 +602,7 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
     // The raw q (kGradQ) or k (kGradK) values of this thread's output elements, for the
     // epilogue: issued now, used after the step's matrix work.
     uint32_t xr[kDv / 8][2] = {};
-    if constexpr (Shape::kHasX) {
+    if constexpr (Shape::kHasX && !kStateOnly) {
       if (g == key_blocks - 1) {
         const uint16_t* xb = kOp == Op::kGradQ ? p.q + int64_t{head} * kD + col0
                                                : p.k + int64_t{kv_head} * kD + col0;
@@ -598,7 +691,9 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
       }
       if (fp16 || elu || lifted) {
         __syncthreads();  // the norms read the raw tiles; qscale is ready
-        TransformTile<kD>(q_tile, kSD, valid_rows, elu, lifted ? qscale_s : nullptr, fp16);
+        if (!kStateOnly) {
+          TransformTile<kD>(q_tile, kSD, valid_rows, elu, lifted ? qscale_s : nullptr, fp16);
+        }
         if (fp16 || elu) TransformTile<kD>(k_tile, kSD, valid_rows, elu, nullptr, fp16);
         if (fp16) TransformTile<kDv>(v_tile, kSV, valid_rows, false, nullptr, fp16);
       }
@@ -653,7 +748,7 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
       }
       if (fp16 || elu) {
         if (fp16) {
-          TransformTile<kD>(q_tile, kSD, valid_rows, false, nullptr, fp16);
+          if (!kStateOnly) TransformTile<kD>(q_tile, kSD, valid_rows, false, nullptr, fp16);
           TransformTile<kD>(k_tile, kSD, valid_rows, false, nullptr, fp16);
         }
         TransformTile<kDv>(v_tile, kSV, valid_rows, elu, nullptr, fp16);
@@ -674,7 +769,7 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
         w_s[r] = p.normalize && valid ? k_w[r] : 0.0f;
       }
       __syncthreads();
-      if (fp16) TransformTile<kD>(q_tile, kSD, valid_rows, false, nullptr, fp16);
+      if (!kStateOnly && fp16) TransformTile<kD>(q_tile, kSD, valid_rows, false, nullptr, fp16);
       if (fp16 || p.normalize) {
         TransformTile<kD>(k_tile, kSD, valid_rows, false, p.normalize ? kscale_s : nullptr, fp16);
       }
@@ -694,7 +789,9 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
         vscale_s[r] = p.normalize && valid ? 1.0f / st.x : 1.0f;
       }
       __syncthreads();
-      if (fp16 || elu) TransformTile<kD>(q_tile, kSD, valid_rows, elu, nullptr, fp16);
+      if (!kStateOnly && (fp16 || elu)) {
+        TransformTile<kD>(q_tile, kSD, valid_rows, elu, nullptr, fp16);
+      }
       if (fp16 || elu || lifted) {
         TransformTile<kD>(k_tile, kSD, valid_rows, elu, lifted ? kscale_s : nullptr, fp16);
       }
@@ -708,7 +805,7 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
     const float beta_lo = beta_s[r_lo], beta_hi = beta_s[r_hi];
 
     // ---- inter-chunk term: acc = alpha (Q' S) + beta B, once per chunk ----
-    if (g == 0) {
+    if (!kStateOnly && g == 0) {
 #pragma unroll
       for (int nt = 0; nt < kNt; ++nt) {
 #pragma unroll
@@ -757,7 +854,7 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
       for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
     }
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
+    for (int kk = 0; kk < (kStateOnly ? 0 : kD / 16); ++kk) {
       uint32_t a[4];
       LdMatrixX4(a, q_tile + (row0 + lane % 16) * kSD + kk * 16 + (lane / 16) * 8);
 #pragma unroll
@@ -774,7 +871,7 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
     // ---- P = alpha s + beta w (masked) as hi + lo; acc += P V'; S += K'^T V' ----
 #pragma unroll
     for (int kb = 0; kb < 4; ++kb) {
-      const bool needed = key_block_needed(kb);
+      const bool needed = !kStateOnly && key_block_needed(kb);
       uint32_t ph[4], pl[4];
       if (needed) {
 #pragma unroll
@@ -845,7 +942,7 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
       bsum += ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
     }
 
-    if (g == key_blocks - 1) {
+    if (!kStateOnly && g == key_blocks - 1) {
       __syncthreads();  // (C) every warp is done reading S and B of the previous chunk
       store_state_smem();
 
@@ -997,9 +1094,37 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
   }
   CpAsyncWaitAll();
 
+  if constexpr (kStateOnly) {
+    int i = 0;
+#pragma unroll
+    for (int mt = 0; mt < kMt; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < kNt; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) seg_rec[(i++) * kThreads + tid] = sacc[mt][nt][e];
+      }
+    }
+    seg_rec[kMt * kNt * 4 * kThreads + tid] = bsum;
+    if (tid == 0) {
+      int* scalars = reinterpret_cast<int*>(seg_rec + Shape::kSegmentSumFloats);
+      int s0 = INT_MIN, s1 = INT_MIN;
+      if constexpr (kOp == Op::kForward) {
+        s0 = __float_as_int(run_q);
+        s1 = __float_as_int(run_k);
+      } else if constexpr (kOp == Op::kGradQ) {
+        s0 = arg_q;
+        s1 = arg_k;
+      }
+      scalars[0] = s0;
+      scalars[1] = s1;
+      scalars[2] = scalars[3] = INT_MIN;
+    }
+    return;
+  }
+
   // ---- final state / state gradient ----
   if constexpr (kOp == Op::kForward) {
-    float* fin = p.final_state != nullptr ? p.final_state + record : nullptr;
+    float* fin = p.final_state != nullptr && writes_final ? p.final_state + record : nullptr;
     if (fin != nullptr) {
       const bool kv_writer = g_in_group == 0;
       if (kv_writer) {
@@ -1032,7 +1157,8 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
       if (slice == 0 && tid == 0) fin[layout.q_norm_offset + g_in_group] = run_q;
     }
   } else if constexpr (kOp == Op::kGradK) {
-    float* dst = p.d_initial_state != nullptr ? p.d_initial_state + record : nullptr;
+    float* dst =
+        p.d_initial_state != nullptr && writes_final ? p.d_initial_state + record : nullptr;
     if (dst != nullptr) {
       if (tid < kDv) dst[layout.z_offset + col0 + tid] = bsum;
       if (slice == 0) {
@@ -1051,7 +1177,8 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
       }
     }
   } else if constexpr (kOp == Op::kGradV) {
-    float* dst = p.d_initial_state != nullptr ? p.d_initial_state + record : nullptr;
+    float* dst =
+        p.d_initial_state != nullptr && writes_final ? p.d_initial_state + record : nullptr;
     if (dst != nullptr) {
 #pragma unroll
       for (int mt = 0; mt < kMt; ++mt) {
@@ -1122,6 +1249,7 @@ inline CoreParams MakeCoreParams(const LinearAttentionConfig& c, const int32_t* 
   CoreParams p;
   p.cu_seqlens = cu_seqlens;
   p.total_tokens = total_tokens;
+  p.num_seqs = c.num_seqs;
   p.num_q_heads = c.num_q_heads;
   p.num_kv_heads = c.num_kv_heads;
   p.group = c.num_q_heads / c.num_kv_heads;
@@ -1130,6 +1258,148 @@ inline CoreParams MakeCoreParams(const LinearAttentionConfig& c, const int32_t* 
   p.fp16 = c.dtype == DType::kFloat16;
   p.layout = MakeLinearStateLayout(c.head_dim, p.group);
   return p;
+}
+
+// ---- segments: the table, pass B and the host plan ----
+
+// seg_first[s] = the first global segment of sequence s: a sequence in range gets
+// max(1, ceil(chunks / segment_chunks)) segments (an empty one passes its state through), one out
+// of range none. Clamped to max_segments, which holds for non-decreasing cu_seqlens (the
+// contract); otherwise later sequences lose segments but nothing is accessed out of bounds.
+template <int kBlock>
+__global__ void __launch_bounds__(kBlock)
+    LinearSegmentTableKernel(const int32_t* cu_seqlens, int num_seqs, int64_t total_tokens,
+                             int segment_chunks, int max_segments, int32_t* seg_first) {
+  __shared__ int64_t partial[kBlock];
+  const int per_thread = (num_seqs + kBlock - 1) / kBlock;
+  const int begin = min(num_seqs, static_cast<int>(threadIdx.x) * per_thread);
+  const int end = min(num_seqs, begin + per_thread);
+  auto count = [&](int s) -> int64_t {
+    const int64_t first = cu_seqlens[s], last = cu_seqlens[s + 1];
+    if (first < 0 || last < first || last > total_tokens) return 0;
+    const int64_t chunks = (last - first + kChunk - 1) / kChunk;
+    return chunks == 0 ? 1 : (chunks + segment_chunks - 1) / segment_chunks;
+  };
+  int64_t sum = 0;
+  for (int s = begin; s < end; ++s) sum += count(s);
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+  for (int off = 1; off < kBlock; off *= 2) {  // inclusive scan
+    const int64_t x = threadIdx.x >= off ? partial[threadIdx.x - off] : 0;
+    __syncthreads();
+    partial[threadIdx.x] += x;
+    __syncthreads();
+  }
+  int64_t run = partial[threadIdx.x] - sum;
+  for (int s = begin; s < end; ++s) {
+    seg_first[s] = static_cast<int32_t>(min(run, int64_t{max_segments}));
+    run += count(s);
+  }
+  if (threadIdx.x == kBlock - 1) {
+    seg_first[num_seqs] = static_cast<int32_t>(min(partial[kBlock - 1], int64_t{max_segments}));
+  }
+}
+
+// Pass B: over each sequence's segments (in walk order), every record element becomes the
+// combination of the earlier segments' values: a sum for the first sum_floats of each record, an
+// int maximum for the scalars. Grid: x over the slices' records of one (segment, head), y the
+// grid heads, z the sequences.
+template <bool kReverse>
+__global__ void __launch_bounds__(256)
+    LinearSegmentPrefixKernel(float* seg_states, const int32_t* seg_first, int record_floats,
+                              int sum_floats, int head_floats) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= head_floats) return;
+  const int begin = seg_first[blockIdx.z], end = seg_first[blockIdx.z + 1];
+  const int64_t segment_floats = int64_t{gridDim.y} * head_floats;
+  float* base = seg_states + int64_t{blockIdx.y} * head_floats + e;
+  if (e % record_floats < sum_floats) {
+    float run = 0.0f;
+    for (int i = 0; i < end - begin; ++i) {
+      float* x = base + (kReverse ? end - 1 - i : begin + i) * segment_floats;
+      const float t = *x;
+      *x = run;
+      run += t;
+    }
+  } else {
+    int run = INT_MIN;
+    for (int i = 0; i < end - begin; ++i) {
+      int* x = reinterpret_cast<int*>(base + (kReverse ? end - 1 - i : begin + i) * segment_floats);
+      const int t = *x;
+      *x = run;
+      run = max(run, t);
+    }
+  }
+}
+
+// Chunks per segment when a call is split: the best of 4, 8, 16 and 32 at B = 1, H = 16,
+// d = 64 / 128, N = 8k / 32k on the H100, or within 13% of it (bench/RESULTS.md, "Linear
+// attention: sequence segments").
+constexpr int kSegmentChunks = 32;
+
+// Upper bound on the global segments of a call (see LinearSegmentTableKernel).
+inline int64_t MaxSegments(int num_seqs, int64_t total_tokens, int segment_chunks) {
+  const int64_t chunk_bound = (total_tokens + kChunk - 1) / kChunk + num_seqs;
+  return num_seqs + (chunk_bound + segment_chunks - 1) / segment_chunks;
+}
+
+// Chunks per segment of a call: 0 = one block walks a whole sequence. `requested`: < 0 whole
+// sequences, > 0 that many chunks, 0 automatic: kSegmentChunks when the unsplit grid
+// (slices x heads x sequences) has at most one block per SM, else unsplit. Measured on the H100
+// (B = 4, H = 16: 256 blocks, about one per resident slot), splitting such a grid only adds
+// pass A's work: fwd + bwd 5.67 ms unsplit against 8.0 to 10.7 ms split at d = 128, N = 8k, and
+// 3.21 against 3.9 to 4.5 ms at d = 64; at B = 1 (64 blocks) it gains 2.2x to 2.8x.
+inline int SegmentChunks(const LinearAttentionConfig& c, int64_t total_tokens, int requested) {
+  if (requested < 0 || total_tokens <= 0 || c.num_seqs <= 0) return 0;
+  const int64_t chunks = (total_tokens + kChunk - 1) / kChunk;
+  int64_t s = requested;
+  if (requested == 0) {
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      return 0;
+    }
+    const int64_t slices = c.head_dim / SliceWidth(c.head_dim);
+    if (slices * c.num_kv_heads * c.num_seqs > sms) return 0;
+    s = kSegmentChunks;
+  }
+  while (MaxSegments(c.num_seqs, total_tokens, static_cast<int>(s)) > 65535) s *= 2;
+  return s >= chunks ? 0 : static_cast<int>(s);
+}
+
+// Floats of one (segment, grid head) across its slices, for a pass of head dim d.
+template <Op kOp>
+inline int64_t SegmentHeadFloats(int head_dim) {
+  switch (head_dim) {
+    case 64:
+      return int64_t{CoreShape<kOp, 64>::kSlices} * CoreShape<kOp, 64>::kSegmentRecordFloats;
+    case 128:
+      return int64_t{CoreShape<kOp, 128>::kSlices} * CoreShape<kOp, 128>::kSegmentRecordFloats;
+    default:
+      return int64_t{CoreShape<kOp, 256>::kSlices} * CoreShape<kOp, 256>::kSegmentRecordFloats;
+  }
+}
+
+// Workspace of a segmented call: seg_first, then the records of the pass with the most
+// (segment_chunks from SegmentChunks; 0 needs none).
+struct SegmentWorkspace {
+  size_t seg_first = 0, states = 0, total = 0;
+};
+
+inline SegmentWorkspace LayoutSegmentWorkspace(const LinearAttentionConfig& c, int64_t total_tokens,
+                                               int segment_chunks, int64_t head_floats_max,
+                                               size_t offset) {
+  SegmentWorkspace w;
+  w.seg_first = w.states = w.total = offset;
+  if (segment_chunks == 0) return w;
+  constexpr size_t kAlign = 256;
+  auto align = [](size_t n) { return (n + kAlign - 1) / kAlign * kAlign; };
+  w.seg_first = align(offset);
+  w.states = w.seg_first + align(sizeof(int32_t) * (static_cast<size_t>(c.num_seqs) + 1));
+  w.total = w.states + sizeof(float) *
+                           static_cast<size_t>(MaxSegments(c.num_seqs, total_tokens, segment_chunks)) *
+                           static_cast<size_t>(head_floats_max);
+  return w;
 }
 
 // Sets a kernel's dynamic shared-memory limit on the current device once (`ready` is the
@@ -1155,39 +1425,81 @@ cudaError_t LaunchWithSmem(Kernel kernel, std::mutex& mutex, bool (&ready)[kMaxD
                           static_cast<size_t>(smem_bytes), stream);
 }
 
-template <Op kOp, int kD>
-cudaError_t LaunchCore(const CoreParams& params, int grid_heads, int num_seqs,
-                       cudaStream_t stream) {
+template <Op kOp, int kD, bool kStateOnly>
+cudaError_t LaunchCore(const CoreParams& params, int grid_z, cudaStream_t stream) {
   using Shape = CoreShape<kOp, kD>;
   static std::mutex mutex;
   static bool ready[kMaxDevices] = {};
-  if (num_seqs == 0 || grid_heads == 0) return cudaSuccess;
   CoreParams copy = params;
   void* args[] = {&copy};
-  return LaunchWithSmem(LinearCoreKernel<kOp, kD>, mutex, ready,
-                        dim3(Shape::kSlices, grid_heads, num_seqs), dim3(kThreads),
+  return LaunchWithSmem(LinearCoreKernel<kOp, kD, kStateOnly>, mutex, ready,
+                        dim3(Shape::kSlices, params.grid_heads, grid_z), dim3(kThreads),
                         Shape::kSmemBytes, stream, args);
 }
 
+// One pass over every sequence: unsplit (grid z = sequences), or, when params.seg_first is set
+// (its table already built), pass A, pass B and pass C over the segments.
+template <Op kOp, int kD>
+cudaError_t RunCore(const CoreParams& params, int64_t total_tokens, cudaStream_t stream) {
+  using Shape = CoreShape<kOp, kD>;
+  if (params.num_seqs == 0 || params.grid_heads == 0) return cudaSuccess;
+  if (params.seg_first == nullptr) return LaunchCore<kOp, kD, false>(params, params.num_seqs, stream);
+  const int grid_z =
+      static_cast<int>(MaxSegments(params.num_seqs, total_tokens, params.segment_chunks));
+  cudaError_t error = LaunchCore<kOp, kD, true>(params, grid_z, stream);
+  if (error != cudaSuccess) return error;
+  constexpr bool kReverse = kOp == Op::kGradK || kOp == Op::kGradV;
+  float* states = params.seg_states;
+  const int32_t* seg_first = params.seg_first;
+  int record_floats = Shape::kSegmentRecordFloats;
+  int sum_floats = Shape::kSegmentSumFloats;
+  int head_floats = Shape::kSlices * Shape::kSegmentRecordFloats;
+  void* args[] = {&states, &seg_first, &record_floats, &sum_floats, &head_floats};
+  error = cudaLaunchKernel(reinterpret_cast<const void*>(LinearSegmentPrefixKernel<kReverse>),
+                           dim3((head_floats + 255) / 256, params.grid_heads, params.num_seqs),
+                           dim3(256), args, 0, stream);
+  if (error != cudaSuccess) return error;
+  return LaunchCore<kOp, kD, false>(params, grid_z, stream);
+}
+
 template <Op kOp>
-cudaError_t LaunchCoreForHeadDim(const CoreParams& params, int head_dim, int grid_heads,
-                                 int num_seqs, cudaStream_t stream) {
+cudaError_t RunCoreForHeadDim(const CoreParams& params, int head_dim, int64_t total_tokens,
+                              cudaStream_t stream) {
   switch (head_dim) {
 #ifdef FERRY_LINEAR_HEAD_DIM_64
     case 64:
-      return LaunchCore<kOp, 64>(params, grid_heads, num_seqs, stream);
+      return RunCore<kOp, 64>(params, total_tokens, stream);
 #endif
 #ifdef FERRY_LINEAR_HEAD_DIM_128
     case 128:
-      return LaunchCore<kOp, 128>(params, grid_heads, num_seqs, stream);
+      return RunCore<kOp, 128>(params, total_tokens, stream);
 #endif
 #ifdef FERRY_LINEAR_HEAD_DIM_256
     case 256:
-      return LaunchCore<kOp, 256>(params, grid_heads, num_seqs, stream);
+      return RunCore<kOp, 256>(params, total_tokens, stream);
 #endif
     default:
       return cudaErrorNotSupported;
   }
+}
+
+// Builds the segment table in the workspace and points params at it (segment_chunks > 0).
+inline cudaError_t PrepareSegments(CoreParams& params, const SegmentWorkspace& w,
+                                   uint8_t* workspace, int segment_chunks, int64_t total_tokens,
+                                   cudaStream_t stream) {
+  params.segment_chunks = segment_chunks;
+  if (segment_chunks == 0) return cudaSuccess;
+  params.seg_first = reinterpret_cast<int32_t*>(workspace + w.seg_first);
+  params.seg_states = reinterpret_cast<float*>(workspace + w.states);
+  const int32_t* cu = params.cu_seqlens;
+  int num_seqs = params.num_seqs;
+  int64_t tokens = total_tokens;
+  int max_segments =
+      static_cast<int>(MaxSegments(params.num_seqs, total_tokens, segment_chunks));
+  int32_t* seg_first = const_cast<int32_t*>(params.seg_first);
+  void* args[] = {&cu, &num_seqs, &tokens, &segment_chunks, &max_segments, &seg_first};
+  return cudaLaunchKernel(reinterpret_cast<const void*>(LinearSegmentTableKernel<1024>), dim3(1),
+                          dim3(1024), args, 0, stream);
 }
 
 }  // namespace ferry::kernels::linear_cuda

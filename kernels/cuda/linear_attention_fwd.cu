@@ -1,5 +1,6 @@
 // Causal linear attention forward on CUDA: the launcher of the chunkwise core's forward pass.
 // Contract: ferry/kernels/cuda_linear_attention.h; the kernel: linear_attention_core.cuh.
+#include <algorithm>
 #include <cstdint>
 
 #include "ferry/kernels/cuda_linear_attention.h"
@@ -7,8 +8,30 @@
 
 namespace ferry::kernels {
 
+namespace {
+
+linear_cuda::SegmentWorkspace ForwardWorkspace(const LinearAttentionConfig& c, int64_t total_tokens,
+                                               int segment_chunks) {
+  using namespace linear_cuda;
+  return LayoutSegmentWorkspace(
+      c, total_tokens, segment_chunks,
+      SegmentHeadFloats<Op::kForward>(c.head_dim) * std::max(c.num_q_heads, 0), 0);
+}
+
+}  // namespace
+
+size_t LinearAttentionForwardWorkspaceSize(const LinearAttentionConfig& config,
+                                           int64_t total_tokens, int segment_chunks) {
+  if (linear_cuda::CheckConfig(config) != cudaSuccess) return 0;
+  return ForwardWorkspace(config, total_tokens,
+                          linear_cuda::SegmentChunks(config, total_tokens, segment_chunks))
+      .total;
+}
+
 cudaError_t LinearAttentionForwardCuda(const LinearAttentionForwardArgs& args, float* row_stats,
-                                       void* out_residual, cudaStream_t stream) {
+                                       void* out_residual, void* workspace,
+                                       size_t workspace_bytes, cudaStream_t stream,
+                                       int segment_chunks) {
   using namespace linear_cuda;
   const LinearAttentionConfig& c = args.config;
   cudaError_t error = CheckConfig(c);
@@ -32,6 +55,11 @@ cudaError_t LinearAttentionForwardCuda(const LinearAttentionForwardArgs& args, f
       args.final_state < args.initial_state + state_floats) {
     return cudaErrorInvalidValue;  // in place is not served: see the header
   }
+  const int chunks_per_segment = SegmentChunks(c, args.total_tokens, segment_chunks);
+  const SegmentWorkspace w = ForwardWorkspace(c, args.total_tokens, chunks_per_segment);
+  if (w.total > 0 && (workspace == nullptr || workspace_bytes < w.total || !Aligned16(workspace))) {
+    return cudaErrorInvalidValue;
+  }
   CoreParams p = MakeCoreParams(c, args.cu_seqlens, args.total_tokens);
   p.q = static_cast<const uint16_t*>(args.q);
   p.k = static_cast<const uint16_t*>(args.k);
@@ -41,7 +69,11 @@ cudaError_t LinearAttentionForwardCuda(const LinearAttentionForwardArgs& args, f
   p.stats = row_stats;
   p.initial_state = args.initial_state;
   p.final_state = args.final_state;
-  return LaunchCoreForHeadDim<Op::kForward>(p, c.head_dim, c.num_q_heads, c.num_seqs, stream);
+  p.grid_heads = c.num_q_heads;
+  error = PrepareSegments(p, w, static_cast<uint8_t*>(workspace), chunks_per_segment,
+                          args.total_tokens, stream);
+  if (error != cudaSuccess) return error;
+  return RunCoreForHeadDim<Op::kForward>(p, c.head_dim, args.total_tokens, stream);
 }
 
 }  // namespace ferry::kernels

@@ -145,15 +145,18 @@ std::string Describe(const Problem& p, const std::string& what) {
 
 std::vector<double> ToDouble(const std::vector<float>& x) { return {x.begin(), x.end()}; }
 
-// Relative 2-norm error over [begin, end) (the whole vectors by default).
+// Relative 2-norm error over [begin, end) (the whole vectors by default), relative to `scale`
+// (default: expected itself).
 double RelativeError(const std::vector<float>& actual, const std::vector<double>& expected,
-                     int64_t begin = 0, int64_t end = -1) {
+                     int64_t begin = 0, int64_t end = -1,
+                     const std::vector<double>* scale = nullptr) {
   if (end < 0) end = static_cast<int64_t>(expected.size());
+  const std::vector<double>& s = scale != nullptr ? *scale : expected;
   double diff = 0.0, norm = 0.0;
   for (int64_t i = begin; i < end; ++i) {
     const double d = double{actual[i]} - expected[i];
     diff += d * d;
-    norm += expected[i] * expected[i];
+    norm += s[i] * s[i];
   }
   if (!std::isfinite(diff)) return std::numeric_limits<double>::infinity();
   return norm == 0.0 ? std::sqrt(diff) : std::sqrt(diff / norm);
@@ -181,6 +184,15 @@ bool InputsExact(const Problem& p) {
          p.config.feature_map != LinearFeatureMap::kEluPlusOne;
 }
 
+// Chunks per sequence segment the CUDA calls use (cuda_linear_attention.h): 1 splits every
+// sequence at every chunk, the most segment boundaries a test can cross; some tests also run the
+// unsplit walk (-1) and the automatic choice (0).
+int g_segment_chunks = 1;
+
+const char* SegmentName() {
+  return g_segment_chunks < 0 ? "unsplit" : g_segment_chunks == 0 ? "auto split" : "split";
+}
+
 struct ForwardResult {
   cudaError_t error = cudaSuccess;
   std::vector<float> out, final_state, stats;
@@ -189,7 +201,7 @@ struct ForwardResult {
 // CUDA forward from `initial_state` (null: empty), with the final state and row stats.
 ForwardResult CudaForward(const Problem& p, const std::vector<float>* initial_state = nullptr) {
   ForwardResult r;
-  DeviceBuffer cu, q, k, v, out, stats, init, fin;
+  DeviceBuffer cu, q, k, v, out, stats, init, fin, workspace;
   cu.Upload(p.cu_seqlens);
   q.Upload(p.q);
   k.Upload(p.k);
@@ -209,7 +221,12 @@ ForwardResult CudaForward(const Problem& p, const std::vector<float>* initial_st
   args.out = out.get();
   args.initial_state = initial_state != nullptr ? init.get<float>() : nullptr;
   args.final_state = fin.get<float>();
-  r.error = LinearAttentionForwardCuda(args, stats.get<float>(), nullptr, nullptr);
+  const size_t ws_bytes =
+      LinearAttentionForwardWorkspaceSize(p.config, p.total_tokens(), g_segment_chunks);
+  workspace.Resize(ws_bytes);
+  cudaMemset(workspace.get(), 0xff, ws_bytes);  // poisoned: the forward must write what it reads
+  r.error = LinearAttentionForwardCuda(args, stats.get<float>(), nullptr, workspace.get(),
+                                       ws_bytes, nullptr, g_segment_chunks);
   if (r.error != cudaSuccess) return r;
   r.error = cudaDeviceSynchronize();
   if (r.error != cudaSuccess) return r;
@@ -251,7 +268,8 @@ struct Gradients {
 Gradients CudaBackward(const Problem& p, const std::vector<uint16_t>& dout,
                        const std::vector<float>* initial_state, bool want_d_state) {
   Gradients g;
-  DeviceBuffer cu, q, k, v, out, residual, stats, init, dout_d, dq, dk, dv, d_state, workspace;
+  DeviceBuffer cu, q, k, v, out, residual, stats, init, dout_d, dq, dk, dv, d_state, workspace,
+      fwd_workspace;
   cu.Upload(p.cu_seqlens);
   q.Upload(p.q);
   k.Upload(p.k);
@@ -270,7 +288,12 @@ Gradients CudaBackward(const Problem& p, const std::vector<uint16_t>& dout,
   fwd.v = v.get();
   fwd.out = out.get();
   fwd.initial_state = initial_state != nullptr ? init.get<float>() : nullptr;
-  g.error = LinearAttentionForwardCuda(fwd, stats.get<float>(), residual.get(), nullptr);
+  const size_t fwd_ws_bytes =
+      LinearAttentionForwardWorkspaceSize(p.config, p.total_tokens(), g_segment_chunks);
+  fwd_workspace.Resize(fwd_ws_bytes);
+  g.error = LinearAttentionForwardCuda(fwd, stats.get<float>(), residual.get(),
+                                       fwd_workspace.get(), fwd_ws_bytes, nullptr,
+                                       g_segment_chunks);
   if (g.error != cudaSuccess) return g;
 
   dout_d.Upload(dout);
@@ -278,7 +301,8 @@ Gradients CudaBackward(const Problem& p, const std::vector<uint16_t>& dout,
   dk.Upload(std::vector<uint16_t>(p.kv_size(), kPoisonBits));
   dv.Upload(std::vector<uint16_t>(p.kv_size(), kPoisonBits));
   d_state.Upload(std::vector<float>(p.state_size(), nan));
-  const size_t ws_bytes = LinearAttentionBackwardWorkspaceSize(p.config, p.total_tokens());
+  const size_t ws_bytes =
+      LinearAttentionBackwardWorkspaceSize(p.config, p.total_tokens(), g_segment_chunks);
   workspace.Resize(ws_bytes);
   // Poison the workspace too: the backward must initialise what it reads.
   cudaMemset(workspace.get(), 0xff, ws_bytes);
@@ -298,7 +322,7 @@ Gradients CudaBackward(const Problem& p, const std::vector<uint16_t>& dout,
   args.dk = dk.get();
   args.dv = dv.get();
   args.d_initial_state = want_d_state ? d_state.get<float>() : nullptr;
-  g.error = LinearAttentionBackwardCuda(args, workspace.get(), ws_bytes, nullptr);
+  g.error = LinearAttentionBackwardCuda(args, workspace.get(), ws_bytes, nullptr, g_segment_chunks);
   if (g.error != cudaSuccess) return g;
   g.error = cudaDeviceSynchronize();
   if (g.error != cudaSuccess) return g;
@@ -343,16 +367,32 @@ bool CheckForward(const Problem& p, const std::string& what) {
   if (got.error == cudaErrorNotSupported) return false;
   EXPECT_EQ(got.error, cudaSuccess) << cudaGetErrorString(got.error);
   if (got.error != cudaSuccess) return true;
-  const std::string name = Describe(p, what);
+  const std::string name = Describe(p, what) + " " + SegmentName();
   EXPECT_EQ(CountNonFinite(got.out), 0) << name;
   const std::vector<double> want = reference::LinearAttentionReference(
       p.config, p.cu_seqlens.data(), ToDouble(p.qf).data(), ToDouble(p.kf).data(),
       ToDouble(p.vf).data());
+  // The identity map's weights q . k can cancel (a one-token sequence's out is (q . k) v), so its
+  // error is measured against the size of the terms, sum_j (|q| . |k_j|) |v_j|: the kernel's
+  // bf16 rounding of fp16 q, k, v (2^-9 each) and of out bound it by about 7e-3 of that, on any
+  // input (against out itself it measured 1.1e-2 on one such sequence at d = 256).
+  std::vector<double> magnitude;
+  if (p.config.feature_map == LinearFeatureMap::kIdentity) {
+    auto abs = [](const std::vector<float>& x) {
+      std::vector<double> y(x.size());
+      for (size_t i = 0; i < x.size(); ++i) y[i] = std::fabs(double{x[i]});
+      return y;
+    };
+    magnitude = reference::LinearAttentionReference(p.config, p.cu_seqlens.data(),
+                                                    abs(p.qf).data(), abs(p.kf).data(),
+                                                    abs(p.vf).data());
+  }
   const int64_t width = int64_t{p.config.num_q_heads} * p.config.head_dim;
   double worst = 0.0;
   for (int s = 0; s < p.config.num_seqs; ++s) {
     const double error =
-        RelativeError(got.out, want, p.cu_seqlens[s] * width, p.cu_seqlens[s + 1] * width);
+        RelativeError(got.out, want, p.cu_seqlens[s] * width, p.cu_seqlens[s + 1] * width,
+                      magnitude.empty() ? nullptr : &magnitude);
     worst = std::max(worst, error);
     EXPECT_LT(error, kOutTolerance) << name << ": sequence " << s;
   }
@@ -372,13 +412,14 @@ void CheckGradients(const Gradients& got, const Gradients& want, const std::stri
   auto tail = [](const std::vector<float>& x, int64_t begin) {
     return std::vector<double>(x.begin() + begin, x.end());
   };
+  const std::string where = name + " " + SegmentName();
   const double eq = RelativeError(got.dq, tail(want.dq, q_begin));
   const double ek = RelativeError(got.dk, tail(want.dk, kv_begin));
   const double ev = RelativeError(got.dv, tail(want.dv, kv_begin));
-  EXPECT_LT(eq, dq_tolerance) << name << ": dq";
-  EXPECT_LT(ek, kGradientTolerance) << name << ": dk";
-  EXPECT_LT(ev, kGradientTolerance) << name << ": dv";
-  std::printf("  %-72s dq %.2e  dk %.2e  dv %.2e\n", name.c_str(), eq, ek, ev);
+  EXPECT_LT(eq, dq_tolerance) << where << ": dq";
+  EXPECT_LT(ek, kGradientTolerance) << where << ": dk";
+  EXPECT_LT(ev, kGradientTolerance) << where << ": dv";
+  std::printf("  %-72s dq %.2e  dk %.2e  dv %.2e\n", where.c_str(), eq, ek, ev);
 }
 
 std::vector<int> HeadDims() { return {64, 128, 256}; }
@@ -406,7 +447,10 @@ TEST_F(LinearAttentionCudaTest, ForwardMatchesFloat64ReferenceForEveryVariant) {
       for (const Variant& variant : kVariants) {
         // Lengths around the 64-token chunk, an empty sequence, GQA group 2.
         const Problem p = MakeProblem(variant, dtype, {1, 63, 0, 64, 65, 150}, 4, 2, d, rng);
-        if (!CheckForward(p, variant.name)) {
+        g_segment_chunks = -1;
+        const bool served = CheckForward(p, variant.name);
+        g_segment_chunks = 1;
+        if (!served || !CheckForward(p, variant.name)) {
           std::printf("  d=%d is not served by this build: skipped\n", d);
           break;
         }
@@ -422,8 +466,13 @@ TEST_F(LinearAttentionCudaTest, GqaGroupsAndALongSequence) {
       const Problem p = MakeProblem(variant, DType::kBFloat16, {130, 7}, hq, hkv, 128, rng);
       if (!CheckForward(p, variant.name)) GTEST_SKIP() << "d=128 not served";
     }
+    // 47 chunks: unsplit, split at every chunk, every 3 chunks, and as the device picks.
     const Problem long_seq = MakeProblem(variant, DType::kBFloat16, {3000}, 1, 1, 128, rng);
-    CheckForward(long_seq, std::string(variant.name) + " long");
+    for (int chunks : {-1, 1, 3, 0}) {
+      g_segment_chunks = chunks;
+      CheckForward(long_seq, std::string(variant.name) + " long");
+    }
+    g_segment_chunks = 1;
   }
 }
 
@@ -650,10 +699,16 @@ TEST_F(LinearAttentionCudaTest, GradientsMatchTheCpuBackward) {
         std::vector<uint16_t> dout;
         std::vector<float> doutf;
         Fill(dout, doutf, p.q_size(), dtype, rng, 1.0f);
-        const Gradients got = CudaBackward(p, dout, nullptr, false);
-        if (got.error == cudaErrorNotSupported) break;
-        CheckGradients(got, CpuBackward(p, doutf), Describe(p, std::string(variant.name) + " grad"),
-                       DqTolerance(variant));
+        g_segment_chunks = -1;
+        const Gradients unsplit = CudaBackward(p, dout, nullptr, false);
+        g_segment_chunks = 1;
+        if (unsplit.error == cudaErrorNotSupported) break;
+        const Gradients want = CpuBackward(p, doutf);
+        const std::string name = Describe(p, std::string(variant.name) + " grad");
+        g_segment_chunks = -1;
+        CheckGradients(unsplit, want, name, DqTolerance(variant));
+        g_segment_chunks = 1;
+        CheckGradients(CudaBackward(p, dout, nullptr, false), want, name, DqTolerance(variant));
       }
     }
   }
@@ -780,6 +835,43 @@ TEST_F(LinearAttentionCudaTest, GradientsWithAnInitialStateMatchTheWholeSequence
   }
 }
 
+// A sequence of 40 chunks whose q and k norms grow with the position (new running maxima in
+// every segment), so the max-norm gradients cross segment boundaries; split as the device picks,
+// every 3 chunks and unsplit.
+TEST_F(LinearAttentionCudaTest, LongSequenceGradientsAcrossSegments) {
+  std::mt19937_64 rng(FreshSeed());
+  for (const Variant& variant : {kVariants[0], kVariants[1]}) {
+    Problem p = MakeProblem(variant, DType::kBFloat16, {2560}, 2, 1, 64, rng);
+    const int64_t qw = int64_t{p.config.num_q_heads} * 64, kvw = int64_t{p.config.num_kv_heads} * 64;
+    for (int64_t t = 0; t < p.total_tokens(); t += 97) {  // a growing spike every 97 tokens
+      const float scale = 1.0f + 0.02f * static_cast<float>(t / 97);
+      for (int64_t i = t * qw; i < (t + 1) * qw; ++i) {
+        p.q[i] = ToBits(p.qf[i] * scale, DType::kBFloat16);
+        p.qf[i] = FromBits(p.q[i], DType::kBFloat16);
+      }
+      for (int64_t i = t * kvw; i < (t + 1) * kvw; ++i) {
+        p.k[i] = ToBits(p.kf[i] * scale, DType::kBFloat16);
+        p.kf[i] = FromBits(p.k[i], DType::kBFloat16);
+      }
+    }
+    std::vector<uint16_t> dout;
+    std::vector<float> doutf;
+    Fill(dout, doutf, p.q_size(), DType::kBFloat16, rng, 1.0f);
+    const Gradients want = CpuBackward(p, doutf);
+    for (int chunks : {0, 3, -1}) {
+      g_segment_chunks = chunks;
+      const Gradients got = CudaBackward(p, dout, nullptr, false);
+      if (got.error == cudaErrorNotSupported) {
+        g_segment_chunks = 1;
+        GTEST_SKIP() << "d=64 not served";
+      }
+      CheckGradients(got, want, Describe(p, std::string(variant.name) + " long grad"),
+                     DqTolerance(variant));
+    }
+    g_segment_chunks = 1;
+  }
+}
+
 TEST_F(LinearAttentionCudaTest, ExtremeMagnitudeGradientsInBf16) {
   std::mt19937_64 rng(FreshSeed());
   for (float scale : {1e-8f, 1e8f}) {
@@ -815,7 +907,8 @@ TEST_F(LinearAttentionCudaTest, BadArgumentsAreRejectedBeforeAnyLaunch) {
   args.v = v.get();
   args.out = out.get();
   auto expect = [&](LinearAttentionForwardArgs a, cudaError_t want, const char* what) {
-    EXPECT_EQ(LinearAttentionForwardCuda(a, nullptr, nullptr, nullptr), want) << what;
+    EXPECT_EQ(LinearAttentionForwardCuda(a, nullptr, nullptr, nullptr, 0, nullptr, -1), want)
+        << what;
   };
   LinearAttentionForwardArgs bad = args;
   bad.config.dtype = DType::kFloat32;
@@ -843,6 +936,14 @@ TEST_F(LinearAttentionCudaTest, BadArgumentsAreRejectedBeforeAnyLaunch) {
   bad.initial_state = state.get<float>();
   bad.final_state = state.get<float>() + 1;
   expect(bad, cudaErrorInvalidValue, "overlapping states");
+  // Split at every chunk (as if the batch held 1000 tokens; nothing is launched), the forward
+  // needs a workspace.
+  bad = args;
+  bad.total_tokens = 1000;
+  EXPECT_GT(LinearAttentionForwardWorkspaceSize(p.config, bad.total_tokens, 1), 0u);
+  EXPECT_EQ(LinearAttentionForwardCuda(bad, nullptr, nullptr, nullptr, 0, nullptr, 1),
+            cudaErrorInvalidValue)
+      << "split forward without a workspace";
   CUDA_ASSERT(cudaDeviceSynchronize());
   std::vector<uint16_t> bits;
   out.Download(bits);

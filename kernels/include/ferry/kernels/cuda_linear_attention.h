@@ -22,7 +22,8 @@
 //   features 1 + x + ... of small x are rounded to bf16, whose spacing near 1 is 2^-7, and that
 //   dq depends on the small part only (the weights are nearly uniform). Known limitation.
 //
-// Forward: LinearAttentionForwardCuda(args, row_stats, out_residual, stream) computes out and, if set,
+// Forward: LinearAttentionForwardCuda(args, row_stats, out_residual, workspace, workspace_bytes,
+//   stream) computes out and, if set,
 //   final_state exactly as defined in linear_attention.h, from initial_state (or the empty
 //   state). Unlike the CPU backend, final_state must not overlap initial_state (blocks of one
 //   sequence read the initial state while others write the final one): ping-pong two buffers.
@@ -35,17 +36,29 @@
 //   rounding, which dq of a normalised map with positive features multiplies by z, a sum over
 //   all earlier tokens. Measured for elu + 1 at N <= 300, d = 64 / 128 / 256: dq error 2.0 /
 //   3.1 / 4.3e-2 without, 1.5 / 2.1 / 2.9e-2 with; the rest is the bf16 rounding of phi, see
-//   Numerics.)
+//   Numerics.) workspace: device memory of LinearAttentionForwardWorkspaceSize() bytes (may be 0,
+//   then workspace may be null), 16-byte aligned, contents ignored.
 //
-// Backward: LinearAttentionBackwardCuda(args, workspace, workspace_bytes, stream): dq, dk, dv of
-//   sum(dout * out) for a forward with the same config, cu_seqlens, q, k, v and initial_state,
+// Sequence segments (both directions): when the batch's sequences x heads leave SMs idle (at most
+//   one block per SM), each sequence is split into segments of segment_chunks 64-token chunks
+//   (32 by default) walked in parallel (each segment's own state sum, an exclusive prefix over
+//   segments, then the segment's outputs from its prefix state;
+//   kernels/cuda/linear_attention_core.cuh). The workspace then holds one
+//   float32 state sum per (segment, head): about N d^2 / (64 segment_chunks) floats per head.
+//   segment_chunks (last argument of the launchers and the size functions, the same in both):
+//   0 = chosen from the current device's SM count and the shape, < 0 = never split, > 0 = that
+//   many chunks. Results agree with the unsplit walk to float32 rounding (sums in another order).
+//
+// Backward: LinearAttentionBackwardCuda(args, workspace, workspace_bytes, stream, segment_chunks):
+//   dq, dk, dv of sum(dout * out) for a forward with the same config, cu_seqlens, q, k, v and initial_state,
 //   given that forward's out, out_residual and row_stats; and, if d_initial_state is set, the gradient with
 //   respect to every field of initial_state (S, z, V, n, k_norm, q_norm; padding zero). The
 //   final state is treated as unused (no gradient flows from it). The max-norm gradients follow
 //   linear_attention.h (to the first position attaining the running maximum; the initial state
 //   counts as earlier than every token). Nothing is stored per chunk: chunk states are recomputed,
 //   memory is the O(N d) inputs and outputs plus a float32 workspace of
-//   LinearAttentionBackwardWorkspaceSize() bytes (a few floats per row). Kernels: dden per row,
+//   LinearAttentionBackwardWorkspaceSize() bytes (a few floats per row, plus the segment sums when
+//   split; see "Sequence segments"). Kernels: dden per row,
 //   dq (a forward-direction pass), then dk and dv (reverse passes; GQA groups summed on chip, no
 //   atomics on dk, dv).
 //
@@ -73,8 +86,14 @@ namespace ferry::kernels {
 // Floats per (token, q head) in row_stats: {den, a, b, c}.
 inline constexpr int kLinearRowStats = 4;
 
+// Bytes of device workspace the forward needs on the current device (0 when it is not split).
+size_t LinearAttentionForwardWorkspaceSize(const LinearAttentionConfig& config,
+                                           int64_t total_tokens, int segment_chunks = 0);
+
 cudaError_t LinearAttentionForwardCuda(const LinearAttentionForwardArgs& args, float* row_stats,
-                                       void* out_residual, cudaStream_t stream);
+                                       void* out_residual, void* workspace,
+                                       size_t workspace_bytes, cudaStream_t stream,
+                                       int segment_chunks = 0);
 
 struct LinearAttentionBackwardCudaArgs {
   LinearAttentionConfig config;          // the forward's (dtype bf16 or fp16)
@@ -94,13 +113,13 @@ struct LinearAttentionBackwardCudaArgs {
   float* d_initial_state = nullptr;      // optional (num_seqs, num_kv_heads, stride)
 };
 
-// Bytes of device workspace the backward needs (256-byte aligned pieces).
+// Bytes of device workspace the backward needs on the current device (256-byte aligned pieces).
 size_t LinearAttentionBackwardWorkspaceSize(const LinearAttentionConfig& config,
-                                            int64_t total_tokens);
+                                            int64_t total_tokens, int segment_chunks = 0);
 
 cudaError_t LinearAttentionBackwardCuda(const LinearAttentionBackwardCudaArgs& args,
                                         void* workspace, size_t workspace_bytes,
-                                        cudaStream_t stream);
+                                        cudaStream_t stream, int segment_chunks = 0);
 
 cudaError_t LinearAttentionDecodeCuda(const LinearAttentionDecodeArgs& args, cudaStream_t stream);
 
