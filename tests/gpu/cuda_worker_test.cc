@@ -92,8 +92,8 @@ class CudaWorkerTest : public ::testing::TestWithParam<DType> {
     for (auto& server : servers_) {
       auto index = client_->AddWorker("127.0.0.1", server->port());
       ASSERT_TRUE(index.ok()) << index.status();
-      absl::Status configured = client_->Configure(*index, shape);
-      ASSERT_TRUE(configured.ok()) << configured;
+      auto configured = client_->Configure(*index, shape);
+      ASSERT_TRUE(configured.ok()) << configured.status();
     }
   }
 
