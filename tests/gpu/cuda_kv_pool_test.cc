@@ -11,6 +11,7 @@
 #include <random>
 #include <vector>
 
+#include "cuda_device.h"
 #include "gtest/gtest.h"
 
 namespace ferry::kv {
@@ -19,10 +20,7 @@ namespace {
 class CudaKvPoolTest : public ::testing::TestWithParam<DType> {
  protected:
   void SetUp() override {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-      GTEST_SKIP() << "No CUDA-capable GPU";
-    }
+    FERRY_SKIP_WITHOUT_CUDA_DEVICE();
   }
 };
 

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "absl/time/clock.h"
+#include "cuda_device.h"
 #include "ferry/kernels/cpu_attention.h"
 #include "ferry/status.h"
 #include "gtest/gtest.h"
@@ -57,10 +58,7 @@ double MaxAbsError(const std::vector<float>& got, const std::vector<float>& want
 class CudaWorkerTest : public ::testing::TestWithParam<DType> {
  protected:
   void SetUp() override {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-      GTEST_SKIP() << "No CUDA-capable GPU";
-    }
+    FERRY_SKIP_WITHOUT_CUDA_DEVICE();
     for (const char* device : {"cpu", "cuda:0"}) {
       WorkerServerOptions options;
       options.device = device;
