@@ -4,7 +4,7 @@
 // Storage: one cudaMalloc on `device` of KvCacheTotalBlocks(cache) * KvBlockBytes(cache) bytes in
 // DESIGN.md's layout (kv_cache.h): per layer a K pool then a V pool, each
 // (num_blocks, num_kv_heads, block_size, head_dim) in cache.dtype. LayerView(layer) hands the
-// pools to the kernels (LeanDecode, PagedPrefillAttention) as device pointers. The pools are not
+// pools to the kernels (LeanDecode, PrefillAttention, PagedPrefillAttention) as device pointers. The pools are not
 // initialised: kernels read only positions that were written.
 //
 // Accounting: cache() is a kv::KvCache over that memory, the same allocator, block tables and
@@ -24,6 +24,11 @@
 //       row_run   (num_rows) int32       the run of each row
 //       row_pos   (num_rows) int32       the position of each row
 //       row_slots (num_rows) int64       block * block_size + slot of each row (KvAppend's map)
+//       q_indptr  (num_runs + 1) int32   the rows of run i are [q_indptr[i], q_indptr[i + 1])
+//       causal_offset (num_runs) int32   each run's first new position
+//     (q_indptr, seq_lens as kv_lens and causal_offset are PrefillAttention's chunk tables: row
+//     i of run s sees positions <= causal_offset[s] + i, its causal prefix), and on the host
+//       max_run_rows                     the largest run's row count (PrefillAttention's max_q_len)
 //     These buffers keep their addresses for the pool's life, so a CUDA graph captured over
 //     kernels reading them stays valid for later steps of the same num_runs / num_rows.
 //   Append(layer, k, v, src_dtype, stream): KvAppend of the staged rows' new K and V,
@@ -70,6 +75,9 @@ struct CudaStepTables {
   const int32_t* row_run = nullptr;
   const int32_t* row_pos = nullptr;
   const int64_t* row_slots = nullptr;
+  const int32_t* q_indptr = nullptr;
+  const int32_t* causal_offset = nullptr;
+  int max_run_rows = 0;  // host
 };
 
 class CudaKvPool {

@@ -147,8 +147,10 @@ TEST_P(CudaDecoderTest, Bf16LogitsMatchFloat64Reference) {
   ASSERT_NE(attention, nullptr);
   auto decoder = MakeDecoder(*model, *attention, DType::kBFloat16);
   ASSERT_NE(decoder, nullptr);
-  std::printf("[ info ] decode attention: %s\n",
-              attention->uses_lean_decode() ? "LeanDecode" : "PagedPrefillAttention");
+  std::printf("[ info ] decode attention: %s, prefill attention: %s\n",
+              attention->uses_lean_decode() ? "LeanDecode" : "PagedPrefillAttention",
+              attention->uses_prefill_tensor_cores() ? "PrefillAttention"
+                                                     : "PagedPrefillAttention");
   CheckAgainstReference(*model, *attention, *decoder, 2e-2);
 }
 
