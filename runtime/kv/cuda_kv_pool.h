@@ -4,8 +4,8 @@
 // Storage: one cudaMalloc on `device` of KvCacheTotalBlocks(cache) * KvBlockBytes(cache) bytes in
 // DESIGN.md's layout (kv_cache.h): per layer a K pool then a V pool, each
 // (num_blocks, num_kv_heads, block_size, head_dim) in cache.dtype. LayerView(layer) hands the
-// pools to the kernels (LeanDecode, PrefillAttention, PagedPrefillAttention) as device pointers. The pools are not
-// initialised: kernels read only positions that were written.
+// pools to the kernels (LeanDecode, PrefillAttention, PagedPrefillAttention) as device pointers.
+// The pools are not initialised: kernels read only positions that were written.
 //
 // Accounting: cache() is a kv::KvCache over that memory, the same allocator, block tables and
 // lengths as the host cache (AddSequence, Reserve, Length, SetLength, FreeSequence, BlockTable;
@@ -30,7 +30,8 @@
 //     i of run s sees positions <= causal_offset[s] + i, its causal prefix), and on the host
 //       max_run_rows                     the largest run's row count (PrefillAttention's max_q_len)
 //     These buffers keep their addresses for the pool's life, so a CUDA graph captured over
-//     kernels reading them stays valid for later steps of the same num_runs / num_rows.
+//     kernels reading them stays valid for later steps of the same num_runs / num_rows (and
+//     max_run_rows, where a kernel's grid depends on it: 1 in every decode step).
 //   Append(layer, k, v, src_dtype, stream): KvAppend of the staged rows' new K and V,
 //     (num_rows, num_kv_heads, head_dim) device arrays in float32 or the cache dtype. Graph-safe.
 //   Lengths do not move with StageStep or Append: the owner calls cache().SetLength when the
