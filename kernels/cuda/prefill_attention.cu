@@ -374,6 +374,26 @@ bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 }  // namespace
 
+bool PrefillAttentionServes(int head_dim, DType dtype) {
+  if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return false;
+  switch (head_dim) {
+#ifdef FERRY_LEAN_HEAD_DIM_64
+    case 64:
+      return true;
+#endif
+#ifdef FERRY_LEAN_HEAD_DIM_128
+    case 128:
+      return true;
+#endif
+#ifdef FERRY_LEAN_HEAD_DIM_256
+    case 256:
+      return true;
+#endif
+    default:
+      return false;
+  }
+}
+
 cudaError_t PrefillAttention(const PrefillAttentionArgs& args, cudaStream_t stream) {
   const PagedKvView& kv = args.kv;
   if (args.num_seqs < 0 || args.max_q_len < 0 || args.num_q_heads <= 0 ||

@@ -2,6 +2,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <unordered_set>
 
 #include "absl/strings/str_cat.h"
@@ -45,6 +46,8 @@ absl::StatusOr<std::unique_ptr<CudaKvPool>> CudaKvPool::Create(const CudaKvPoolO
   const size_t lens_at = place(runs * sizeof(int32_t));
   const size_t run_at = place(rows * sizeof(int32_t));
   const size_t pos_at = place(rows * sizeof(int32_t));
+  const size_t q_indptr_at = place((runs + 1) * sizeof(int32_t));
+  const size_t causal_offset_at = place(runs * sizeof(int32_t));
   pool->table_offset_ = place(static_cast<size_t>(total_blocks) * sizeof(int32_t));
   FERRY_ASSIGN_OR_RETURN(pool->staging_, PinnedBuffer::Allocate(offset, "kv step tables"));
   FERRY_ASSIGN_OR_RETURN(pool->tables_, DeviceBuffer::Allocate(offset, "kv step tables"));
@@ -54,6 +57,8 @@ absl::StatusOr<std::unique_ptr<CudaKvPool>> CudaKvPool::Create(const CudaKvPoolO
   pool->step_.seq_lens = reinterpret_cast<const int32_t*>(base + lens_at);
   pool->step_.row_run = reinterpret_cast<const int32_t*>(base + run_at);
   pool->step_.row_pos = reinterpret_cast<const int32_t*>(base + pos_at);
+  pool->step_.q_indptr = reinterpret_cast<const int32_t*>(base + q_indptr_at);
+  pool->step_.causal_offset = reinterpret_cast<const int32_t*>(base + causal_offset_at);
   pool->step_.table = reinterpret_cast<const int32_t*>(base + pool->table_offset_);
   cudaEvent_t event = nullptr;
   FERRY_RETURN_IF_ERROR(CudaStatus(cudaEventCreateWithFlags(&event, cudaEventDisableTiming),
@@ -119,10 +124,14 @@ absl::Status CudaKvPool::StageStep(std::span<const KvAppendRun> runs, void* stre
   auto* lens = reinterpret_cast<int32_t*>(host_of(step_.seq_lens));
   auto* row_run = reinterpret_cast<int32_t*>(host_of(step_.row_run));
   auto* row_pos = reinterpret_cast<int32_t*>(host_of(step_.row_pos));
+  auto* q_indptr = reinterpret_cast<int32_t*>(host_of(step_.q_indptr));
+  auto* causal_offset = reinterpret_cast<int32_t*>(host_of(step_.causal_offset));
   auto* table = reinterpret_cast<int32_t*>(host_of(step_.table));
   int64_t row = 0;
   int32_t table_len = 0;
+  int64_t max_run_rows = 0;
   indptr[0] = 0;
+  q_indptr[0] = 0;
   for (size_t i = 0; i < runs.size(); ++i) {
     const KvAppendRun& run = runs[i];
     const std::vector<int32_t>& blocks = **cache_->BlockTable(run.seq);
@@ -133,11 +142,14 @@ absl::Status CudaKvPool::StageStep(std::span<const KvAppendRun> runs, void* stre
     for (int64_t b = 0; b < used_blocks; ++b) table[table_len++] = blocks[b];
     indptr[i + 1] = table_len;
     lens[i] = static_cast<int32_t>(end);
+    causal_offset[i] = static_cast<int32_t>(run.first_position);
+    max_run_rows = std::max(max_run_rows, run.count);
     for (int64_t p = run.first_position; p < end; ++p, ++row) {
       slots[row] = int64_t{blocks[p / c.block_size]} * c.block_size + p % c.block_size;
       row_run[row] = static_cast<int32_t>(i);
       row_pos[row] = static_cast<int32_t>(p);
     }
+    q_indptr[i + 1] = static_cast<int32_t>(row);
   }
   const size_t bytes = table_offset_ + sizeof(int32_t) * static_cast<size_t>(table_len);
   auto cuda_stream = static_cast<cudaStream_t>(stream);
@@ -149,6 +161,7 @@ absl::Status CudaKvPool::StageStep(std::span<const KvAppendRun> runs, void* stre
   staged_once_ = true;
   step_.num_runs = static_cast<int>(runs.size());
   step_.num_rows = static_cast<int>(num_rows);
+  step_.max_run_rows = static_cast<int>(max_run_rows);
   return absl::OkStatus();
 }
 

@@ -4,8 +4,8 @@
 // Storage: one cudaMalloc on `device` of KvCacheTotalBlocks(cache) * KvBlockBytes(cache) bytes in
 // DESIGN.md's layout (kv_cache.h): per layer a K pool then a V pool, each
 // (num_blocks, num_kv_heads, block_size, head_dim) in cache.dtype. LayerView(layer) hands the
-// pools to the kernels (LeanDecode, PagedPrefillAttention) as device pointers. The pools are not
-// initialised: kernels read only positions that were written.
+// pools to the kernels (LeanDecode, PrefillAttention, PagedPrefillAttention) as device pointers.
+// The pools are not initialised: kernels read only positions that were written.
 //
 // Accounting: cache() is a kv::KvCache over that memory, the same allocator, block tables and
 // lengths as the host cache (AddSequence, Reserve, Length, SetLength, FreeSequence, BlockTable;
@@ -24,8 +24,14 @@
 //       row_run   (num_rows) int32       the run of each row
 //       row_pos   (num_rows) int32       the position of each row
 //       row_slots (num_rows) int64       block * block_size + slot of each row (KvAppend's map)
+//       q_indptr  (num_runs + 1) int32   the rows of run i are [q_indptr[i], q_indptr[i + 1])
+//       causal_offset (num_runs) int32   each run's first new position
+//     (q_indptr, seq_lens as kv_lens and causal_offset are PrefillAttention's chunk tables: row
+//     i of run s sees positions <= causal_offset[s] + i, its causal prefix), and on the host
+//       max_run_rows                     the largest run's row count (PrefillAttention's max_q_len)
 //     These buffers keep their addresses for the pool's life, so a CUDA graph captured over
-//     kernels reading them stays valid for later steps of the same num_runs / num_rows.
+//     kernels reading them stays valid for later steps of the same num_runs / num_rows (and
+//     max_run_rows, where a kernel's grid depends on it: 1 in every decode step).
 //   Append(layer, k, v, src_dtype, stream): KvAppend of the staged rows' new K and V,
 //     (num_rows, num_kv_heads, head_dim) device arrays in float32 or the cache dtype. Graph-safe.
 //   Lengths do not move with StageStep or Append: the owner calls cache().SetLength when the
@@ -70,6 +76,9 @@ struct CudaStepTables {
   const int32_t* row_run = nullptr;
   const int32_t* row_pos = nullptr;
   const int64_t* row_slots = nullptr;
+  const int32_t* q_indptr = nullptr;
+  const int32_t* causal_offset = nullptr;
+  int max_run_rows = 0;  // host
 };
 
 class CudaKvPool {

@@ -7,10 +7,15 @@
 // appends the rows' k/v (float32, converted to the cache dtype) and runs
 //   LeanDecode (kernels/include/ferry/kernels/lean_attention.h) when every row is a decode row,
 //     the cache is bf16/fp16 and the build serves the head dim and group, else
-//   PagedPrefillAttention (causal over each row's own positions: prefills, mixed steps, fp32
-//     caches).
-// Both read only device tables at fixed addresses, so the decoder may replay captured decode
-// steps (device_stream()). out is float32 (rows, num_heads, head_dim), normalised.
+//   PrefillAttention (prefill_attention.h, tensor cores) for bf16/fp16 caches on the head dims
+//     the build serves (FERRY_HEAD_DIMS): each run is a chunk whose rows attend causally over
+//     their sequence's prefix (prefills, mixed steps, decode steps LeanDecode does not serve);
+//     its q and softmax weights are rounded to the cache dtype (bf16: a few 1e-3 relative), else
+//   PagedPrefillAttention (paged_prefill_attention.h), the fallback: fp32 caches (exact float32
+//     arithmetic, for the exactness tests), head dims the build does not serve, unaligned q/out.
+// All read only device tables at fixed addresses (cuda_kv_pool.h stages them in BeginStep), so
+// the decoder may replay captured decode steps (device_stream()). out is float32
+// (rows, num_heads, head_dim), normalised.
 // Memory: kv.capacity_bytes of device memory for the pools, plus tables and workspace sized by
 // max_step_rows / max_step_seqs. A step larger than those is INVALID_ARGUMENT.
 // Threads: one owner thread (the decoder's); all work is on device_stream(), created here.
@@ -65,8 +70,10 @@ class CudaAttention : public AttentionStep {
   void* device_stream() const override { return stream_; }
 
   kv::CudaKvPool& pool() { return *pool_; }
-  // Whether decode steps run LeanDecode (else PagedPrefillAttention serves every step).
+  // Whether decode steps run LeanDecode (else the prefill kernels serve every step).
   bool uses_lean_decode() const { return lean_workspace_.bytes() > 0; }
+  // Whether prefill and mixed steps run PrefillAttention (else PagedPrefillAttention).
+  bool uses_prefill_tensor_cores() const { return prefill_tensor_cores_; }
 
  private:
   explicit CudaAttention(const CudaAttentionOptions& options);
@@ -76,6 +83,7 @@ class CudaAttention : public AttentionStep {
   std::unique_ptr<kv::CudaKvPool> pool_;
   DeviceBuffer lean_workspace_;  // empty when LeanDecode does not serve the shape
   DeviceBuffer lse_;             // (max_step_rows, num_heads) float32
+  bool prefill_tensor_cores_ = false;
   bool in_step_ = false;
   bool decode_only_ = false;
   std::vector<kv::KvAppendRun> runs_;

@@ -19,21 +19,20 @@
 #include "runtime/model/cuda_decoder.h"
 
 #include <cuda_runtime.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstring>
-#include <filesystem>
 #include <random>
 #include <vector>
 
+#include "cuda_device.h"
 #include "gtest/gtest.h"
 #include "runtime/kv/cuda_kv_pool.h"
 #include "runtime/model/checkpoint.h"
 #include "runtime/model/cuda_attention.h"
 #include "runtime/model/generate.h"
-#include "runtime/model/tiny_checkpoint.h"
 #include "tests/common/decoder_reference.h"
+#include "tests/common/tiny_models.h"
 
 namespace ferry::model {
 namespace {
@@ -41,48 +40,17 @@ namespace {
 using ref::ReferenceLogits;
 using ref::RelError;
 
-struct Variant {
-  const char* name;
-  Architecture arch;
-  bool llama3;
-  bool bias;
-  bool tied;
-};
-
-class CudaDecoderTest : public ::testing::TestWithParam<Variant> {
+class CudaDecoderTest : public ::testing::TestWithParam<test::DecoderVariant> {
  protected:
   void SetUp() override {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-      GTEST_SKIP() << "No CUDA-capable GPU";
-    }
+    FERRY_SKIP_WITHOUT_CUDA_DEVICE();
     seed_ = std::random_device{}();
     rng_.seed(seed_);
   }
 
   // A fresh random checkpoint: fp32 values (exactness checks) or bf16 (production numerics).
   std::unique_ptr<Model> MakeModel(DType dtype) {
-    const Variant& v = GetParam();
-    TinyCheckpointOptions o;
-    // Per process and variant: ctest -j runs the cases as parallel processes.
-    o.out_dir = ::testing::TempDir() + "/ferry_cuda_decoder_" + v.name + "_" +
-                std::to_string(getpid());
-    std::filesystem::remove_all(o.out_dir);
-    o.arch = v.arch;
-    o.num_layers = 2;
-    o.hidden_size = 128;
-    o.num_heads = 4;
-    o.num_kv_heads = 2;
-    o.head_dim = 64;  // q_out 256 != hidden: non-square projections
-    o.vocab_size = 200;
-    o.dtype = dtype;
-    o.rope_llama3 = v.llama3;
-    o.max_positions = 256;  // llama3: original 64, so the prompts cross the scaled band
-    o.attention_bias = v.bias;
-    o.tie_word_embeddings = v.tied;
-    o.seed = rng_();
-    EXPECT_TRUE(WriteTinyCheckpoint(o).ok());
-    auto model = LoadModel(o.out_dir);
+    auto model = test::MakeTinyDecoderModel("cuda_decoder", GetParam(), dtype, rng_());
     EXPECT_TRUE(model.ok()) << model.status();
     return model.ok() ? std::move(*model) : nullptr;
   }
@@ -110,15 +78,7 @@ class CudaDecoderTest : public ::testing::TestWithParam<Variant> {
   }
 
   std::unique_ptr<InProcessAttention> MakeCpuAttention(const Model& model) {
-    InProcessAttentionOptions a;
-    a.num_heads = model.config.num_heads;
-    a.kv.num_layers = model.config.num_layers;
-    a.kv.num_kv_heads = model.config.num_kv_heads;
-    a.kv.head_dim = model.config.head_dim;
-    a.kv.dtype = DType::kFloat32;
-    a.kv.block_size = 16;
-    a.kv.capacity_bytes = 128 * kv::KvBlockBytes(a.kv);
-    auto attention = InProcessAttention::Create(a);
+    auto attention = InProcessAttention::Create(test::FloatKvAttentionOptions(model.config, 128));
     EXPECT_TRUE(attention.ok()) << attention.status();
     return std::move(*attention);
   }
@@ -187,8 +147,10 @@ TEST_P(CudaDecoderTest, Bf16LogitsMatchFloat64Reference) {
   ASSERT_NE(attention, nullptr);
   auto decoder = MakeDecoder(*model, *attention, DType::kBFloat16);
   ASSERT_NE(decoder, nullptr);
-  std::printf("[ info ] decode attention: %s\n",
-              attention->uses_lean_decode() ? "LeanDecode" : "PagedPrefillAttention");
+  std::printf("[ info ] decode attention: %s, prefill attention: %s\n",
+              attention->uses_lean_decode() ? "LeanDecode" : "PagedPrefillAttention",
+              attention->uses_prefill_tensor_cores() ? "PrefillAttention"
+                                                     : "PagedPrefillAttention");
   CheckAgainstReference(*model, *attention, *decoder, 2e-2);
 }
 
@@ -380,10 +342,7 @@ TEST_P(CudaDecoderTest, RejectsBadStepsAndLeavesNoTrace) {
 
 INSTANTIATE_TEST_SUITE_P(
     Variants, CudaDecoderTest,
-    ::testing::Values(Variant{"llama_gqa", Architecture::kLlama, false, false, false},
-                      Variant{"qwen2_bias", Architecture::kQwen2, false, false, false},
-                      Variant{"llama3_bias_tied", Architecture::kLlama, true, true, true},
-                      Variant{"mistral", Architecture::kMistral, false, false, false}),
+    ::testing::ValuesIn(test::DecoderVariants()),
     [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace

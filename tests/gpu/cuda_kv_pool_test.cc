@@ -6,11 +6,13 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
 #include <vector>
 
+#include "cuda_device.h"
 #include "gtest/gtest.h"
 
 namespace ferry::kv {
@@ -19,10 +21,7 @@ namespace {
 class CudaKvPoolTest : public ::testing::TestWithParam<DType> {
  protected:
   void SetUp() override {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-      GTEST_SKIP() << "No CUDA-capable GPU";
-    }
+    FERRY_SKIP_WITHOUT_CUDA_DEVICE();
   }
 };
 
@@ -79,6 +78,25 @@ TEST_P(CudaKvPoolTest, AppendsLandWhereTheHostCacheWritesThem) {
     const CudaStepTables& t = p.step();
     ASSERT_EQ(t.num_rows, rows);
     ASSERT_EQ(t.num_runs, static_cast<int>(runs.size()));
+    {
+      // PrefillAttention's chunk tables: rows per run, each run's first position.
+      std::vector<int32_t> q_indptr(runs.size() + 1), causal_offset(runs.size());
+      ASSERT_EQ(cudaMemcpyAsync(q_indptr.data(), t.q_indptr, q_indptr.size() * 4,
+                                cudaMemcpyDeviceToHost, stream), cudaSuccess);
+      ASSERT_EQ(cudaMemcpyAsync(causal_offset.data(), t.causal_offset, causal_offset.size() * 4,
+                                cudaMemcpyDeviceToHost, stream), cudaSuccess);
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      int32_t first_row = 0;
+      int max_run_rows = 0;
+      for (size_t i = 0; i < runs.size(); ++i) {
+        EXPECT_EQ(q_indptr[i], first_row);
+        EXPECT_EQ(causal_offset[i], runs[i].first_position);
+        first_row += static_cast<int32_t>(runs[i].count);
+        max_run_rows = std::max(max_run_rows, static_cast<int>(runs[i].count));
+      }
+      EXPECT_EQ(q_indptr[runs.size()], first_row);
+      EXPECT_EQ(t.max_run_rows, max_run_rows);
+    }
     for (int layer = 0; layer < config.num_layers; ++layer) {
       std::vector<float> k(static_cast<size_t>(rows) * row_elems), v(k.size());
       for (auto& x : k) x = normal(rng);

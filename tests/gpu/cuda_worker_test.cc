@@ -19,12 +19,14 @@
 #include <vector>
 
 #include "absl/time/clock.h"
+#include "cuda_device.h"
 #include "ferry/kernels/cpu_attention.h"
 #include "ferry/status.h"
 #include "gtest/gtest.h"
 #include "runtime/kv/kv_cache.h"
 #include "runtime/offload/attention_client.h"
 #include "runtime/offload/worker_server.h"
+#include "tests/common/host_cache_attention.h"
 
 namespace ferry::offload {
 namespace {
@@ -57,10 +59,7 @@ double MaxAbsError(const std::vector<float>& got, const std::vector<float>& want
 class CudaWorkerTest : public ::testing::TestWithParam<DType> {
  protected:
   void SetUp() override {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-      GTEST_SKIP() << "No CUDA-capable GPU";
-    }
+    FERRY_SKIP_WITHOUT_CUDA_DEVICE();
     for (const char* device : {"cpu", "cuda:0"}) {
       WorkerServerOptions options;
       options.device = device;
@@ -130,38 +129,17 @@ class CudaWorkerTest : public ::testing::TestWithParam<DType> {
                           const std::vector<int32_t>& ends, const float* q) {
     kv::KvCacheConfig config{kLayers, kKvHeads, kHeadDim, GetParam(), kBlockSize, int64_t{64} << 20};
     auto cache = *kv::KvCache::CreateOnHost(config);
-    std::vector<int32_t> indptr = {0}, table, lens;
-    for (size_t i = 0; i < sequences.size(); ++i) {
-      const uint64_t id = sequences[i];
+    for (const uint64_t id : sequences) {
+      if (cache->HasSequence(id)) continue;
       const int64_t length = static_cast<int64_t>(k_[layer][id].size()) / kRow;
-      if (!cache->HasSequence(id)) {
-        FERRY_CHECK(cache->AddSequence(id).ok());
-        FERRY_CHECK(cache->Reserve(id, length).ok());
-        FERRY_CHECK(cache->WriteHost(id, layer, 0, length, k_[layer][id].data(),
-                                     v_[layer][id].data()).ok());
-      }
-      const auto* blocks = *cache->BlockTable(id);
-      table.insert(table.end(), blocks->begin(), blocks->end());
-      indptr.push_back(static_cast<int32_t>(table.size()));
-      lens.push_back(ends[i]);
+      FERRY_CHECK(cache->AddSequence(id).ok());
+      FERRY_CHECK(cache->Reserve(id, length).ok());
+      FERRY_CHECK(cache->WriteHost(id, layer, 0, length, k_[layer][id].data(),
+                                   v_[layer][id].data()).ok());
     }
-    PartialStates states;
-    states.o.resize(sequences.size() * kQHeads * kHeadDim);
-    states.lse.resize(sequences.size() * kQHeads);
-    kernels::DecodeAttentionArgs args;
-    args.num_seqs = static_cast<int>(sequences.size());
-    args.num_q_heads = kQHeads;
-    args.q = q;
-    args.kv = cache->LayerView(layer);
-    args.block_table_indptr = indptr.data();
-    args.block_table = table.data();
-    args.seq_lens = lens.data();
-    args.softmax_scale = 1.0f / std::sqrt(static_cast<float>(kHeadDim));
-    args.state_o = states.o.data();
-    args.state_lse = states.lse.data();
-    kernels::ThreadPool pool(2);
-    FERRY_CHECK(kernels::DecodeAttentionCpu(args, pool).ok());
-    return states;
+    auto states = test::AttendHostCache(*cache, layer, sequences, ends, q, kQHeads);
+    FERRY_CHECK(states.ok());
+    return *std::move(states);
   }
 
   void MakeSequence(uint64_t id, int64_t length) {

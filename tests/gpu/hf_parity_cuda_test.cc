@@ -20,16 +20,15 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <fstream>
 #include <string>
 
+#include "cuda_device.h"
 #include "gtest/gtest.h"
-#include "nlohmann/json.hpp"
 #include "runtime/model/checkpoint.h"
 #include "runtime/model/cuda_attention.h"
 #include "runtime/model/cuda_decoder.h"
 #include "runtime/model/generate.h"
+#include "tests/common/hf_golden.h"
 
 namespace ferry::model {
 namespace {
@@ -87,28 +86,19 @@ std::pair<int32_t, double> Top2(const std::vector<float>& logits) {
   return {best, logits[best] - second};
 }
 
-// The data folder: FERRY_TEST_DATA_DIR when set (a bundle run elsewhere), else the source tree's.
-std::string DataDir() {
-  const char* env = std::getenv("FERRY_TEST_DATA_DIR");
-  return env != nullptr ? env : FERRY_PARITY_DATA_DIR;
-}
-
 class HfParityCudaTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-      GTEST_SKIP() << "No CUDA-capable GPU";
-    }
+    FERRY_SKIP_WITHOUT_CUDA_DEVICE();
   }
 
   void CheckGolden(const std::string& dir, const std::string& golden_file, size_t min_models,
                    bool strict) {
-    std::ifstream in(dir + "/" + golden_file);
-    ASSERT_TRUE(in) << "missing " << dir << "/" << golden_file;
-    const nlohmann::json golden = nlohmann::json::parse(in);
-    ASSERT_GE(golden["models"].size(), min_models);
-    for (const auto& [name, entry] : golden["models"].items()) {
+    auto golden = test::LoadGolden(dir + "/" + golden_file);
+    ASSERT_TRUE(golden.ok()) << golden.status();
+    ASSERT_GE(golden->size(), min_models);
+    for (const test::GoldenModel& entry : *golden) {
+      const std::string& name = entry.name;
       LoadOptions load;
       load.strict = strict;
       auto model = LoadModel(dir + "/" + name, load);
@@ -117,12 +107,12 @@ class HfParityCudaTest : public ::testing::Test {
       Backend bf16 = MakeBackend(**model, DType::kBFloat16);
       ASSERT_TRUE(fp32.decoder != nullptr && bf16.decoder != nullptr);
       int prompt_index = 0;
-      for (const auto& rec : entry["prompts"]) {
+      for (const test::GoldenPrompt& rec : entry.prompts) {
         const std::string what = name + " prompt " + std::to_string(prompt_index++);
-        const auto prompt = rec["prompt_ids"].get<std::vector<int32_t>>();
-        const auto want = rec["token_ids"].get<std::vector<int32_t>>();
-        const auto ref = rec["last_logits"].get<std::vector<double>>();
-        const double min_margin = rec["min_top2_margin"].get<double>();
+        const std::vector<int32_t>& prompt = rec.prompt_ids;
+        const std::vector<int32_t>& want = rec.token_ids;
+        const std::vector<double>& ref = rec.last_logits;
+        const double min_margin = rec.min_top2_margin;
         GenerateOptions options;
         options.max_tokens = static_cast<int>(want.size());
         options.ignore_eos = true;
@@ -181,11 +171,11 @@ class HfParityCudaTest : public ::testing::Test {
 };
 
 TEST_F(HfParityCudaTest, MakeTinyCheckpoints) {
-  CheckGolden(DataDir() + "/parity", "golden.json", 4, /*strict=*/false);
+  CheckGolden(test::ParityDataDir() + "/parity", "golden.json", 4, /*strict=*/false);
 }
 
 TEST_F(HfParityCudaTest, TransformersWrittenShardedCheckpoint) {
-  CheckGolden(DataDir() + "/hf_written", "hf_written_golden.json", 1, /*strict=*/true);
+  CheckGolden(test::ParityDataDir() + "/hf_written", "hf_written_golden.json", 1, /*strict=*/true);
 }
 
 }  // namespace

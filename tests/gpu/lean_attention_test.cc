@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "attention_reference.h"
+#include "cuda_device.h"
 #include "decode_problem.h"
 #include "device_buffer.h"
 #include "ferry/kernels/cpu_attention.h"
@@ -142,10 +143,7 @@ void ExpectMatchesReference(DecodeProblem& p, const reference::ReferenceStates& 
 class LeanDecodeTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-      GTEST_SKIP() << "No CUDA-capable GPU";
-    }
+    FERRY_SKIP_WITHOUT_CUDA_DEVICE();
   }
 
   // Random problem -> device -> LeanDecode -> compare with float64. Returns the problem.

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "attention_reference.h"
+#include "cuda_device.h"
 #include "decode_problem.h"
 #include "ferry/kernels/cpu_attention.h"
 #include "ferry/kernels/lean_attention.h"
@@ -85,10 +86,7 @@ std::string Describe(const PrefillCase& c) {
 class PrefillAttentionTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    int count = 0;
-    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
-      GTEST_SKIP() << "No CUDA-capable GPU";
-    }
+    FERRY_SKIP_WITHOUT_CUDA_DEVICE();
   }
 
   // Random KV (the decode problem's pools and block tables, one "sequence" per chunk) and q,

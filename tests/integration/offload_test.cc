@@ -19,6 +19,7 @@
 #include "gtest/gtest.h"
 #include "runtime/kv/kv_cache.h"
 #include "runtime/offload/attention_client.h"
+#include "tests/common/host_cache_attention.h"
 #include "worker_process.h"
 
 namespace ferry::offload {
@@ -133,33 +134,16 @@ PartialStates InProcessAttend(const KvData& data, const Ranges& ranges, int laye
     }
     FERRY_CHECK((*cache)->SetLength(id, length).ok());
   }
-  std::vector<int32_t> indptr = {0}, table, lens;
+  std::vector<int32_t> lens;
   for (uint64_t id : sequences) {
-    const std::vector<int32_t>* blocks = *(*cache)->BlockTable(id);
-    table.insert(table.end(), blocks->begin(), blocks->end());
-    indptr.push_back(static_cast<int32_t>(table.size()));
     lens.push_back(static_cast<int32_t>(ranges.at(id).second - ranges.at(id).first));
   }
-  PartialStates states;
-  states.o.resize(sequences.size() * kQHeads * kHeadDim);
-  states.lse.resize(sequences.size() * kQHeads);
-  kernels::DecodeAttentionArgs args;
-  args.num_seqs = static_cast<int>(sequences.size());
-  args.num_q_heads = kQHeads;
-  args.q = q;
-  args.kv = (*cache)->LayerView(layer);
-  args.block_table_indptr = indptr.data();
-  args.block_table = table.data();
-  args.seq_lens = lens.data();
-  args.softmax_scale = 1.0f / std::sqrt(static_cast<float>(kHeadDim));
-  args.state_o = states.o.data();
-  args.state_lse = states.lse.data();
-  kernels::ThreadPool pool(2);
   kernels::CpuDecodeOptions plan;
   plan.num_workers = kPlanWorkers;
   plan.kv_tile_size = kTile;
-  FERRY_CHECK(kernels::DecodeAttentionCpu(args, pool, plan).ok());
-  return states;
+  auto states = test::AttendHostCache(**cache, layer, sequences, lens, q, kQHeads, plan);
+  FERRY_CHECK(states.ok());
+  return *std::move(states);
 }
 
 // True when every thread of the process is stopped (state 'T' in /proc/<pid>/task/*/stat).

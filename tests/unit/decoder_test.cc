@@ -5,16 +5,14 @@
 // (max |diff| / max |ref| over the vocabulary) under 1e-5.
 #include "runtime/model/decoder.h"
 
-#include <unistd.h>
 
-#include <filesystem>
 #include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
 #include "runtime/model/checkpoint.h"
-#include "runtime/model/tiny_checkpoint.h"
 #include "tests/common/decoder_reference.h"
+#include "tests/common/tiny_models.h"
 
 namespace ferry::model {
 namespace {
@@ -22,51 +20,18 @@ namespace {
 using ref::ReferenceLogits;
 using ref::RelError;
 
-struct Variant {
-  const char* name;
-  Architecture arch;
-  bool llama3;
-  bool bias;
-  bool tied;
-};
-
-class DecoderTest : public ::testing::TestWithParam<Variant> {
+class DecoderTest : public ::testing::TestWithParam<test::DecoderVariant> {
  protected:
   void SetUp() override {
-    const Variant& v = GetParam();
-    TinyCheckpointOptions o;
-    // Per process and variant: ctest -j runs the cases as parallel processes.
-    o.out_dir = ::testing::TempDir() + "/ferry_decoder_" + v.name + "_" + std::to_string(getpid());
-    std::filesystem::remove_all(o.out_dir);
-    o.arch = v.arch;
-    o.num_layers = 2;
-    o.hidden_size = 128;
-    o.num_heads = 4;
-    o.num_kv_heads = 2;
-    o.head_dim = 64;  // q_out 256 != hidden: non-square projections
-    o.vocab_size = 200;
-    o.dtype = DType::kFloat32;
-    o.rope_llama3 = v.llama3;
-    o.max_positions = 256;  // llama3: original 64, so the prompts cross the scaled band
-    o.attention_bias = v.bias;
-    o.tie_word_embeddings = v.tied;
-    o.seed = std::random_device{}();
-    ASSERT_TRUE(WriteTinyCheckpoint(o).ok());
-    auto model = LoadModel(o.out_dir);
+    const uint64_t seed = std::random_device{}();
+    auto model = test::MakeTinyDecoderModel("decoder", GetParam(), DType::kFloat32, seed);
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
-    rng_.seed(o.seed);
+    rng_.seed(seed);
   }
 
   std::unique_ptr<InProcessAttention> MakeAttention() {
-    InProcessAttentionOptions a;
-    a.num_heads = model_->config.num_heads;
-    a.kv.num_layers = model_->config.num_layers;
-    a.kv.num_kv_heads = model_->config.num_kv_heads;
-    a.kv.head_dim = model_->config.head_dim;
-    a.kv.dtype = DType::kFloat32;
-    a.kv.block_size = 16;
-    a.kv.capacity_bytes = 128 * kv::KvBlockBytes(a.kv);
+    InProcessAttentionOptions a = test::FloatKvAttentionOptions(model_->config, 128);
     a.num_threads = 2;
     auto attention = InProcessAttention::Create(a);
     EXPECT_TRUE(attention.ok()) << attention.status();
@@ -227,10 +192,7 @@ TEST_P(DecoderTest, RejectsBadSteps) {
 
 INSTANTIATE_TEST_SUITE_P(
     Variants, DecoderTest,
-    ::testing::Values(Variant{"llama_gqa", Architecture::kLlama, false, false, false},
-                      Variant{"qwen2_bias", Architecture::kQwen2, false, false, false},
-                      Variant{"llama3_bias_tied", Architecture::kLlama, true, true, true},
-                      Variant{"mistral", Architecture::kMistral, false, false, false}),
+    ::testing::ValuesIn(test::DecoderVariants()),
     [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace

@@ -4,51 +4,45 @@
 // greedy tokens (64 per prompt, float64 reference, full recompute) and its logits at the last
 // position; it comes from tests/parity/hf_parity.py run on a machine with transformers, never
 // from Ferry. Here Ferry's CPU decoder must produce the same tokens and logits within 1e-4.
-#include <fstream>
+#include <algorithm>
+#include <cmath>
 #include <string>
+#include <vector>
 
 #include "gtest/gtest.h"
-#include "nlohmann/json.hpp"
 #include "runtime/model/checkpoint.h"
 #include "runtime/model/decoder.h"
 #include "runtime/model/generate.h"
+#include "tests/common/hf_golden.h"
+#include "tests/common/tiny_models.h"
 
 namespace ferry::model {
 namespace {
 
 void CheckGolden(const std::string& dir, const std::string& golden_file, size_t min_models,
                  bool strict) {
-  std::ifstream in(dir + "/" + golden_file);
-  ASSERT_TRUE(in) << "missing " << dir << "/" << golden_file;
-  const nlohmann::json golden = nlohmann::json::parse(in);
-  ASSERT_GE(golden["models"].size(), min_models);
-  for (const auto& [name, entry] : golden["models"].items()) {
+  auto golden = test::LoadGolden(dir + "/" + golden_file);
+  ASSERT_TRUE(golden.ok()) << golden.status();
+  ASSERT_GE(golden->size(), min_models);
+  for (const test::GoldenModel& entry : *golden) {
+    const std::string& name = entry.name;
     LoadOptions load;
     load.strict = strict;
     auto model = LoadModel(dir + "/" + name, load);
     ASSERT_TRUE(model.ok()) << model.status();
-    const ModelConfig& c = (*model)->config;
-    InProcessAttentionOptions a;
-    a.num_heads = c.num_heads;
-    a.kv.num_layers = c.num_layers;
-    a.kv.num_kv_heads = c.num_kv_heads;
-    a.kv.head_dim = c.head_dim;
-    a.kv.dtype = DType::kFloat32;
-    a.kv.block_size = 16;
-    a.kv.capacity_bytes = 64 * kv::KvBlockBytes(a.kv);
-    auto attention = InProcessAttention::Create(a);
+    auto attention = InProcessAttention::Create(test::FloatKvAttentionOptions((*model)->config, 64));
     ASSERT_TRUE(attention.ok());
     Decoder decoder(**model, **attention);
-    for (const auto& rec : entry["prompts"]) {
-      const auto prompt = rec["prompt_ids"].get<std::vector<int32_t>>();
-      const auto want = rec["token_ids"].get<std::vector<int32_t>>();
+    for (const test::GoldenPrompt& rec : entry.prompts) {
+      const std::vector<int32_t>& prompt = rec.prompt_ids;
+      const std::vector<int32_t>& want = rec.token_ids;
       GenerateOptions options;
       options.max_tokens = static_cast<int>(want.size());
       options.ignore_eos = true;
       auto result = Generate(decoder, 1, prompt, options);
       ASSERT_TRUE(result.ok()) << result.status();
       EXPECT_EQ(result->tokens, want) << name << " prompt of " << prompt.size();
-      const auto ref = rec["last_logits"].get<std::vector<double>>();
+      const std::vector<double>& ref = rec.last_logits;
       ASSERT_EQ(result->last_logits.size(), ref.size());
       double max_diff = 0;
       for (size_t i = 0; i < ref.size(); ++i) {
@@ -61,14 +55,14 @@ void CheckGolden(const std::string& dir, const std::string& golden_file, size_t 
 
 // Ferry's make-tiny checkpoints (tests/parity/make_models.sh), reference by transformers.
 TEST(HfParityTest, GreedyTokensAndLogitsMatchTransformers) {
-  CheckGolden(FERRY_PARITY_DATA_DIR "/parity", "golden.json", 4, /*strict=*/false);
+  CheckGolden(test::ParityDataDir() + "/parity", "golden.json", 4, /*strict=*/false);
 }
 
 // A checkpoint written by transformers' save_pretrained itself (tests/parity/hf_written.py):
 // sharded with model.safetensors.index.json, transformers-5 config.json, generation_config.json
 // beside it; loaded with strict checking (no unused tensors).
 TEST(HfParityTest, TransformersWrittenShardedCheckpoint) {
-  CheckGolden(FERRY_PARITY_DATA_DIR "/hf_written", "hf_written_golden.json", 1, /*strict=*/true);
+  CheckGolden(test::ParityDataDir() + "/hf_written", "hf_written_golden.json", 1, /*strict=*/true);
 }
 
 }  // namespace

@@ -3,10 +3,12 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "absl/strings/str_cat.h"
 #include "ferry/kernels/lean_attention.h"
 #include "ferry/kernels/paged_prefill_attention.h"
+#include "ferry/kernels/prefill_attention.h"
 #include "ferry/status.h"
 #include "runtime/common/cuda_util.h"
 #include "runtime/kv/cuda_kv_pool.h"
@@ -52,6 +54,7 @@ absl::StatusOr<std::unique_ptr<CudaAttention>> CudaAttention::Create(
       DeviceBuffer::Allocate(
           sizeof(float) * static_cast<size_t>(options.max_step_rows) * options.num_heads,
           "the attention lse"));
+  attention->prefill_tensor_cores_ = kernels::PrefillAttentionServes(c.head_dim, c.dtype);
   // LeanDecode where this build and device serve the shape; a decode step has one row per
   // sequence, so max_step_rows bounds its sequences too.
   cudaError_t served = cudaSuccess;
@@ -134,6 +137,27 @@ absl::Status CudaAttention::StartAttend(int layer, int64_t first_row, int64_t nu
     return CudaStatus(kernels::LeanDecode(args, lean_workspace_.get(), lean_workspace_.bytes(),
                                           stream),
                       "LeanDecode");
+  }
+  // PrefillAttention's 16-byte q loads and 8-byte o stores; the decoder's buffers are aligned,
+  // anything else takes the fallback rather than an error.
+  const bool aligned = reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(out) % 8 == 0;
+  if (prefill_tensor_cores_ && aligned) {
+    kernels::PrefillAttentionArgs args;
+    args.num_seqs = t.num_runs;  // a run is a chunk: its rows attend causally over its prefix
+    args.num_q_heads = options_.num_heads;
+    args.max_q_len = t.max_run_rows;
+    args.q = q;
+    args.kv = pool_->LayerView(layer);
+    args.q_indptr = t.q_indptr;
+    args.block_table_indptr = t.indptr;
+    args.block_table = t.table;
+    args.kv_lens = t.seq_lens;
+    args.causal_offset = t.causal_offset;
+    args.softmax_scale = scale;
+    args.state_o = out;  // every row sees its whole prefix, so o is the normalised output
+    args.state_lse = lse_.get<float>();
+    return CudaStatus(kernels::PrefillAttention(args, stream), "PrefillAttention");
   }
   kernels::PagedPrefillAttentionArgs args;
   args.num_rows = t.num_rows;

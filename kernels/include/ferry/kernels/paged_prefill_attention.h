@@ -1,6 +1,7 @@
-// Causal attention of query rows over a paged KV cache on CUDA: prefill chunks, mixed
-// prefill/decode steps, and decode wherever LeanDecode does not serve the shape (float32 KV,
-// head dims outside the build's FERRY_HEAD_DIMS, GQA groups above 16).
+// Causal attention of query rows over a paged KV cache on CUDA, one warp per (row, q head): the
+// simple, exact fallback where the tensor-core kernels (PrefillAttention, prefill_attention.h;
+// LeanDecode, lean_attention.h) do not serve: float32 KV (float32 arithmetic throughout, which
+// the decoder's exactness tests rely on), head dims outside the build's FERRY_HEAD_DIMS.
 //
 // Contract
 //   q          (num_rows, num_q_heads, head_dim) float32, device

@@ -62,4 +62,8 @@ struct PrefillAttentionArgs {
 
 cudaError_t PrefillAttention(const PrefillAttentionArgs& args, cudaStream_t stream);
 
+// Whether this build serves head_dim with a `dtype` cache (bf16/fp16, head dims in
+// FERRY_HEAD_DIMS): callers pick a fallback (paged_prefill_attention.h) once, up front.
+bool PrefillAttentionServes(int head_dim, DType dtype);
+
 }  // namespace ferry::kernels
