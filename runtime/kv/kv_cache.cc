@@ -132,6 +132,21 @@ absl::StatusOr<int64_t> KvCache::Truncate(SequenceId id, int64_t num_positions) 
   return freed;
 }
 
+void KvCache::ReleaseUnwritten(SequenceId id) {
+  absl::StatusOr<int64_t> length = Length(id);
+  if (length.ok()) (void)Truncate(id, *length);
+}
+
+absl::Status KvCache::CheckFits(int64_t positions) const {
+  const int64_t blocks = (positions + config_.block_size - 1) / config_.block_size;
+  if (blocks > total_blocks_) {
+    return absl::ResourceExhaustedError(absl::StrCat("a sequence of ", positions,
+                                                     " positions needs ", blocks,
+                                                     " KV blocks; the cache has ", total_blocks_));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<const std::vector<int32_t>*> KvCache::BlockTable(SequenceId id) const {
   auto it = sequences_.find(id);
   if (it == sequences_.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", id));

@@ -83,6 +83,12 @@ class KvCache {
   // beyond them to the pool: undoes writes and reservations past num_positions. Returns the
   // number of blocks freed.
   absl::StatusOr<int64_t> Truncate(SequenceId id, int64_t num_positions);
+  // Returns the blocks reserved past the sequence's length (an aborted step's); unknown ids are
+  // ignored. Rows written there but not counted in the length are simply overwritten later.
+  void ReleaseUnwritten(SequenceId id);
+  // RESOURCE_EXHAUSTED when a sequence of `positions` positions could not fit even in the whole
+  // pool (a scheduler refuses such a request up front).
+  absl::Status CheckFits(int64_t positions) const;
   absl::StatusOr<const std::vector<int32_t>*> BlockTable(SequenceId id) const;
 
   // Copies K and V rows for positions [first, first + count) of one layer from host memory:

@@ -194,24 +194,13 @@ absl::Status InProcessAttention::EndStep() {
 std::vector<kv::SequenceId> InProcessAttention::AbortStep() {
   in_step_ = false;
   started_.clear();
-  // Rows written past a sequence's length are simply overwritten by a retry; only the blocks
-  // reserved for them go back.
-  for (const Run& run : runs_) {
-    absl::StatusOr<int64_t> length = cache_->Length(run.seq);
-    if (length.ok()) (void)cache_->Truncate(run.seq, *length);
-  }
+  for (const Run& run : runs_) cache_->ReleaseUnwritten(run.seq);
   runs_.clear();
   return {};  // in-process attention fails only as a whole (or on room, which is not a sequence's)
 }
 
 absl::Status InProcessAttention::CheckCapacity(int64_t positions) {
-  const int64_t blocks = (positions + options_.kv.block_size - 1) / options_.kv.block_size;
-  if (blocks > cache_->total_blocks()) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "a sequence of ", positions, " positions needs ", blocks, " KV blocks; the cache has ",
-        cache_->total_blocks()));
-  }
-  return absl::OkStatus();
+  return cache_->CheckFits(positions);
 }
 
 }  // namespace ferry::model

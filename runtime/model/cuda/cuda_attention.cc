@@ -182,25 +182,13 @@ absl::Status CudaAttention::FinishAttend(int /*layer*/, int64_t first_row) {
 
 std::vector<kv::SequenceId> CudaAttention::AbortStep() {
   in_step_ = false;
-  // Rows written past a sequence's length are overwritten by a retry; the blocks reserved for
-  // them go back.
-  for (const kv::KvAppendRun& run : runs_) {
-    absl::StatusOr<int64_t> length = pool_->cache().Length(run.seq);
-    if (length.ok()) (void)pool_->cache().Truncate(run.seq, *length);
-  }
+  for (const kv::KvAppendRun& run : runs_) pool_->cache().ReleaseUnwritten(run.seq);
   runs_.clear();
   return {};
 }
 
 absl::Status CudaAttention::CheckCapacity(int64_t positions) {
-  const int64_t block_size = options_.kv.block_size;
-  const int64_t blocks = (positions + block_size - 1) / block_size;
-  if (blocks > pool_->cache().total_blocks()) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "a sequence of ", positions, " positions needs ", blocks, " KV blocks; the GPU cache has ",
-        pool_->cache().total_blocks()));
-  }
-  return absl::OkStatus();
+  return pool_->cache().CheckFits(positions);
 }
 
 absl::Status CudaAttention::EndStep() {
