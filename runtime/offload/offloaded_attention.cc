@@ -10,19 +10,6 @@
 namespace ferry::offload {
 namespace {
 
-// float32 rows to the KV dtype.
-void ConvertRows(const float* src, int64_t n, DType dtype, std::vector<uint8_t>* dst) {
-  dst->resize(n * DTypeSize(dtype));
-  if (dtype == DType::kFloat32) {
-    std::copy(src, src + n, reinterpret_cast<float*>(dst->data()));
-    return;
-  }
-  uint16_t* out = reinterpret_cast<uint16_t*>(dst->data());
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = dtype == DType::kBFloat16 ? FloatToBFloat16Bits(src[i]) : FloatToFloat16Bits(src[i]);
-  }
-}
-
 bool Contains(const std::vector<int>& list, int value) {
   return std::find(list.begin(), list.end(), value) != list.end();
 }
@@ -397,8 +384,10 @@ absl::Status OffloadedAttention::StartAttend(int layer, int64_t first_row, int64
                                                    ") are not whole runs of this step"));
   }
   const int64_t kv_row = int64_t{options_.shape.num_kv_heads} * options_.shape.head_dim;
-  ConvertRows(k, num_rows * kv_row, options_.shape.dtype, &k_staging_);
-  ConvertRows(v, num_rows * kv_row, options_.shape.dtype, &v_staging_);
+  k_staging_.resize(num_rows * kv_row * DTypeSize(options_.shape.dtype));
+  v_staging_.resize(k_staging_.size());
+  FloatsToDType(k, num_rows * kv_row, options_.shape.dtype, k_staging_.data());
+  FloatsToDType(v, num_rows * kv_row, options_.shape.dtype, v_staging_.data());
   FERRY_RETURN_IF_ERROR(StartDecodeRows(pending, q, k_staging_.data(), v_staging_.data()));
   for (size_t run : prefill_runs) {
     FERRY_RETURN_IF_ERROR(StartPrefillRun(pending, run, q, k_staging_.data(), v_staging_.data()));

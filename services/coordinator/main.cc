@@ -141,7 +141,7 @@ int main(int argc, char** argv) {
                             flags.block_size, flags.kv_capacity};
     attention_options.num_threads =
         flags.threads > 0 ? flags.threads : static_cast<int>(std::thread::hardware_concurrency());
-    auto local = ferry::model::InProcessAttention::Create(attention_options);
+    auto local = ferry::model::CreateInProcessAttention(config, attention_options);
     if (!local.ok()) return Fail(local.status());
     attention = std::move(*local);
   } else {

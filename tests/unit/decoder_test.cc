@@ -1,16 +1,19 @@
 // The CPU decoder against a float64 reference written here (full recompute, plain loops), and
 // against itself: prefill-then-decode equals a full prefill, batched decode equals one sequence
-// at a time, mixed prefill/decode batches. fp32 weights (make-tiny --dtype=fp32) and an fp32 KV
-// cache, so the only differences are fp32 rounding: relative error (max |diff| / max |ref| over
-// the vocabulary) under 1e-5.
+// at a time, mixed prefill/decode batches, an aborted step leaves no trace; for softmax and for
+// linear attention (whose float64 reference is kernels/reference's quadratic form). fp32
+// weights (make-tiny --dtype=fp32) and an fp32 KV cache, so the only differences are fp32
+// rounding: relative error (max |diff| / max |ref| over the vocabulary) under 1e-5.
 #include "runtime/model/decoder.h"
 
 #include <cmath>
 #include <filesystem>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "linear_attention_reference.h"
 #include "runtime/model/checkpoint.h"
 #include "runtime/model/dense_ops.h"
 #include "runtime/model/tiny_checkpoint.h"
@@ -73,7 +76,19 @@ std::vector<double> ReferenceLogits(const Model& m, const std::vector<int32_t>& 
     rope(q, nh);
     rope(k, nkv);
     std::vector<double> attn(static_cast<size_t>(T) * qo);
-    for (int t = 0; t < T; ++t) {
+    if (c.attention_kind == AttentionKind::kLinear) {
+      kernels::LinearAttentionConfig lc;
+      lc.num_seqs = 1;
+      lc.num_q_heads = nh;
+      lc.num_kv_heads = nkv;
+      lc.head_dim = hd;
+      lc.feature_map = c.linear_feature_map;
+      lc.normalize = c.linear_normalize;
+      const int32_t cu_seqlens[2] = {0, T};
+      attn = kernels::reference::LinearAttentionReference(lc, cu_seqlens, q.data(), k.data(),
+                                                          v.data());
+    }
+    for (int t = 0; t < T && c.attention_kind == AttentionKind::kSoftmax; ++t) {
       for (int hq = 0; hq < nh; ++hq) {
         const int hk = hq / (nh / nkv);
         std::vector<double> s(t + 1);
@@ -137,6 +152,8 @@ struct Variant {
   bool llama3;
   bool bias;
   bool tied;
+  AttentionKind attention = AttentionKind::kSoftmax;
+  kernels::LinearFeatureMap feature_map = kernels::LinearFeatureMap::kOnePlusXMaxNorm;
 };
 
 class DecoderTest : public ::testing::TestWithParam<Variant> {
@@ -158,6 +175,8 @@ class DecoderTest : public ::testing::TestWithParam<Variant> {
     o.max_positions = 256;  // llama3: original 64, so the prompts cross the scaled band
     o.attention_bias = v.bias;
     o.tie_word_embeddings = v.tied;
+    o.attention_kind = v.attention;
+    o.linear_feature_map = v.feature_map;
     o.seed = std::random_device{}();
     ASSERT_TRUE(WriteTinyCheckpoint(o).ok());
     auto model = LoadModel(o.out_dir);
@@ -166,7 +185,7 @@ class DecoderTest : public ::testing::TestWithParam<Variant> {
     rng_.seed(o.seed);
   }
 
-  std::unique_ptr<InProcessAttention> MakeAttention() {
+  std::unique_ptr<AttentionStep> MakeAttention() {
     InProcessAttentionOptions a;
     a.num_heads = model_->config.num_heads;
     a.kv.num_layers = model_->config.num_layers;
@@ -176,7 +195,7 @@ class DecoderTest : public ::testing::TestWithParam<Variant> {
     a.kv.block_size = 16;
     a.kv.capacity_bytes = 128 * kv::KvBlockBytes(a.kv);
     a.num_threads = 2;
-    auto attention = InProcessAttention::Create(a);
+    auto attention = CreateInProcessAttention(model_->config, a);
     EXPECT_TRUE(attention.ok()) << attention.status();
     return std::move(*attention);
   }
@@ -316,6 +335,39 @@ TEST_P(DecoderTest, MicroBatchesGiveTheLogitsOfOneBatch) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST_P(DecoderTest, AnAbortedStepLeavesNoTrace) {
+  const std::vector<int32_t> tokens = RandomTokens(12);
+  auto clean = MakeAttention(), aborted = MakeAttention();
+  Decoder clean_decoder(*model_, *clean), aborted_decoder(*model_, *aborted);
+  std::vector<float> clean_logits, aborted_logits;
+  for (auto [attention, decoder, logits] :
+       {std::make_tuple(clean.get(), &clean_decoder, &clean_logits),
+        std::make_tuple(aborted.get(), &aborted_decoder, &aborted_logits)}) {
+    ASSERT_TRUE(attention->AddSequence(3).ok());
+    SeqChunk chunk{3, 0, std::span<const int32_t>(tokens.data(), 10)};
+    ASSERT_TRUE(decoder->Forward({&chunk, 1}, logits).ok());
+  }
+  // A step of position 10 that wrote layer 0's KV (or advanced its state) with made-up values,
+  // then failed: aborted, it must leave the sequence as it was.
+  const ModelConfig& c = model_->config;
+  std::vector<float> q(c.num_heads * c.head_dim, 0.5f), kv(c.num_kv_heads * c.head_dim, 3.0f);
+  std::vector<float> out(q.size());
+  const StepRow row{3, 10};
+  ASSERT_TRUE(aborted->BeginStep({&row, 1}).ok());
+  ASSERT_TRUE(aborted->StartAttend(0, 0, 1, q.data(), kv.data(), kv.data(), out.data()).ok());
+  ASSERT_TRUE(aborted->FinishAttend(0, 0).ok());
+  EXPECT_TRUE(aborted->AbortStep().empty());
+  EXPECT_EQ(*aborted->Length(3), 10);
+  for (auto [decoder, logits] : {std::make_pair(&clean_decoder, &clean_logits),
+                                 std::make_pair(&aborted_decoder, &aborted_logits)}) {
+    for (int p = 10; p < 12; ++p) {
+      SeqChunk chunk{3, p, std::span<const int32_t>(&tokens[p], 1)};
+      ASSERT_TRUE(decoder->Forward({&chunk, 1}, logits).ok());
+    }
+  }
+  EXPECT_EQ(clean_logits, aborted_logits);
+}
+
 TEST_P(DecoderTest, RejectsBadSteps) {
   auto attention = MakeAttention();
   Decoder decoder(*model_, *attention);
@@ -338,7 +390,11 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(Variant{"llama_gqa", Architecture::kLlama, false, false, false},
                       Variant{"qwen2_bias", Architecture::kQwen2, false, false, false},
                       Variant{"llama3_bias_tied", Architecture::kLlama, true, true, true},
-                      Variant{"mistral", Architecture::kMistral, false, false, false}),
+                      Variant{"mistral", Architecture::kMistral, false, false, false},
+                      Variant{"llama_linear_1_plus_x", Architecture::kLlama, false, false, false,
+                              AttentionKind::kLinear},
+                      Variant{"qwen2_linear_elu", Architecture::kQwen2, false, false, false,
+                              AttentionKind::kLinear, kernels::LinearFeatureMap::kEluPlusOne}),
     [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace
