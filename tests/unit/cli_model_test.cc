@@ -3,6 +3,8 @@
 #include <sys/wait.h>
 
 #include <cstdio>
+#include <unistd.h>
+
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -46,13 +48,14 @@ std::vector<nlohmann::json> JsonLines(const std::string& out) {
 class CliModelTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    dir_ = ::testing::TempDir() + "/ferry_cli_tiny";
+    dir_ = ::testing::TempDir() + "/ferry_cli_tiny_" + std::to_string(getpid());
     std::filesystem::remove_all(dir_);
     ASSERT_EQ(RunFerry("model make-tiny --out=" + dir_ +
                        " --layers 1 --hidden=128 --heads 2 --kv-heads=1 --vocab=300 --seed=5")
                   .exit_code,
               0);
   }
+  static void TearDownTestSuite() { std::filesystem::remove_all(dir_); }
   static std::string dir_;
 };
 std::string CliModelTest::dir_;

@@ -7,6 +7,8 @@
 #include "runtime/model/decoder.h"
 
 #include <cmath>
+#include <unistd.h>
+
 #include <filesystem>
 #include <random>
 #include <tuple>
@@ -161,7 +163,7 @@ class DecoderTest : public ::testing::TestWithParam<Variant> {
   void SetUp() override {
     const Variant& v = GetParam();
     TinyCheckpointOptions o;
-    o.out_dir = ::testing::TempDir() + "/ferry_decoder_" + v.name;
+    o.out_dir = ::testing::TempDir() + "/ferry_decoder_" + v.name + "_" + std::to_string(getpid());
     std::filesystem::remove_all(o.out_dir);
     o.arch = v.arch;
     o.num_layers = 2;
@@ -180,6 +182,7 @@ class DecoderTest : public ::testing::TestWithParam<Variant> {
     o.seed = std::random_device{}();
     ASSERT_TRUE(WriteTinyCheckpoint(o).ok());
     auto model = LoadModel(o.out_dir);
+    std::filesystem::remove_all(o.out_dir);  // loaded: the files are no longer needed
     ASSERT_TRUE(model.ok()) << model.status();
     model_ = std::move(*model);
     rng_.seed(o.seed);
