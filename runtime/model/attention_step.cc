@@ -177,8 +177,9 @@ absl::Status InProcessAttention::StartAttend(int layer, int64_t first_row, int64
 absl::Status InProcessAttention::FinishAttend(int layer, int64_t first_row) {
   auto it = std::find(started_.begin(), started_.end(), std::make_pair(layer, first_row));
   if (it == started_.end()) {
-    return absl::FailedPreconditionError(absl::StrCat("attention step: layer ", layer, " rows from ",
-                                                      first_row, " were not started"));
+    return absl::FailedPreconditionError(absl::StrCat("attention step: layer ", layer,
+                                                      " rows from ", first_row,
+                                                      " were not started"));
   }
   started_.erase(it);
   return absl::OkStatus();
@@ -371,8 +372,9 @@ absl::Status InProcessLinearAttention::StartAttend(int layer, int64_t first_row,
 absl::Status InProcessLinearAttention::FinishAttend(int layer, int64_t first_row) {
   auto it = std::find(started_.begin(), started_.end(), std::make_pair(layer, first_row));
   if (it == started_.end()) {
-    return absl::FailedPreconditionError(absl::StrCat("attention step: layer ", layer, " rows from ",
-                                                      first_row, " were not started"));
+    return absl::FailedPreconditionError(absl::StrCat("attention step: layer ", layer,
+                                                      " rows from ", first_row,
+                                                      " were not started"));
   }
   started_.erase(it);
   return absl::OkStatus();

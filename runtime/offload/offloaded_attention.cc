@@ -104,10 +104,9 @@ int64_t OffloadedAttention::ShardUnits(int64_t positions) const {
 
 int64_t OffloadedAttention::ShardLayerBytes(int64_t positions) const {
   if (options_.shape.linear_attention) {
-    return int64_t{group_kv_heads_} *
-           kernels::MakeLinearStateLayout(options_.shape.head_dim, worker_shape_.q_heads_per_kv_head)
-               .stride *
-           4;
+    const kernels::LinearStateLayout layout = kernels::MakeLinearStateLayout(
+        options_.shape.head_dim, worker_shape_.q_heads_per_kv_head);
+    return int64_t{group_kv_heads_} * layout.stride * 4;
   }
   return 2 * positions * group_kv_heads_ * options_.shape.head_dim *
          DTypeSize(options_.shape.dtype);
@@ -223,18 +222,6 @@ absl::StatusOr<int64_t> OffloadedAttention::Length(kv::SequenceId seq) const {
   auto it = sequences_.find(seq);
   if (it == sequences_.end()) return absl::NotFoundError(absl::StrCat("unknown sequence ", seq));
   return it->second.length;
-}
-
-std::vector<OffloadedAttention::ShardInfo> OffloadedAttention::Shards(kv::SequenceId seq) const {
-  std::vector<ShardInfo> out;
-  auto it = sequences_.find(seq);
-  if (it == sequences_.end()) return out;
-  for (int g = 0; g < static_cast<int>(it->second.groups.size()); ++g) {
-    for (const Shard& shard : it->second.groups[g].shards) {
-      out.push_back({worker_ids_[shard.worker], g, shard.first_position});
-    }
-  }
-  return out;
 }
 
 absl::Status OffloadedAttention::MigrateOffDrainingWorkers() {

@@ -21,10 +21,10 @@
 // mixed slow and fast workers each get the share of KV they can attend in the same time.
 // Per layer and micro-batch (a range of the step's rows, AttentionStep): StartAttend sends and
 // returns, FinishAttend gathers. Decode rows (one new token) go to every worker at once
-// (AttentionClient::StartAttendLayer), one round trip: a tail shard's worker appends the new k, v and attends in
-// the same message, earlier shards' workers attend over what they hold; prompt chunks go by
-// Prefill to the tail (with k, v) and to the earlier shards (without), and the per-query states
-// are merged in shard order.
+// (AttentionClient::StartAttendLayer), one round trip: a tail shard's worker appends the new k,
+// v and attends in the same message, earlier shards' workers attend over what they hold; prompt
+// chunks go by Prefill to the tail (with k, v) and to the earlier shards (without), and the
+// per-query states are merged in shard order.
 // Linear attention (shape.linear_attention): a group's state lives on one worker (no range
 // shards); it takes one state slot and never grows, so only placement checks room.
 // KV room: BeginStep checks, in blocks, that every tail shard's worker has room for the step's
@@ -94,14 +94,6 @@ class OffloadedAttention : public model::AttentionStep {
   absl::Status EndStep() override;
   std::vector<kv::SequenceId> AbortStep() override;
   absl::Status CheckCapacity(int64_t positions) override;
-
-  // Where a sequence's KV lives, for tests and metrics: per group, per shard in position order.
-  struct ShardInfo {
-    std::string worker_id;
-    int group = 0;
-    int64_t first_position = 0;
-  };
-  std::vector<ShardInfo> Shards(kv::SequenceId seq) const;
 
  private:
   struct Shard {

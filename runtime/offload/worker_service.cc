@@ -118,7 +118,8 @@ absl::Status WorkerService::CheckKvDtype(const FrameHeader& header) const {
   if (header.dtype != static_cast<uint8_t>(shape_.dtype)) {
     return absl::InvalidArgumentError(absl::StrCat(
         FrameTypeName(header.type), ": dtype ", static_cast<int>(header.dtype),
-        " but this worker serves ", std::string(DTypeName(shape_.dtype)), " (", static_cast<int>(shape_.dtype), ")"));
+        " but this worker serves ", std::string(DTypeName(shape_.dtype)), " (",
+        static_cast<int>(shape_.dtype), ")"));
   }
   return absl::OkStatus();
 }
@@ -252,7 +253,8 @@ absl::StatusOr<transport::Buffer> WorkerService::Configure(const FrameHeader& he
     kernel.normalize = normalize == 1;
     kernel.dtype = DType::kFloat32;
     if (group < 1 || group > options_.max_q_heads || normalize > 1 || (kind >> 24) != 0 ||
-        feature_map < 1 || feature_map > 3 || !kernels::ValidateLinearAttentionConfig(kernel).ok()) {
+        feature_map < 1 || feature_map > 3 ||
+        !kernels::ValidateLinearAttentionConfig(kernel).ok()) {
       return absl::InvalidArgumentError(absl::StrCat(
           "configure: bad linear attention (feature map ", feature_map, ", normalize ", normalize,
           ", ", group, " q heads per kv head)"));
@@ -998,7 +1000,8 @@ absl::StatusOr<transport::Buffer> WorkerService::ImportStates(const FrameHeader&
   }
   const int64_t record_bytes = int64_t{shape_.num_kv_heads} * StateStride() * 4;
   if (reader.remaining() != static_cast<uint64_t>(layers * record_bytes)) {
-    return LengthMismatch(header, header.payload_bytes - reader.remaining() + layers * record_bytes);
+    return LengthMismatch(header,
+                          header.payload_bytes - reader.remaining() + layers * record_bytes);
   }
   FERRY_RETURN_IF_ERROR(states_->AddSequence(id));
   for (int layer = 0; layer < layers; ++layer) {

@@ -183,7 +183,8 @@ TEST(WorkerServiceTest, TruncateUndoesAppendsSoAStepCanBeRetried) {
     payload.resize(16 + 2 * 2 * 64 * 4, 0);
     return call(FrameType::kAppendKv, layer, {1, 2, 64}, payload).first;
   };
-  ASSERT_TRUE(call(FrameType::kConfigure, 0, {2, 2, 64, 16}, std::vector<uint8_t>(24, 0)).first.ok());
+  const std::vector<uint8_t> plan(24, 0);
+  ASSERT_TRUE(call(FrameType::kConfigure, 0, {2, 2, 64, 16}, plan).first.ok());
   ASSERT_TRUE(call(FrameType::kOpenSequence, 0, {1}, entry(1, 0)).first.ok());
   const int64_t free_blocks = service.cache()->free_blocks();
   for (int64_t p = 0; p < 17; ++p) {  // both layers hold 17 positions: 2 blocks of 16
