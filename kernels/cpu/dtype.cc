@@ -44,4 +44,26 @@ uint16_t FloatToFloat16Bits(float value) {
   return sign | static_cast<uint16_t>(((rounded >> 13) - (112u << 10)) & 0x7fffu);
 }
 
+void FloatsToDType(const float* src, int64_t n, DType dtype, void* dst) {
+  if (dtype == DType::kFloat32) {
+    std::memcpy(dst, src, n * sizeof(float));
+    return;
+  }
+  uint16_t* out = static_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = dtype == DType::kBFloat16 ? FloatToBFloat16Bits(src[i]) : FloatToFloat16Bits(src[i]);
+  }
+}
+
+void DTypeToFloats(const void* src, int64_t n, DType dtype, float* dst) {
+  if (dtype == DType::kFloat32) {
+    std::memcpy(dst, src, n * sizeof(float));
+    return;
+  }
+  const uint16_t* in = static_cast<const uint16_t*>(src);
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = dtype == DType::kBFloat16 ? BFloat16BitsToFloat(in[i]) : Float16BitsToFloat(in[i]);
+  }
+}
+
 }  // namespace ferry

@@ -35,14 +35,19 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <span>
 #include <vector>
 
+#include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "ferry/kernels/thread_pool.h"
+#include "ferry/kernels/linear_attention.h"
 #include "runtime/kv/kv_cache.h"
+#include "runtime/kv/state_cache.h"
+#include "runtime/model/model_config.h"
 
 namespace ferry::model {
 
@@ -50,6 +55,29 @@ struct StepRow {
   kv::SequenceId seq = 0;
   int64_t position = 0;
 };
+
+// The rows of one sequence in a step: rows [first_row, first_row + count) hold its positions
+// [first_position, first_position + count).
+struct StepRun {
+  kv::SequenceId seq = 0;
+  int64_t first_row = 0;
+  int64_t first_position = 0;
+  int64_t count = 0;
+};
+
+// A step's rows as runs, in row order; INVALID_ARGUMENT when a sequence's rows are not
+// contiguous or not consecutive positions.
+absl::StatusOr<std::vector<StepRun>> GroupRuns(std::span<const StepRow> rows);
+// GroupRuns, then each run checked to continue its sequence: first_position == length(seq)
+// (INVALID_ARGUMENT otherwise; length's error, e.g. NOT_FOUND, as it is). The attention steps'
+// BeginStep.
+absl::StatusOr<std::vector<StepRun>> GroupStepRows(
+    std::span<const StepRow> rows,
+    absl::FunctionRef<absl::StatusOr<int64_t>(kv::SequenceId)> length);
+// The indices of the runs that make up rows [first_row, first_row + num_rows); INVALID_ARGUMENT
+// when the range is empty, leaves the step or cuts a run.
+absl::StatusOr<std::vector<size_t>> RunsInRange(std::span<const StepRun> runs, int64_t first_row,
+                                                int64_t num_rows);
 
 class AttentionStep {
  public:
@@ -74,12 +102,6 @@ class AttentionStep {
   // place of the calls of a later step of the same shape, after that step's BeginStep.
   virtual void* device_stream() const { return nullptr; }
 };
-
-// Groups a step's rows into runs (one per sequence, in row order) and checks them against the
-// cache: a sequence's rows contiguous, at consecutive positions that start at its length.
-// INVALID_ARGUMENT otherwise, NOT_FOUND for an unknown sequence. Used by CudaAttention.
-absl::Status GroupStepRows(std::span<const StepRow> rows, const kv::KvCache& cache,
-                           std::vector<kv::KvAppendRun>* runs);
 
 struct InProcessAttentionOptions {
   int num_heads = 0;
@@ -110,12 +132,6 @@ class InProcessAttention : public AttentionStep {
   kv::KvCache& cache() { return *cache_; }
 
  private:
-  struct Run {  // the rows of one sequence in this step
-    kv::SequenceId seq;
-    int64_t first_row;
-    int64_t first_position;
-    int64_t count;
-  };
   InProcessAttention(const InProcessAttentionOptions& options, std::unique_ptr<kv::KvCache> cache);
 
   InProcessAttentionOptions options_;
@@ -123,13 +139,61 @@ class InProcessAttention : public AttentionStep {
   std::unique_ptr<kernels::ThreadPool> pool_;
   bool in_step_ = false;
   int64_t num_rows_ = 0;
-  std::vector<Run> runs_;
-  std::vector<kv::KvAppendRun> grouped_;  // GroupStepRows' output, reused
+  std::vector<StepRun> runs_;
   std::vector<int32_t> indptr_, block_table_, seq_lens_;
   std::vector<int32_t> range_indptr_;
   std::vector<std::pair<int, int64_t>> started_;  // (layer, first row) attended, not finished
   std::vector<float> lse_;
   std::vector<uint16_t> k_half_, v_half_;  // staging for bf16 / fp16 caches
 };
+
+// Linear attention in process (linear_attention.h): a recurrent state per sequence (StateCache)
+// instead of KV blocks, advanced by LinearAttentionForwardCpu over prompt chunks and by
+// LinearAttentionDecodeCpu over decode rows, all in float32. The new k and v are rounded to
+// options.kv.dtype and widened back first, exactly as they reach an attention worker, so the
+// two give the same bits. options.kv.block_size is unused; capacity buys whole state slots.
+// AbortStep restores the states a failed step had advanced (the cache's backups).
+class InProcessLinearAttention : public AttentionStep {
+ public:
+  static absl::StatusOr<std::unique_ptr<InProcessLinearAttention>> Create(
+      const InProcessAttentionOptions& options, kernels::LinearFeatureMap feature_map,
+      bool normalize);
+
+  absl::Status AddSequence(kv::SequenceId seq) override;
+  absl::Status FreeSequence(kv::SequenceId seq) override;
+  absl::StatusOr<int64_t> Length(kv::SequenceId seq) const override;
+  absl::Status BeginStep(std::span<const StepRow> rows) override;
+  absl::Status StartAttend(int layer, int64_t first_row, int64_t num_rows, const float* q,
+                           const float* k, const float* v, float* out) override;
+  absl::Status FinishAttend(int layer, int64_t first_row) override;
+  absl::Status EndStep() override;
+  std::vector<kv::SequenceId> AbortStep() override;
+  absl::Status CheckCapacity(int64_t positions) override;
+
+  kv::StateCache& states() { return *states_; }
+
+ private:
+  InProcessLinearAttention(const InProcessAttentionOptions& options,
+                           kernels::LinearAttentionConfig kernel,
+                           std::unique_ptr<kv::StateCache> states);
+
+  InProcessAttentionOptions options_;
+  kernels::LinearAttentionConfig kernel_;  // num_seqs set per call
+  std::unique_ptr<kv::StateCache> states_;
+  std::unique_ptr<kernels::ThreadPool> pool_;
+  std::map<kv::SequenceId, int64_t> lengths_;
+  bool in_step_ = false;
+  std::vector<StepRun> runs_;
+  std::vector<std::pair<int, int64_t>> started_;     // (layer, first row), not finished
+  std::vector<std::pair<kv::SequenceId, int>> saved_;  // (sequence, layer) advanced this step
+  std::vector<float> k_, v_, q_batch_, k_batch_, v_batch_, out_batch_;
+  std::vector<uint8_t> rounded_;
+  std::vector<int32_t> slots_;
+};
+
+// In-process attention of the kind `config` selects (softmax: InProcessAttention; linear:
+// InProcessLinearAttention with its feature map), from the same options.
+absl::StatusOr<std::unique_ptr<AttentionStep>> CreateInProcessAttention(
+    const ModelConfig& config, const InProcessAttentionOptions& options);
 
 }  // namespace ferry::model

@@ -2,7 +2,7 @@
 // mode (`--device cuda:N --local-attention`).
 //
 // KV lives in a kv::CudaKvPool (device pools in DESIGN.md's layout, the host cache's allocator).
-// BeginStep groups the rows into runs (GroupStepRows), reserves blocks and stages the step's
+// BeginStep groups the rows into runs (attention_step.h's GroupStepRows), reserves blocks and stages the step's
 // tables on the device without a host synchronisation; StartAttend (device pointers, attention_step.h)
 // appends the rows' k/v (float32, converted to the cache dtype) and runs
 //   LeanDecode (kernels/include/ferry/kernels/lean_attention.h) when every row is a decode row,

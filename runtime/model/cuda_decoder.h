@@ -41,6 +41,7 @@ struct CudaDecoderOptions {
   bool cuda_graphs = true;
 };
 
+// UNIMPLEMENTED for linear-attention models (their dense path is the CPU backend).
 absl::StatusOr<std::unique_ptr<Decoder>> CreateCudaDecoder(const Model& model,
                                                            AttentionStep& attention,
                                                            const CudaDecoderOptions& options);

@@ -18,7 +18,8 @@
 // micro-batch's attention is started (AttentionStep::StartAttend) as soon as its q, k, v exist,
 // and while it runs (on attention workers) the decoder runs the other micro-batches' dense work:
 //   for m: dense-in(0, m), start(0, m)
-//   for l: for m: finish(l, m), dense-out(l, m), and unless l is last: dense-in(l+1, m), start(l+1, m)
+//   for l: for m: finish(l, m), dense-out(l, m), and unless l is last: dense-in(l+1, m),
+//                 start(l+1, m)
 // Every row sees the same arithmetic as without micro-batches (the dense ops are row-wise).
 // A step that fails is ended with AttentionStep::AbortStep (lengths and KV as before the step);
 // failed_sequences() then names the sequences the failure belongs to.

@@ -108,6 +108,27 @@ absl::Status ParseTokenIds(const Json& j, const char* key, std::vector<int32_t>*
 
 }  // namespace
 
+std::string_view LinearFeatureMapName(kernels::LinearFeatureMap map) {
+  switch (map) {
+    case kernels::LinearFeatureMap::kOnePlusXMaxNorm: return "1+x";
+    case kernels::LinearFeatureMap::kEluPlusOne: return "elu+1";
+    case kernels::LinearFeatureMap::kIdentity: return "identity";
+  }
+  return "unknown";
+}
+
+bool ParseLinearFeatureMap(std::string_view name, kernels::LinearFeatureMap* map) {
+  for (kernels::LinearFeatureMap m :
+       {kernels::LinearFeatureMap::kOnePlusXMaxNorm, kernels::LinearFeatureMap::kEluPlusOne,
+        kernels::LinearFeatureMap::kIdentity}) {
+    if (name == LinearFeatureMapName(m)) {
+      *map = m;
+      return true;
+    }
+  }
+  return false;
+}
+
 std::string_view ArchitectureName(Architecture arch) {
   switch (arch) {
     case Architecture::kLlama: return "LlamaForCausalLM";
@@ -213,6 +234,30 @@ absl::StatusOr<ModelConfig> ParseModelConfig(std::string_view json_text) {
     break;
   }
 
+  if (auto it = j.find("attention_kind"); it != j.end() && !it->is_null()) {
+    const std::string kind = it->is_string() ? it->get<std::string>() : "";
+    if (kind == "linear") {
+      c.attention_kind = AttentionKind::kLinear;
+    } else if (kind != "softmax") {
+      return KeyError("attention_kind", "is not \"softmax\" or \"linear\"");
+    }
+  }
+  for (const char* key : {"linear_feature_map", "linear_normalize"}) {
+    if (j.contains(key) && c.attention_kind != AttentionKind::kLinear) {
+      return KeyError(key, "needs \"attention_kind\": \"linear\"");
+    }
+  }
+  if (auto it = j.find("linear_feature_map"); it != j.end() && !it->is_null()) {
+    if (!it->is_string() || !ParseLinearFeatureMap(it->get<std::string>(), &c.linear_feature_map)) {
+      return KeyError("linear_feature_map", "is not \"1+x\", \"elu+1\" or \"identity\"");
+    }
+  }
+  FERRY_RETURN_IF_ERROR(GetBool(j, "linear_normalize", &c.linear_normalize));
+  if (c.attention_kind == AttentionKind::kLinear && c.linear_normalize &&
+      c.linear_feature_map == kernels::LinearFeatureMap::kIdentity) {
+    return KeyError("linear_feature_map", "\"identity\" needs \"linear_normalize\": false");
+  }
+
   FERRY_RETURN_IF_ERROR(ParseTokenIds(j, "eos_token_id", &c.eos_token_ids));
   std::vector<int32_t> bos;
   FERRY_RETURN_IF_ERROR(ParseTokenIds(j, "bos_token_id", &bos));
@@ -286,6 +331,11 @@ std::string ModelConfigToJson(const ModelConfig& c, bool transformers5_form) {
     j["rope_scaling"] = c.rope.type == RopeType::kLlama3 ? rope : Json(nullptr);
     j["torch_dtype"] = dtype_name;
     j["transformers_version"] = "4.46.0";
+  }
+  if (c.attention_kind == AttentionKind::kLinear) {
+    j["attention_kind"] = "linear";
+    j["linear_feature_map"] = std::string(LinearFeatureMapName(c.linear_feature_map));
+    j["linear_normalize"] = c.linear_normalize;
   }
   if (c.bos_token_id >= 0) j["bos_token_id"] = c.bos_token_id;
   if (c.eos_token_ids.size() == 1) {

@@ -6,6 +6,12 @@
 // Biases: Qwen2 always has q/k/v biases; Llama's attention_bias adds q/k/v/o biases; Mistral has
 // none. Features Ferry does not implement (mlp_bias, Qwen2 sliding windows) are refused, never
 // silently ignored. Every error is INVALID_ARGUMENT naming the key, or UNIMPLEMENTED.
+// Linear attention (Ferry's own keys; transformers ignores them): "attention_kind": "linear"
+// replaces softmax attention by causal linear attention (kernels/.../linear_attention.h) with
+// "linear_feature_map" ("1+x", the default: 1 + q.k over running max norms; "elu+1"; or
+// "identity", unnormalised only) and "linear_normalize" (default true). RoPE is applied to q and
+// k before the feature map, as in the softmax model. "attention_kind": "softmax" or absent is
+// the usual model.
 // Plain value types; no threads, no ownership.
 #pragma once
 
@@ -16,6 +22,7 @@
 
 #include "absl/status/statusor.h"
 #include "ferry/kernels/dtype.h"
+#include "ferry/kernels/linear_attention.h"
 
 namespace ferry::model {
 
@@ -34,6 +41,12 @@ struct RopeConfig {
   double high_freq_factor = 4.0;
   int64_t original_max_position_embeddings = 8192;
 };
+
+enum class AttentionKind { kSoftmax, kLinear };
+
+// config.json's names of the feature maps: "1+x", "elu+1", "identity".
+std::string_view LinearFeatureMapName(kernels::LinearFeatureMap map);
+bool ParseLinearFeatureMap(std::string_view name, kernels::LinearFeatureMap* map);
 
 struct ModelConfig {
   Architecture arch = Architecture::kLlama;
@@ -54,6 +67,9 @@ struct ModelConfig {
   std::vector<int32_t> eos_token_ids;
   int32_t bos_token_id = -1;  // -1: none
   int64_t sliding_window = 0;  // Mistral (0: none); the decoder refuses positions beyond it
+  AttentionKind attention_kind = AttentionKind::kSoftmax;
+  kernels::LinearFeatureMap linear_feature_map = kernels::LinearFeatureMap::kOnePlusXMaxNorm;
+  bool linear_normalize = true;
 };
 
 // Parses config.json text. Checks that sizes are positive and consistent (heads divide, head_dim

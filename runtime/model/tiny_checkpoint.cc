@@ -106,6 +106,13 @@ absl::StatusOr<ModelConfig> TinyConfig(const TinyCheckpointOptions& o) {
     return absl::InvalidArgumentError("make-tiny: Mistral has no attention bias");
   }
   c.dtype = o.dtype;
+  c.attention_kind = o.attention_kind;
+  c.linear_feature_map = o.linear_feature_map;
+  c.linear_normalize = o.linear_normalize;
+  if (c.attention_kind == AttentionKind::kLinear && c.linear_normalize &&
+      c.linear_feature_map == kernels::LinearFeatureMap::kIdentity) {
+    return absl::InvalidArgumentError("make-tiny: the identity feature map is unnormalised only");
+  }
   c.bos_token_id = 1;
   c.eos_token_ids = {2};
   return c;

@@ -37,6 +37,10 @@ struct TinyCheckpointOptions {
   bool rope_llama3 = false;     // llama3 rope scaling (factor 8, original 1/4 of max positions)
   double rope_theta = 10000.0;
   bool transformers5_form = true;  // config keys of transformers >= 5
+  // Linear attention (model_config.h): the same tensors, another attention function.
+  AttentionKind attention_kind = AttentionKind::kSoftmax;
+  kernels::LinearFeatureMap linear_feature_map = kernels::LinearFeatureMap::kOnePlusXMaxNorm;
+  bool linear_normalize = true;
 };
 
 // The config a TinyCheckpointOptions describes (also validates the options).

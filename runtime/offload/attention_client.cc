@@ -94,7 +94,7 @@ absl::StatusOr<transport::Buffer> AttentionClient::CallRaw(int worker, transport
 
 absl::StatusOr<int64_t> AttentionClient::Configure(int worker, const ModelShape& shape) {
   if (worker < 0 || worker >= num_workers()) return absl::InvalidArgumentError("no such worker");
-  FrameHeader header = NewHeader(FrameType::kConfigure, 0, 16);
+  FrameHeader header = NewHeader(FrameType::kConfigure, 0, 24);
   header.dtype = static_cast<uint8_t>(shape.dtype);
   header.shape[0] = shape.num_layers;
   header.shape[1] = shape.num_kv_heads;
@@ -105,6 +105,14 @@ absl::StatusOr<int64_t> AttentionClient::Configure(int worker, const ModelShape&
   writer.I32(shape.plan_workers);
   writer.I32(shape.kv_tile_size);
   writer.I32(shape.model_kv_heads);
+  if (shape.linear_attention) {
+    writer.I32(1 | static_cast<int32_t>(shape.feature_map) << 8 |
+               (shape.linear_normalize ? 1 : 0) << 16);
+    writer.I32(shape.q_heads_per_kv_head);
+  } else {
+    writer.I32(0);
+    writer.I32(0);
+  }
   // Configure allocates (and the OS zero-fills) the worker's whole KV pool: its own bound.
   FERRY_ASSIGN_OR_RETURN(ReplyFrame reply,
                          Call(worker, header, writer.Finish(), kConfigureTimeout));
@@ -221,7 +229,7 @@ absl::StatusOr<AttentionClient::PendingCall> AttentionClient::StartPrefill(
               : 0;
   FrameHeader header = NewHeader(FrameType::kPrefill, layer, 16 + q_bytes + 2 * rows);
   header.dtype = static_cast<uint8_t>(shape.dtype);
-  header.flags = with_kv ? kFlagWithKv : 0;
+  header.flags = (with_kv ? kFlagWithKv : 0) | (shape.linear_attention ? kFlagLinearState : 0);
   header.shape[0] = tokens;
   header.shape[1] = num_q_heads;
   header.shape[2] = shape.head_dim;
@@ -356,7 +364,7 @@ absl::StatusOr<AttentionClient::PendingLayer> AttentionClient::StartAttendLayer(
         with_kv ? n * shape.num_kv_heads * shape.head_dim * DTypeSize(shape.dtype) : 0;
     FrameHeader header = NewHeader(FrameType::kAttend, layer, 16 * n + n * row * 4 + 2 * kv_bytes);
     header.dtype = static_cast<uint8_t>(shape.dtype);
-    header.flags = with_kv ? kFlagWithKv : 0;
+    header.flags = (with_kv ? kFlagWithKv : 0) | (shape.linear_attention ? kFlagLinearState : 0);
     header.shape[0] = static_cast<int32_t>(n);
     header.shape[1] = num_q_heads;
     header.shape[2] = head_dim;

@@ -21,6 +21,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "ferry/kernels/dtype.h"
+#include "ferry/kernels/linear_attention.h"
 #include "runtime/offload/frame.h"
 #include "runtime/transport/ucx_node.h"
 
@@ -39,6 +40,12 @@ struct ModelShape {
   float softmax_scale = 0.0f;  // 0: 1/sqrt(head_dim)
   int plan_workers = 0;        // the CPU attention plan (cpu_attention.h); fix it for bit-exactness
   int kv_tile_size = 0;
+  // Linear attention (worker_service.h): sequences hold recurrent states, not KV; q heads per KV
+  // head fixes the state's layout.
+  bool linear_attention = false;
+  kernels::LinearFeatureMap feature_map = kernels::LinearFeatureMap::kOnePlusXMaxNorm;
+  bool linear_normalize = true;
+  int q_heads_per_kv_head = 1;
 };
 
 struct SequenceEntry {

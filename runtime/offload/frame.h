@@ -53,6 +53,9 @@ constexpr uint16_t kMaxFrameType = 10;
 
 // Flags of kAttend / kPrefill.
 constexpr uint8_t kFlagWithKv = 1;  // K and V of the new positions follow q (append, then attend)
+// The sequences hold linear-attention states, not KV (the worker must be configured so): the
+// new K and V advance the state, and the reply's o is the attention output (lse 0).
+constexpr uint8_t kFlagLinearState = 2;
 
 struct FrameHeader {
   uint32_t magic = kFrameMagic;

@@ -10,19 +10,6 @@
 namespace ferry::offload {
 namespace {
 
-// float32 rows to the KV dtype.
-void ConvertRows(const float* src, int64_t n, DType dtype, std::vector<uint8_t>* dst) {
-  dst->resize(n * DTypeSize(dtype));
-  if (dtype == DType::kFloat32) {
-    std::copy(src, src + n, reinterpret_cast<float*>(dst->data()));
-    return;
-  }
-  uint16_t* out = reinterpret_cast<uint16_t*>(dst->data());
-  for (int64_t i = 0; i < n; ++i) {
-    out[i] = dtype == DType::kBFloat16 ? FloatToBFloat16Bits(src[i]) : FloatToFloat16Bits(src[i]);
-  }
-}
-
 bool Contains(const std::vector<int>& list, int value) {
   return std::find(list.begin(), list.end(), value) != list.end();
 }
@@ -53,6 +40,13 @@ absl::StatusOr<std::unique_ptr<OffloadedAttention>> OffloadedAttention::Create(
   if (options.shard_positions < 0) {
     return absl::InvalidArgumentError("offloaded attention: negative shard positions");
   }
+  if (options.shape.linear_attention && options.shard_positions > 0) {
+    return absl::InvalidArgumentError(
+        "offloaded attention: a linear-attention state cannot be split by position range "
+        "(--shard-positions); shard by head group instead");
+  }
+  // The state's layout depends on the q heads per kv head; the caller need not set it.
+  options.shape.q_heads_per_kv_head = options.num_heads / kv_heads;
   return std::unique_ptr<OffloadedAttention>(
       new OffloadedAttention(client, std::move(directory), std::move(options)));
 }
@@ -103,13 +97,23 @@ absl::Status OffloadedAttention::Refresh() {
   return absl::OkStatus();
 }
 
-int64_t OffloadedAttention::LayerPositionBytes() const {
-  return 2 * int64_t{group_kv_heads_} * options_.shape.head_dim * DTypeSize(options_.shape.dtype);
+int64_t OffloadedAttention::ShardUnits(int64_t positions) const {
+  if (options_.shape.linear_attention) return 1;
+  return (positions + options_.shape.block_size - 1) / options_.shape.block_size;
+}
+
+int64_t OffloadedAttention::ShardLayerBytes(int64_t positions) const {
+  if (options_.shape.linear_attention) {
+    const kernels::LinearStateLayout layout = kernels::MakeLinearStateLayout(
+        options_.shape.head_dim, worker_shape_.q_heads_per_kv_head);
+    return int64_t{group_kv_heads_} * layout.stride * 4;
+  }
+  return 2 * positions * group_kv_heads_ * options_.shape.head_dim *
+         DTypeSize(options_.shape.dtype);
 }
 
 std::vector<OffloadedAttention::Load> OffloadedAttention::Loads() const {
-  const int64_t block_size = options_.shape.block_size;
-  const int64_t position_bytes = LayerPositionBytes() * options_.shape.num_layers;
+  const int64_t layers = options_.shape.num_layers;
   std::vector<Load> loads(worker_ids_.size());
   for (const auto& [seq, sequence] : sequences_) {
     for (const Group& group : sequence.groups) {
@@ -118,10 +122,10 @@ std::vector<OffloadedAttention::Load> OffloadedAttention::Loads() const {
                                                         : sequence.length;
         const int64_t held = end - group.shards[i].first_position;
         Load& load = loads[group.shards[i].worker];
-        load.blocks += (held + block_size - 1) / block_size;
+        load.blocks += ShardUnits(held);
         // A shard counts at least one block's positions: one just opened holds nothing yet, but
         // sequences placed in the same step must still spread out.
-        load.bytes += std::max(held, block_size) * position_bytes;
+        load.bytes += layers * ShardLayerBytes(std::max<int64_t>(held, options_.shape.block_size));
       }
     }
   }
@@ -142,8 +146,8 @@ int OffloadedAttention::PickWorker(const std::vector<int>& exclude, const std::v
                           known.speed.seconds_per_byte(), Contains(avoid, known.index)});
   }
   return ChoosePlacement(candidates, blocks,
-                         blocks * options_.shape.block_size * LayerPositionBytes() *
-                             options_.shape.num_layers);
+                         options_.shape.num_layers *
+                             ShardLayerBytes(blocks * options_.shape.block_size));
 }
 
 absl::StatusOr<int> OffloadedAttention::OpenShard(kv::SequenceId seq, Sequence& sequence,
@@ -220,20 +224,7 @@ absl::StatusOr<int64_t> OffloadedAttention::Length(kv::SequenceId seq) const {
   return it->second.length;
 }
 
-std::vector<OffloadedAttention::ShardInfo> OffloadedAttention::Shards(kv::SequenceId seq) const {
-  std::vector<ShardInfo> out;
-  auto it = sequences_.find(seq);
-  if (it == sequences_.end()) return out;
-  for (int g = 0; g < static_cast<int>(it->second.groups.size()); ++g) {
-    for (const Shard& shard : it->second.groups[g].shards) {
-      out.push_back({worker_ids_[shard.worker], g, shard.first_position});
-    }
-  }
-  return out;
-}
-
 absl::Status OffloadedAttention::MigrateOffDrainingWorkers() {
-  const int64_t block_size = options_.shape.block_size;
   for (auto& [seq, sequence] : sequences_) {
     for (int g = 0; g < static_cast<int>(sequence.groups.size()); ++g) {
       std::vector<Shard>& shards = sequence.groups[g].shards;
@@ -247,8 +238,7 @@ absl::Status OffloadedAttention::MigrateOffDrainingWorkers() {
           }
         }
         const int64_t end = p + 1 < shards.size() ? shards[p + 1].first_position : sequence.length;
-        const int64_t blocks = (end - shards[p].first_position + block_size - 1) / block_size;
-        const int target = PickWorker(exclude, avoid, blocks);
+        const int target = PickWorker(exclude, avoid, ShardUnits(end - shards[p].first_position));
         if (target < 0) continue;  // nowhere to go yet; it stays until a worker can take it
         const Known& to = KnownWorker(target);
         absl::Status moved = client_->Migrate(shards[p].worker, WireId(seq, g), to.host, to.port);
@@ -273,15 +263,8 @@ absl::Status OffloadedAttention::BeginStep(std::span<const model::StepRow> rows)
   FERRY_RETURN_IF_ERROR(Refresh());
   FERRY_RETURN_IF_ERROR(MigrateOffDrainingWorkers());
   runs_.clear();
-  for (size_t r = 0; r < rows.size(); ++r) {
-    if (!runs_.empty() && runs_.back().seq == rows[r].seq &&
-        rows[r].position == runs_.back().first_position + runs_.back().count) {
-      ++runs_.back().count;
-      continue;
-    }
-    runs_.push_back({rows[r].seq, static_cast<int64_t>(r), rows[r].position, 1});
-  }
-  for (const Run& run : runs_) {
+  FERRY_ASSIGN_OR_RETURN(runs_, model::GroupRuns(rows));
+  for (const model::StepRun& run : runs_) {
     auto it = sequences_.find(run.seq);
     if (it == sequences_.end()) {
       return absl::NotFoundError(absl::StrCat("unknown sequence ", run.seq));
@@ -295,9 +278,8 @@ absl::Status OffloadedAttention::BeginStep(std::span<const model::StepRow> rows)
     for (int g = 0; g < static_cast<int>(sequence.groups.size()); ++g) {
       const int64_t tail_held = sequence.length - sequence.groups[g].shards.back().first_position;
       if (options_.shard_positions > 0 && tail_held >= options_.shard_positions) {
-        const int64_t blocks =
-            (run.count + options_.shape.block_size - 1) / options_.shape.block_size;
-        absl::StatusOr<int> opened = OpenShard(run.seq, sequence, g, sequence.length, blocks);
+        absl::StatusOr<int> opened =
+            OpenShard(run.seq, sequence, g, sequence.length, ShardUnits(run.count));
         if (!opened.ok()) {  // no other worker: the tail keeps growing
           FERRY_LOG_DEBUG("sequence {}: {}", run.seq, opened.status().ToString());
         }
@@ -310,13 +292,11 @@ absl::Status OffloadedAttention::BeginStep(std::span<const model::StepRow> rows)
 }
 
 absl::Status OffloadedAttention::ReserveStepBlocks() {
-  const int64_t block_size = options_.shape.block_size;
-  auto blocks_for = [block_size](int64_t positions) {
-    return (positions + block_size - 1) / block_size;
-  };
+  if (options_.shape.linear_attention) return absl::OkStatus();  // states do not grow
+  auto blocks_for = [this](int64_t positions) { return ShardUnits(positions); };
   const std::vector<Load> loads = Loads();
   std::vector<int64_t> reserved(worker_ids_.size(), 0);
-  for (const Run& run : runs_) {
+  for (const model::StepRun& run : runs_) {
     Sequence& sequence = sequences_.at(run.seq);
     for (int g = 0; g < static_cast<int>(sequence.groups.size()); ++g) {
       // A copy: opening a new shard below grows the shard list.
@@ -380,25 +360,15 @@ absl::Status OffloadedAttention::StartAttend(int layer, int64_t first_row, int64
   pending.layer = layer;
   pending.first_row = first_row;
   pending.out = out;
-  int64_t covered = 0;
+  FERRY_ASSIGN_OR_RETURN(const std::vector<size_t> in_range,
+                         model::RunsInRange(runs_, first_row, num_rows));
   std::vector<size_t> prefill_runs;
-  for (size_t i = 0; i < runs_.size(); ++i) {
-    const Run& run = runs_[i];
-    if (run.first_row < first_row || run.first_row >= first_row + num_rows) continue;
-    if (run.first_row + run.count > first_row + num_rows) {
-      return absl::InvalidArgumentError("a row range must hold whole sequences' rows");
-    }
-    covered += run.count;
-    (run.count == 1 ? pending.decode_runs : prefill_runs).push_back(i);
-  }
-  if (covered != num_rows || num_rows == 0) {
-    return absl::InvalidArgumentError(absl::StrCat("rows [", first_row, ", ",
-                                                   first_row + num_rows,
-                                                   ") are not whole runs of this step"));
-  }
+  for (size_t i : in_range) (runs_[i].count == 1 ? pending.decode_runs : prefill_runs).push_back(i);
   const int64_t kv_row = int64_t{options_.shape.num_kv_heads} * options_.shape.head_dim;
-  ConvertRows(k, num_rows * kv_row, options_.shape.dtype, &k_staging_);
-  ConvertRows(v, num_rows * kv_row, options_.shape.dtype, &v_staging_);
+  k_staging_.resize(num_rows * kv_row * DTypeSize(options_.shape.dtype));
+  v_staging_.resize(k_staging_.size());
+  FloatsToDType(k, num_rows * kv_row, options_.shape.dtype, k_staging_.data());
+  FloatsToDType(v, num_rows * kv_row, options_.shape.dtype, v_staging_.data());
   FERRY_RETURN_IF_ERROR(StartDecodeRows(pending, q, k_staging_.data(), v_staging_.data()));
   for (size_t run : prefill_runs) {
     FERRY_RETURN_IF_ERROR(StartPrefillRun(pending, run, q, k_staging_.data(), v_staging_.data()));
@@ -441,7 +411,7 @@ absl::Status OffloadedAttention::StartDecodeRows(PendingRange& pending, const fl
   std::map<std::pair<int, bool>, double> kv_bytes;  // what each message's attention reads
   std::map<std::pair<int, bool>, std::vector<kv::SequenceId>> owners;
   for (size_t i = 0; i < pending.decode_runs.size(); ++i) {
-    const Run& run = runs_[pending.decode_runs[i]];
+    const model::StepRun& run = runs_[pending.decode_runs[i]];
     const int64_t row = run.first_row - pending.first_row;
     std::copy(q + row * q_row, q + (row + 1) * q_row, batch_q.begin() + i * q_row);
     const Sequence& sequence = sequences_.at(run.seq);
@@ -453,7 +423,7 @@ absl::Status OffloadedAttention::StartDecodeRows(PendingRange& pending, const fl
         s.worker = shards[p].worker;
         const int64_t end = tail ? run.first_position + 1 : shards[p + 1].first_position;
         kv_bytes[{shards[p].worker, tail}] +=
-            static_cast<double>((end - shards[p].first_position) * LayerPositionBytes());
+            static_cast<double>(ShardLayerBytes(end - shards[p].first_position));
         s.batch_index.push_back(static_cast<int>(i * num_groups + g));
         s.sequences.push_back(WireId(run.seq, g));
         owners[{shards[p].worker, tail}].push_back(run.seq);
@@ -516,7 +486,7 @@ absl::Status OffloadedAttention::StartPrefillRun(PendingRange& pending, size_t r
                                                  const float* q, const uint8_t* k,
                                                  const uint8_t* v) {
   const ModelShape& shape = options_.shape;
-  const Run& run = runs_[run_index];
+  const model::StepRun& run = runs_[run_index];
   const int num_groups = options_.num_head_groups;
   const int64_t row = run.first_row - pending.first_row;
   const int64_t q_row_bytes = int64_t{options_.num_heads} * shape.head_dim * 4;
@@ -566,7 +536,7 @@ absl::Status OffloadedAttention::FinishPrefillRuns(PendingRange& pending) {
            pending.prefill[end].group == pending.prefill[i].group) {
       ++end;
     }
-    const Run& run = runs_[pending.prefill[i].run];
+    const model::StepRun& run = runs_[pending.prefill[i].run];
     const int group = pending.prefill[i].group;
     const int num_parts = static_cast<int>(end - i);
     const int64_t num_states = run.count * group_q_heads_;
@@ -606,7 +576,7 @@ absl::Status OffloadedAttention::FinishPrefillRuns(PendingRange& pending) {
 absl::Status OffloadedAttention::EndStep() {
   if (!in_step_) return absl::FailedPreconditionError("EndStep outside a step");
   if (!pending_.empty()) return absl::FailedPreconditionError("EndStep with attention in flight");
-  for (const Run& run : runs_) sequences_[run.seq].length += run.count;
+  for (const model::StepRun& run : runs_) sequences_[run.seq].length += run.count;
   in_step_ = false;
   for (auto& [id, known] : workers_) {
     if (!known.speed_changed) continue;
@@ -629,7 +599,7 @@ std::vector<kv::SequenceId> OffloadedAttention::AbortStep() {
   // Only tail shards take appends: cut each back to the sequence's length before the step.
   std::map<int, std::vector<SequenceEntry>> entries;
   std::map<int, std::vector<kv::SequenceId>> owners;
-  for (const Run& run : runs_) {
+  for (const model::StepRun& run : runs_) {
     auto it = sequences_.find(run.seq);
     if (it == sequences_.end()) continue;
     for (int g = 0; g < static_cast<int>(it->second.groups.size()); ++g) {
@@ -661,8 +631,7 @@ absl::Status OffloadedAttention::CheckCapacity(int64_t positions) {
       total_blocks += known.total_blocks;
     }
   }
-  const int64_t block_size = options_.shape.block_size;
-  const int64_t needed = options_.num_head_groups * ((positions + block_size - 1) / block_size);
+  const int64_t needed = options_.num_head_groups * ShardUnits(positions);
   if (needed > total_blocks) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "a sequence of ", positions, " positions needs ", needed,

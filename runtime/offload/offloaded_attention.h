@@ -21,10 +21,12 @@
 // mixed slow and fast workers each get the share of KV they can attend in the same time.
 // Per layer and micro-batch (a range of the step's rows, AttentionStep): StartAttend sends and
 // returns, FinishAttend gathers. Decode rows (one new token) go to every worker at once
-// (AttentionClient::StartAttendLayer), one round trip: a tail shard's worker appends the new k, v and attends in
-// the same message, earlier shards' workers attend over what they hold; prompt chunks go by
-// Prefill to the tail (with k, v) and to the earlier shards (without), and the per-query states
-// are merged in shard order.
+// (AttentionClient::StartAttendLayer), one round trip: a tail shard's worker appends the new k,
+// v and attends in the same message, earlier shards' workers attend over what they hold; prompt
+// chunks go by Prefill to the tail (with k, v) and to the earlier shards (without), and the
+// per-query states are merged in shard order.
+// Linear attention (shape.linear_attention): a group's state lives on one worker (no range
+// shards); it takes one state slot and never grows, so only placement checks room.
 // KV room: BeginStep checks, in blocks, that every tail shard's worker has room for the step's
 // new positions (the coordinator's count is exact: it is the workers' only client). A tail whose
 // worker is full continues on a new shard on a worker with room; when none has, the step fails
@@ -93,14 +95,6 @@ class OffloadedAttention : public model::AttentionStep {
   std::vector<kv::SequenceId> AbortStep() override;
   absl::Status CheckCapacity(int64_t positions) override;
 
-  // Where a sequence's KV lives, for tests and metrics: per group, per shard in position order.
-  struct ShardInfo {
-    std::string worker_id;
-    int group = 0;
-    int64_t first_position = 0;
-  };
-  std::vector<ShardInfo> Shards(kv::SequenceId seq) const;
-
  private:
   struct Shard {
     int worker;  // index in the client
@@ -112,12 +106,6 @@ class OffloadedAttention : public model::AttentionStep {
   struct Sequence {
     std::vector<Group> groups;
     int64_t length = 0;
-  };
-  struct Run {  // the rows of one sequence in this step
-    kv::SequenceId seq;
-    int64_t first_row;
-    int64_t first_position;
-    int64_t count;
   };
   struct Known {
     int index = -1;  // in the client
@@ -133,7 +121,7 @@ class OffloadedAttention : public model::AttentionStep {
   // What this coordinator holds on one worker.
   struct Load {
     int64_t blocks = 0;
-    int64_t bytes = 0;  // KV bytes of the positions held (all layers; a block at least per shard)
+    int64_t bytes = 0;  // bytes read per step (all layers; a block's worth at least per shard)
   };
   // A prompt chunk's call to one shard of one group.
   struct PrefillCall {
@@ -163,8 +151,11 @@ class OffloadedAttention : public model::AttentionStep {
   }
   // Connects and configures workers the directory lists for the first time; updates the rest.
   absl::Status Refresh();
-  // KV bytes of one position of one group in one layer; what this coordinator holds per worker.
-  int64_t LayerPositionBytes() const;
+  // What one shard of `positions` positions (of one group) costs its worker: capacity units
+  // (KV blocks, or one state slot for linear attention) and the bytes its attention reads in one
+  // layer (KV, or the state). Loads() sums them over what this coordinator holds per worker.
+  int64_t ShardUnits(int64_t positions) const;
+  int64_t ShardLayerBytes(int64_t positions) const;
   std::vector<Load> Loads() const;
   Known& KnownWorker(int index) { return workers_.at(worker_ids_[index]); }
   // The accepting worker placement chooses for a new shard of `blocks` blocks, not in `exclude`
@@ -202,7 +193,7 @@ class OffloadedAttention : public model::AttentionStep {
   std::map<std::string, Known> workers_;        // by worker id
   std::vector<std::string> worker_ids_;          // by client index
   std::map<kv::SequenceId, Sequence> sequences_;
-  std::vector<Run> runs_;
+  std::vector<model::StepRun> runs_;
   bool in_step_ = false;
   std::set<kv::SequenceId> failed_;  // of the current step
   std::map<std::pair<int, int64_t>, PendingRange> pending_;  // by (layer, first row)

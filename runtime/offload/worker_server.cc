@@ -91,10 +91,8 @@ void WorkerServer::Serve() {
       }
       reply = service_->Handle(request.message.data(), request.message.size());
       pool.Release(std::move(request.message));
-      if (const kv::KvCache* cache = service_->cache(); cache != nullptr) {
-        kv_used_bytes_.store(cache->used_bytes());
-        sequences_held_.store(static_cast<int32_t>(cache->num_sequences()));
-      }
+      kv_used_bytes_.store(service_->used_bytes());
+      sequences_held_.store(static_cast<int32_t>(service_->sequences_held()));
     }
     absl::Status sent = node_->Reply(request.peer, request.call_id, std::move(reply));
     if (!sent.ok()) FERRY_LOG_DEBUG("{}: reply not sent: {}", options_.node.name, sent.ToString());

@@ -7,12 +7,14 @@
 #include <unordered_set>
 
 #include "absl/strings/str_cat.h"
+#include "ferry/kernels/cpu_linear_attention.h"
 #include "ferry/status.h"
 
 namespace ferry::offload {
 namespace {
 
 constexpr int64_t kEntryBytes = 16;  // u64 sequence, i64 position
+constexpr uint64_t kConfigureBytes = 24;
 
 absl::Status LengthMismatch(const FrameHeader& header, int64_t expected) {
   return absl::InvalidArgumentError(absl::StrCat(FrameTypeName(header.type),
@@ -97,26 +99,46 @@ FrameWriter WorkerService::StartReply(const FrameHeader& request, uint64_t paylo
 }
 
 absl::Status WorkerService::RequireConfigured() const {
-  if (cache_ == nullptr) {
+  if (cache_ == nullptr && states_ == nullptr) {
     return absl::FailedPreconditionError("worker not configured: send Configure first");
   }
   return absl::OkStatus();
 }
 
 absl::Status WorkerService::CheckLayer(const FrameHeader& header) const {
-  if (header.layer < 0 || header.layer >= cache_->config().num_layers) {
+  if (header.layer < 0 || header.layer >= shape_.num_layers) {
     return absl::InvalidArgumentError(absl::StrCat(FrameTypeName(header.type), ": layer ",
                                                    header.layer, " out of range [0, ",
-                                                   cache_->config().num_layers, ")"));
+                                                   shape_.num_layers, ")"));
   }
   return absl::OkStatus();
 }
 
 absl::Status WorkerService::CheckKvDtype(const FrameHeader& header) const {
-  if (header.dtype != static_cast<uint8_t>(cache_->config().dtype)) {
+  if (header.dtype != static_cast<uint8_t>(shape_.dtype)) {
     return absl::InvalidArgumentError(absl::StrCat(
         FrameTypeName(header.type), ": dtype ", static_cast<int>(header.dtype),
-        " but this worker serves ", std::string(DTypeName(cache_->config().dtype)), " (", static_cast<int>(cache_->config().dtype), ")"));
+        " but this worker serves ", std::string(DTypeName(shape_.dtype)), " (",
+        static_cast<int>(shape_.dtype), ")"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status WorkerService::CheckFlags(const FrameHeader& header) const {
+  if ((header.flags & ~(kFlagWithKv | kFlagLinearState)) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(FrameTypeName(header.type), ": unknown flags ",
+                                                   static_cast<int>(header.flags)));
+  }
+  const bool linear = (header.flags & kFlagLinearState) != 0;
+  if (linear != (states_ != nullptr)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        FrameTypeName(header.type), ": a ", linear ? "linear-attention" : "softmax-attention",
+        " request, but this worker holds ", states_ != nullptr ? "linear-attention states" : "KV"));
+  }
+  if (linear && (header.flags & kFlagWithKv) == 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        FrameTypeName(header.type), ": a linear-attention state advances with each token: "
+        "the new K and V are required"));
   }
   return absl::OkStatus();
 }
@@ -138,7 +160,7 @@ absl::StatusOr<WorkerService::Sequence*> WorkerService::Find(uint64_t sequence) 
 }
 
 absl::Status WorkerService::CheckFirstKvHead(int64_t first_kv_head) const {
-  const int held = cache_->config().num_kv_heads;
+  const int held = shape_.num_kv_heads;
   if (first_kv_head < 0 || first_kv_head % held != 0 || first_kv_head + held > model_kv_heads_) {
     return absl::InvalidArgumentError(absl::StrCat(
         "kv heads from ", first_kv_head, ": a sequence here holds ", held,
@@ -192,13 +214,15 @@ absl::StatusOr<transport::Buffer> WorkerService::Configure(const FrameHeader& he
     return absl::InvalidArgumentError(absl::StrCat("configure: dtype ", static_cast<int>(header.dtype)));
   }
   config.dtype = static_cast<DType>(header.dtype);
-  if (header.payload_bytes != 16) return LengthMismatch(header, 16);
+  if (header.payload_bytes != kConfigureBytes) return LengthMismatch(header, kConfigureBytes);
   float scale = 0;
-  int32_t workers = 0, tile = 0, model_kv_heads = 0;
+  int32_t workers = 0, tile = 0, model_kv_heads = 0, kind = 0, group = 0;
   reader.F32(&scale);
   reader.I32(&workers);
   reader.I32(&tile);
   reader.I32(&model_kv_heads);
+  reader.I32(&kind);
+  reader.I32(&group);
   if (!std::isfinite(scale) || scale < 0 || workers < 0 || workers > 1024 || tile < 0 ||
       tile > (1 << 20)) {
     return absl::InvalidArgumentError("configure: bad scale or attention plan");
@@ -210,36 +234,79 @@ absl::StatusOr<transport::Buffer> WorkerService::Configure(const FrameHeader& he
                                                    " kv heads are not a multiple of the ",
                                                    config.num_kv_heads, " a sequence holds"));
   }
-  if (cache_ != nullptr) {
-    const kv::KvCacheConfig& old = cache_->config();
-    const bool same = old.num_layers == config.num_layers &&
-                      old.num_kv_heads == config.num_kv_heads &&
-                      old.head_dim == config.head_dim && old.block_size == config.block_size &&
-                      old.dtype == config.dtype && model_kv_heads_ == model_kv_heads;
-    if (!same && !sequences_.empty()) {
-      return absl::FailedPreconditionError(
-          "configure: a different model shape while sequences are held");
+  // Attention kind: byte 0 softmax (0) or linear (1); linear: byte 1 the feature map, byte 2
+  // normalised (0 or 1), and `group` q heads per kv head (the state keeps a q norm per q head).
+  std::optional<kernels::LinearAttentionConfig> linear;
+  const int kind_code = kind & 0xff, feature_map = (kind >> 8) & 0xff;
+  const int normalize = (kind >> 16) & 0xff;
+  if (kind_code == 0) {
+    if (kind != 0 || group != 0) {
+      return absl::InvalidArgumentError("configure: softmax attention takes no linear fields");
     }
-    if (!same) {
-      cache_ = nullptr;
-      backend_.reset();
+  } else if (kind_code == 1) {
+    kernels::LinearAttentionConfig kernel;
+    kernel.num_seqs = 1;
+    kernel.num_kv_heads = config.num_kv_heads;
+    kernel.num_q_heads = group * config.num_kv_heads;
+    kernel.head_dim = config.head_dim;
+    kernel.feature_map = static_cast<kernels::LinearFeatureMap>(feature_map);
+    kernel.normalize = normalize == 1;
+    kernel.dtype = DType::kFloat32;
+    if (group < 1 || group > options_.max_q_heads || normalize > 1 || (kind >> 24) != 0 ||
+        feature_map < 1 || feature_map > 3 ||
+        !kernels::ValidateLinearAttentionConfig(kernel).ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "configure: bad linear attention (feature map ", feature_map, ", normalize ", normalize,
+          ", ", group, " q heads per kv head)"));
     }
+    linear = kernel;
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat("configure: attention kind ", kind_code));
   }
-  if (backend_ == nullptr) {
-    if (options_.backend) {
+  const bool same = (cache_ != nullptr || states_ != nullptr) &&
+                    shape_.num_layers == config.num_layers &&
+                    shape_.num_kv_heads == config.num_kv_heads &&
+                    shape_.head_dim == config.head_dim && shape_.block_size == config.block_size &&
+                    shape_.dtype == config.dtype && model_kv_heads_ == model_kv_heads &&
+                    linear_.has_value() == linear.has_value() &&
+                    (!linear || (linear_->feature_map == linear->feature_map &&
+                                 linear_->normalize == linear->normalize &&
+                                 linear_->num_q_heads == linear->num_q_heads));
+  if (!same && !sequences_.empty()) {
+    return absl::FailedPreconditionError(
+        "configure: a different model shape while sequences are held");
+  }
+  if (!same) {
+    cache_ = nullptr;
+    backend_.reset();
+    states_.reset();
+    if (linear) {
+      // States live in host memory and advance with the CPU kernels, whatever the worker's
+      // device: a state is O(d^2) per head and a decode step touches each once.
+      kv::StateCacheConfig states;
+      states.num_layers = config.num_layers;
+      states.num_kv_heads = config.num_kv_heads;
+      states.head_dim = config.head_dim;
+      states.group = group;
+      states.capacity_bytes = options_.kv_capacity_bytes;
+      FERRY_ASSIGN_OR_RETURN(states_, kv::StateCache::Create(states));
+      linear_threads_ = std::make_unique<kernels::ThreadPool>(options_.num_threads);
+    } else if (options_.backend) {
       FERRY_ASSIGN_OR_RETURN(backend_, options_.backend(config));
     } else {
       FERRY_ASSIGN_OR_RETURN(backend_, CreateCpuAttentionBackend(config, options_.num_threads));
     }
-    cache_ = &backend_->cache();
+    if (backend_ != nullptr) cache_ = &backend_->cache();
   }
+  shape_ = config;
+  linear_ = linear;
   model_kv_heads_ = model_kv_heads;
   softmax_scale_ = scale > 0 ? scale : 1.0f / std::sqrt(static_cast<float>(config.head_dim));
   plan_.num_workers = workers;
   plan_.kv_tile_size = tile > 0 ? tile : kernels::CpuDecodeOptions{}.kv_tile_size;
   FrameWriter writer = StartReply(header, 16, nullptr, 0);
-  writer.I64(cache_->total_blocks());
-  writer.I64(cache_->free_blocks());
+  writer.I64(states_ != nullptr ? states_->total_slots() : cache_->total_blocks());
+  writer.I64(states_ != nullptr ? states_->free_slots() : cache_->free_blocks());
   return writer.Finish();
 }
 
@@ -263,18 +330,29 @@ absl::StatusOr<transport::Buffer> WorkerService::OpenSequence(const FrameHeader&
       return absl::InvalidArgumentError(absl::StrCat("sequence ", entry.sequence,
                                                      ": negative first position"));
     }
+    if (states_ != nullptr && entry.position != 0) {  // a state summarises from position 0
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequence ", entry.sequence, ": a linear-attention state starts at position 0"));
+    }
+  }
+  if (states_ != nullptr && n > states_->free_slots()) {
+    return absl::ResourceExhaustedError(absl::StrCat("state cache full: ", n, " sequences, ",
+                                                     states_->free_slots(), " of ",
+                                                     states_->total_slots(), " slots free"));
   }
   for (const Entry& entry : entries) {
-    FERRY_RETURN_IF_ERROR(cache_->AddSequence(entry.sequence));
+    FERRY_RETURN_IF_ERROR(states_ != nullptr ? states_->AddSequence(entry.sequence)
+                                             : cache_->AddSequence(entry.sequence));
     sequences_[entry.sequence] = Sequence{entry.position, header.shape[1],
-                                          std::vector<int64_t>(cache_->config().num_layers, 0)};
+                                          std::vector<int64_t>(shape_.num_layers, 0),
+                                          std::vector<int64_t>(shape_.num_layers, -1)};
   }
   return StartReply(header, 0, nullptr, 0).Finish();
 }
 
 absl::Status WorkerService::AppendRows(int layer, const std::vector<Entry>& entries,
                                        const uint8_t* k, const uint8_t* v) {
-  const kv::KvCacheConfig& config = cache_->config();
+  const kv::KvCacheConfig& config = shape_;
   // Check every entry and the blocks needed before touching anything: all or nothing.
   int64_t blocks_needed = 0;
   for (const Entry& entry : entries) {
@@ -320,10 +398,14 @@ absl::Status WorkerService::AppendRuns(int layer, const std::vector<kv::KvAppend
 absl::StatusOr<transport::Buffer> WorkerService::AppendKv(const FrameHeader& header,
                                                           PayloadReader& reader) {
   FERRY_RETURN_IF_ERROR(RequireConfigured());
+  if (states_ != nullptr) {
+    return absl::InvalidArgumentError(
+        "append-kv: linear-attention states advance only through attend and prefill");
+  }
   FERRY_RETURN_IF_ERROR(CheckLayer(header));
   FERRY_RETURN_IF_ERROR(CheckKvDtype(header));
   FERRY_ASSIGN_OR_RETURN(const int n, CheckBatch(header.shape[0]));
-  const kv::KvCacheConfig& config = cache_->config();
+  const kv::KvCacheConfig& config = shape_;
   if (header.shape[1] != config.num_kv_heads || header.shape[2] != config.head_dim ||
       header.shape[3] != 0) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -349,7 +431,7 @@ absl::StatusOr<transport::Buffer> WorkerService::Attend(const FrameHeader& heade
   FERRY_RETURN_IF_ERROR(CheckLayer(header));
   FERRY_RETURN_IF_ERROR(CheckKvDtype(header));
   FERRY_ASSIGN_OR_RETURN(const int n, CheckBatch(header.shape[0]));
-  const kv::KvCacheConfig& config = cache_->config();
+  const kv::KvCacheConfig& config = shape_;
   const int num_q_heads = header.shape[1];
   if (num_q_heads < 1 || num_q_heads > options_.max_q_heads ||
       num_q_heads % config.num_kv_heads != 0 || header.shape[2] != config.head_dim ||
@@ -358,9 +440,7 @@ absl::StatusOr<transport::Buffer> WorkerService::Attend(const FrameHeader& heade
         "attend: shape {", n, ", ", num_q_heads, ", ", header.shape[2], ", ", header.shape[3],
         "} does not fit ", config.num_kv_heads, " kv heads of dim ", config.head_dim));
   }
-  if ((header.flags & ~kFlagWithKv) != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("attend: unknown flags ", static_cast<int>(header.flags)));
-  }
+  FERRY_RETURN_IF_ERROR(CheckFlags(header));
   const bool with_kv = (header.flags & kFlagWithKv) != 0;
   const int64_t q_bytes = int64_t{n} * num_q_heads * config.head_dim * 4;
   const int64_t kv_rows =
@@ -371,6 +451,11 @@ absl::StatusOr<transport::Buffer> WorkerService::Attend(const FrameHeader& heade
   }
   FERRY_ASSIGN_OR_RETURN(std::vector<Entry> entries, ReadTable(reader, n, true));
   const uint8_t* q = reader.Take(q_bytes);
+  if (states_ != nullptr) {
+    const uint8_t* k = reader.Take(kv_rows);
+    const uint8_t* v = reader.Take(kv_rows);
+    return AttendLinear(header, entries, reinterpret_cast<const float*>(q), k, v, start);
+  }
   if (with_kv) {
     const uint8_t* k = reader.Take(kv_rows);
     const uint8_t* v = reader.Take(kv_rows);
@@ -410,7 +495,7 @@ absl::StatusOr<transport::Buffer> WorkerService::Prefill(const FrameHeader& head
   FERRY_RETURN_IF_ERROR(RequireConfigured());
   FERRY_RETURN_IF_ERROR(CheckLayer(header));
   FERRY_RETURN_IF_ERROR(CheckKvDtype(header));
-  const kv::KvCacheConfig& config = cache_->config();
+  const kv::KvCacheConfig& config = shape_;
   const int tokens = header.shape[0];
   const int num_q_heads = header.shape[1];
   if (tokens < 1 || tokens > options_.max_prefill_tokens || num_q_heads < 1 ||
@@ -421,9 +506,7 @@ absl::StatusOr<transport::Buffer> WorkerService::Prefill(const FrameHeader& head
         header.shape[3], "} outside limits or not fitting ", config.num_kv_heads,
         " kv heads of dim ", config.head_dim));
   }
-  if ((header.flags & ~kFlagWithKv) != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("prefill: unknown flags ", static_cast<int>(header.flags)));
-  }
+  FERRY_RETURN_IF_ERROR(CheckFlags(header));
   const bool with_kv = (header.flags & kFlagWithKv) != 0;
   const int64_t q_bytes = int64_t{tokens} * num_q_heads * config.head_dim * 4;
   const int64_t kv_rows = with_kv ? int64_t{tokens} * config.num_kv_heads * config.head_dim *
@@ -438,6 +521,11 @@ absl::StatusOr<transport::Buffer> WorkerService::Prefill(const FrameHeader& head
   const int64_t first = entries[0].position;
   Sequence& sequence = sequences_.at(id);
   const uint8_t* q = reader.Take(q_bytes);
+  if (states_ != nullptr) {
+    const uint8_t* k = reader.Take(kv_rows);
+    const uint8_t* v = reader.Take(kv_rows);
+    return PrefillLinear(header, entries[0], reinterpret_cast<const float*>(q), k, v, start);
+  }
   if (with_kv) {
     const int64_t local = sequence.layer_lengths[header.layer];
     if (first != sequence.first_position + local) {
@@ -491,20 +579,20 @@ absl::StatusOr<transport::Buffer> WorkerService::FreeSequence(const FrameHeader&
       return absl::InvalidArgumentError(absl::StrCat("sequence ", ids[i], " listed twice"));
     }
   }
-  const int64_t free_before = cache_->free_blocks();
+  const int64_t free_before = FreeUnits();
   for (uint64_t id : ids) {
-    FERRY_RETURN_IF_ERROR(cache_->FreeSequence(id));
-    sequences_.erase(id);
+    FERRY_RETURN_IF_ERROR(DropSequence(id));
   }
   FrameWriter writer = StartReply(header, 8, nullptr, 0);
-  writer.I64(cache_->free_blocks() - free_before);
+  writer.I64(FreeUnits() - free_before);
   return writer.Finish();
 }
 
 absl::StatusOr<transport::Buffer> WorkerService::ExportImage(uint64_t id, uint64_t request_id) {
   FERRY_ASSIGN_OR_RETURN(Sequence * sequence, Find(id));
+  if (states_ != nullptr) return ExportStateImage(id, *sequence, request_id);
   FERRY_ASSIGN_OR_RETURN(const std::vector<int32_t>* blocks, cache_->BlockTable(id));
-  const kv::KvCacheConfig& config = cache_->config();
+  const kv::KvCacheConfig& config = shape_;
   const int64_t num_blocks = static_cast<int64_t>(blocks->size());
   FrameHeader header;
   header.type = static_cast<uint16_t>(FrameType::kImportBlocks);
@@ -546,8 +634,14 @@ absl::StatusOr<transport::Buffer> WorkerService::ExportBlocks(const FrameHeader&
 absl::StatusOr<transport::Buffer> WorkerService::ImportBlocks(const FrameHeader& header,
                                                               PayloadReader& reader) {
   FERRY_RETURN_IF_ERROR(RequireConfigured());
+  if (((header.flags & kFlagLinearState) != 0) != (states_ != nullptr) ||
+      (header.flags & ~kFlagLinearState) != 0) {
+    return absl::InvalidArgumentError(
+        "import-blocks: the image's kind (KV or linear-attention state) is not this worker's");
+  }
+  if (states_ != nullptr) return ImportStates(header, reader);
   FERRY_RETURN_IF_ERROR(CheckKvDtype(header));
-  const kv::KvCacheConfig& config = cache_->config();
+  const kv::KvCacheConfig& config = shape_;
   if (header.shape[0] != config.num_layers || header.shape[1] != config.num_kv_heads ||
       header.shape[2] != config.block_size || header.shape[3] != config.head_dim) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -602,7 +696,7 @@ absl::StatusOr<transport::Buffer> WorkerService::ImportBlocks(const FrameHeader&
     return copied;
   }
   FERRY_RETURN_IF_ERROR(cache_->SetLength(id, longest));
-  sequences_[id] = Sequence{first, first_kv_head, std::move(lengths)};
+  sequences_[id] = Sequence{first, first_kv_head, std::move(lengths), {}};
   return StartReply(header, 0, nullptr, 0).Finish();
 }
 
@@ -631,8 +725,7 @@ absl::StatusOr<transport::Buffer> WorkerService::Migrate(const FrameHeader& head
                                                       " refused: ", imported.message()));
   }
   // The destination holds it now; only then free it here.
-  FERRY_RETURN_IF_ERROR(cache_->FreeSequence(id));
-  sequences_.erase(id);
+  FERRY_RETURN_IF_ERROR(DropSequence(id));
   return StartReply(header, 0, nullptr, 0).Finish();
 }
 
@@ -650,6 +743,7 @@ absl::StatusOr<transport::Buffer> WorkerService::Truncate(const FrameHeader& hea
                                                      ": negative position"));
     }
   }
+  if (states_ != nullptr) return RewindStates(header, entries);
   int64_t freed = 0;
   for (const Entry& entry : entries) {
     Sequence& sequence = sequences_.at(entry.sequence);
@@ -662,5 +756,236 @@ absl::StatusOr<transport::Buffer> WorkerService::Truncate(const FrameHeader& hea
   writer.I64(freed);
   return writer.Finish();
 }
+
+int64_t WorkerService::FreeUnits() const {
+  return states_ != nullptr ? states_->free_slots() : cache_->free_blocks();
+}
+
+absl::Status WorkerService::DropSequence(uint64_t id) {
+  FERRY_RETURN_IF_ERROR(states_ != nullptr ? states_->FreeSequence(id) : cache_->FreeSequence(id));
+  sequences_.erase(id);
+  return absl::OkStatus();
+}
+
+int64_t WorkerService::used_bytes() const {
+  if (states_ != nullptr) return states_->used_bytes();
+  return cache_ != nullptr ? cache_->used_bytes() : 0;
+}
+
+size_t WorkerService::sequences_held() const { return sequences_.size(); }
+
+absl::Status WorkerService::WidenKv(const uint8_t* k, const uint8_t* v, int64_t rows) {
+  const int64_t elements = rows * shape_.num_kv_heads * shape_.head_dim;
+  linear_k_.resize(elements);
+  linear_v_.resize(elements);
+  DTypeToFloats(k, elements, shape_.dtype, linear_k_.data());
+  DTypeToFloats(v, elements, shape_.dtype, linear_v_.data());
+  return absl::OkStatus();
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::AttendLinear(
+    const FrameHeader& header, const std::vector<Entry>& entries, const float* q,
+    const uint8_t* k, const uint8_t* v, std::chrono::steady_clock::time_point start) {
+  const int n = static_cast<int>(entries.size());
+  const int layer = header.layer;
+  const int num_q_heads = header.shape[1];
+  if (num_q_heads != linear_->num_q_heads) {
+    return absl::InvalidArgumentError(absl::StrCat("attend: ", num_q_heads, " q heads, but this "
+                                                   "worker's states keep ",
+                                                   linear_->num_q_heads));
+  }
+  slots_.clear();
+  for (const Entry& entry : entries) {
+    const Sequence& sequence = sequences_.at(entry.sequence);
+    if (entry.position != sequence.layer_lengths[layer]) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequence ", entry.sequence, " layer ", layer, ": position ", entry.position,
+          " is not the next one (", sequence.layer_lengths[layer], ")"));
+    }
+    FERRY_ASSIGN_OR_RETURN(const int32_t slot, states_->Slot(entry.sequence));
+    slots_.push_back(slot);
+  }
+  FERRY_RETURN_IF_ERROR(WidenKv(k, v, n));
+  const int32_t shape[4] = {n, num_q_heads, shape_.head_dim, 0};
+  const int64_t states = int64_t{n} * num_q_heads;
+  FrameWriter writer = StartReply(header, states * shape_.head_dim * 4 + states * 4, shape,
+                                  static_cast<uint8_t>(DType::kFloat32));
+  float* out = reinterpret_cast<float*>(writer.Reserve(states * shape_.head_dim * 4));
+  float* lse = reinterpret_cast<float*>(writer.Reserve(states * 4));
+  // The state before this token is kept, so the step can be undone (Truncate).
+  for (const Entry& entry : entries) {
+    FERRY_RETURN_IF_ERROR(states_->Save(entry.sequence, layer));
+    Sequence& sequence = sequences_.at(entry.sequence);
+    sequence.backup_lengths[layer] = sequence.layer_lengths[layer];
+  }
+  kernels::LinearAttentionDecodeArgs args;
+  args.config = *linear_;
+  args.config.num_seqs = n;
+  args.q = q;
+  args.k = linear_k_.data();
+  args.v = linear_v_.data();
+  args.states = states_->States(layer);
+  args.state_slots = slots_.data();
+  args.num_state_slots = static_cast<int>(states_->total_slots());
+  args.out = out;
+  FERRY_RETURN_IF_ERROR(kernels::LinearAttentionDecodeCpu(args, *linear_threads_));
+  // o is the whole output: a complete partial state (lse 0 merges as weight 1 with nothing).
+  std::fill(lse, lse + states, 0.0f);
+  for (const Entry& entry : entries) ++sequences_.at(entry.sequence).layer_lengths[layer];
+  return StampHandlingTime(writer.Finish(), start);
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::PrefillLinear(
+    const FrameHeader& header, const Entry& entry, const float* q, const uint8_t* k,
+    const uint8_t* v, std::chrono::steady_clock::time_point start) {
+  const int tokens = header.shape[0];
+  const int layer = header.layer;
+  const int num_q_heads = header.shape[1];
+  if (num_q_heads != linear_->num_q_heads) {
+    return absl::InvalidArgumentError(absl::StrCat("prefill: ", num_q_heads, " q heads, but this "
+                                                   "worker's states keep ",
+                                                   linear_->num_q_heads));
+  }
+  Sequence& sequence = sequences_.at(entry.sequence);
+  if (entry.position != sequence.layer_lengths[layer]) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "prefill: sequence ", entry.sequence, " layer ", layer, ": chunk starts at ",
+        entry.position, ", the next position is ", sequence.layer_lengths[layer]));
+  }
+  FERRY_RETURN_IF_ERROR(WidenKv(k, v, tokens));
+  const int32_t shape[4] = {tokens, num_q_heads, shape_.head_dim, 0};
+  const int64_t states = int64_t{tokens} * num_q_heads;
+  FrameWriter writer = StartReply(header, states * shape_.head_dim * 4 + states * 4, shape,
+                                  static_cast<uint8_t>(DType::kFloat32));
+  float* out = reinterpret_cast<float*>(writer.Reserve(states * shape_.head_dim * 4));
+  float* lse = reinterpret_cast<float*>(writer.Reserve(states * 4));
+  FERRY_RETURN_IF_ERROR(states_->Save(entry.sequence, layer));
+  sequence.backup_lengths[layer] = sequence.layer_lengths[layer];
+  FERRY_ASSIGN_OR_RETURN(float* state, states_->Record(entry.sequence, layer, /*backup=*/false));
+  const int32_t cu_seqlens[2] = {0, tokens};
+  kernels::LinearAttentionForwardArgs args;
+  args.config = *linear_;
+  args.config.num_seqs = 1;
+  args.cu_seqlens = cu_seqlens;
+  args.total_tokens = tokens;
+  args.q = q;
+  args.k = linear_k_.data();
+  args.v = linear_v_.data();
+  args.initial_state = state;
+  args.final_state = state;  // advanced in place
+  args.out = out;
+  FERRY_RETURN_IF_ERROR(kernels::LinearAttentionForwardCpu(args, *linear_threads_));
+  std::fill(lse, lse + states, 0.0f);
+  sequence.layer_lengths[layer] += tokens;
+  return StampHandlingTime(writer.Finish(), start);
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::RewindStates(const FrameHeader& header,
+                                                              const std::vector<Entry>& entries) {
+  // A state cannot be cut; it can go back one update, to its backup. Check all, then change.
+  for (const Entry& entry : entries) {
+    const Sequence& sequence = sequences_.at(entry.sequence);
+    for (int layer = 0; layer < shape_.num_layers; ++layer) {
+      if (sequence.layer_lengths[layer] > entry.position &&
+          sequence.backup_lengths[layer] != entry.position) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "truncate: sequence ", entry.sequence, " layer ", layer, ": its state summarises ",
+            sequence.layer_lengths[layer], " positions and can go back only to ",
+            sequence.backup_lengths[layer], ", not ", entry.position));
+      }
+    }
+  }
+  for (const Entry& entry : entries) {
+    Sequence& sequence = sequences_.at(entry.sequence);
+    for (int layer = 0; layer < shape_.num_layers; ++layer) {
+      if (sequence.layer_lengths[layer] <= entry.position) continue;
+      FERRY_RETURN_IF_ERROR(states_->Restore(entry.sequence, layer));
+      sequence.layer_lengths[layer] = entry.position;
+      sequence.backup_lengths[layer] = -1;
+    }
+  }
+  FrameWriter writer = StartReply(header, 8, nullptr, 0);
+  writer.I64(0);  // states hold no blocks
+  return writer.Finish();
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::ExportStateImage(uint64_t id,
+                                                                  const Sequence& sequence,
+                                                                  uint64_t request_id) {
+  const int64_t record_bytes = int64_t{shape_.num_kv_heads} * StateStride() * 4;
+  FrameHeader header;
+  header.type = static_cast<uint16_t>(FrameType::kImportBlocks);
+  header.request_id = request_id;
+  header.dtype = static_cast<uint8_t>(DType::kFloat32);
+  header.flags = kFlagLinearState;
+  header.shape[0] = shape_.num_layers;
+  header.shape[1] = shape_.num_kv_heads;
+  header.shape[2] = static_cast<int32_t>(StateStride());
+  header.shape[3] = shape_.head_dim;
+  header.payload_bytes = 8 + 8 + 4 + 4 + 4 + 4 + 8 * shape_.num_layers +
+                         shape_.num_layers * record_bytes;
+  FrameWriter writer(header, pool_);
+  writer.U64(id);
+  writer.I64(0);
+  writer.I32(shape_.num_layers);
+  writer.I32(1);  // one state slot
+  writer.I32(sequence.first_kv_head);
+  writer.I32(0);
+  for (int64_t length : sequence.layer_lengths) writer.I64(length);
+  for (int layer = 0; layer < shape_.num_layers; ++layer) {
+    FERRY_ASSIGN_OR_RETURN(const float* record, states_->Record(id, layer, /*backup=*/false));
+    writer.Bytes(record, record_bytes);
+  }
+  return writer.Finish();
+}
+
+absl::StatusOr<transport::Buffer> WorkerService::ImportStates(const FrameHeader& header,
+                                                              PayloadReader& reader) {
+  if (header.dtype != static_cast<uint8_t>(DType::kFloat32) ||
+      header.shape[0] != shape_.num_layers || header.shape[1] != shape_.num_kv_heads ||
+      header.shape[2] != StateStride() || header.shape[3] != shape_.head_dim) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "import-blocks: state image {", header.shape[0], ", ", header.shape[1], ", ",
+        header.shape[2], ", ", header.shape[3], "} differs from this worker's {",
+        shape_.num_layers, ", ", shape_.num_kv_heads, ", ", StateStride(), ", ",
+        shape_.head_dim, "} float32"));
+  }
+  uint64_t id = 0;
+  int64_t first = 0;
+  int32_t layers = 0, slots = 0, first_kv_head = 0, zero = 0;
+  if (!reader.U64(&id) || !reader.I64(&first) || !reader.I32(&layers) || !reader.I32(&slots) ||
+      !reader.I32(&first_kv_head) || !reader.I32(&zero)) {
+    return absl::InvalidArgumentError("import-blocks: image header truncated");
+  }
+  if (layers != shape_.num_layers || slots != 1 || first != 0 || zero != 0) {
+    return absl::InvalidArgumentError("import-blocks: a state image is one slot from position 0");
+  }
+  FERRY_RETURN_IF_ERROR(CheckFirstKvHead(first_kv_head));
+  if (sequences_.count(id) != 0) {
+    return absl::AlreadyExistsError(absl::StrCat("import-blocks: sequence ", id,
+                                                 " already held"));
+  }
+  std::vector<int64_t> lengths(layers);
+  for (int64_t& length : lengths) {
+    if (!reader.I64(&length) || length < 0) {
+      return absl::InvalidArgumentError("import-blocks: bad or truncated lengths");
+    }
+  }
+  const int64_t record_bytes = int64_t{shape_.num_kv_heads} * StateStride() * 4;
+  if (reader.remaining() != static_cast<uint64_t>(layers * record_bytes)) {
+    return LengthMismatch(header,
+                          header.payload_bytes - reader.remaining() + layers * record_bytes);
+  }
+  FERRY_RETURN_IF_ERROR(states_->AddSequence(id));
+  for (int layer = 0; layer < layers; ++layer) {
+    FERRY_ASSIGN_OR_RETURN(float* record, states_->Record(id, layer, /*backup=*/false));
+    std::memcpy(record, reader.Take(record_bytes), record_bytes);
+  }
+  sequences_[id] = Sequence{0, first_kv_head, std::move(lengths),
+                            std::vector<int64_t>(layers, -1)};
+  return StartReply(header, 0, nullptr, 0).Finish();
+}
+
+int64_t WorkerService::StateStride() const { return kv::StateStride(states_->config()); }
 
 }  // namespace ferry::offload

@@ -5,11 +5,23 @@
 // Operations (frame.h's header; `n` = shape[0]; table entries are {u64 sequence, i64 position}):
 //   Configure     shape {layers, kv heads, head dim, block size}, dtype; payload {f32 softmax
 //                 scale (0: 1/sqrt(head dim)), i32 cpu workers of the attention plan (0: pool
-//                 size), i32 kv tile, i32 model kv heads}. `kv heads` is what one sequence here
-//                 holds (the pools' head count); `model kv heads` (0: the same) is the model's,
-//                 a multiple of it when the coordinator shards by KV-head group. Before any
-//                 sequence; repeating the same config is fine, a different one while sequences
-//                 live is FAILED_PRECONDITION. Reply payload {i64 total blocks, i64 free blocks}.
+//                 size), i32 kv tile, i32 model kv heads, u8 attention kind (0 softmax, 1
+//                 linear), u8 feature map (linear_attention.h's numbering), u8 normalised,
+//                 u8 0, i32 q heads per kv head (linear; 0 for softmax)}. `kv heads` is what one
+//                 sequence here holds (the pools' head count); `model kv heads` (0: the same) is
+//                 the model's, a multiple of it when the coordinator shards by KV-head group.
+//                 Before any sequence; repeating the same config is fine, a different one while
+//                 sequences live is FAILED_PRECONDITION. Reply payload {i64 total, i64 free}
+//                 units of capacity: KV blocks, or (linear) sequence state slots.
+// Linear attention (kind 1): each sequence holds a recurrent state per layer (kv/state_cache.h:
+// its bytes, with a backup, count against --kv-capacity) instead of KV blocks, in host memory and
+// advanced by the CPU kernels on any worker (a CUDA worker's too). Its frames carry
+// kFlagLinearState and always the new K and V (kFlagWithKv); Attend advances each state by one
+// token (LinearAttentionDecodeCpu), Prefill by the chunk (LinearAttentionForwardCpu), both in
+// float32 with K and V widened from the KV dtype, and the reply's o is the attention output with
+// lse 0. Sequences start at position 0 (no range shards); AppendKv is refused; Truncate can undo
+// only a state's latest update (FAILED_PRECONDITION otherwise); images (Export/Import) carry the
+// states, flag kFlagLinearState, dtype float32 and shape {layers, kv heads, stride, head dim}.
 //   OpenSequence  shape {n, first kv head, 0, 0}; payload n x {sequence, first position}: the
 //                 worker holds the sequences' positions from `first position` on, all layers,
 //                 KV heads [first kv head, + kv heads) of the model (a multiple of kv heads).
@@ -54,15 +66,20 @@
 #pragma once
 
 #include <cstdint>
+#include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "ferry/kernels/cpu_attention.h"
+#include "ferry/kernels/linear_attention.h"
+#include "ferry/kernels/thread_pool.h"
 #include "runtime/kv/kv_cache.h"
+#include "runtime/kv/state_cache.h"
 #include "runtime/offload/attention_backend.h"
 #include "runtime/offload/frame.h"
 #include "runtime/transport/buffer_pool.h"
@@ -94,8 +111,12 @@ class WorkerService {
 
   void SetForwarder(ForwardFn forward) { forward_ = std::move(forward); }
 
-  // For tests and metrics.
+  // For tests and metrics: the KV cache (softmax attention) or the state cache (linear), and the
+  // bytes and sequences held in whichever is in use.
   const kv::KvCache* cache() const { return cache_; }
+  const kv::StateCache* states() const { return states_.get(); }
+  int64_t used_bytes() const;
+  size_t sequences_held() const;
   int64_t requests_served() const { return requests_served_; }
   int64_t errors_answered() const { return errors_answered_; }
 
@@ -103,7 +124,9 @@ class WorkerService {
   struct Sequence {
     int64_t first_position = 0;
     int first_kv_head = 0;               // of the model's KV heads
-    std::vector<int64_t> layer_lengths;  // positions held per layer
+    std::vector<int64_t> layer_lengths;  // positions held (or summarised) per layer
+    // Linear attention: per layer, the length the state's backup holds (-1: none).
+    std::vector<int64_t> backup_lengths;
   };
   struct Entry {
     uint64_t sequence;
@@ -126,7 +149,31 @@ class WorkerService {
   absl::StatusOr<transport::Buffer> Migrate(const FrameHeader& header, PayloadReader& reader);
   absl::StatusOr<transport::Buffer> Truncate(const FrameHeader& header, PayloadReader& reader);
 
+  // Linear attention (states_ set): the same operations on per-sequence states.
+  absl::StatusOr<transport::Buffer> AttendLinear(const FrameHeader& header,
+                                                 const std::vector<Entry>& entries,
+                                                 const float* q, const uint8_t* k,
+                                                 const uint8_t* v,
+                                                 std::chrono::steady_clock::time_point start);
+  absl::StatusOr<transport::Buffer> PrefillLinear(const FrameHeader& header, const Entry& entry,
+                                                  const float* q, const uint8_t* k,
+                                                  const uint8_t* v,
+                                                  std::chrono::steady_clock::time_point start);
+  absl::StatusOr<transport::Buffer> RewindStates(const FrameHeader& header,
+                                                 const std::vector<Entry>& entries);
+  absl::StatusOr<transport::Buffer> ExportStateImage(uint64_t id, const Sequence& sequence,
+                                                     uint64_t request_id);
+  absl::StatusOr<transport::Buffer> ImportStates(const FrameHeader& header,
+                                                 PayloadReader& reader);
+  // k, v (rows, kv heads, head dim) in the KV dtype, widened into linear_k_, linear_v_.
+  absl::Status WidenKv(const uint8_t* k, const uint8_t* v, int64_t rows);
+  int64_t StateStride() const;
+  // Free blocks (KV) or slots (states); a sequence dropped from whichever holds it.
+  int64_t FreeUnits() const;
+  absl::Status DropSequence(uint64_t id);
+
   absl::Status RequireConfigured() const;
+  absl::Status CheckFlags(const FrameHeader& header) const;
   absl::Status CheckLayer(const FrameHeader& header) const;
   absl::Status CheckKvDtype(const FrameHeader& header) const;
   absl::StatusOr<int> CheckBatch(int32_t n) const;
@@ -148,8 +195,12 @@ class WorkerService {
 
   WorkerServiceOptions options_;
   transport::BufferPool& pool_;
-  std::unique_ptr<AttentionBackend> backend_;
-  kv::KvCache* cache_ = nullptr;  // backend_'s
+  std::unique_ptr<AttentionBackend> backend_;  // softmax attention: its KV cache and kernels
+  kv::KvCache* cache_ = nullptr;                // backend_'s
+  kv::KvCacheConfig shape_;  // what the worker serves (Configure's shape); capacity unused
+  std::unique_ptr<kv::StateCache> states_;                // linear attention
+  std::optional<kernels::LinearAttentionConfig> linear_;  // with states_; num_seqs per call
+  std::unique_ptr<kernels::ThreadPool> linear_threads_;   // with states_: the CPU kernels' pool
   int model_kv_heads_ = 0;
   float softmax_scale_ = 1.0f;
   kernels::CpuDecodeOptions plan_;
@@ -157,9 +208,10 @@ class WorkerService {
   ForwardFn forward_;
   int64_t requests_served_ = 0;
   int64_t errors_answered_ = 0;
-  // Scratch reused across requests (block tables of a batch, append runs).
-  std::vector<int32_t> indptr_, table_, lens_;
+  // Scratch reused across requests (block tables of a batch, append runs, widened K/V).
+  std::vector<int32_t> indptr_, table_, lens_, begins_, ends_, slots_;
   std::vector<kv::KvAppendRun> runs_;
+  std::vector<float> linear_k_, linear_v_;
 };
 
 }  // namespace ferry::offload

@@ -63,6 +63,14 @@ int main(int argc, char** argv) {
   make_tiny->add_option("--rope-theta", tiny.options.rope_theta);
   make_tiny->add_option("--config-form", tiny.config_form, "transformers key form: 4 or 5")
       ->check(CLI::IsMember({4, 5}));
+  make_tiny->add_option("--attention", tiny.attention,
+                        "softmax, or linear (a per-sequence recurrent state instead of KV)")
+      ->check(CLI::IsMember({"softmax", "linear"}));
+  make_tiny->add_option("--feature-map", tiny.feature_map,
+                        "linear attention's feature map: 1+x, elu+1 or identity")
+      ->check(CLI::IsMember({"1+x", "elu+1", "identity"}));
+  make_tiny->add_flag("--unnormalized", tiny.unnormalized,
+                      "linear attention without its denominator (needed by identity)");
 
   ferry::cli::GenerateLocalOptions gen;
   CLI::App* generate = app.add_subcommand("generate", "generate tokens");

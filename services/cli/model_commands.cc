@@ -46,6 +46,15 @@ absl::Status RunMakeTiny(MakeTinyFlags flags) {
     return absl::InvalidArgumentError("make-tiny: --config-form must be 4 or 5");
   }
   o.transformers5_form = flags.config_form == 5;
+  if (flags.attention != "softmax" && flags.attention != "linear") {
+    return absl::InvalidArgumentError("make-tiny: --attention must be softmax or linear");
+  }
+  o.attention_kind = flags.attention == "linear" ? ferry::model::AttentionKind::kLinear
+                                                 : ferry::model::AttentionKind::kSoftmax;
+  if (!ferry::model::ParseLinearFeatureMap(flags.feature_map, &o.linear_feature_map)) {
+    return absl::InvalidArgumentError("make-tiny: --feature-map must be 1+x, elu+1 or identity");
+  }
+  o.linear_normalize = !flags.unnormalized;
   FERRY_RETURN_IF_ERROR(ferry::model::WriteTinyCheckpoint(o));
   FERRY_LOG_INFO("make-tiny: wrote {}", o.out_dir);
   return absl::OkStatus();
@@ -90,12 +99,18 @@ absl::Status RunGenerateLocal(const GenerateLocalOptions& options) {
   kv.capacity_bytes = blocks * ferry::kv::KvBlockBytes(kv);
   std::unique_ptr<ferry::model::AttentionStep> attention;
   std::unique_ptr<ferry::model::Decoder> decoder;
+  const bool linear = config.attention_kind == ferry::model::AttentionKind::kLinear;
   if (device < 0) {
     ferry::model::InProcessAttentionOptions attn;
     attn.num_heads = config.num_heads;
     attn.kv = kv;
+    if (linear) {  // one sequence's state
+      attn.kv.capacity_bytes = ferry::kv::StateSlotBytes(
+          {config.num_layers, config.num_kv_heads, config.head_dim,
+           config.num_heads / config.num_kv_heads, 0});
+    }
     attn.num_threads = options.threads;
-    FERRY_ASSIGN_OR_RETURN(attention, ferry::model::InProcessAttention::Create(attn));
+    FERRY_ASSIGN_OR_RETURN(attention, ferry::model::CreateInProcessAttention(config, attn));
     decoder = std::make_unique<ferry::model::Decoder>(*model, *attention);
   } else {
     // The whole prompt is one prefill step, so it bounds the step's rows.

@@ -19,6 +19,9 @@ struct MakeTinyFlags {
   std::string dtype = "bf16";   // bf16 | fp16 | fp32
   std::string rope = "default"; // default | llama3
   int config_form = 5;          // transformers key form: 4 or 5
+  std::string attention = "softmax";  // softmax | linear
+  std::string feature_map = "1+x";    // linear: 1+x | elu+1 | identity (with --unnormalized)
+  bool unnormalized = false;          // linear: no denominator
 };
 absl::Status RunMakeTiny(MakeTinyFlags flags);
 

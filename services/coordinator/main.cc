@@ -164,7 +164,7 @@ int main(int argc, char** argv) {
                             flags.block_size, flags.kv_capacity};
     attention_options.num_threads =
         flags.threads > 0 ? flags.threads : static_cast<int>(std::thread::hardware_concurrency());
-    auto local = ferry::model::InProcessAttention::Create(attention_options);
+    auto local = ferry::model::CreateInProcessAttention(config, attention_options);
     if (!local.ok()) return Fail(local.status());
     attention = std::move(*local);
   } else {
@@ -183,6 +183,10 @@ int main(int argc, char** argv) {
     offload_options.shape.block_size = flags.block_size;
     offload_options.shape.dtype = kv_dtype;
     offload_options.shard_positions = flags.shard_positions;
+    offload_options.shape.linear_attention =
+        config.attention_kind == ferry::model::AttentionKind::kLinear;
+    offload_options.shape.feature_map = config.linear_feature_map;
+    offload_options.shape.linear_normalize = config.linear_normalize;
     offload_options.on_worker_speed = [&registry](const std::string& id, double bytes_per_second) {
       registry.RecordAttentionThroughput(id, bytes_per_second);
     };

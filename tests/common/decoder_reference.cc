@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "linear_attention_reference.h"
 #include "runtime/model/dense_ops.h"
 
 namespace ferry::model::ref {
@@ -61,7 +62,19 @@ std::vector<double> ReferenceLogits(const Model& m, const std::vector<int32_t>& 
     rope(q, nh);
     rope(k, nkv);
     std::vector<double> attn(static_cast<size_t>(T) * qo);
-    for (int t = 0; t < T; ++t) {
+    if (c.attention_kind == AttentionKind::kLinear) {
+      kernels::LinearAttentionConfig lc;
+      lc.num_seqs = 1;
+      lc.num_q_heads = nh;
+      lc.num_kv_heads = nkv;
+      lc.head_dim = hd;
+      lc.feature_map = c.linear_feature_map;
+      lc.normalize = c.linear_normalize;
+      const int32_t cu_seqlens[2] = {0, T};
+      attn = kernels::reference::LinearAttentionReference(lc, cu_seqlens, q.data(), k.data(),
+                                                          v.data());
+    }
+    for (int t = 0; t < T && c.attention_kind == AttentionKind::kSoftmax; ++t) {
       for (int hq = 0; hq < nh; ++hq) {
         const int hk = hq / (nh / nkv);
         std::vector<double> s(t + 1);

@@ -17,6 +17,13 @@ std::vector<DecoderVariant> DecoderVariants() {
           DecoderVariant{"mistral", Architecture::kMistral, false, false, false}};
 }
 
+std::vector<DecoderVariant> LinearDecoderVariants() {
+  return {DecoderVariant{"llama_linear_1_plus_x", Architecture::kLlama, false, false, false,
+                         AttentionKind::kLinear},
+          DecoderVariant{"qwen2_linear_elu", Architecture::kQwen2, false, false, false,
+                         AttentionKind::kLinear, kernels::LinearFeatureMap::kEluPlusOne}};
+}
+
 absl::StatusOr<std::unique_ptr<Model>> MakeTinyDecoderModel(std::string_view tag,
                                                             const DecoderVariant& variant,
                                                             DType dtype, uint64_t seed) {
@@ -36,6 +43,8 @@ absl::StatusOr<std::unique_ptr<Model>> MakeTinyDecoderModel(std::string_view tag
   o.max_positions = 256;  // llama3: original 64, so the prompts cross the scaled band
   o.attention_bias = variant.bias;
   o.tie_word_embeddings = variant.tied;
+  o.attention_kind = variant.attention;
+  o.linear_feature_map = variant.feature_map;
   o.seed = seed;
   if (absl::Status written = WriteTinyCheckpoint(o); !written.ok()) return written;
   return LoadModel(o.out_dir);

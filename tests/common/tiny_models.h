@@ -28,9 +28,13 @@ struct DecoderVariant {
   bool llama3;
   bool bias;
   bool tied;
+  AttentionKind attention = AttentionKind::kSoftmax;
+  kernels::LinearFeatureMap feature_map = kernels::LinearFeatureMap::kOnePlusXMaxNorm;
 };
 
 std::vector<DecoderVariant> DecoderVariants();
+// Two linear-attention variants (one per feature map) for the backends that run them (the CPU).
+std::vector<DecoderVariant> LinearDecoderVariants();
 
 absl::StatusOr<std::unique_ptr<Model>> MakeTinyDecoderModel(std::string_view tag,
                                                             const DecoderVariant& variant,

@@ -55,6 +55,8 @@ std::vector<std::pair<std::string, transport::Buffer>> Seeds(transport::BufferPo
     Put32(p, 1);
     Put32(p, 32);
     Put32(p, 0);
+    Put32(p, 0);
+    Put32(p, 0);
     seeds.emplace_back("configure", Make(FrameType::kConfigure, 0, 0,
                                          {kLayers, kKvHeads, kHeadDim, kBlockSize}, p, pool));
   }

@@ -62,10 +62,9 @@ TEST_P(ClusterParityTest, SixteenJobsOverThreeWorkersGiveTheInProcessTokens) {
   std::vector<std::thread> threads;
   for (int i = 0; i < kJobs; ++i) {
     threads.emplace_back([&, i] {
-      results[i] = cluster.Generate(testing::TokenRequest(prompts[i], kMaxTokens,
-                                                          static_cast<float>(sampling[i].temperature),
-                                                          sampling[i].seed),
-                                    50s);
+      const float temperature = static_cast<float>(sampling[i].temperature);
+      results[i] = cluster.Generate(
+          testing::TokenRequest(prompts[i], kMaxTokens, temperature, sampling[i].seed), 50s);
     });
   }
   for (auto& thread : threads) thread.join();

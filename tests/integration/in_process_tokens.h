@@ -23,7 +23,7 @@ inline std::vector<int32_t> InProcessTokens(const std::string& model_dir,
   options.num_heads = (*model)->config.num_heads;
   options.kv = {(*model)->config.num_layers, (*model)->config.num_kv_heads,
                 (*model)->config.head_dim, DType::kFloat32, 64, 64 << 20};
-  auto attention = model::InProcessAttention::Create(options);
+  auto attention = model::CreateInProcessAttention((*model)->config, options);
   EXPECT_TRUE(attention.ok()) << attention.status();
   if (!attention.ok()) return {};
   model::Decoder decoder(**model, **attention);

@@ -28,6 +28,7 @@ struct LocalClusterOptions {
   int64_t worker_kv_capacity = 64 << 20;
   std::vector<std::string> coordinator_flags;  // beyond model, address, transport, heartbeats
   uint64_t model_seed = 9;
+  model::AttentionKind attention_kind = model::AttentionKind::kSoftmax;
 };
 
 class LocalCluster {
@@ -39,6 +40,7 @@ class LocalCluster {
     model::TinyCheckpointOptions tiny;
     tiny.out_dir = dir_;
     tiny.seed = options.model_seed;
+    tiny.attention_kind = options.attention_kind;
     if (!model::WriteTinyCheckpoint(tiny).ok()) {
       ADD_FAILURE() << "cannot write the tiny model in " << dir_;
       return;

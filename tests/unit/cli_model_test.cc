@@ -56,6 +56,7 @@ class CliModelTest : public ::testing::Test {
                   .exit_code,
               0);
   }
+  static void TearDownTestSuite() { std::filesystem::remove_all(dir_); }
   static std::string dir_;
 };
 std::string CliModelTest::dir_;

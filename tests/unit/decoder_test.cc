@@ -1,12 +1,13 @@
 // The CPU decoder against the float64 reference (tests/common/decoder_reference.h: full recompute,
 // plain loops), and against itself: prefill-then-decode equals a full prefill, batched decode
-// equals one sequence at a time, mixed prefill/decode batches. fp32 weights (make-tiny
-// --dtype=fp32) and an fp32 KV cache, so the only differences are fp32 rounding: relative error
-// (max |diff| / max |ref| over the vocabulary) under 1e-5.
+// equals one sequence at a time, mixed prefill/decode batches, an aborted step leaves no trace;
+// for softmax and for linear attention (whose float64 reference is kernels/reference's quadratic
+// form). fp32 weights (make-tiny --dtype=fp32) and an fp32 KV cache, so the only differences are
+// fp32 rounding: relative error (max |diff| / max |ref| over the vocabulary) under 1e-5.
 #include "runtime/model/decoder.h"
 
-
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -30,10 +31,10 @@ class DecoderTest : public ::testing::TestWithParam<test::DecoderVariant> {
     rng_.seed(seed);
   }
 
-  std::unique_ptr<InProcessAttention> MakeAttention() {
+  std::unique_ptr<AttentionStep> MakeAttention() {
     InProcessAttentionOptions a = test::FloatKvAttentionOptions(model_->config, 128);
     a.num_threads = 2;
-    auto attention = InProcessAttention::Create(a);
+    auto attention = CreateInProcessAttention(model_->config, a);
     EXPECT_TRUE(attention.ok()) << attention.status();
     return std::move(*attention);
   }
@@ -173,6 +174,39 @@ TEST_P(DecoderTest, MicroBatchesGiveTheLogitsOfOneBatch) {
             absl::StatusCode::kInvalidArgument);
 }
 
+TEST_P(DecoderTest, AnAbortedStepLeavesNoTrace) {
+  const std::vector<int32_t> tokens = RandomTokens(12);
+  auto clean = MakeAttention(), aborted = MakeAttention();
+  Decoder clean_decoder(*model_, *clean), aborted_decoder(*model_, *aborted);
+  std::vector<float> clean_logits, aborted_logits;
+  for (auto [attention, decoder, logits] :
+       {std::make_tuple(clean.get(), &clean_decoder, &clean_logits),
+        std::make_tuple(aborted.get(), &aborted_decoder, &aborted_logits)}) {
+    ASSERT_TRUE(attention->AddSequence(3).ok());
+    SeqChunk chunk{3, 0, std::span<const int32_t>(tokens.data(), 10)};
+    ASSERT_TRUE(decoder->Forward({&chunk, 1}, logits).ok());
+  }
+  // A step of position 10 that wrote layer 0's KV (or advanced its state) with made-up values,
+  // then failed: aborted, it must leave the sequence as it was.
+  const ModelConfig& c = model_->config;
+  std::vector<float> q(c.num_heads * c.head_dim, 0.5f), kv(c.num_kv_heads * c.head_dim, 3.0f);
+  std::vector<float> out(q.size());
+  const StepRow row{3, 10};
+  ASSERT_TRUE(aborted->BeginStep({&row, 1}).ok());
+  ASSERT_TRUE(aborted->StartAttend(0, 0, 1, q.data(), kv.data(), kv.data(), out.data()).ok());
+  ASSERT_TRUE(aborted->FinishAttend(0, 0).ok());
+  EXPECT_TRUE(aborted->AbortStep().empty());
+  EXPECT_EQ(*aborted->Length(3), 10);
+  for (auto [decoder, logits] : {std::make_pair(&clean_decoder, &clean_logits),
+                                 std::make_pair(&aborted_decoder, &aborted_logits)}) {
+    for (int p = 10; p < 12; ++p) {
+      SeqChunk chunk{3, p, std::span<const int32_t>(&tokens[p], 1)};
+      ASSERT_TRUE(decoder->Forward({&chunk, 1}, logits).ok());
+    }
+  }
+  EXPECT_EQ(clean_logits, aborted_logits);
+}
+
 TEST_P(DecoderTest, RejectsBadSteps) {
   auto attention = MakeAttention();
   Decoder decoder(*model_, *attention);
@@ -192,7 +226,11 @@ TEST_P(DecoderTest, RejectsBadSteps) {
 
 INSTANTIATE_TEST_SUITE_P(
     Variants, DecoderTest,
-    ::testing::ValuesIn(test::DecoderVariants()),
+    ::testing::ValuesIn([] {
+      std::vector<test::DecoderVariant> variants = test::DecoderVariants();
+      for (const auto& v : test::LinearDecoderVariants()) variants.push_back(v);
+      return variants;
+    }()),
     [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "runtime/kv/state_cache.h"
 #include "runtime/offload/worker_service.h"
 
 namespace ferry::offload {
@@ -78,7 +79,7 @@ TEST(WorkerServiceTest, RefusesWorkBeforeConfigureAndShapeChangesWhileHoldingSeq
   open[0] = 1;
   EXPECT_EQ(call(FrameType::kOpenSequence, {1}, open).code(),
             absl::StatusCode::kFailedPrecondition);
-  std::vector<uint8_t> plan(16, 0);
+  std::vector<uint8_t> plan(24, 0);
   EXPECT_TRUE(call(FrameType::kConfigure, {2, 2, 64, 16}, plan).ok());
   EXPECT_EQ(call(FrameType::kConfigure, {2, 2, 96, 16}, plan).code(),
             absl::StatusCode::kInvalidArgument);  // head dim not served
@@ -116,7 +117,7 @@ TEST(WorkerServiceTest, HeadGroupSequencesHoldAValidatedRangeOfTheModelsKvHeads)
     return ReplyStatus(*decoded, reply.data() + kFrameHeaderBytes);
   };
   auto plan = [](int32_t model_kv_heads) {
-    std::vector<uint8_t> payload(16, 0);
+    std::vector<uint8_t> payload(24, 0);
     std::memcpy(payload.data() + 12, &model_kv_heads, 4);
     return payload;
   };
@@ -182,7 +183,8 @@ TEST(WorkerServiceTest, TruncateUndoesAppendsSoAStepCanBeRetried) {
     payload.resize(16 + 2 * 2 * 64 * 4, 0);
     return call(FrameType::kAppendKv, layer, {1, 2, 64}, payload).first;
   };
-  ASSERT_TRUE(call(FrameType::kConfigure, 0, {2, 2, 64, 16}, std::vector<uint8_t>(16, 0)).first.ok());
+  const std::vector<uint8_t> plan(24, 0);
+  ASSERT_TRUE(call(FrameType::kConfigure, 0, {2, 2, 64, 16}, plan).first.ok());
   ASSERT_TRUE(call(FrameType::kOpenSequence, 0, {1}, entry(1, 0)).first.ok());
   const int64_t free_blocks = service.cache()->free_blocks();
   for (int64_t p = 0; p < 17; ++p) {  // both layers hold 17 positions: 2 blocks of 16
@@ -205,6 +207,93 @@ TEST(WorkerServiceTest, TruncateUndoesAppendsSoAStepCanBeRetried) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(call(FrameType::kTruncate, 0, {2}, entry(1, 0)).first.code(),
             absl::StatusCode::kInvalidArgument);  // the length does not add up
+}
+
+TEST(WorkerServiceTest, LinearAttentionSequencesHoldStatesThatOneStepCanUndo) {
+  transport::BufferPool pool;
+  WorkerServiceOptions options;
+  options.kv_capacity_bytes = 1 << 20;
+  options.num_threads = 1;
+  WorkerService service(options, pool);
+  constexpr int kLayers = 2, kKvHeads = 2, kQHeads = 4, kDim = 64;
+  auto call = [&](FrameType type, int layer, uint8_t flags, std::vector<int32_t> shape,
+                  const std::vector<uint8_t>& payload, std::vector<float>* o = nullptr) {
+    FrameHeader header;
+    header.type = static_cast<uint16_t>(type);
+    header.layer = layer;
+    header.flags = flags;
+    header.dtype = static_cast<uint8_t>(DType::kFloat32);
+    for (size_t i = 0; i < shape.size(); ++i) header.shape[i] = shape[i];
+    header.payload_bytes = payload.size();
+    FrameWriter writer(header, pool);
+    writer.Bytes(payload.data(), payload.size());
+    transport::Buffer frame = writer.Finish();
+    transport::Buffer reply = service.Handle(frame.data(), frame.size());
+    auto decoded = DecodeFrameHeader(reply.data(), reply.size());
+    EXPECT_TRUE(decoded.ok());
+    if (o != nullptr && decoded->status == 0) {
+      o->resize(decoded->shape[0] * kQHeads * kDim);
+      std::memcpy(o->data(), reply.data() + kFrameHeaderBytes, o->size() * 4);
+    }
+    return ReplyStatus(*decoded, reply.data() + kFrameHeaderBytes);
+  };
+  auto entry = [](uint64_t sequence, int64_t position) {
+    std::vector<uint8_t> bytes(16);
+    std::memcpy(bytes.data(), &sequence, 8);
+    std::memcpy(bytes.data() + 8, &position, 8);
+    return bytes;
+  };
+  // Attend of sequence 1 at `position`: q and the new k, v of one token.
+  auto attend = [&](int layer, int64_t position, float value, uint8_t flags,
+                    std::vector<float>* o = nullptr) {
+    std::vector<uint8_t> payload = entry(1, position);
+    std::vector<float> tensors(kQHeads * kDim + 2 * kKvHeads * kDim);
+    for (size_t i = 0; i < tensors.size(); ++i) tensors[i] = value * (1 + (i % 7) * 0.1f);
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(tensors.data());
+    payload.insert(payload.end(), bytes, bytes + tensors.size() * 4);
+    return call(FrameType::kAttend, layer, flags, {1, kQHeads, kDim}, payload, o);
+  };
+  const uint8_t kLinear = kFlagWithKv | kFlagLinearState;
+  // Configure: linear (kind 1), feature map 1+x (1), normalised; 2 q heads per kv head.
+  std::vector<uint8_t> plan(24, 0);
+  const int32_t kind = 1 | 1 << 8 | 1 << 16, group = kQHeads / kKvHeads;
+  std::memcpy(plan.data() + 16, &kind, 4);
+  std::memcpy(plan.data() + 20, &group, 4);
+  ASSERT_TRUE(call(FrameType::kConfigure, 0, 0, {kLayers, kKvHeads, kDim, 16}, plan).ok());
+  ASSERT_NE(service.states(), nullptr);
+  EXPECT_EQ(service.cache(), nullptr);
+  EXPECT_EQ(call(FrameType::kOpenSequence, 0, 0, {1}, entry(1, 5)).code(),
+            absl::StatusCode::kInvalidArgument);  // a state starts at position 0
+  ASSERT_TRUE(call(FrameType::kOpenSequence, 0, 0, {1}, entry(1, 0)).ok());
+  EXPECT_EQ(service.used_bytes(), kv::StateSlotBytes(service.states()->config()));
+  std::vector<float> first, again;
+  for (int layer = 0; layer < kLayers; ++layer) ASSERT_TRUE(attend(layer, 0, 0.5f, kLinear).ok());
+  ASSERT_TRUE(attend(0, 1, 1.0f, kLinear, &first).ok());  // a step that fails after layer 0
+  // Wrong kind, no new K/V, a position out of order, or AppendKv: refused, nothing changes.
+  EXPECT_EQ(attend(1, 1, 1.0f, kFlagWithKv).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(attend(1, 1, 1.0f, kFlagLinearState).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(attend(1, 2, 1.0f, kLinear).code(), absl::StatusCode::kInvalidArgument);
+  std::vector<uint8_t> append = entry(1, 1);
+  append.resize(16 + 2 * kKvHeads * kDim * 4, 0);
+  EXPECT_EQ(call(FrameType::kAppendKv, 1, 0, {1, kKvHeads, kDim}, append).code(),
+            absl::StatusCode::kInvalidArgument);
+  // Undo the failed step: layer 0 goes back to its backup; a retry gives the same output.
+  ASSERT_TRUE(call(FrameType::kTruncate, 0, 0, {1}, entry(1, 1)).ok());
+  ASSERT_TRUE(attend(0, 1, 1.0f, kLinear, &again).ok());
+  EXPECT_EQ(first, again);
+  ASSERT_TRUE(attend(1, 1, 1.0f, kLinear).ok());
+  // Only one update can be undone.
+  EXPECT_EQ(call(FrameType::kTruncate, 0, 0, {1}, entry(1, 0)).code(),
+            absl::StatusCode::kFailedPrecondition);
+  std::vector<uint8_t> id = entry(1, 0);
+  id.resize(8);
+  ASSERT_TRUE(call(FrameType::kFreeSequence, 0, 0, {1}, id).ok());
+  EXPECT_EQ(service.used_bytes(), 0);
+  // A softmax request to a linear worker, and a linear configure with a bad feature map.
+  std::vector<uint8_t> bad = plan;
+  bad[17] = 9;
+  EXPECT_EQ(call(FrameType::kConfigure, 0, 0, {kLayers, kKvHeads, kDim, 16}, bad).code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

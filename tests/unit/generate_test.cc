@@ -2,6 +2,8 @@
 // that the sequence is freed so the same id can run again.
 #include "runtime/model/generate.h"
 
+#include <unistd.h>
+
 #include <filesystem>
 
 #include "gtest/gtest.h"
@@ -14,7 +16,7 @@ class GenerateTest : public ::testing::Test {
  protected:
   void SetUp() override {
     TinyCheckpointOptions o;
-    o.out_dir = ::testing::TempDir() + "/ferry_generate_tiny";
+    o.out_dir = ::testing::TempDir() + "/ferry_generate_tiny_" + std::to_string(getpid());
     std::filesystem::remove_all(o.out_dir);
     o.num_layers = 1;
     o.hidden_size = 128;
@@ -24,6 +26,7 @@ class GenerateTest : public ::testing::Test {
     o.max_positions = 64;
     ASSERT_TRUE(WriteTinyCheckpoint(o).ok());
     auto model = LoadModel(o.out_dir);
+    std::filesystem::remove_all(o.out_dir);  // loaded: the files are no longer needed
     ASSERT_TRUE(model.ok());
     model_ = std::move(*model);
     InProcessAttentionOptions a;

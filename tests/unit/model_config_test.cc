@@ -90,6 +90,33 @@ TEST(ModelConfigTest, RoundTripsBothForms) {
   }
 }
 
+TEST(ModelConfigTest, LinearAttentionKeysParseAndRoundTrip) {
+  const std::string base = R"("architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+      "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+      "vocab_size": 10)";
+  auto softmax = ParseModelConfig("{" + base + "}");
+  ASSERT_TRUE(softmax.ok()) << softmax.status();
+  EXPECT_EQ(softmax->attention_kind, AttentionKind::kSoftmax);
+  auto linear = ParseModelConfig("{" + base + R"(, "attention_kind": "linear"})");
+  ASSERT_TRUE(linear.ok()) << linear.status();
+  EXPECT_EQ(linear->attention_kind, AttentionKind::kLinear);
+  EXPECT_EQ(linear->linear_feature_map, kernels::LinearFeatureMap::kOnePlusXMaxNorm);
+  EXPECT_TRUE(linear->linear_normalize);
+  auto identity = ParseModelConfig("{" + base + R"(, "attention_kind": "linear",
+      "linear_feature_map": "identity", "linear_normalize": false})");
+  ASSERT_TRUE(identity.ok()) << identity.status();
+  EXPECT_EQ(identity->linear_feature_map, kernels::LinearFeatureMap::kIdentity);
+  EXPECT_FALSE(identity->linear_normalize);
+  for (bool form5 : {false, true}) {
+    auto again = ParseModelConfig(ModelConfigToJson(*identity, form5));
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_EQ(again->attention_kind, AttentionKind::kLinear);
+    EXPECT_EQ(again->linear_feature_map, kernels::LinearFeatureMap::kIdentity);
+    EXPECT_FALSE(again->linear_normalize);
+  }
+  EXPECT_EQ(ModelConfigToJson(*softmax, true).find("linear"), std::string::npos);
+}
+
 TEST(ModelConfigTest, RejectsBadConfigsWithNamedErrors) {
   const std::string base = R"("hidden_size": 64, "intermediate_size": 128,
       "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 10)";
@@ -122,6 +149,16 @@ TEST(ModelConfigTest, RejectsBadConfigsWithNamedErrors) {
        absl::StatusCode::kInvalidArgument, "hidden_size"},
       {R"({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": true, )" + base + "}",
        absl::StatusCode::kUnimplemented, "sliding"},
+      {R"({"architectures": ["LlamaForCausalLM"], "attention_kind": "mamba", )" + base + "}",
+       absl::StatusCode::kInvalidArgument, "attention_kind"},
+      {R"({"architectures": ["LlamaForCausalLM"], "linear_feature_map": "1+x", )" + base + "}",
+       absl::StatusCode::kInvalidArgument, "linear_feature_map"},
+      {R"({"architectures": ["LlamaForCausalLM"], "attention_kind": "linear",
+          "linear_feature_map": "relu", )" + base + "}",
+       absl::StatusCode::kInvalidArgument, "linear_feature_map"},
+      {R"({"architectures": ["LlamaForCausalLM"], "attention_kind": "linear",
+          "linear_feature_map": "identity", )" + base + "}",
+       absl::StatusCode::kInvalidArgument, "identity"},
   };
   for (const Case& c : cases) {
     auto parsed = ParseModelConfig(c.json);

@@ -98,7 +98,13 @@ absl::StatusOr<int64_t> CudaAttention::Length(kv::SequenceId seq) const {
 
 absl::Status CudaAttention::BeginStep(std::span<const StepRow> rows) {
   in_step_ = false;
-  FERRY_RETURN_IF_ERROR(GroupStepRows(rows, pool_->cache(), &runs_));
+  FERRY_ASSIGN_OR_RETURN(
+      const std::vector<StepRun> grouped,
+      GroupStepRows(rows, [this](kv::SequenceId seq) { return pool_->cache().Length(seq); }));
+  runs_.clear();
+  for (const StepRun& run : grouped) {
+    runs_.push_back(kv::KvAppendRun{run.seq, run.first_position, run.count});
+  }
   for (const kv::KvAppendRun& run : runs_) {
     FERRY_RETURN_IF_ERROR(pool_->cache().Reserve(run.seq, run.first_position + run.count));
   }

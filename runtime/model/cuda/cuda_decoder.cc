@@ -507,6 +507,10 @@ absl::Status CudaBackend::Forward(const DecoderStep& step, std::vector<float>* l
 absl::StatusOr<std::unique_ptr<Decoder>> CreateCudaDecoder(const Model& model,
                                                            AttentionStep& attention,
                                                            const CudaDecoderOptions& options) {
+  if (model.config.attention_kind != AttentionKind::kSoftmax) {
+    return absl::UnimplementedError(
+        "CUDA decoder: linear-attention models run on the CPU dense path (--device cpu)");
+  }
   FERRY_ASSIGN_OR_RETURN(auto backend, CudaBackend::Create(model, attention, options));
   return std::make_unique<Decoder>(model, attention, std::move(backend));
 }

@@ -61,4 +61,9 @@ inline uint16_t FloatToBFloat16Bits(float value) {
 float Float16BitsToFloat(uint16_t bits);
 uint16_t FloatToFloat16Bits(float value);
 
+// Host arrays: n float32 values to `dtype` (rounded to nearest even), and `dtype` values to
+// float32 (exact). dst holds n elements of its type; src and dst must not overlap.
+void FloatsToDType(const float* src, int64_t n, DType dtype, void* dst);
+void DTypeToFloats(const void* src, int64_t n, DType dtype, float* dst);
+
 }  // namespace ferry
