@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The main job on one machine: a real local Ferry cluster. Installs and builds what is missing,
-# makes a tiny model when no --model is given, starts a coordinator and two CPU attention workers
+# makes a tiny model when no --model is given, starts a coordinator and two attention workers
 # (UCX over loopback tcp), streams a generation, runs a small load test, shows the cluster, drains
-# a worker while the cluster runs, and shuts everything down.
+# a worker while the cluster runs, and shuts everything down (also on Ctrl-C).
+# Devices: where the build has CUDA and a GPU is found (ferry-worker --list-devices), the workers
+# hold their KV on GPU 0 and the coordinator runs the dense layers there; otherwise all on the CPU.
 #
 #   ./deploy/local/demo.sh [--model=DIR] [--prompt=TEXT | --prompt-ids=1,2,3] [--max-tokens=N]
-#                          [--workers=N] [--port=P]
-# Environment: FERRY_BUILD_DIR (default build), FERRY_UCX_TLS (default tcp).
+#                          [--workers=N] [--port=P] [--device=cpu|cuda:N]
+# Environment: FERRY_BUILD_DIR (default build), FERRY_BIN_DIR (prebuilt binaries: nothing is
+# installed or built), FERRY_UCX_TLS (default tcp).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -14,6 +17,7 @@ model=""
 prompt_args=(--prompt-ids=1,17,42,99,7)
 max_tokens=32
 num_workers=2
+device=""
 port=${FERRY_DEMO_PORT:-50051}
 for arg in "$@"; do
   case "$arg" in
@@ -23,17 +27,27 @@ for arg in "$@"; do
     --max-tokens=*) max_tokens=${arg#*=} ;;
     --workers=*) num_workers=${arg#*=} ;;
     --port=*) port=${arg#*=} ;;
+    --device=*) device=${arg#*=} ;;
     *) echo "demo: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
 
-build_dir=${FERRY_BUILD_DIR:-build}
-if [ ! -x "$build_dir/bin/ferry-coordinator" ] || [ ! -x "$build_dir/bin/ferry-worker" ]; then
-  ./deploy/install-deps.sh
-  cmake -S . -B "$build_dir" -G Ninja ${FERRY_CMAKE_ARGS:-}
+if [ -n "${FERRY_BIN_DIR:-}" ]; then
+  bin=$FERRY_BIN_DIR
+else
+  build_dir=${FERRY_BUILD_DIR:-build}
+  if [ ! -x "$build_dir/bin/ferry-coordinator" ] || [ ! -x "$build_dir/bin/ferry-worker" ]; then
+    ./deploy/install-deps.sh
+    cmake -S . -B "$build_dir" -G Ninja ${FERRY_CMAKE_ARGS:-}
+  fi
+  cmake --build "$build_dir" --target ferry ferry-coordinator ferry-worker
+  bin=$build_dir/bin
 fi
-cmake --build "$build_dir" --target ferry ferry-coordinator ferry-worker
-bin=$build_dir/bin
+if [ -z "$device" ]; then
+  device=cpu
+  if "$bin/ferry-worker" --list-devices | grep -qx cuda:0; then device=cuda:0; fi
+fi
+kind=${device%%:*}  # worker ids: cpu1, cpu2 or cuda1, cuda2
 tls=${FERRY_UCX_TLS:-tcp}
 work=$(mktemp -d /tmp/ferry-demo.XXXXXX)
 pids=()
@@ -51,12 +65,13 @@ if [ -z "$model" ]; then
 fi
 
 coordinator=127.0.0.1:$port
+echo "demo: attention workers and dense layers on $device"
 "$bin/ferry-coordinator" --model="$model" --listen="$coordinator" --ucx-tls="$tls" \
-  --heartbeat-ms=200 --dead-after-ms=2000 >"$work/coordinator.log" 2>&1 &
+  --device="$device" --heartbeat-ms=200 --dead-after-ms=2000 >"$work/coordinator.log" 2>&1 &
 pids+=($!)
 for i in $(seq 1 "$num_workers"); do
   "$bin/ferry-worker" --coordinator="$coordinator" --kv-capacity=$((256 << 20)) \
-    --ucx-tls="$tls" --worker-id="cpu$i" >"$work/worker$i.log" 2>&1 &
+    --device="$device" --ucx-tls="$tls" --worker-id="$kind$i" >"$work/worker$i.log" 2>&1 &
   pids+=($!)
 done
 
@@ -81,7 +96,7 @@ echo "demo: one generation, attention on the workers, tokens as they come:"
 echo
 echo "demo: the same job in-process (local attention) for comparison:"
 "$bin/ferry" generate --local --model="$model" "${prompt_args[@]}" --max-tokens="$max_tokens" \
-  --kv-dtype=bf16
+  --kv-dtype=bf16 --device="$device"
 
 echo
 echo "demo: 32 jobs over 8 concurrent streams:"
@@ -89,12 +104,12 @@ echo "demo: 32 jobs over 8 concurrent streams:"
   --ignore-eos --requests=32 --concurrency=8
 
 echo
-echo "demo: draining worker cpu1 while a long job runs (its KV moves to the others):"
+echo "demo: draining worker ${kind}1 while a long job runs (its KV moves to the others):"
 "$bin/ferry" generate --coordinator="$coordinator" "${prompt_args[@]}" --max-tokens=200 \
   --ignore-eos >"$work/long.txt" &
 long=$!
 sleep 0.3
-"$bin/ferry" cluster drain cpu1 --coordinator="$coordinator"
+"$bin/ferry" cluster drain "${kind}1" --coordinator="$coordinator"
 wait "$long"
 tail -n 1 "$work/long.txt"
 sleep 2.5

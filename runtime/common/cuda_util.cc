@@ -18,6 +18,15 @@ absl::Status CudaStatus(int cuda_error, std::string_view what) {
   return absl::InternalError(message);
 }
 
+int CudaDeviceCount() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return count;
+}
+
 absl::Status UseCudaDevice(int device) {
   int count = 0;
   const cudaError_t error = cudaGetDeviceCount(&count);

@@ -20,6 +20,9 @@ namespace ferry {
 // cudaErrorMemoryAllocation, so an oversized cache reads as a capacity problem).
 absl::Status CudaStatus(int cuda_error, std::string_view what);
 
+// The CUDA devices the runtime finds (0 when it finds none or no driver is loaded).
+int CudaDeviceCount();
+
 // FAILED_PRECONDITION when no device `device` exists (with the count found), else makes it the
 // calling thread's current device.
 absl::Status UseCudaDevice(int device);

@@ -16,7 +16,9 @@
 // step stays on the GPU, and a decode step (one row per chunk) whose row count repeats is
 // captured into a CUDA graph on its second occurrence and replayed from then on (the token ids,
 // positions and the attention tables are device buffers rewritten before each replay). With a
-// host step (InProcessAttention, OffloadedAttention) q/k/v go to the host and back each layer.
+// host step (InProcessAttention, OffloadedAttention) q/k/v go to the host and back each layer,
+// per micro-batch when options.micro_batches > 1: a range's attention starts as soon as its q/k/v
+// reach the host, while the GPU runs the other ranges' dense work (decoder.h's schedule).
 // Limits: at most options.max_rows rows and max_chunks chunks per Forward (INVALID_ARGUMENT
 // beyond); scratch is sized by them.
 // Errors: FAILED_PRECONDITION when this build has no CUDA or the device does not exist; CUDA and
@@ -39,6 +41,9 @@ struct CudaDecoderOptions {
   int max_rows = 2048;
   int max_chunks = 256;
   bool cuda_graphs = true;
+  // > 1: micro-batch pipelining (decoder.h) with a host attention step (workers or the CPU);
+  // INVALID_ARGUMENT with attention on the GPU.
+  int micro_batches = 1;
 };
 
 // UNIMPLEMENTED for linear-attention models (their dense path is the CPU backend).

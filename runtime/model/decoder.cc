@@ -25,12 +25,6 @@ class CpuBackend : public DecoderBackend {
                        std::vector<int32_t>* greedy) override;
 
  private:
-  // Rows [first, first + count) of the step, at chunk boundaries.
-  struct RowRange {
-    int64_t first;
-    int64_t count;
-  };
-  std::vector<RowRange> MicroBatches(std::span<const int32_t> last_rows) const;
   // A layer's dense work on a range of rows: before attention (norm, QKV, RoPE: x_ to q_, k_,
   // v_) and after it (o projection, residual, norm, MLP: attn_ to x_).
   void DenseIn(int layer, RowRange range);
@@ -45,26 +39,6 @@ class CpuBackend : public DecoderBackend {
   // Scratch, reused across calls.
   std::vector<float> x_, h_, qkv_, q_, k_, v_, attn_, gate_up_, act_, cos_sin_, last_, logits_;
 };
-
-std::vector<CpuBackend::RowRange> CpuBackend::MicroBatches(
-    std::span<const int32_t> last_rows) const {
-  const int64_t num_chunks = static_cast<int64_t>(last_rows.size());
-  const int64_t rows = num_chunks == 0 ? 0 : int64_t{last_rows.back()} + 1;
-  const int64_t batches = std::min<int64_t>(std::max(1, options_.micro_batches), num_chunks);
-  std::vector<RowRange> ranges;
-  int64_t start = 0;
-  for (int64_t i = 0; i < num_chunks; ++i) {
-    const int64_t end = int64_t{last_rows[i]} + 1;
-    const int64_t cut = static_cast<int64_t>(ranges.size()) + 1;  // the cut this could be
-    const int64_t chunks_after = num_chunks - i - 1;
-    if (cut < batches && end * batches >= rows * cut && chunks_after >= batches - cut) {
-      ranges.push_back({start, end - start});
-      start = end;
-    }
-  }
-  ranges.push_back({start, rows - start});
-  return ranges;
-}
 
 void CpuBackend::DenseIn(int layer, RowRange range) {
   const ModelConfig& c = model_.config;
@@ -115,7 +89,7 @@ void CpuBackend::DenseOut(int layer, RowRange range) {
 
 absl::Status CpuBackend::RunLayers(const DecoderStep& step) {
   const int num_layers = model_.config.num_layers;
-  const std::vector<RowRange> batches = MicroBatches(step.last_rows);
+  const std::vector<RowRange> batches = SplitMicroBatches(step.last_rows, options_.micro_batches);
   for (const RowRange& batch : batches) {
     DenseIn(0, batch);
     FERRY_RETURN_IF_ERROR(StartAttend(0, batch));
@@ -187,6 +161,25 @@ absl::Status CpuBackend::Forward(const DecoderStep& step, std::vector<float>* lo
 }
 
 }  // namespace
+
+std::vector<RowRange> SplitMicroBatches(std::span<const int32_t> last_rows, int micro_batches) {
+  const int64_t num_chunks = static_cast<int64_t>(last_rows.size());
+  const int64_t rows = num_chunks == 0 ? 0 : int64_t{last_rows.back()} + 1;
+  const int64_t batches = std::min<int64_t>(std::max(1, micro_batches), num_chunks);
+  std::vector<RowRange> ranges;
+  int64_t start = 0;
+  for (int64_t i = 0; i < num_chunks; ++i) {
+    const int64_t end = int64_t{last_rows[i]} + 1;
+    const int64_t cut = static_cast<int64_t>(ranges.size()) + 1;  // the cut this could be
+    const int64_t chunks_after = num_chunks - i - 1;
+    if (cut < batches && end * batches >= rows * cut && chunks_after >= batches - cut) {
+      ranges.push_back({start, end - start});
+      start = end;
+    }
+  }
+  ranges.push_back({start, rows - start});
+  return ranges;
+}
 
 Decoder::Decoder(const Model& model, AttentionStep& attention, DecoderOptions options)
     : Decoder(model, attention, std::make_unique<CpuBackend>(model, attention, options)) {}

@@ -13,8 +13,9 @@
 // The CPU backend (this file's two-argument constructor) runs float32 weights and activations
 // (checkpoint.h explains why) with OpenBLAS, sums of squares in double. The CUDA backend
 // (cuda_decoder.h) runs on a GPU with the same model, attention interface and numerics rules.
-// Micro-batch pipelining (CPU backend, options.micro_batches = K > 1): the step's rows are cut,
-// at chunk boundaries, into up to K micro-batches of about equal rows; per layer each
+// Micro-batch pipelining (options.micro_batches = K > 1; the CUDA backend's too, with attention
+// off the GPU): the step's rows are cut, at chunk boundaries, into up to K micro-batches of about
+// equal rows (SplitMicroBatches); per layer each
 // micro-batch's attention is started (AttentionStep::StartAttend) as soon as its q, k, v exist,
 // and while it runs (on attention workers) the decoder runs the other micro-batches' dense work:
 //   for m: dense-in(0, m), start(0, m)
@@ -51,6 +52,16 @@ struct DecoderStep {
   std::span<const StepRow> rows;
   std::span<const int32_t> last_rows;
 };
+
+// Rows [first, first + count) of a step.
+struct RowRange {
+  int64_t first = 0;
+  int64_t count = 0;
+};
+
+// A step's rows cut at chunk boundaries (chunk c ends at row last_rows[c]) into up to
+// `micro_batches` ranges of about equal rows, in row order, each at least one chunk.
+std::vector<RowRange> SplitMicroBatches(std::span<const int32_t> last_rows, int micro_batches);
 
 struct DecoderOptions {
   int micro_batches = 1;  // >= 1; the CPU backend's (decoder.h's header comment)

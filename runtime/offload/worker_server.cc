@@ -6,6 +6,7 @@
 #include "ferry/status.h"
 #include "runtime/common/log.h"
 #ifdef FERRY_WITH_CUDA_WORKER
+#include "runtime/common/cuda_util.h"
 #include "runtime/offload/cuda_attention_backend.h"
 #endif
 
@@ -21,6 +22,14 @@ absl::StatusOr<int> WorkerServer::ParseDevice(const std::string& device) {
   }
   return absl::InvalidArgumentError(
       absl::StrCat("device '", device, "': expected cpu, cuda or cuda:N"));
+}
+
+std::vector<std::string> WorkerServer::AttentionDevices() {
+  std::vector<std::string> devices = {"cpu"};
+#ifdef FERRY_WITH_CUDA_WORKER
+  for (int d = 0; d < CudaDeviceCount(); ++d) devices.push_back(absl::StrCat("cuda:", d));
+#endif
+  return devices;
 }
 
 absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Start(

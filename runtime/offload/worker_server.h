@@ -14,6 +14,7 @@
 #include <atomic>
 #include <memory>
 #include <string>
+#include <vector>
 #include <thread>
 #include <unordered_map>
 
@@ -41,6 +42,9 @@ class WorkerServer {
   // The device number of "cuda:N" ("cuda" is device 0), or -1 for "cpu"; INVALID_ARGUMENT
   // for anything else.
   static absl::StatusOr<int> ParseDevice(const std::string& device);
+  // The --device values this build can serve on this machine: "cpu", then "cuda:N" for each GPU
+  // the CUDA runtime finds (none in a build without CUDA).
+  static std::vector<std::string> AttentionDevices();
   ~WorkerServer();
   WorkerServer(const WorkerServer&) = delete;
   WorkerServer& operator=(const WorkerServer&) = delete;

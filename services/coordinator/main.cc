@@ -218,15 +218,12 @@ int main(int argc, char** argv) {
     decoder_options.micro_batches = flags.micro_batches;
     decoder = std::make_unique<ferry::model::Decoder>(**model, *attention, decoder_options);
   } else {
-    if (flags.micro_batches != 1) {
-      return Fail(absl::InvalidArgumentError(
-          "--micro-batches: pipelining runs on the CPU dense path; with --device cuda it must be 1"));
-    }
     ferry::model::CudaDecoderOptions dense;
     dense.device = *device;
     ferry::ParseDType(flags.weight_dtype, &dense.weight_dtype);
     dense.max_rows = step_rows;
     dense.max_chunks = flags.max_batch;
+    dense.micro_batches = flags.micro_batches;
     auto cuda = ferry::model::CreateCudaDecoder(**model, *attention, dense);
     if (!cuda.ok()) return Fail(cuda.status());
     decoder = std::move(*cuda);

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -58,6 +59,15 @@ bool StopSignalWithin(const sigset_t& signals, std::chrono::milliseconds timeout
 int main(int argc, char** argv) {
   Flags flags;
   CLI::App app{"ferry-worker: holds KV and runs decode attention for the coordinator"};
+  app.add_flag_callback(
+      "--list-devices",
+      [] {
+        for (const std::string& device : ferry::offload::WorkerServer::AttentionDevices()) {
+          std::printf("%s\n", device.c_str());
+        }
+        throw CLI::Success();
+      },
+      "print the --device values this build can serve here, one per line, and exit");
   app.add_option("--coordinator", flags.coordinator, "coordinator gRPC address host:port")
       ->required();
   app.add_option("--device", flags.device,

@@ -84,8 +84,10 @@ class CudaDecoderTest : public ::testing::TestWithParam<test::DecoderVariant> {
   }
 
   std::unique_ptr<Decoder> MakeDecoder(const Model& model, AttentionStep& attention,
-                                       DType weights, bool graphs = true, int max_rows = 256) {
+                                       DType weights, bool graphs = true, int max_rows = 256,
+                                       int micro_batches = 1) {
     CudaDecoderOptions o;
+    o.micro_batches = micro_batches;
     o.weight_dtype = weights;
     o.max_rows = max_rows;
     o.max_chunks = 16;
@@ -163,6 +165,57 @@ TEST_P(CudaDecoderTest, HostAttentionStepMatchesFloat64Reference) {
   auto decoder = MakeDecoder(*model, *attention, DType::kFloat32);
   ASSERT_NE(decoder, nullptr);
   CheckAgainstReference(*model, *attention, *decoder, 1e-4);
+}
+
+// Micro-batch pipelining over a host attention step (what a CUDA coordinator with workers runs):
+// the same mixed steps (prefills, then decodes of every sequence) with 1, 2 and 3 micro-batches
+// give the same logits (fp32: GEMMs over fewer rows may round differently, so within 1e-5), and
+// attention on the GPU refuses micro-batches.
+TEST_P(CudaDecoderTest, MicroBatchesOverHostAttentionGiveTheLogitsOfOneBatch) {
+  auto model = MakeModel(DType::kFloat32);
+  ASSERT_NE(model, nullptr);
+  const int vocab = model->config.vocab_size;
+  const std::vector<int> prompt_lens = {5, 1, 30, 2, 9};
+  std::vector<std::vector<int32_t>> seqs;
+  for (int n : prompt_lens) seqs.push_back(RandomTokens(n + 3, vocab));
+  std::vector<std::vector<float>> final_logits;
+  for (int micro_batches : {1, 2, 3}) {
+    SCOPED_TRACE(micro_batches);
+    auto attention = MakeCpuAttention(*model);
+    auto decoder = MakeDecoder(*model, *attention, DType::kFloat32, /*graphs=*/true,
+                               /*max_rows=*/256, micro_batches);
+    ASSERT_NE(decoder, nullptr);
+    for (size_t s = 0; s < seqs.size(); ++s) ASSERT_TRUE(attention->AddSequence(s).ok());
+    std::vector<SeqChunk> chunks;
+    for (size_t s = 0; s < seqs.size(); ++s) {
+      chunks.push_back({s, 0, std::span<const int32_t>(seqs[s].data(), prompt_lens[s])});
+    }
+    std::vector<float> logits;
+    ASSERT_TRUE(decoder->Forward(chunks, &logits).ok());
+    for (int step = 0; step < 3; ++step) {
+      chunks.clear();
+      for (size_t s = 0; s < seqs.size(); ++s) {
+        const int position = prompt_lens[s] + step;
+        chunks.push_back({s, position, std::span<const int32_t>(&seqs[s][position], 1)});
+      }
+      ASSERT_TRUE(decoder->Forward(chunks, &logits).ok());
+    }
+    for (float x : logits) ASSERT_FALSE(std::isnan(x));
+    final_logits.push_back(logits);
+  }
+  for (size_t i = 1; i < final_logits.size(); ++i) {
+    EXPECT_LT(RelError(final_logits[i].data(), final_logits[0].data(),
+                       static_cast<int>(seqs.size()) * vocab),
+              1e-5)
+        << "micro-batches " << i + 1 << ", seed " << seed_;
+  }
+  auto on_gpu = MakeAttention(*model, DType::kFloat32);
+  ASSERT_NE(on_gpu, nullptr);
+  CudaDecoderOptions o;
+  o.weight_dtype = DType::kFloat32;
+  o.micro_batches = 2;
+  EXPECT_EQ(CreateCudaDecoder(*model, *on_gpu, o).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 TEST_P(CudaDecoderTest, GreedyTokensEqualTheCpuBackendForFp32Weights) {

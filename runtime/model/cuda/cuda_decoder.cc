@@ -104,10 +104,28 @@ class CudaBackend : public DecoderBackend {
   absl::Status Init();
   absl::Status UploadWeights();
   absl::Status Put(const std::vector<float>& host, void* device, DType dtype, float* staging);
-  // Enqueues the whole step on stream_ (no host synchronisation unless attention is on the host).
+  // Enqueues the whole step on stream_, attention on the device: no host synchronisation.
   absl::Status EnqueueStep(int rows, int chunks);
-  absl::Status HostAttention(int layer, int rows);
+  // The step with attention on the host, pipelined over micro-batches (decoder.h): each range's
+  // q/k/v go to the host as soon as they exist and its attention starts while the GPU runs the
+  // other ranges' dense work.
+  absl::Status RunHostAttentionStep(const DecoderStep& step);
+  // A step's pieces, on rows [range.first, + range.count): the embedding and RoPE angles; a
+  // layer's dense work before attention (norm, QKV, RoPE: x to q, k, v) and after it (o
+  // projection, residual, norm, MLP: attn to x); the final norm and LM head of the chunks.
+  absl::Status EnqueueInputs(int rows);
+  absl::Status EnqueueDenseIn(int layer, RowRange range);
+  absl::Status EnqueueDenseOut(int layer, RowRange range);
+  absl::Status EnqueueHead(int chunks);
+  // Host attention of one range: q/k/v to pinned host memory, then StartAttend; FinishAttend,
+  // then the output back to the device.
+  absl::Status StartHostAttention(int layer, RowRange range);
+  absl::Status FinishHostAttention(int layer, RowRange range);
   absl::Status RunGraph(int rows, int chunks, bool* ran);
+  // act-dtype rows: `p` advanced by `elements` elements of act_dtype_.
+  void* ActAt(void* p, int64_t elements) const {
+    return static_cast<uint8_t*>(p) + elements * static_cast<int64_t>(DTypeSize(act_dtype_));
+  }
 
   const Model& model_;
   AttentionStep& attention_;
@@ -134,6 +152,7 @@ class CudaBackend : public DecoderBackend {
   PinnedBuffer host_logits_;
   PinnedBuffer host_greedy_;
   PinnedBuffer host_qkv_;  // host attention: q, k, v then out
+  cudaEvent_t qkv_on_host_ = nullptr;  // host attention: a range's q/k/v copies are done
 
   std::unordered_map<int, cudaGraphExec_t> graphs_;  // by row count (decode steps)
   std::unordered_map<int, int> decode_shapes_seen_;
@@ -146,6 +165,14 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
   }
   if (options.max_rows <= 0 || options.max_chunks <= 0) {
     return absl::InvalidArgumentError("cuda decoder: max_rows and max_chunks must be > 0");
+  }
+  if (options.micro_batches < 1) {
+    return absl::InvalidArgumentError("cuda decoder: micro_batches must be at least 1");
+  }
+  if (options.micro_batches > 1 && attention.device_stream() != nullptr) {
+    return absl::InvalidArgumentError(
+        "cuda decoder: micro-batches overlap dense work with attention off the GPU (workers or "
+        "the host); attention on the same GPU takes the whole step (micro_batches 1)");
   }
   const ModelConfig& c = model.config;
   if (c.head_dim % 2 != 0) {
@@ -160,6 +187,7 @@ CudaBackend::~CudaBackend() {
   if (stream_ != nullptr) cudaStreamSynchronize(stream_);
   for (auto& [rows, exec] : graphs_) cudaGraphExecDestroy(exec);
   if (inputs_copied_ != nullptr) cudaEventDestroy(inputs_copied_);
+  if (qkv_on_host_ != nullptr) cudaEventDestroy(qkv_on_host_);
   if (own_stream_ && stream_ != nullptr) cudaStreamDestroy(stream_);
 }
 
@@ -238,6 +266,8 @@ absl::Status CudaBackend::Init() {
     FERRY_ASSIGN_OR_RETURN(host_qkv_, PinnedBuffer::Allocate(
                                           rows * (2 * q_out + 2 * kv_out) * sizeof(float),
                                           "host attention staging"));
+    FERRY_RETURN_IF_ERROR(CudaStatus(
+        cudaEventCreateWithFlags(&qkv_on_host_, cudaEventDisableTiming), "cudaEventCreate"));
   }
   return absl::OkStatus();
 }
@@ -325,85 +355,152 @@ absl::Status CudaBackend::UploadWeights() {
   return CudaStatus(cudaDeviceSynchronize(), "weight upload");
 }
 
-absl::Status CudaBackend::HostAttention(int layer, int rows) {
+absl::Status CudaBackend::StartHostAttention(int layer, RowRange range) {
   const ModelConfig& c = model_.config;
-  const size_t q_elems = size_t(rows) * c.num_heads * c.head_dim;
-  const size_t kv_elems = size_t(rows) * c.num_kv_heads * c.head_dim;
+  const int64_t q_out = int64_t{c.num_heads} * c.head_dim, kv_out = int64_t{c.num_kv_heads} * c.head_dim;
+  const int64_t rows = options_.max_rows, r0 = range.first, n = range.count;
   float* q = host_qkv_.get<float>();
-  float* k = q + q_elems;
-  float* v = k + kv_elems;
-  float* out = v + kv_elems;
-  FERRY_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(q, s_.q, q_elems * 4, cudaMemcpyDeviceToHost,
-                                               stream_), "q to host"));
-  FERRY_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(k, s_.k, kv_elems * 4, cudaMemcpyDeviceToHost,
-                                               stream_), "k to host"));
-  FERRY_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(v, s_.v, kv_elems * 4, cudaMemcpyDeviceToHost,
-                                               stream_), "v to host"));
-  FERRY_RETURN_IF_ERROR(CudaStatus(cudaStreamSynchronize(stream_), "q/k/v to host"));
-  FERRY_RETURN_IF_ERROR(attention_.StartAttend(layer, 0, rows, q, k, v, out));
-  FERRY_RETURN_IF_ERROR(attention_.FinishAttend(layer, 0));
-  return CudaStatus(cudaMemcpyAsync(s_.attn, out, q_elems * 4, cudaMemcpyHostToDevice, stream_),
-                "attention output to device");
+  float* k = q + rows * q_out;
+  float* v = k + rows * kv_out;
+  float* out = v + rows * kv_out;
+  FERRY_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(q + r0 * q_out, s_.q + r0 * q_out,
+                                                   n * q_out * 4, cudaMemcpyDeviceToHost, stream_),
+                                   "q to host"));
+  FERRY_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(k + r0 * kv_out, s_.k + r0 * kv_out,
+                                                   n * kv_out * 4, cudaMemcpyDeviceToHost, stream_),
+                                   "k to host"));
+  FERRY_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(v + r0 * kv_out, s_.v + r0 * kv_out,
+                                                   n * kv_out * 4, cudaMemcpyDeviceToHost, stream_),
+                                   "v to host"));
+  // Only this range's copies (and what the stream ran before them) are waited for; work enqueued
+  // later keeps the GPU busy while the attention runs.
+  FERRY_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(qkv_on_host_, stream_), "cudaEventRecord"));
+  FERRY_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(qkv_on_host_), "q/k/v to host"));
+  return attention_.StartAttend(layer, r0, n, q + r0 * q_out, k + r0 * kv_out, v + r0 * kv_out,
+                                out + r0 * q_out);
+}
+
+absl::Status CudaBackend::FinishHostAttention(int layer, RowRange range) {
+  const ModelConfig& c = model_.config;
+  const int64_t q_out = int64_t{c.num_heads} * c.head_dim, kv_out = int64_t{c.num_kv_heads} * c.head_dim;
+  const int64_t rows = options_.max_rows, r0 = range.first;
+  FERRY_RETURN_IF_ERROR(attention_.FinishAttend(layer, r0));
+  const float* out = host_qkv_.get<float>() + rows * (q_out + 2 * kv_out);
+  return CudaStatus(cudaMemcpyAsync(s_.attn + r0 * q_out, out + r0 * q_out,
+                                    range.count * q_out * 4, cudaMemcpyHostToDevice, stream_),
+                    "attention output to device");
+}
+
+absl::Status CudaBackend::EnqueueInputs(int rows) {
+  const ModelConfig& c = model_.config;
+  FERRY_RETURN_IF_ERROR(CudaStatus(kernels::EmbeddingGather(s_.tokens, rows, embed_, act_dtype_,
+                                                            c.vocab_size, c.hidden_size, s_.x,
+                                                            stream_),
+                                   "EmbeddingGather"));
+  return CudaStatus(kernels::RopeCosSin(s_.positions, rows, inv_freq_, c.head_dim, s_.cos_sin,
+                                        stream_),
+                    "RopeCosSin");
+}
+
+absl::Status CudaBackend::EnqueueDenseIn(int layer, RowRange range) {
+  const ModelConfig& c = model_.config;
+  const int hidden = c.hidden_size, hd = c.head_dim;
+  const int q_out = c.num_heads * hd, kv_out = c.num_kv_heads * hd;
+  const int qkv_out = q_out + 2 * kv_out;
+  const LayerPointers& w = layers_[layer];
+  const int64_t r0 = range.first;
+  const int n = static_cast<int>(range.count);
+  void* h = ActAt(s_.h, r0 * hidden);
+  float* qkv = s_.qkv + r0 * qkv_out;
+  FERRY_RETURN_IF_ERROR(CudaStatus(kernels::RmsNorm(s_.x + r0 * hidden, nullptr, n, hidden,
+                                                    w.input_norm, c.rms_norm_eps, h, act_dtype_,
+                                                    stream_),
+                                   "RmsNorm"));
+  FERRY_RETURN_IF_ERROR(gemm_->Linear(h, n, hidden, w.wqkv, qkv_out, act_dtype_, qkv, false,
+                                      stream_));
+  return CudaStatus(kernels::RopeSplitQkv(qkv, w.bqkv, s_.cos_sin + r0 * hd, n, c.num_heads,
+                                          c.num_kv_heads, hd, s_.q + r0 * q_out,
+                                          s_.k + r0 * kv_out, s_.v + r0 * kv_out, stream_),
+                    "RopeSplitQkv");
+}
+
+absl::Status CudaBackend::EnqueueDenseOut(int layer, RowRange range) {
+  const ModelConfig& c = model_.config;
+  const int hidden = c.hidden_size, inter = c.intermediate_size;
+  const int q_out = c.num_heads * c.head_dim;
+  const DType act = act_dtype_;
+  const LayerPointers& w = layers_[layer];
+  const int64_t r0 = range.first;
+  const int n = static_cast<int>(range.count);
+  float* x = s_.x + r0 * hidden;
+  void* attn_act = ActAt(s_.attn_act, r0 * q_out);
+  if (act != DType::kFloat32) {
+    FERRY_RETURN_IF_ERROR(CudaStatus(kernels::ConvertFloat(s_.attn + r0 * q_out,
+                                                           int64_t{n} * q_out, attn_act, act,
+                                                           stream_),
+                                     "ConvertFloat"));
+  }
+  FERRY_RETURN_IF_ERROR(gemm_->Linear(attn_act, n, q_out, w.wo, hidden, act, x, true, stream_));
+  if (w.bo != nullptr) {
+    FERRY_RETURN_IF_ERROR(CudaStatus(kernels::AddBias(x, n, hidden, w.bo, stream_), "AddBias"));
+  }
+  void* h = ActAt(s_.h, r0 * hidden);
+  FERRY_RETURN_IF_ERROR(CudaStatus(kernels::RmsNorm(x, nullptr, n, hidden, w.post_norm,
+                                                    c.rms_norm_eps, h, act, stream_),
+                                   "RmsNorm"));
+  float* gate_up = s_.gate_up + r0 * 2 * inter;
+  void* mlp = ActAt(s_.act, r0 * inter);
+  FERRY_RETURN_IF_ERROR(
+      gemm_->Linear(h, n, hidden, w.w_gate_up, 2 * inter, act, gate_up, false, stream_));
+  FERRY_RETURN_IF_ERROR(
+      CudaStatus(kernels::SwiGlu(gate_up, n, inter, mlp, act, stream_), "SwiGlu"));
+  return gemm_->Linear(mlp, n, inter, w.w_down, hidden, act, x, true, stream_);
+}
+
+absl::Status CudaBackend::EnqueueHead(int chunks) {
+  const ModelConfig& c = model_.config;
+  // Only each chunk's last row goes through the final norm and the LM head.
+  FERRY_RETURN_IF_ERROR(CudaStatus(kernels::RmsNorm(s_.x, s_.last_rows, chunks, c.hidden_size,
+                                                    final_norm_, c.rms_norm_eps, s_.last_h,
+                                                    act_dtype_, stream_),
+                                   "RmsNorm"));
+  FERRY_RETURN_IF_ERROR(gemm_->Linear(s_.last_h, chunks, c.hidden_size, lm_head_, c.vocab_size,
+                                      act_dtype_, s_.logits, false, stream_));
+  return CudaStatus(kernels::ArgmaxRows(s_.logits, chunks, c.vocab_size, s_.greedy, stream_),
+                    "ArgmaxRows");
 }
 
 absl::Status CudaBackend::EnqueueStep(int rows, int chunks) {
-  const ModelConfig& c = model_.config;
-  const int hidden = c.hidden_size, hd = c.head_dim, inter = c.intermediate_size;
-  const int q_out = c.num_heads * hd, kv_out = c.num_kv_heads * hd;
-  const int qkv_out = q_out + 2 * kv_out;
-  const DType act = act_dtype_;
-  FERRY_RETURN_IF_ERROR(CudaStatus(kernels::EmbeddingGather(s_.tokens, rows, embed_, act,
-                                                        c.vocab_size, hidden, s_.x, stream_),
-                               "EmbeddingGather"));
-  FERRY_RETURN_IF_ERROR(CudaStatus(
-      kernels::RopeCosSin(s_.positions, rows, inv_freq_, hd, s_.cos_sin, stream_), "RopeCosSin"));
-  for (int l = 0; l < c.num_layers; ++l) {
-    const LayerPointers& w = layers_[l];
-    FERRY_RETURN_IF_ERROR(CudaStatus(kernels::RmsNorm(s_.x, nullptr, rows, hidden, w.input_norm,
-                                                  c.rms_norm_eps, s_.h, act, stream_),
-                                 "RmsNorm"));
-    FERRY_RETURN_IF_ERROR(
-        gemm_->Linear(s_.h, rows, hidden, w.wqkv, qkv_out, act, s_.qkv, false, stream_));
-    FERRY_RETURN_IF_ERROR(CudaStatus(kernels::RopeSplitQkv(s_.qkv, w.bqkv, s_.cos_sin, rows,
-                                                       c.num_heads, c.num_kv_heads, hd, s_.q,
-                                                       s_.k, s_.v, stream_),
-                                 "RopeSplitQkv"));
-    if (device_attention_) {
-      FERRY_RETURN_IF_ERROR(attention_.StartAttend(l, 0, rows, s_.q, s_.k, s_.v, s_.attn));
-      FERRY_RETURN_IF_ERROR(attention_.FinishAttend(l, 0));
-    } else {
-      FERRY_RETURN_IF_ERROR(HostAttention(l, rows));
-    }
-    if (act != DType::kFloat32) {
-      FERRY_RETURN_IF_ERROR(CudaStatus(kernels::ConvertFloat(s_.attn, int64_t{rows} * q_out,
-                                                         s_.attn_act, act, stream_),
-                                   "ConvertFloat"));
-    }
-    FERRY_RETURN_IF_ERROR(
-        gemm_->Linear(s_.attn_act, rows, q_out, w.wo, hidden, act, s_.x, true, stream_));
-    if (w.bo != nullptr) {
-      FERRY_RETURN_IF_ERROR(CudaStatus(kernels::AddBias(s_.x, rows, hidden, w.bo, stream_),
-                                   "AddBias"));
-    }
-    FERRY_RETURN_IF_ERROR(CudaStatus(kernels::RmsNorm(s_.x, nullptr, rows, hidden, w.post_norm,
-                                                  c.rms_norm_eps, s_.h, act, stream_),
-                                 "RmsNorm"));
-    FERRY_RETURN_IF_ERROR(
-        gemm_->Linear(s_.h, rows, hidden, w.w_gate_up, 2 * inter, act, s_.gate_up, false,
-                      stream_));
-    FERRY_RETURN_IF_ERROR(CudaStatus(kernels::SwiGlu(s_.gate_up, rows, inter, s_.act, act, stream_),
-                                 "SwiGlu"));
-    FERRY_RETURN_IF_ERROR(
-        gemm_->Linear(s_.act, rows, inter, w.w_down, hidden, act, s_.x, true, stream_));
+  const RowRange all{0, rows};
+  FERRY_RETURN_IF_ERROR(EnqueueInputs(rows));
+  for (int l = 0; l < model_.config.num_layers; ++l) {
+    FERRY_RETURN_IF_ERROR(EnqueueDenseIn(l, all));
+    FERRY_RETURN_IF_ERROR(attention_.StartAttend(l, 0, rows, s_.q, s_.k, s_.v, s_.attn));
+    FERRY_RETURN_IF_ERROR(attention_.FinishAttend(l, 0));
+    FERRY_RETURN_IF_ERROR(EnqueueDenseOut(l, all));
   }
-  // Only each chunk's last row goes through the final norm and the LM head.
-  FERRY_RETURN_IF_ERROR(CudaStatus(kernels::RmsNorm(s_.x, s_.last_rows, chunks, hidden, final_norm_,
-                                                c.rms_norm_eps, s_.last_h, act, stream_),
-                               "RmsNorm"));
-  FERRY_RETURN_IF_ERROR(gemm_->Linear(s_.last_h, chunks, hidden, lm_head_, c.vocab_size, act,
-                                      s_.logits, false, stream_));
-  return CudaStatus(kernels::ArgmaxRows(s_.logits, chunks, c.vocab_size, s_.greedy, stream_),
-                "ArgmaxRows");
+  return EnqueueHead(chunks);
+}
+
+absl::Status CudaBackend::RunHostAttentionStep(const DecoderStep& step) {
+  const int num_layers = model_.config.num_layers;
+  const std::vector<RowRange> batches = SplitMicroBatches(step.last_rows, options_.micro_batches);
+  FERRY_RETURN_IF_ERROR(EnqueueInputs(static_cast<int>(step.rows.size())));
+  for (const RowRange& batch : batches) {
+    FERRY_RETURN_IF_ERROR(EnqueueDenseIn(0, batch));
+    FERRY_RETURN_IF_ERROR(StartHostAttention(0, batch));
+  }
+  for (int l = 0; l < num_layers; ++l) {
+    for (const RowRange& batch : batches) {
+      FERRY_RETURN_IF_ERROR(FinishHostAttention(l, batch));
+      FERRY_RETURN_IF_ERROR(EnqueueDenseOut(l, batch));
+      if (l + 1 < num_layers) {
+        FERRY_RETURN_IF_ERROR(EnqueueDenseIn(l + 1, batch));
+        FERRY_RETURN_IF_ERROR(StartHostAttention(l + 1, batch));
+      }
+    }
+  }
+  return EnqueueHead(static_cast<int>(step.last_rows.size()));
 }
 
 // Replays (or, on a decode shape's second occurrence, captures) the step as a CUDA graph.
@@ -476,7 +573,11 @@ absl::Status CudaBackend::Forward(const DecoderStep& step, std::vector<float>* l
   if (options_.cuda_graphs && device_attention_ && IsDecodeStep(step)) {
     FERRY_RETURN_IF_ERROR(RunGraph(rows, chunks, &ran));
   }
-  if (!ran) FERRY_RETURN_IF_ERROR(EnqueueStep(rows, chunks));
+  if (!device_attention_) {
+    FERRY_RETURN_IF_ERROR(RunHostAttentionStep(step));
+  } else if (!ran) {
+    FERRY_RETURN_IF_ERROR(EnqueueStep(rows, chunks));
+  }
   FERRY_RETURN_IF_ERROR(attention_.EndStep());
 
   if (logits != nullptr) {
