@@ -711,11 +711,15 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
       }
       {
         // ||q_r|| (threads 0..63) and ||k_r|| (64..127) of the raw rows: the state keeps the
-        // running maxima for every feature map; kOnePlusXMaxNorm also scales by them.
+        // running maxima for every feature map; kOnePlusXMaxNorm also scales by them. The other
+        // maps need them only for the final state (a tenth of the forward's instructions).
+        const bool need_norms = lifted || p.final_state != nullptr;
         const int r = tid % kChunk;
         const uint16_t* row = (tid < kChunk ? q_tile : k_tile) + r * kSD;
         float sum = 0.0f;
-        if (r < valid_rows) sum = fp16 ? RowSumSquares<kD, true>(row) : RowSumSquares<kD, false>(row);
+        if (need_norms && r < valid_rows) {
+          sum = fp16 ? RowSumSquares<kD, true>(row) : RowSumSquares<kD, false>(row);
+        }
         scratch_s[tid] = sqrtf(sum);
       }
       __syncthreads();
