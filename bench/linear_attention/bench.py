@@ -133,6 +133,9 @@ def main():
                         help="seconds after which fla (its Triton autotuning is slow) is skipped")
     parser.add_argument("--fla-shapes", default="",
                         help="d:N pairs (comma separated) fla runs at; default every shape")
+    parser.add_argument("--ns", default="", help="sequence lengths (comma separated)")
+    parser.add_argument("--methods", default="",
+                        help="method names to run (comma separated); default all")
     args = parser.parse_args()
     torch.manual_seed(int(time.time()))
     dev = torch.cuda.get_device_properties(0)
@@ -144,6 +147,9 @@ def main():
     print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + written)", flush=True)
     b, h = 4, 16
     ns = [8192] if args.quick else [2048, 4096, 8192, 16384, 32768]
+    if args.ns:
+        ns = [int(x) for x in args.ns.split(",")]
+    chosen = set(args.methods.split(",")) if args.methods else None
     rows = []
     err = same_function_check(128)
     if err is not None:
@@ -151,7 +157,7 @@ def main():
               flush=True)
     # Ferry and SDPA for every shape first, then fla (slow to autotune) while its budget lasts.
     plan = [(d, n, name) for d in (128, 64) for n in ns for name in methods(d)
-            if not name.startswith("fla")]
+            if not name.startswith("fla") and (chosen is None or name in chosen)]
     fla_shapes = {tuple(int(x) for x in pair.split(":")) for pair in args.fla_shapes.split(",")
                   if pair}
     plan += [(d, n, name) for d in (128, 64) for n in ns for name in methods(d)

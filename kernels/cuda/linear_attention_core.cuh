@@ -242,19 +242,40 @@ __device__ __forceinline__ uint16_t FloatToBits(float x, bool fp16) {
 // elu(x) + 1 with expf, as the CPU backend computes it (the decode kernel, whose state must
 // match the CPU's).
 __device__ __forceinline__ float EluPlusOne(float x) { return x > 0.0f ? x + 1.0f : expf(x); }
-// With the fast exponential (ex2.approx, relative error ~1e-6 here): for values that are
-// rounded to bf16 next (2^-9), where expf's exactness buys nothing and costs latency.
-__device__ __forceinline__ float EluPlusOneFast(float x) { return x > 0.0f ? x + 1.0f : __expf(x); }
+
+// exp(x) by one ex2.approx.ftz (relative error ~2^-22; subnormal results flush to zero): for
+// values that are rounded to bf16 next (2^-9), where expf's exactness and __expf's subnormal
+// handling cost instructions and buy nothing. The elementwise transforms were about half of the
+// instructions the core kernels issued (ncu, bench/RESULTS.md).
+__device__ __forceinline__ float ExpFast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
+// Selects (not min / max) so that a NaN input stays NaN.
+__device__ __forceinline__ float EluPlusOneFast(float x) { return x > 0.0f ? x + 1.0f : ExpFast(x); }
 __device__ __forceinline__ float EluPlusOneDerivativeFast(float x) {
-  return x > 0.0f ? 1.0f : __expf(x);
+  return x > 0.0f ? 1.0f : ExpFast(x);
 }
 
-__device__ __forceinline__ void Unpack8(const uint4& raw, bool fp16, float (&x)[8]) {
+// The two 16-bit values of a word as floats: bf16 by shifts, fp16 by conversion.
+template <bool kFp16>
+__device__ __forceinline__ float2 UnpackPair(uint32_t w) {
+  if constexpr (kFp16) {
+    return __half22float2(*reinterpret_cast<const __half2*>(&w));
+  } else {
+    return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u));
+  }
+}
+
+template <bool kFp16>
+__device__ __forceinline__ void Unpack8(const uint4& raw, float (&x)[8]) {
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    x[2 * i] = BitsToFloat(static_cast<uint16_t>(words[i] & 0xffffu), fp16);
-    x[2 * i + 1] = BitsToFloat(static_cast<uint16_t>(words[i] >> 16), fp16);
+    const float2 f = UnpackPair<kFp16>(words[i]);
+    x[2 * i] = f.x;
+    x[2 * i + 1] = f.y;
   }
 }
 
@@ -263,45 +284,102 @@ __device__ __forceinline__ uint4 PackBf16x8(const float (&x)[8]) {
                     PackBf16(x[6], x[7]));
 }
 
-// In place over a 64-row tile of `kCols` columns: phi (optional), times a per-row scale
-// (optional), stored as bf16; rows >= valid_rows become zero (phi(0) would not be).
+// Thread t's 16-byte vectors of a 64-row tile of kCols columns: column vector t % kVecs of rows
+// t / kVecs + i kRowStep, i < kIters (a fixed column per thread, so addresses advance by a
+// constant).
 template <int kCols>
-__device__ __forceinline__ void TransformTile(uint16_t* tile, int stride, int valid_rows, bool phi,
-                                              const float* row_scale, bool fp16) {
-  constexpr int kVecs = kCols / 8;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < kChunk * kVecs; i += kThreads) {
-    const int r = i / kVecs;
-    uint4* ptr = reinterpret_cast<uint4*>(tile + r * stride + (i % kVecs) * 8);
-    if (r >= valid_rows) {
-      *ptr = make_uint4(0, 0, 0, 0);
-      continue;
-    }
+struct TileWalk {
+  static constexpr int kVecs = kCols / 8;
+  static constexpr int kRowStep = kThreads / kVecs;
+  static constexpr int kIters = kChunk / kRowStep;
+  static_assert(kThreads % kVecs == 0 && kChunk % kRowStep == 0, "tile walk");
+};
+
+template <int kCols, bool kFp16, bool kPhi, bool kScale>
+__device__ __forceinline__ void TransformTileImpl(uint16_t* tile, int stride, int valid_rows,
+                                                  const float* row_scale) {
+  using W = TileWalk<kCols>;
+  const int r0 = threadIdx.x / W::kVecs;
+  uint16_t* base = tile + r0 * stride + (threadIdx.x % W::kVecs) * 8;
+#pragma unroll 2
+  for (int i = 0; i < W::kIters; ++i) {
+    const int r = r0 + i * W::kRowStep;
+    uint4* ptr = reinterpret_cast<uint4*>(base + i * W::kRowStep * stride);
     float x[8];
-    Unpack8(*ptr, fp16, x);
-    const float scale = row_scale != nullptr ? row_scale[r] : 1.0f;
+    Unpack8<kFp16>(*ptr, x);
+    const float scale = kScale ? row_scale[r] : 1.0f;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      const float y = phi ? EluPlusOneFast(x[e]) : x[e];
-      x[e] = row_scale != nullptr ? y * scale : y;
+      const float y = kPhi ? EluPlusOneFast(x[e]) : x[e];
+      x[e] = kScale ? y * scale : y;
     }
-    *ptr = PackBf16x8(x);
+    *ptr = r < valid_rows ? PackBf16x8(x) : make_uint4(0, 0, 0, 0);
   }
 }
 
-// Copies a 64-row tile of kCols columns (rows past the sequence zero-filled).
+// sum_c x[c]^2 over one row of kCols 16-bit values (eight partial sums: the loads overlap).
+template <int kCols, bool kFp16>
+__device__ __forceinline__ float RowSumSquares(const uint16_t* row) {
+  float part[8] = {};
+#pragma unroll
+  for (int cv = 0; cv < kCols / 8; ++cv) {
+    float x[8];
+    Unpack8<kFp16>(*reinterpret_cast<const uint4*>(row + cv * 8), x);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) part[e] = fmaf(x[e], x[e], part[e]);
+  }
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// In place over a 64-row tile of `kCols` columns: phi (optional), times a per-row scale
+// (optional), stored as bf16; rows >= valid_rows become zero (phi(0) would not be). The options
+// are block-uniform: each combination is its own branch-free loop.
+template <int kCols>
+__device__ __forceinline__ void TransformTile(uint16_t* tile, int stride, int valid_rows, bool phi,
+                                              const float* row_scale, bool fp16) {
+  const bool scale = row_scale != nullptr;
+  if (fp16) {
+    if (phi) {
+      if (scale) {
+        TransformTileImpl<kCols, true, true, true>(tile, stride, valid_rows, row_scale);
+      } else {
+        TransformTileImpl<kCols, true, true, false>(tile, stride, valid_rows, row_scale);
+      }
+    } else if (scale) {
+      TransformTileImpl<kCols, true, false, true>(tile, stride, valid_rows, row_scale);
+    } else {
+      TransformTileImpl<kCols, true, false, false>(tile, stride, valid_rows, row_scale);
+    }
+  } else if (phi) {
+    if (scale) {
+      TransformTileImpl<kCols, false, true, true>(tile, stride, valid_rows, row_scale);
+    } else {
+      TransformTileImpl<kCols, false, true, false>(tile, stride, valid_rows, row_scale);
+    }
+  } else if (scale) {
+    TransformTileImpl<kCols, false, false, true>(tile, stride, valid_rows, row_scale);
+  } else {
+    TransformTileImpl<kCols, false, false, false>(tile, stride, valid_rows, row_scale);
+  }
+}
+
+// Copies a 64-row tile of kCols columns (rows past the sequence zero-filled). One 64-bit
+// address per thread, advanced by a constant: the per-copy index arithmetic was a tenth to a
+// quarter of the core kernels' instructions.
 template <int kCols>
 __device__ __forceinline__ void LoadTile(uint16_t* dst, int stride, const TileSource& src,
                                          int64_t first_token, int valid_rows) {
-  constexpr int kVecs = kCols / 8;
-#pragma unroll 4
-  for (int i = threadIdx.x; i < kChunk * kVecs; i += kThreads) {
-    const int r = i / kVecs;
-    const int cv = i % kVecs;
-    const bool valid = r < valid_rows;
-    const uint16_t* g = valid ? src.base + (first_token + r) * src.row_stride + src.offset + cv * 8
-                              : src.base;
-    CpAsync16(dst + r * stride + cv * 8, g, valid);
+  using W = TileWalk<kCols>;
+  const int r0 = threadIdx.x / W::kVecs;
+  const int c = (threadIdx.x % W::kVecs) * 8;
+  const uint16_t* g = src.base + (first_token + r0) * src.row_stride + src.offset + c;
+  const int64_t step = src.row_stride * W::kRowStep;
+  uint16_t* s = dst + r0 * stride + c;
+#pragma unroll
+  for (int i = 0; i < W::kIters; ++i) {
+    const bool valid = r0 + i * W::kRowStep < valid_rows;
+    CpAsync16(s + i * W::kRowStep * stride, valid ? g : src.base, valid);
+    g += step;
   }
 }
 
@@ -633,21 +711,16 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
       }
       {
         // ||q_r|| (threads 0..63) and ||k_r|| (64..127) of the raw rows: the state keeps the
-        // running maxima for every feature map; kOnePlusXMaxNorm also scales by them.
+        // running maxima for every feature map; kOnePlusXMaxNorm also scales by them. The other
+        // maps need them only for the final state (a tenth of the forward's instructions).
+        const bool need_norms = lifted || p.final_state != nullptr;
         const int r = tid % kChunk;
         const uint16_t* row = (tid < kChunk ? q_tile : k_tile) + r * kSD;
-        float part[8] = {};
-        if (r < valid_rows) {
-#pragma unroll
-          for (int cv = 0; cv < kD / 8; ++cv) {
-            float x[8];
-            Unpack8(*reinterpret_cast<const uint4*>(row + cv * 8), fp16, x);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) part[e] += x[e] * x[e];
-          }
+        float sum = 0.0f;
+        if (need_norms && r < valid_rows) {
+          sum = fp16 ? RowSumSquares<kD, true>(row) : RowSumSquares<kD, false>(row);
         }
-        scratch_s[tid] =
-            sqrtf(((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
+        scratch_s[tid] = sqrtf(sum);
       }
       __syncthreads();
       if (warp == 0) {

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -198,8 +199,10 @@ struct ForwardResult {
   std::vector<float> out, final_state, stats;
 };
 
-// CUDA forward from `initial_state` (null: empty), with the final state and row stats.
-ForwardResult CudaForward(const Problem& p, const std::vector<float>* initial_state = nullptr) {
+// CUDA forward from `initial_state` (null: empty), with the row stats and, if asked, the final
+// state.
+ForwardResult CudaForward(const Problem& p, const std::vector<float>* initial_state = nullptr,
+                          bool with_final_state = true) {
   ForwardResult r;
   DeviceBuffer cu, q, k, v, out, stats, init, fin, workspace;
   cu.Upload(p.cu_seqlens);
@@ -220,7 +223,7 @@ ForwardResult CudaForward(const Problem& p, const std::vector<float>* initial_st
   args.v = v.get();
   args.out = out.get();
   args.initial_state = initial_state != nullptr ? init.get<float>() : nullptr;
-  args.final_state = fin.get<float>();
+  args.final_state = with_final_state ? fin.get<float>() : nullptr;
   const size_t ws_bytes =
       LinearAttentionForwardWorkspaceSize(p.config, p.total_tokens(), g_segment_chunks);
   workspace.Resize(ws_bytes);
@@ -400,6 +403,15 @@ bool CheckForward(const Problem& p, const std::string& what) {
   const double state_error = RelativeError(got.final_state, ToDouble(cpu.final_state));
   EXPECT_EQ(CountNonFinite(got.final_state), 0) << name;
   EXPECT_LT(state_error, InputsExact(p) ? kExactStateTolerance : kStateTolerance) << name;
+  // Without a final state the kernels skip the norms the other maps keep only for it: out and
+  // the row stats must not change by a bit.
+  const ForwardResult bare = CudaForward(p, nullptr, false);
+  EXPECT_EQ(bare.error, cudaSuccess) << cudaGetErrorString(bare.error);
+  if (bare.error != cudaSuccess) return true;
+  EXPECT_EQ(std::memcmp(bare.out.data(), got.out.data(), sizeof(float) * got.out.size()), 0)
+      << name << ": out without a final state";
+  EXPECT_EQ(std::memcmp(bare.stats.data(), got.stats.data(), sizeof(float) * got.stats.size()), 0)
+      << name << ": row stats without a final state";
   std::printf("  %-72s out %.2e  state %.2e\n", name.c_str(), worst, state_error);
   return true;
 }
