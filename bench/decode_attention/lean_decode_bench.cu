@@ -1,9 +1,7 @@
 // Decode-attention benchmark of LeanDecode on the issue's suite, plus the device's HBM read
 // bandwidth measured in the same process (a plain streaming-read kernel).
 //
-// Usage: lean_decode_bench [--csv PATH] [--iters N] [--only SUBSTRING]
-//                          [--mode rotate|single|sync|ordered] [--tail PERCENT] [--chunks N]
-// --tail / --chunks set LeanDecodeSchedule (default: the library's; --tail 0: static split).
+// Usage: lean_decode_bench [--csv PATH] [--iters N] [--only SUBSTRING] [--mode rotate|single|sync|ordered]
 // Each shape: inputs generated on the device (no zeros), two disjoint copies of the KV cache
 // (separate block tables into one pool) alternated launch by launch so L2 (50 MB) never serves
 // a launch from the previous one; CUDA events between back-to-back launches (no host sync in
@@ -127,7 +125,6 @@ struct ShapeResult {
 // Timing modes, for diagnosis: the default alternates the two KV copies back to back;
 // "single" reuses one copy; "sync" synchronises after every launch (host overhead included).
 std::string g_mode = "rotate";
-LeanDecodeSchedule g_schedule;
 
 // K and V pools are allocated once, for the largest shape, and reused by every shape (as a
 // worker holds its pools): per-shape cudaMalloc/cudaFree of multi-GB pools made the timings of a
@@ -205,15 +202,13 @@ ShapeResult RunShape(const BenchShape& shape, int iters) {
   // Alternating block tables: consecutive launches read disjoint copies of the KV cache.
   const std::vector<float> ms = TimeBackToBack(4, iters, [&](int i) {
     args.block_table = d_tables[g_mode == "single" ? 0 : i % 2];
-    BENCH_CHECK(LeanDecode(args, workspace, ws_bytes, 0, g_schedule));
+    BENCH_CHECK(LeanDecode(args, workspace, ws_bytes, 0));
     if (g_mode == "sync") BENCH_CHECK(cudaStreamSynchronize(0));
   });
   // Host cost of one LeanDecode call (validation + launch), for the record.
   BENCH_CHECK(cudaDeviceSynchronize());
   const auto host_start = std::chrono::steady_clock::now();
-  for (int i = 0; i < 20; ++i) {
-    BENCH_CHECK(LeanDecode(args, workspace, ws_bytes, 0, g_schedule));
-  }
+  for (int i = 0; i < 20; ++i) BENCH_CHECK(LeanDecode(args, workspace, ws_bytes, 0));
   const double host_us =
       std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - host_start)
           .count() / 20;
@@ -248,8 +243,6 @@ int Main(int argc, char** argv) {
     else if (arg == "--iters" && i + 1 < argc) iters = std::atoi(argv[++i]);
     else if (arg == "--only" && i + 1 < argc) only = argv[++i];
     else if (arg == "--mode" && i + 1 < argc) g_mode = argv[++i];
-    else if (arg == "--tail" && i + 1 < argc) g_schedule.tail_percent = std::atoi(argv[++i]);
-    else if (arg == "--chunks" && i + 1 < argc) g_schedule.tail_chunks = std::atoi(argv[++i]);
   }
   cudaDeviceProp prop;
   BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));
@@ -258,9 +251,8 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "read-bandwidth measurement failed\n");
     return 1;
   }
-  std::printf("device %s, %d SMs, L2 %d MB; streaming read %.0f GB/s; schedule: tail %d%% in "
-              "<= %d chunks\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20,
-              read_gbps, g_schedule.tail_percent, g_schedule.tail_chunks);
+  std::printf("device %s, %d SMs, L2 %d MB; streaming read %.0f GB/s\n", prop.name,
+              prop.multiProcessorCount, prop.l2CacheSize >> 20, read_gbps);
   int64_t max_pool = 0;
   for (const BenchShape& shape : Suite()) max_pool = std::max(max_pool, PoolElems(shape));
   BENCH_CHECK(cudaMalloc(&g_k_pool, max_pool * 2));

@@ -67,9 +67,6 @@ struct LeanConfig {
   static constexpr int kQfragBytes = kHeadDim / 16 * 32 * 16;  // one uint4 per (k-step, lane)
   static constexpr int kQ4PerThread = kMaxGroup * kHeadDim / 4 / kThreads;
   static constexpr int kMaxStages = kHeadDim == 64 ? 6 : 4;
-  // The dynamic tail claims a chunk two loads before the crossing; static units (>= 8 tiles,
-  // lean_schedule.h) must outlast the prologue's stages - 1 loads by more than that.
-  static_assert(kMaxStages <= 6, "static units must outlast the copy prologue");
   // q in float32 is staged through the stage about to be refilled.
   static_assert(kMaxGroup * kHeadDim * 4 <= kStageBytes, "q staging must fit a stage");
   static_assert(kChunksPerRow >= 8, "swizzle needs 8 chunks per row");
@@ -92,16 +89,9 @@ __device__ __forceinline__ void CpAsyncWaitPending(int n) {
 struct LeanParams {
   DecodeAttentionArgs args;
   int32_t* error_word;
-  // Arrival counters, zero between launches (each merge node's last arrival resets its own).
-  int32_t* counters;        // (num_seqs * num_kv_heads): per split head
-  int32_t* range_counters;  // (grid, 2): level-1 merges of a range's split end heads
-  int32_t* tail_counters;   // [0]: chunks claimed, [1]: blocks done (the last one resets both)
-  float* part_o;            // (grid, 2, group, head_dim): one range's state of a split head
-  float* part_lse;          // (grid, 2, group)
-  float* unit_o;            // (grid * (1 + kMaxTailChunks), 2, group, head_dim): one unit's
-  float* unit_lse;          // (grid * (1 + kMaxTailChunks), 2, group)
-  int tail_percent;         // the dynamic tail (lean_schedule.h); 0: static ranges only
-  int tail_chunks;
+  int32_t* counters;  // (num_seqs * num_kv_heads): arrivals per split head, zero between launches
+  float* part_o;      // (grid, 2, group, head_dim)
+  float* part_lse;    // (grid, 2, group)
   int group;
   int stages;
   int block_shift;  // log2(block_size) when a power of two, else -1
@@ -190,26 +180,11 @@ __device__ void WriteEmptySequence(const LeanParams& p, int s, bool valid) {
   if (!valid && threadIdx.x == 0) atomicOr(p.error_word, kLeanErrorBadRange);
 }
 
-// Sequences the block's shared-memory table of tile prefixes holds (4 KB); larger batches run
-// the static schedule (the dynamic tail needs the table to place the producer at a chunk).
-constexpr int kMaxPlanSeqs = 1024;
-constexpr int kMaxStageMeta = 8;
-
-// What the producer loaded into a stage, for the consumers: the tile's place in the flat order
-// and in the unit it belongs to.
-struct TileMeta {
-  int32_t s;
-  int32_t kv_head;
-  int32_t j;
-  int32_t tiles_per_head;
-  int32_t begin;
-  int32_t end;
-  int32_t valid;       // 0: the producer had no more tiles (the consumers stop here)
-  int32_t unit_first;  // the unit's first tile: a new head segment starts
-  int64_t seq_first_tile;
-  int64_t unit;
-  int64_t unit_end;
-};
+// Worker that owns flat tile t when total tiles are dealt to num_workers (lean_schedule.h):
+// the largest w with FirstTileOfWorker(total, num_workers, w) <= t.
+__device__ __forceinline__ int64_t OwnerOfTile(int64_t t, int64_t total, int64_t num_workers) {
+  return ((t + 1) * num_workers - 1) / total;
+}
 
 template <int kHeadDim, typename Traits>
 __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
@@ -231,12 +206,6 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
   __shared__ float row_lse[16];
   __shared__ int64_t found_seq_and_tile[2];
   __shared__ int is_last_arrival;
-  // Flat index of each sequence's first tile, for placing the producer at a claimed chunk.
-  __shared__ int32_t seq_tile_prefix[kMaxPlanSeqs];
-  __shared__ TileMeta stage_meta[kMaxStageMeta];  // the tile each stage holds
-  __shared__ int64_t claimed_unit;  // the producer's next unit, published by thread 0
-  // The schedule's chunk table is indexed at run time: in registers it would go to local memory.
-  __shared__ TailSchedule sched;
   using BlockScan = cub::BlockScan<int64_t, kThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
 
@@ -262,12 +231,9 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
     }
     int64_t exclusive, aggregate;
     BlockScan(scan_storage).ExclusiveSum(tiles, exclusive, aggregate);
-    if (s < kMaxPlanSeqs) seq_tile_prefix[s] = static_cast<int32_t>(total_tiles + exclusive);
     __syncthreads();
     total_tiles += aggregate;
   }
-  // The table serves lookups when it holds every sequence and int32 holds every prefix.
-  const bool prefix_table = num_seqs <= kMaxPlanSeqs && total_tiles < (int64_t{1} << 31);
   // Sequences with no tiles are written here, spread over the blocks.
   for (int s = blockIdx.x; s < num_seqs; s += gridDim.x) {
     const SeqRange r = LoadSeqRange(a, s);
@@ -277,36 +243,9 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
   // and the workers sharing a head are exactly owner(first tile) .. owner(last tile).
   const int64_t num_workers = total_tiles < gridDim.x ? total_tiles : int64_t{gridDim.x};
   if (blockIdx.x >= num_workers) return;
-  // The dynamic tail needs the table to place the producer at a claimed chunk's first tile.
-  if (tid == 0) {
-    sched = MakeTailSchedule(total_tiles, num_workers, prefix_table ? p.tail_percent : 0,
-                             p.tail_chunks);
-  }
-  __syncthreads();
-  const bool dynamic = sched.num_chunks > 0;  // then num_workers == gridDim.x: all blocks run
   const int64_t t0 = FirstTileOfWorker(total_tiles, num_workers, blockIdx.x);
-  // The sequence holding flat tile t (t < total_tiles), from the table: the largest s whose
-  // first tile is <= t (a sequence without tiles shares its prefix with the next one).
-  auto find_sequence = [&](int64_t t) {
-    int lo = 0, hi = num_seqs - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (seq_tile_prefix[mid] <= t) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    return lo;
-  };
-  if (prefix_table) {
-    if (tid == 0) {
-      const int s = find_sequence(t0);
-      found_seq_and_tile[0] = s;
-      found_seq_and_tile[1] = seq_tile_prefix[s];
-    }
-    __syncthreads();
-  } else {
+  const int64_t t1 = FirstTileOfWorker(total_tiles, num_workers, blockIdx.x + 1);
+  {
     int64_t running = 0;
     if (tid == 0) found_seq_and_tile[0] = -1;
     __syncthreads();
@@ -375,63 +314,17 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
     }
   };
 
-  // The producer walks its units: its own range's static unit, then the chunks it claims. Each
-  // loaded stage gets the tile's metadata, which the consumers read stages - 1 tiles later.
-  int64_t unit = blockIdx.x * sched.UnitsPerWorker();
-  int64_t producer_tile = t0;
-  int64_t unit_begin = t0;
-  int64_t unit_end = sched.UnitEnd(unit);
-  bool producer_done = false;
-  int64_t claim = 0;      // thread 0: the counter value of the claim in flight
-  int claim_countdown = 0;  // thread 0: iteration ends until the claim is published
-  auto produce = [&](int stage) {
-    if (producer_done) {
-      if (tid == 0) stage_meta[stage].valid = 0;
-      return;
-    }
-    load_tile(stage);
-    if (tid == 0) {
-      TileMeta& m = stage_meta[stage];
-      m.s = producer.s;
-      m.kv_head = producer.kv_head;
-      m.j = producer.j;
-      m.tiles_per_head = producer.tiles_per_head;
-      m.begin = producer.begin;
-      m.end = producer.end;
-      m.valid = 1;
-      m.unit_first = producer_tile == unit_begin;
-      m.seq_first_tile = producer.seq_first_tile;
-      m.unit = unit;
-      m.unit_end = unit_end;
-    }
-    if (producer_tile + 1 < unit_end) {
-      producer.Advance(a, kTile);
-      ++producer_tile;
-    } else if (!dynamic || claimed_unit < 0) {
-      producer_done = true;
-    } else {
-      unit = claimed_unit;
-      producer_tile = sched.UnitBegin(unit);
-      unit_begin = producer_tile;
-      unit_end = sched.UnitEnd(unit);
-      const int s = find_sequence(producer_tile);
-      producer.Start(a, kTile, s, seq_tile_prefix[s], producer_tile);
-    }
-    // Claim the next unit two loads before this one ends: the value is published at the end of
-    // the next iteration (its latency hidden behind a tile's work) and read at the crossing.
-    // Units span >= 2 tiles and static units outlast the prologue, so no claim is made early.
-    if (dynamic && !producer_done && producer_tile == unit_end - 2 && tid == 0) {
-      claim = atomicAdd(p.tail_counters, 1);
-      claim_countdown = 2;
-    }
-  };
   const int stages = p.stages;
   for (int i = 0; i < stages - 1; ++i) {
-    produce(i);
+    if (t0 + i < t1) {
+      if (i > 0) producer.Advance(a, kTile);
+      load_tile(i);
+    }
     CpAsyncCommit();
   }
 
   // --- Consumer state. -----------------------------------------------------------------------
+  TileCursor consumer = start;
   float o_acc[kDTiles][4];
   float row_max[2];
   float row_sum[2];
@@ -450,21 +343,19 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
 
   int stage_use = 0;
   int stage_load = stages - 1;
-  for (;;) {
+  for (int64_t t = t0; t < t1; ++t) {
     CpAsyncWaitPending(stages - 2);
     __syncthreads();
 
-    const TileMeta consumer = stage_meta[stage_use];
-    if (!consumer.valid) break;  // block-uniform: every thread reads the same metadata
+    if (t > t0) consumer.Advance(a, kTile);
     const int kv_head = consumer.kv_head;
     const int j = consumer.j;
     const int64_t flat_head = int64_t{consumer.s} * num_kv_heads + kv_head;
     const int64_t head_first_tile =
         consumer.seq_first_tile + int64_t{kv_head} * consumer.tiles_per_head;
     const int64_t head_last_tile = head_first_tile + consumer.tiles_per_head - 1;
-    const int64_t t = head_first_tile + j;
-    const bool segment_start = consumer.unit_first || j == 0;
-    const bool segment_end = t == consumer.unit_end - 1 || t == head_last_tile;
+    const bool segment_start = t == t0 || j == 0;
+    const bool segment_end = t == t1 - 1 || t == head_last_tile;
 
     if (segment_start) {
       // The stage refilled below is free (consumed last iteration): stage q there in float32.
@@ -509,8 +400,7 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
         qfrag[e] = frag;
       }
       __syncthreads();
-      if (head_last_tile < consumer.unit_end - 1 &&
-          flat_head + 1 < int64_t{num_seqs} * num_kv_heads) {
+      if (head_last_tile < t1 - 1 && flat_head + 1 < int64_t{num_seqs} * num_kv_heads) {
         prefetch_q(flat_head + 1);
       }
 #pragma unroll
@@ -520,17 +410,10 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
       row_max[0] = row_max[1] = FERRY_EMPTY_LSE;
       row_sum[0] = row_sum[1] = 0.0f;
     }
-    // The next tile's head, when it starts a segment the guess above missed (a new unit, or
-    // sequences without tiles in between): its q loads while this tile computes. With two
-    // stages the next tile's metadata is being written in this iteration, so it is skipped.
-    if (stages > 2) {
-      const TileMeta& next = stage_meta[stage_use + 1 == stages ? 0 : stage_use + 1];
-      if (next.valid && (next.unit_first || next.j == 0)) {
-        const int64_t next_head = int64_t{next.s} * num_kv_heads + next.kv_head;
-        if (next_head != prefetched_head) prefetch_q(next_head);
-      }
+    if (t + stages - 1 < t1) {
+      producer.Advance(a, kTile);
+      load_tile(stage_load);
     }
-    produce(stage_load);
     CpAsyncCommit();
     if (++stage_load == stages) stage_load = 0;
 
@@ -714,161 +597,117 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
       }
       __syncthreads();
 
-      const SegmentMerge merge = PlanSegmentMerge(sched, head_first_tile, head_last_tile,
-                                                  consumer.unit);
+      const int64_t owner_first = OwnerOfTile(head_first_tile, total_tiles, num_workers);
+      const int64_t owner_last = OwnerOfTile(head_last_tile, total_tiles, num_workers);
       const int64_t first_row = flat_head * group;  // == s * num_q_heads + kv_head * group
-      const int part_elems = group * kHeadDim;
       T* out = static_cast<T*>(a.out);
-      // This segment's state, the sum of the position groups' shares in scratch.
-      auto store_segment = [&](float* dst_o, float* dst_lse, T* dst_out) {
-        for (int e = tid; e < part_elems; e += kThreads) {
+      if (owner_first == owner_last) {
+        for (int e = tid; e < group * kHeadDim; e += kThreads) {
           const int r = e / kHeadDim;
           const int d = e % kHeadDim;
           float v = 0.0f;
 #pragma unroll
           for (int w = 0; w < kGroups; ++w) v += scratch[(w * 16 + r) * kHeadDim + d];
-          dst_o[e] = v;
-          if (dst_out != nullptr) dst_out[e] = Traits::FromFloat(v);
+          a.state_o[first_row * kHeadDim + e] = v;
+          if (out != nullptr) out[first_row * kHeadDim + e] = Traits::FromFloat(v);
         }
-        if (tid < group) dst_lse[tid] = row_lse[tid];
-      };
-      // Counts this block's arrival at a merge node of `expected` parts; true for the last one,
-      // which resets the counter for the next launch. The parts this block wrote are visible
-      // to the last arrival (fence before the count), and theirs to it (fence after).
-      auto arrive = [&](int32_t* counter, int64_t expected) {
+        if (tid < group) a.state_lse[first_row + tid] = row_lse[tid];
+      } else {
+        // Split head: publish this block's partial, then the last arrival merges all of them.
+        const int slot = head_first_tile < t0 ? 0 : 1;
+        const int64_t part = int64_t{blockIdx.x} * 2 + slot;
+        for (int e = tid; e < group * kHeadDim; e += kThreads) {
+          const int r = e / kHeadDim;
+          const int d = e % kHeadDim;
+          float v = 0.0f;
+#pragma unroll
+          for (int w = 0; w < kGroups; ++w) v += scratch[(w * 16 + r) * kHeadDim + d];
+          p.part_o[part * group * kHeadDim + e] = v;
+        }
+        if (tid < group) p.part_lse[part * group + tid] = row_lse[tid];
         __threadfence();
         __syncthreads();
         if (tid == 0) {
-          const bool last = atomicAdd(counter, 1) == expected - 1;
-          if (last) *counter = 0;
-          is_last_arrival = last;
+          const int arrived = atomicAdd(p.counters + flat_head, 1);
+          is_last_arrival = arrived == owner_last - owner_first;
         }
         __syncthreads();
-        const bool last = is_last_arrival;
-        if (last) __threadfence();
-        return last;
-      };
-      // Merges parts first .. first + count - 1 (slots as lean_schedule.h's MergePartSlot)
-      // into dst with attention_state.h's rule, in part order: deterministic whichever block
-      // arrives last. The rule's (scale_a, scale_b) chain is sequential per row but cheap; it
-      // runs from shared memory, and the o loads are independent of it, so they are issued
-      // several parts ahead (a plain loop waited one L2 round trip per part and element: ~100
-      // us of tail for a head split over 33 blocks).
-      auto merge_parts = [&](const float* parts_o, const float* parts_lse, int64_t first,
-                             int64_t count, float* dst_o, float* dst_lse, T* dst_out) {
-        constexpr int kBatch = Config::kStageBytes / (2 * kMaxGroup * 4);
-        float* scale_a = scratch;                      // (kBatch, kMaxGroup)
-        float* scale_b = scratch + kBatch * kMaxGroup;  // (kBatch, kMaxGroup)
-        const int num_vecs = part_elems / 4;
-        __syncthreads();  // scratch's previous contents consumed
-        if (tid < group) row_lse[tid] = FERRY_EMPTY_LSE;
-        for (int64_t base = 0; base < count; base += kBatch) {
-          const int n = static_cast<int>(count - base < kBatch ? count - base : kBatch);
-          for (int x = tid; x < n * group; x += kThreads) {
-            const int i = x / group;
-            const int r = x % group;
-            const int64_t src = MergePartSlot(first, base + i);
-            scale_b[i * kMaxGroup + r] = __ldcg(parts_lse + src * group + r);
-          }
-          __syncthreads();
-          if (tid < group) {
-            float lse = row_lse[tid];
-            for (int i = 0; i < n; ++i) {
-              const MergeWeights mw = ComputeMergeWeights(lse, scale_b[i * kMaxGroup + tid]);
-              scale_a[i * kMaxGroup + tid] = mw.scale_a;
-              scale_b[i * kMaxGroup + tid] = mw.scale_b;
-              lse = mw.lse;
+        if (is_last_arrival) {
+          __threadfence();
+          // Merge the partials in block order (deterministic whichever block arrives last) with
+          // attention_state.h's rule. The rule's (scale_a, scale_b) chain is sequential per row
+          // but cheap; it runs from shared memory, and the o loads are independent of it, so
+          // they are issued several parts ahead (a plain loop waited one L2 round trip per part
+          // and element: ~100 us of tail for a head split over 33 blocks).
+          constexpr int kBatch = Config::kStageBytes / (2 * kMaxGroup * 4);
+          float* scale_a = scratch;                      // (kBatch, kMaxGroup)
+          float* scale_b = scratch + kBatch * kMaxGroup;  // (kBatch, kMaxGroup)
+          const int num_vecs = group * kHeadDim / 4;
+          const int64_t num_parts = owner_last - owner_first + 1;
+          if (tid < group) row_lse[tid] = FERRY_EMPTY_LSE;
+          for (int64_t base = 0; base < num_parts; base += kBatch) {
+            const int n = static_cast<int>(num_parts - base < kBatch ? num_parts - base : kBatch);
+            for (int x = tid; x < n * group; x += kThreads) {
+              const int i = x / group;
+              const int r = x % group;
+              const int64_t w = owner_first + base + i;
+              const int64_t src = w * 2 + (w == owner_first ? 1 : 0);
+              scale_b[i * kMaxGroup + r] = __ldcg(p.part_lse + src * group + r);
             }
-            row_lse[tid] = lse;
-          }
-          __syncthreads();
-          // Batches after the first (more than kBatch parts) continue from dst_o, which this
-          // same thread wrote: it holds the running merge.
-          for (int vec = tid; vec < num_vecs; vec += kThreads) {
-            const int r = vec * 4 / kHeadDim;
-            float* dst = dst_o + vec * 4;
-            float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (base > 0) o = make_float4(dst[0], dst[1], dst[2], dst[3]);
+            __syncthreads();
+            if (tid < group) {
+              float lse = row_lse[tid];
+              for (int i = 0; i < n; ++i) {
+                const MergeWeights mw = ComputeMergeWeights(lse, scale_b[i * kMaxGroup + tid]);
+                scale_a[i * kMaxGroup + tid] = mw.scale_a;
+                scale_b[i * kMaxGroup + tid] = mw.scale_b;
+                lse = mw.lse;
+              }
+              row_lse[tid] = lse;
+            }
+            __syncthreads();
+            // Batches after the first (more than kBatch parts) continue from state_o, which
+            // this same thread wrote: it holds the running merge.
+            for (int vec = tid; vec < num_vecs; vec += kThreads) {
+              const int r = vec * 4 / kHeadDim;
+              float* dst = a.state_o + first_row * kHeadDim + vec * 4;
+              float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+              if (base > 0) o = make_float4(dst[0], dst[1], dst[2], dst[3]);
 #pragma unroll 4
-            for (int i = 0; i < n; ++i) {
-              const int64_t src = MergePartSlot(first, base + i);
-              const float4 part =
-                  __ldcg(reinterpret_cast<const float4*>(parts_o + src * part_elems) + vec);
-              const float sa = scale_a[i * kMaxGroup + r];
-              const float sb = scale_b[i * kMaxGroup + r];
-              o.x = sa * o.x + sb * part.x;
-              o.y = sa * o.y + sb * part.y;
-              o.z = sa * o.z + sb * part.z;
-              o.w = sa * o.w + sb * part.w;
+              for (int i = 0; i < n; ++i) {
+                const int64_t w = owner_first + base + i;
+                const int64_t src = w * 2 + (w == owner_first ? 1 : 0);
+                const float4 part = __ldcg(
+                    reinterpret_cast<const float4*>(p.part_o + src * group * kHeadDim) + vec);
+                const float sa = scale_a[i * kMaxGroup + r];
+                const float sb = scale_b[i * kMaxGroup + r];
+                o.x = sa * o.x + sb * part.x;
+                o.y = sa * o.y + sb * part.y;
+                o.z = sa * o.z + sb * part.z;
+                o.w = sa * o.w + sb * part.w;
+              }
+              dst[0] = o.x;
+              dst[1] = o.y;
+              dst[2] = o.z;
+              dst[3] = o.w;
+              if (out != nullptr && base + n == num_parts) {
+                T* out_dst = out + first_row * kHeadDim + vec * 4;
+                out_dst[0] = Traits::FromFloat(o.x);
+                out_dst[1] = Traits::FromFloat(o.y);
+                out_dst[2] = Traits::FromFloat(o.z);
+                out_dst[3] = Traits::FromFloat(o.w);
+              }
             }
-            dst[0] = o.x;
-            dst[1] = o.y;
-            dst[2] = o.z;
-            dst[3] = o.w;
-            if (dst_out != nullptr && base + n == count) {
-              T* out_dst = dst_out + vec * 4;
-              out_dst[0] = Traits::FromFloat(o.x);
-              out_dst[1] = Traits::FromFloat(o.y);
-              out_dst[2] = Traits::FromFloat(o.z);
-              out_dst[3] = Traits::FromFloat(o.w);
-            }
+            __syncthreads();  // scales consumed before the next batch overwrites them
           }
-          __syncthreads();  // scales consumed before the next batch overwrites them
-        }
-        if (tid < group) dst_lse[tid] = row_lse[tid];
-      };
-      float* final_o = a.state_o + first_row * kHeadDim;
-      float* final_lse = a.state_lse + first_row;
-      T* final_out = out != nullptr ? out + first_row * kHeadDim : nullptr;
-      float* range_o = p.part_o + merge.range_slot * part_elems;
-      float* range_lse = p.part_lse + merge.range_slot * group;
-      if (merge.unit_count == 1 && merge.range_count == 1) {
-        store_segment(final_o, final_lse, final_out);  // the whole head: no partials
-      } else {
-        // Level 1: the head's units inside this range; level 2: the ranges (lean_schedule.h).
-        bool range_done = merge.unit_count == 1;
-        if (range_done) {
-          store_segment(range_o, range_lse, nullptr);
-        } else {
-          store_segment(p.unit_o + merge.unit_slot * part_elems,
-                        p.unit_lse + merge.unit_slot * group, nullptr);
-          int32_t* node = merge.range_count == 1 ? p.counters + flat_head
-                                                 : p.range_counters + merge.range_slot;
-          if (arrive(node, merge.unit_count)) {
-            if (merge.range_count == 1) {
-              merge_parts(p.unit_o, p.unit_lse, merge.unit_first, merge.unit_count, final_o,
-                          final_lse, final_out);
-            } else {
-              merge_parts(p.unit_o, p.unit_lse, merge.unit_first, merge.unit_count, range_o,
-                          range_lse, nullptr);
-              range_done = true;
-            }
-          }
-        }
-        if (range_done && merge.range_count > 1 &&
-            arrive(p.counters + flat_head, merge.range_count)) {
-          merge_parts(p.part_o, p.part_lse, merge.range_first, merge.range_count, final_o,
-                      final_lse, final_out);
+          if (tid < group) a.state_lse[first_row + tid] = row_lse[tid];
+          if (tid == 0) p.counters[flat_head] = 0;  // ready for the next launch
         }
       }
-    }
-    // A claimed unit is published here, one iteration after it was asked for; the next
-    // iteration's barrier makes it visible to the producer.
-    if (tid == 0 && claim_countdown > 0 && --claim_countdown == 0) {
-      claimed_unit = sched.UnitOfClaim(claim);
     }
     if (++stage_use == stages) stage_use = 0;
   }
   CpAsyncWaitPending(0);
-  // The last block out resets the chunk counter for the next launch: every block's claims
-  // (each block stops after its first empty one) precede its count here.
-  if (dynamic && tid == 0) {
-    __threadfence();
-    if (atomicAdd(p.tail_counters + 1, 1) == static_cast<int>(gridDim.x) - 1) {
-      p.tail_counters[0] = 0;
-      p.tail_counters[1] = 0;
-    }
-  }
 }
 
 // --- Host side. ----------------------------------------------------------------------------
@@ -991,28 +830,18 @@ size_t AlignUp(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 struct WorkspaceLayout {
   size_t counters = 0;
-  size_t range_counters = 0;
-  size_t tail_counters = 0;
   size_t part_o = 0;
   size_t part_lse = 0;
-  size_t unit_o = 0;
-  size_t unit_lse = 0;
   size_t total = 0;
 };
 
 WorkspaceLayout LayoutWorkspace(int num_seqs, int num_kv_heads, int group, int head_dim,
                                 int grid) {
   WorkspaceLayout layout;
-  const size_t units = size_t(grid) * (1 + kMaxTailChunks);
   layout.counters = kAlign;  // the error word sits at offset 0
-  layout.range_counters =
-      layout.counters + AlignUp(sizeof(int32_t) * size_t(num_seqs) * num_kv_heads);
-  layout.tail_counters = layout.range_counters + AlignUp(sizeof(int32_t) * size_t(grid) * 2);
-  layout.part_o = layout.tail_counters + kAlign;
+  layout.part_o = layout.counters + AlignUp(sizeof(int32_t) * size_t(num_seqs) * num_kv_heads);
   layout.part_lse = layout.part_o + AlignUp(sizeof(float) * size_t(grid) * 2 * group * head_dim);
-  layout.unit_o = layout.part_lse + AlignUp(sizeof(float) * size_t(grid) * 2 * group);
-  layout.unit_lse = layout.unit_o + AlignUp(sizeof(float) * units * 2 * group * head_dim);
-  layout.total = layout.unit_lse + AlignUp(sizeof(float) * units * 2 * group);
+  layout.total = layout.part_lse + AlignUp(sizeof(float) * size_t(grid) * 2 * group);
   return layout;
 }
 
@@ -1062,13 +891,9 @@ size_t LeanDecodeWorkspaceSize(int max_num_seqs, int num_q_heads, int num_kv_hea
 }
 
 cudaError_t LeanDecode(const DecodeAttentionArgs& args, void* workspace, size_t workspace_bytes,
-                       cudaStream_t stream, const LeanDecodeSchedule& schedule) {
+                       cudaStream_t stream) {
   const PagedKvView& kv = args.kv;
   if (args.num_seqs < 0) return cudaErrorInvalidValue;
-  if (schedule.tail_percent < 0 || schedule.tail_percent > 50 || schedule.tail_chunks < 1 ||
-      schedule.tail_chunks > kMaxTailChunks) {
-    return cudaErrorInvalidValue;
-  }
   cudaError_t error = cudaSuccess;
   if (!ShapeIsServed(args.num_q_heads, kv.num_kv_heads, kv.head_dim, &error)) return error;
   if (kv.dtype != DType::kBFloat16 && kv.dtype != DType::kFloat16) {
@@ -1108,14 +933,8 @@ cudaError_t LeanDecode(const DecodeAttentionArgs& args, void* workspace, size_t 
   params.args = args;
   params.error_word = reinterpret_cast<int32_t*>(base);
   params.counters = reinterpret_cast<int32_t*>(base + layout.counters);
-  params.range_counters = reinterpret_cast<int32_t*>(base + layout.range_counters);
-  params.tail_counters = reinterpret_cast<int32_t*>(base + layout.tail_counters);
   params.part_o = reinterpret_cast<float*>(base + layout.part_o);
   params.part_lse = reinterpret_cast<float*>(base + layout.part_lse);
-  params.unit_o = reinterpret_cast<float*>(base + layout.unit_o);
-  params.unit_lse = reinterpret_cast<float*>(base + layout.unit_lse);
-  params.tail_percent = schedule.tail_percent;
-  params.tail_chunks = schedule.tail_chunks;
   params.group = group;
   params.stages = plan.stages;
   params.q_scale = args.softmax_scale * kLog2e;

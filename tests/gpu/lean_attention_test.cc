@@ -74,8 +74,8 @@ struct DeviceProblem {
     cudaMemset(workspace.get(), 0, bytes);
     return true;
   }
-  cudaError_t Run(cudaStream_t stream = 0, const LeanDecodeSchedule& schedule = {}) {
-    return LeanDecode(args, workspace.get(), workspace.bytes(), stream, schedule);
+  cudaError_t Run(cudaStream_t stream = 0) {
+    return LeanDecode(args, workspace.get(), workspace.bytes(), stream);
   }
   void Download(DecodeProblem& p) const {
     state_o.Download(p.state_o);
@@ -146,10 +146,9 @@ class LeanDecodeTest : public ::testing::Test {
     FERRY_SKIP_WITHOUT_CUDA_DEVICE();
   }
 
-  // Random problem -> device -> LeanDecode -> compare with float64.
+  // Random problem -> device -> LeanDecode -> compare with float64. Returns the problem.
   void CheckShape(const DecodeProblemShape& shape, uint64_t seed,
-                  const std::vector<std::pair<int32_t, int32_t>>& ranges = {},
-                  const LeanDecodeSchedule& schedule = {}) {
+                  const std::vector<std::pair<int32_t, int32_t>>& ranges = {}) {
     DecodeProblem p = MakeRandomDecodeProblem(shape, seed);
     if (!ranges.empty()) {
       for (const auto& [b, e] : ranges) {
@@ -160,7 +159,7 @@ class LeanDecodeTest : public ::testing::Test {
     p.Poison();
     DeviceProblem dev;
     if (!dev.Upload(p)) GTEST_SKIP() << "shape not served by this build: " << Describe(shape);
-    CUDA_ASSERT(dev.Run(0, schedule));
+    CUDA_ASSERT(dev.Run());
     CUDA_ASSERT(cudaDeviceSynchronize());
     dev.Download(p);
     EXPECT_EQ(dev.ErrorWord(), 0);
@@ -341,153 +340,6 @@ TEST_F(LeanDecodeTest, GraphReplayFollowsChangingLengths) {
   cudaStreamDestroy(stream);
 }
 
-// The dynamic tail runs only where every block's range has >= 16 tiles (lean_schedule.h):
-// these shapes have >= 16 tiles per block of the grid on an H100 (264 blocks for d <= 128,
-// 132 for d = 256), so chunks are claimed and heads are split over units and ranges.
-int64_t TilesOf(const DecodeProblemShape& shape) {
-  int64_t tiles = 0;
-  for (int32_t len : shape.seq_lens) tiles += (len + 63) / 64;
-  return tiles * shape.num_kv_heads;
-}
-
-bool RunsDynamicTail(const DecodeProblemShape& shape) {
-  const int grid = LeanDecodeGridSize(shape.num_q_heads, shape.num_kv_heads, shape.head_dim,
-                                      shape.dtype, 0);
-  return grid > 0 && shape.seq_lens.size() <= 1024 && TilesOf(shape) / grid >= 16;
-}
-
-TEST_F(LeanDecodeTest, DynamicTailEveryHeadDimAndDtype) {
-  uint64_t seed = 1100;
-  for (int d : {64, 128, 256}) {
-    for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
-      DecodeProblemShape shape;
-      shape.seq_lens = {100000, 3, 40000, 129, 1, 0, 777};
-      shape.num_q_heads = dtype == DType::kBFloat16 ? 8 : 24;  // hi/lo and plain q
-      shape.num_kv_heads = 2;
-      shape.head_dim = d;
-      shape.block_size = d == 64 ? 16 : 64;
-      shape.dtype = dtype;
-      EXPECT_TRUE(RunsDynamicTail(shape)) << Describe(shape);
-      CheckShape(shape, seed++);
-    }
-  }
-}
-
-TEST_F(LeanDecodeTest, DynamicTailSchedulesAgreeWithReference) {
-  // Every tail share and chunk count, and the static split, on one ragged batch with KV ranges.
-  DecodeProblemShape shape;
-  shape.seq_lens = {150000, 2000, 1, 64, 65, 30000, 5000};
-  shape.num_q_heads = 16;
-  shape.num_kv_heads = 2;
-  shape.block_size = 48;
-  ASSERT_TRUE(RunsDynamicTail(shape));
-  const std::vector<std::pair<int32_t, int32_t>> ranges = {
-      {1000, 150000}, {0, 2000}, {0, 1}, {10, 10}, {1, 65}, {0, 30000}, {4999, 5000}};
-  uint64_t seed = 1200;
-  for (LeanDecodeSchedule schedule : {LeanDecodeSchedule{0, 1}, LeanDecodeSchedule{10, 1},
-                                      LeanDecodeSchedule{25, 3}, LeanDecodeSchedule{25, 6},
-                                      LeanDecodeSchedule{50, 6}}) {
-    SCOPED_TRACE(testing::Message() << "tail " << schedule.tail_percent << "% in "
-                                    << schedule.tail_chunks << " chunks");
-    CheckShape(shape, seed++, ranges, schedule);
-  }
-}
-
-TEST_F(LeanDecodeTest, DynamicTailManyPartHead) {
-  // One head over every block: each range splits it into a static unit and chunks (level-1
-  // merges), then 264 ranges are merged (level 2).
-  DecodeProblemShape shape;
-  shape.seq_lens = {300000};
-  shape.num_q_heads = 8;
-  shape.num_kv_heads = 1;
-  shape.spare_blocks = 0;
-  ASSERT_TRUE(RunsDynamicTail(shape));
-  CheckShape(shape, 1300, {}, LeanDecodeSchedule{50, 6});
-  CheckShape(shape, 1301);
-}
-
-TEST_F(LeanDecodeTest, DynamicTailBatchesAroundTheSequenceTable) {
-  // 1024 sequences fit the block's prefix table (dynamic tail); 1025 run the static split.
-  for (int n : {1024, 1025}) {
-    DecodeProblemShape shape;
-    std::mt19937 rng(n);
-    for (int i = 0; i < n; ++i) shape.seq_lens.push_back(300 + rng() % 700);
-    shape.num_q_heads = 4;
-    shape.num_kv_heads = 1;
-    shape.block_size = 16;
-    CheckShape(shape, 1400 + n);
-  }
-}
-
-TEST_F(LeanDecodeTest, DynamicTailDeterministicOverManyLaunches) {
-  // Who runs a chunk changes from launch to launch; the bits must not.
-  DecodeProblemShape shape;
-  shape.seq_lens = {90000, 7, 20000, 64, 33333};
-  shape.num_q_heads = 32;
-  shape.num_kv_heads = 8;
-  DecodeProblem p = MakeRandomDecodeProblem(shape, 1500);
-  ASSERT_TRUE(RunsDynamicTail(shape));
-  DeviceProblem dev;
-  ASSERT_TRUE(dev.Upload(p));
-  CUDA_ASSERT(dev.Run());
-  CUDA_ASSERT(cudaDeviceSynchronize());
-  dev.Download(p);
-  ExpectMatchesReference(p, reference::DecodeAttentionReference(p.Args()));
-  const std::vector<float> first_o = p.state_o, first_lse = p.state_lse;
-  for (int run = 0; run < 20; ++run) {
-    CUDA_ASSERT(cudaMemset(dev.state_o.get(), 0xff, dev.state_o.bytes()));
-    CUDA_ASSERT(cudaMemset(dev.state_lse.get(), 0xff, dev.state_lse.bytes()));
-    CUDA_ASSERT(dev.Run());
-    CUDA_ASSERT(cudaDeviceSynchronize());
-    dev.Download(p);
-    ASSERT_EQ(std::memcmp(first_o.data(), p.state_o.data(), first_o.size() * 4), 0) << run;
-    ASSERT_EQ(std::memcmp(first_lse.data(), p.state_lse.data(), first_lse.size() * 4), 0);
-  }
-  EXPECT_EQ(dev.ErrorWord(), 0);
-}
-
-TEST_F(LeanDecodeTest, DynamicTailGraphReplaysResetTheChunkCounter) {
-  // A counter left non-zero would hand the next replay no chunks: their heads never finish
-  // and keep the poison. Replays back to back, with no host work between them.
-  DecodeProblemShape shape;
-  shape.seq_lens = {70000, 5000, 40000};
-  shape.num_q_heads = 32;
-  shape.num_kv_heads = 8;
-  DecodeProblem p = MakeRandomDecodeProblem(shape, 1600);
-  ASSERT_TRUE(RunsDynamicTail(shape));
-  DeviceProblem dev;
-  ASSERT_TRUE(dev.Upload(p));
-  cudaStream_t stream;
-  CUDA_ASSERT(cudaStreamCreate(&stream));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  CUDA_ASSERT(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-  CUDA_ASSERT(cudaMemsetAsync(dev.state_o.get(), 0xff, dev.state_o.bytes(), stream));
-  CUDA_ASSERT(cudaMemsetAsync(dev.state_lse.get(), 0xff, dev.state_lse.bytes(), stream));
-  ASSERT_EQ(dev.Run(stream), cudaSuccess);
-  CUDA_ASSERT(cudaStreamEndCapture(stream, &graph));
-  CUDA_ASSERT(cudaGraphInstantiate(&exec, graph, 0));
-  for (int replay = 0; replay < 5; ++replay) CUDA_ASSERT(cudaGraphLaunch(exec, stream));
-  CUDA_ASSERT(cudaStreamSynchronize(stream));
-  dev.Download(p);
-  const std::vector<float> graph_o = p.state_o, graph_lse = p.state_lse;
-  ExpectMatchesReference(p, reference::DecodeAttentionReference(p.Args()));
-  CUDA_ASSERT(cudaGraphLaunch(exec, stream));
-  CUDA_ASSERT(cudaStreamSynchronize(stream));
-  dev.Download(p);
-  EXPECT_EQ(std::memcmp(graph_o.data(), p.state_o.data(), graph_o.size() * 4), 0);
-  EXPECT_EQ(std::memcmp(graph_lse.data(), p.state_lse.data(), graph_lse.size() * 4), 0);
-  // The heads' arrival counters (right after the error word's 256 bytes) are back at zero.
-  std::vector<int32_t> counters(shape.seq_lens.size() * shape.num_kv_heads);
-  CUDA_ASSERT(cudaMemcpy(counters.data(), static_cast<char*>(dev.workspace.get()) + 256,
-                         counters.size() * 4, cudaMemcpyDeviceToHost));
-  for (size_t i = 0; i < counters.size(); ++i) EXPECT_EQ(counters[i], 0) << "head " << i;
-  EXPECT_EQ(dev.ErrorWord(), 0);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(stream);
-}
-
 TEST_F(LeanDecodeTest, RejectsBadArgumentsBeforeLaunch) {
   DecodeProblemShape shape;
   shape.seq_lens = {100, 5};
@@ -517,12 +369,6 @@ TEST_F(LeanDecodeTest, RejectsBadArgumentsBeforeLaunch) {
             }),
             cudaErrorNotSupported);
   EXPECT_EQ(LeanDecode(dev.args, dev.workspace.get(), 16, 0), cudaErrorInvalidValue);
-  for (LeanDecodeSchedule bad : {LeanDecodeSchedule{-1, 6}, LeanDecodeSchedule{51, 6},
-                                 LeanDecodeSchedule{25, 0},
-                                 LeanDecodeSchedule{25, kMaxTailChunks + 1}}) {
-    EXPECT_EQ(LeanDecode(dev.args, dev.workspace.get(), dev.workspace.bytes(), 0, bad),
-              cudaErrorInvalidValue);
-  }
   DecodeAttentionArgs none = dev.args;
   none.num_seqs = 0;
   EXPECT_EQ(LeanDecode(none, nullptr, 0, 0), cudaSuccess);

@@ -20,15 +20,10 @@
 //   tile) order is dealt in equal contiguous ranges to a persistent grid of
 //   (multiprocessors x resident blocks per multiprocessor) blocks, the count the driver reports
 //   for this kernel. Every block derives the plan itself from seq_lens / kv ranges on the GPU
-//   (no host synchronisation, graph-safe). By default the last LeanDecodeSchedule::tail_percent
-//   of each range is cut into chunks that blocks take from a counter once their own share is
-//   done (the dynamic tail, lean_schedule.h), so a slower multiprocessor does not hold up the
-//   launch; batches of more than 1024 sequences, and short ranges, run the static split. A
-//   head split across ranges or units writes one partial state per piece into the workspace;
-//   the last piece to finish (atomic counters) merges them in a fixed order (deterministic for
-//   a given device and schedule, whichever block ran a chunk) and resets the counter. No block
-//   ever waits for another, so any residency is deadlock-free; the chunk counter is reset by
-//   the last block to finish, inside the launch, so graph replays start from zero too.
+//   (no host synchronisation, graph-safe). A head split across blocks writes one partial state
+//   per block into the workspace; the last block to finish the head (atomic counter) merges the
+//   partials in block order (deterministic for a given device) and resets the counter. No block
+//   ever waits for another, so any residency is deadlock-free.
 //
 // Workspace: device memory of LeanDecodeWorkspaceSize() bytes, owned by the caller, zero-filled
 //   once before the first launch (cudaMemset); every launch leaves its counters at zero again
@@ -52,7 +47,6 @@
 #include <cstdint>
 
 #include "ferry/kernels/decode_attention.h"
-#include "ferry/kernels/lean_schedule.h"
 
 namespace ferry::kernels {
 
@@ -64,17 +58,10 @@ inline constexpr int32_t kLeanErrorBadBlock = 2;
 size_t LeanDecodeWorkspaceSize(int max_num_seqs, int num_q_heads, int num_kv_heads, int head_dim,
                                DType dtype, int device, cudaError_t* error = nullptr);
 
-// The share of each block's range dealt at run time (lean_schedule.h's TailSchedule).
-// tail_percent 0 gives the static equal split; 1..50 and 1..kMaxTailChunks chunks are valid.
-struct LeanDecodeSchedule {
-  int tail_percent = 25;
-  int tail_chunks = 6;
-};
-
 // Decode attention (see the contract above). `workspace_bytes` must be at least
 // LeanDecodeWorkspaceSize(n, ...) for some n >= args.num_seqs on the stream's device.
 cudaError_t LeanDecode(const DecodeAttentionArgs& args, void* workspace, size_t workspace_bytes,
-                       cudaStream_t stream, const LeanDecodeSchedule& schedule = {});
+                       cudaStream_t stream);
 
 // Grid size (blocks) LeanDecode launches on `device` for this shape; 0 when not served.
 // For benchmarks and tests: the schedule, and so the bits of a split head's result, depend on it.
