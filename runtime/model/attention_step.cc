@@ -34,6 +34,24 @@ absl::StatusOr<std::vector<StepRun>> GroupRuns(std::span<const StepRow> rows) {
   return runs;
 }
 
+absl::Status StartedRanges::Finish(int layer, int64_t first_row) {
+  auto it = std::find(started_.begin(), started_.end(), std::make_pair(layer, first_row));
+  if (it == started_.end()) {
+    return absl::FailedPreconditionError(absl::StrCat("attention step: layer ", layer,
+                                                      " rows from ", first_row,
+                                                      " were not started"));
+  }
+  started_.erase(it);
+  return absl::OkStatus();
+}
+
+absl::Status StartedRanges::CheckAllFinished() const {
+  if (!started_.empty()) {
+    return absl::FailedPreconditionError("attention step: EndStep with attention not finished");
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<StepRun>> GroupStepRows(
     std::span<const StepRow> rows,
     absl::FunctionRef<absl::StatusOr<int64_t>(kv::SequenceId)> length) {
@@ -106,7 +124,7 @@ absl::StatusOr<int64_t> InProcessAttention::Length(kv::SequenceId seq) const {
 
 absl::Status InProcessAttention::BeginStep(std::span<const StepRow> rows) {
   in_step_ = false;
-  started_.clear();
+  started_.Clear();
   runs_.clear();
   FERRY_ASSIGN_OR_RETURN(
       runs_, GroupStepRows(rows, [this](kv::SequenceId seq) { return cache_->Length(seq); }));
@@ -178,26 +196,17 @@ absl::Status InProcessAttention::StartAttend(int layer, int64_t first_row, int64
   args.state_o = out;  // the whole range is covered, so o is the normalised output
   args.state_lse = lse_.data() + first_row * options_.num_heads;
   FERRY_RETURN_IF_ERROR(kernels::DecodeAttentionCpu(args, *pool_));
-  started_.emplace_back(layer, first_row);
+  started_.Add(layer, first_row);
   return absl::OkStatus();
 }
 
 absl::Status InProcessAttention::FinishAttend(int layer, int64_t first_row) {
-  auto it = std::find(started_.begin(), started_.end(), std::make_pair(layer, first_row));
-  if (it == started_.end()) {
-    return absl::FailedPreconditionError(absl::StrCat("attention step: layer ", layer,
-                                                      " rows from ", first_row,
-                                                      " were not started"));
-  }
-  started_.erase(it);
-  return absl::OkStatus();
+  return started_.Finish(layer, first_row);
 }
 
 absl::Status InProcessAttention::EndStep() {
   if (!in_step_) return absl::FailedPreconditionError("attention step: EndStep outside a step");
-  if (!started_.empty()) {
-    return absl::FailedPreconditionError("attention step: EndStep with attention not finished");
-  }
+  FERRY_RETURN_IF_ERROR(started_.CheckAllFinished());
   in_step_ = false;
   for (const StepRun& run : runs_) {
     FERRY_RETURN_IF_ERROR(cache_->SetLength(run.seq, run.first_position + run.count));
@@ -207,7 +216,7 @@ absl::Status InProcessAttention::EndStep() {
 
 std::vector<kv::SequenceId> InProcessAttention::AbortStep() {
   in_step_ = false;
-  started_.clear();
+  started_.Clear();
   for (const StepRun& run : runs_) cache_->ReleaseUnwritten(run.seq);
   runs_.clear();
   return {};  // in-process attention fails only as a whole (or on room, which is not a sequence's)
@@ -268,7 +277,7 @@ absl::StatusOr<int64_t> InProcessLinearAttention::Length(kv::SequenceId seq) con
 
 absl::Status InProcessLinearAttention::BeginStep(std::span<const StepRow> rows) {
   in_step_ = false;
-  started_.clear();
+  started_.Clear();
   saved_.clear();
   runs_.clear();
   FERRY_ASSIGN_OR_RETURN(
@@ -354,26 +363,17 @@ absl::Status InProcessLinearAttention::StartAttend(int layer, int64_t first_row,
                 out + decode_rows[i] * q_row);
     }
   }
-  started_.emplace_back(layer, first_row);
+  started_.Add(layer, first_row);
   return absl::OkStatus();
 }
 
 absl::Status InProcessLinearAttention::FinishAttend(int layer, int64_t first_row) {
-  auto it = std::find(started_.begin(), started_.end(), std::make_pair(layer, first_row));
-  if (it == started_.end()) {
-    return absl::FailedPreconditionError(absl::StrCat("attention step: layer ", layer,
-                                                      " rows from ", first_row,
-                                                      " were not started"));
-  }
-  started_.erase(it);
-  return absl::OkStatus();
+  return started_.Finish(layer, first_row);
 }
 
 absl::Status InProcessLinearAttention::EndStep() {
   if (!in_step_) return absl::FailedPreconditionError("attention step: EndStep outside a step");
-  if (!started_.empty()) {
-    return absl::FailedPreconditionError("attention step: EndStep with attention not finished");
-  }
+  FERRY_RETURN_IF_ERROR(started_.CheckAllFinished());
   in_step_ = false;
   for (const StepRun& run : runs_) lengths_[run.seq] = run.first_position + run.count;
   return absl::OkStatus();
@@ -382,7 +382,7 @@ absl::Status InProcessLinearAttention::EndStep() {
 std::vector<kv::SequenceId> InProcessLinearAttention::AbortStep() {
   for (const auto& [seq, layer] : saved_) (void)states_->Restore(seq, layer);
   saved_.clear();
-  started_.clear();
+  started_.Clear();
   runs_.clear();
   in_step_ = false;
   return {};

@@ -38,6 +38,7 @@
 #include <map>
 #include <memory>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "absl/functional/function_ref.h"
@@ -78,6 +79,21 @@ absl::StatusOr<std::vector<StepRun>> GroupStepRows(
 // when the range is empty, leaves the step or cuts a run.
 absl::StatusOr<std::vector<size_t>> RunsInRange(std::span<const StepRun> runs, int64_t first_row,
                                                 int64_t num_rows);
+
+// The (layer, first row) ranges a step has started and not finished: the bookkeeping behind the
+// in-process steps' FinishAttend and EndStep checks.
+class StartedRanges {
+ public:
+  void Clear() { started_.clear(); }
+  void Add(int layer, int64_t first_row) { started_.emplace_back(layer, first_row); }
+  // FAILED_PRECONDITION when that range was not started (or already finished).
+  absl::Status Finish(int layer, int64_t first_row);
+  // FAILED_PRECONDITION while any range is unfinished.
+  absl::Status CheckAllFinished() const;
+
+ private:
+  std::vector<std::pair<int, int64_t>> started_;
+};
 
 class AttentionStep {
  public:
@@ -142,7 +158,7 @@ class InProcessAttention : public AttentionStep {
   std::vector<StepRun> runs_;
   std::vector<int32_t> indptr_, block_table_, seq_lens_;
   std::vector<int32_t> range_indptr_;
-  std::vector<std::pair<int, int64_t>> started_;  // (layer, first row) attended, not finished
+  StartedRanges started_;
   std::vector<float> lse_;
   std::vector<uint16_t> k_half_, v_half_;  // staging for bf16 / fp16 caches
 };
@@ -184,7 +200,7 @@ class InProcessLinearAttention : public AttentionStep {
   std::map<kv::SequenceId, int64_t> lengths_;
   bool in_step_ = false;
   std::vector<StepRun> runs_;
-  std::vector<std::pair<int, int64_t>> started_;     // (layer, first row), not finished
+  StartedRanges started_;
   std::vector<std::pair<kv::SequenceId, int>> saved_;  // (sequence, layer) advanced this step
   std::vector<float> k_, v_, q_batch_, k_batch_, v_batch_, out_batch_;
   std::vector<uint8_t> rounded_;

@@ -631,6 +631,28 @@ absl::StatusOr<transport::Buffer> WorkerService::ExportBlocks(const FrameHeader&
   return image;
 }
 
+absl::StatusOr<WorkerService::ImageHeader> WorkerService::ReadImageHeader(
+    PayloadReader& reader) const {
+  ImageHeader image;
+  int32_t zero = 0;
+  if (!reader.U64(&image.id) || !reader.I64(&image.first_position) ||
+      !reader.I32(&image.layers) || !reader.I32(&image.units) ||
+      !reader.I32(&image.first_kv_head) || !reader.I32(&zero)) {
+    return absl::InvalidArgumentError("import-blocks: image header truncated");
+  }
+  if (image.layers != shape_.num_layers || zero != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("import-blocks: ", image.layers,
+                                                   " layers in the image; this worker has ",
+                                                   shape_.num_layers));
+  }
+  FERRY_RETURN_IF_ERROR(CheckFirstKvHead(image.first_kv_head));
+  if (sequences_.count(image.id) != 0) {
+    return absl::AlreadyExistsError(absl::StrCat("import-blocks: sequence ", image.id,
+                                                 " already held"));
+  }
+  return image;
+}
+
 absl::StatusOr<transport::Buffer> WorkerService::ImportBlocks(const FrameHeader& header,
                                                               PayloadReader& reader) {
   FERRY_RETURN_IF_ERROR(RequireConfigured());
@@ -650,20 +672,12 @@ absl::StatusOr<transport::Buffer> WorkerService::ImportBlocks(const FrameHeader&
         config.num_layers, ", ", config.num_kv_heads, ", ", config.block_size, ", ",
         config.head_dim, "}"));
   }
-  uint64_t id = 0;
-  int64_t first = 0;
-  int32_t layers = 0, num_blocks = 0, first_kv_head = 0, zero = 0;
-  if (!reader.U64(&id) || !reader.I64(&first) || !reader.I32(&layers) ||
-      !reader.I32(&num_blocks) || !reader.I32(&first_kv_head) || !reader.I32(&zero)) {
-    return absl::InvalidArgumentError("import-blocks: image header truncated");
-  }
-  if (layers != config.num_layers || num_blocks < 0 || first < 0 || zero != 0) {
-    return absl::InvalidArgumentError("import-blocks: bad layer count, block count or position");
-  }
-  FERRY_RETURN_IF_ERROR(CheckFirstKvHead(first_kv_head));
-  if (sequences_.count(id) != 0) {
-    return absl::AlreadyExistsError(absl::StrCat("import-blocks: sequence ", id,
-                                                 " already held"));
+  FERRY_ASSIGN_OR_RETURN(const ImageHeader image, ReadImageHeader(reader));
+  const uint64_t id = image.id;
+  const int64_t first = image.first_position;
+  const int32_t layers = image.layers, num_blocks = image.units, first_kv_head = image.first_kv_head;
+  if (num_blocks < 0 || first < 0) {
+    return absl::InvalidArgumentError("import-blocks: bad block count or position");
   }
   std::vector<int64_t> lengths(layers);
   int64_t longest = 0;
@@ -950,20 +964,11 @@ absl::StatusOr<transport::Buffer> WorkerService::ImportStates(const FrameHeader&
         shape_.num_layers, ", ", shape_.num_kv_heads, ", ", StateStride(), ", ",
         shape_.head_dim, "} float32"));
   }
-  uint64_t id = 0;
-  int64_t first = 0;
-  int32_t layers = 0, slots = 0, first_kv_head = 0, zero = 0;
-  if (!reader.U64(&id) || !reader.I64(&first) || !reader.I32(&layers) || !reader.I32(&slots) ||
-      !reader.I32(&first_kv_head) || !reader.I32(&zero)) {
-    return absl::InvalidArgumentError("import-blocks: image header truncated");
-  }
-  if (layers != shape_.num_layers || slots != 1 || first != 0 || zero != 0) {
+  FERRY_ASSIGN_OR_RETURN(const ImageHeader image, ReadImageHeader(reader));
+  const uint64_t id = image.id;
+  const int32_t layers = image.layers, first_kv_head = image.first_kv_head;
+  if (image.units != 1 || image.first_position != 0) {
     return absl::InvalidArgumentError("import-blocks: a state image is one slot from position 0");
-  }
-  FERRY_RETURN_IF_ERROR(CheckFirstKvHead(first_kv_head));
-  if (sequences_.count(id) != 0) {
-    return absl::AlreadyExistsError(absl::StrCat("import-blocks: sequence ", id,
-                                                 " already held"));
   }
   std::vector<int64_t> lengths(layers);
   for (int64_t& length : lengths) {

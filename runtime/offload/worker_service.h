@@ -144,6 +144,16 @@ class WorkerService {
                                                  PayloadReader& reader);
   absl::StatusOr<transport::Buffer> ExportBlocks(const FrameHeader& header,
                                                  PayloadReader& reader);
+  // The fixed part of a sequence image (ExportBlocks' layout), checked against this worker: the
+  // layer count, the KV-head offset and that the sequence is not held here yet.
+  struct ImageHeader {
+    uint64_t id = 0;
+    int64_t first_position = 0;
+    int32_t layers = 0;
+    int32_t units = 0;  // KV blocks, or state slots
+    int32_t first_kv_head = 0;
+  };
+  absl::StatusOr<ImageHeader> ReadImageHeader(PayloadReader& reader) const;
   absl::StatusOr<transport::Buffer> ImportBlocks(const FrameHeader& header,
                                                  PayloadReader& reader);
   absl::StatusOr<transport::Buffer> Migrate(const FrameHeader& header, PayloadReader& reader);
