@@ -3,9 +3,7 @@
 // of in-process generation (the same kernels on the same float32 inputs), whole sequences or
 // head groups per worker, with and without micro-batches, and when a worker holding states is
 // drained mid-generation (the states move).
-#include <atomic>
 #include <iostream>
-#include <thread>
 
 #include "gtest/gtest.h"
 #include "in_process_tokens.h"
@@ -42,34 +40,13 @@ TEST_P(ClusterLinearTest, GenerationMatchesInProcessTokensOverTwoWorkers) {
       sampling[i].seed = 500 + i;
     }
   }
-  std::atomic<bool> running{true};
-  std::vector<std::atomic<bool>> held(2);
-  std::thread watcher([&] {
-    while (running) {
-      const ferry::v1::ListWorkersResponse workers = cluster.Workers();
-      for (const auto& w : workers.workers()) {
-        for (int i = 0; i < 2; ++i) {
-          if (w.worker_id() == testing::LocalCluster::WorkerId(i) && w.kv_used_bytes() > 0) {
-            held[i] = true;
-          }
-        }
-      }
-      std::this_thread::sleep_for(30ms);
-    }
-  });
-  std::vector<testing::StreamResult> results(kJobs);
-  std::vector<std::thread> threads;
+  std::vector<ferry::v1::GenerateRequest> requests;
   for (int i = 0; i < kJobs; ++i) {
-    threads.emplace_back([&, i] {
-      results[i] = cluster.Generate(
-          testing::TokenRequest(prompts[i], kMaxTokens,
-                                static_cast<float>(sampling[i].temperature), sampling[i].seed),
-          50s);
-    });
+    requests.push_back(testing::TokenRequest(
+        prompts[i], kMaxTokens, static_cast<float>(sampling[i].temperature), sampling[i].seed));
   }
-  for (auto& thread : threads) thread.join();
-  running = false;
-  watcher.join();
+  std::vector<bool> held;
+  const std::vector<testing::StreamResult> results = cluster.GenerateAll(requests, 50s, &held);
   for (int i = 0; i < kJobs; ++i) {
     ASSERT_TRUE(results[i].status.ok()) << "job " << i << ": " << results[i].status.error_message()
                                         << cluster.Logs();

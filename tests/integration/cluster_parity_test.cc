@@ -4,9 +4,7 @@
 // Every worker must have held KV during the run and had its attention speed measured, and every
 // block is freed at the end.
 #include <algorithm>
-#include <atomic>
 #include <iostream>
-#include <thread>
 
 #include "gtest/gtest.h"
 #include "in_process_tokens.h"
@@ -42,34 +40,14 @@ TEST_P(ClusterParityTest, SixteenJobsOverThreeWorkersGiveTheInProcessTokens) {
       sampling[i].seed = 1000 + i;
     }
   }
-  // Which workers held KV while the jobs ran (heartbeats every 100 ms).
-  std::atomic<bool> running{true};
-  std::vector<std::atomic<bool>> held(3);
-  std::thread watcher([&] {
-    while (running) {
-      const ferry::v1::ListWorkersResponse workers = cluster.Workers();
-      for (const auto& w : workers.workers()) {
-        for (int i = 0; i < 3; ++i) {
-          if (w.worker_id() == testing::LocalCluster::WorkerId(i) && w.kv_used_bytes() > 0) {
-            held[i] = true;
-          }
-        }
-      }
-      std::this_thread::sleep_for(30ms);
-    }
-  });
-  std::vector<testing::StreamResult> results(kJobs);
-  std::vector<std::thread> threads;
+  std::vector<ferry::v1::GenerateRequest> requests;
   for (int i = 0; i < kJobs; ++i) {
-    threads.emplace_back([&, i] {
-      const float temperature = static_cast<float>(sampling[i].temperature);
-      results[i] = cluster.Generate(
-          testing::TokenRequest(prompts[i], kMaxTokens, temperature, sampling[i].seed), 50s);
-    });
+    requests.push_back(testing::TokenRequest(
+        prompts[i], kMaxTokens, static_cast<float>(sampling[i].temperature), sampling[i].seed));
   }
-  for (auto& thread : threads) thread.join();
-  running = false;
-  watcher.join();
+  // Which workers held KV while the jobs ran (heartbeats every 100 ms).
+  std::vector<bool> held;
+  const std::vector<testing::StreamResult> results = cluster.GenerateAll(requests, 50s, &held);
 
   for (int i = 0; i < kJobs; ++i) {
     ASSERT_TRUE(results[i].status.ok()) << "job " << i << ": " << results[i].status.error_message()

@@ -6,6 +6,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <memory>
@@ -135,6 +136,38 @@ class LocalCluster {
                         std::chrono::milliseconds deadline = std::chrono::seconds(40),
                         const std::function<void(int)>& on_token = {}) {
     return ReadGeneration(*generation_, request, deadline, on_token);
+  }
+
+  // Runs every request at once (a stream each) and returns the results in request order; while
+  // they run, polls the worker table and sets (*held)[i] when worker i (WorkerId(i)) reports KV
+  // or state bytes in use.
+  std::vector<StreamResult> GenerateAll(const std::vector<ferry::v1::GenerateRequest>& requests,
+                                        std::chrono::milliseconds deadline,
+                                        std::vector<bool>* held) {
+    held->assign(workers_.size(), false);
+    std::atomic<bool> running{true};
+    std::thread watcher([&] {
+      while (running) {
+        const ferry::v1::ListWorkersResponse workers = Workers();
+        for (const auto& w : workers.workers()) {
+          for (size_t i = 0; i < held->size(); ++i) {
+            if (w.worker_id() == WorkerId(static_cast<int>(i)) && w.kv_used_bytes() > 0) {
+              (*held)[i] = true;
+            }
+          }
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(30));
+      }
+    });
+    std::vector<StreamResult> results(requests.size());
+    std::vector<std::thread> threads;
+    for (size_t i = 0; i < requests.size(); ++i) {
+      threads.emplace_back([&, i] { results[i] = Generate(requests[i], deadline); });
+    }
+    for (auto& thread : threads) thread.join();
+    running = false;
+    watcher.join();
+    return results;
   }
 
   std::string Logs() const {
