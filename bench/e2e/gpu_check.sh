@@ -1,7 +1,9 @@
 #!/bin/bash
 # One GPU-machine call that checks a build: every GPU test, compute-sanitizer (memcheck on the
 # CUDA decoder, racecheck on the prefill kernel), and the end-to-end cluster comparison with a
-# CUDA coordinator and two CUDA workers for a 1B-class model (bench/e2e/cluster_throughput.sh).
+# CUDA coordinator and two CUDA workers for a 1B-class model (bench/e2e/cluster_throughput.sh),
+# the same with 1 against 2 micro-batches (bench/e2e/micro_batch_throughput.sh), and the demo
+# (deploy/local/demo.sh, CUDA workers) on a tiny model.
 # Usage, from the repository root on the GPU machine:
 #   bash bench/e2e/gpu_check.sh BUNDLE OUT
 # BUNDLE: made on the build machine with /work/shared/tools/gpu-bundle from build/bin's
@@ -29,10 +31,26 @@ FERRY_BUILD_DIR=$here FERRY_READY_TIMEOUT_S=180 timeout 300 bash bench/e2e/clust
   --model=/tmp/m1b --device=cuda:0 --workers=2 --requests=128 --concurrency=64 --max-tokens=64 \
   --kv-capacity=$((8 << 30)) --max-batch=64 > "$out/e2e.log" 2>&1
 summary+=("e2e rc=$?")
+# The same over shared memory (UCX keeps it out of PEER error mode unless told).
+UCX_MM_ERROR_HANDLING=y FERRY_BUILD_DIR=$here FERRY_READY_TIMEOUT_S=180 timeout 300 \
+  bash bench/e2e/cluster_throughput.sh --model=/tmp/m1b --device=cuda:0 --workers=2 \
+  --requests=128 --concurrency=64 --max-tokens=64 --kv-capacity=$((8 << 30)) --max-batch=64 \
+  --ucx-tls=sm,tcp > "$out/e2e_shm.log" 2>&1
+summary+=("e2e shm rc=$?")
+FERRY_BUILD_DIR=$here FERRY_READY_TIMEOUT_S=180 timeout 400 bash bench/e2e/micro_batch_throughput.sh \
+  --model=/tmp/m1b --device=cuda:0 --workers=2 --requests=128 --concurrency=64 --max-tokens=64 \
+  --kv-capacity=$((8 << 30)) --rounds=3 --micro-batches=2 -- --max-batch=64 \
+  > "$out/micro_batch.log" 2>&1
+summary+=("micro-batch rc=$?")
+"$here/bin/ferry" model make-tiny --out=/tmp/tiny128 --head-dim=128 > /dev/null 2>&1
+FERRY_BIN_DIR=$here/bin FERRY_DEMO_PORT=50611 timeout 200 bash deploy/local/demo.sh \
+  --model=/tmp/tiny128 > "$out/demo.log" 2>&1
+summary+=("demo rc=$? $(grep -c 'cuda:0' "$out/demo.log") lines naming cuda:0")
 timeout 100 compute-sanitizer --tool memcheck --leak-check full "$here/bin/cuda_decoder_test" \
   --gtest_filter='*llama_gqa*' > "$out/memcheck_decoder.log" 2>&1
 summary+=("memcheck cuda_decoder_test(llama_gqa) rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck_decoder.log")")
 timeout 100 compute-sanitizer --tool racecheck "$here/bin/prefill_attention_test" \
   > "$out/racecheck_prefill.log" 2>&1
 summary+=("racecheck prefill_attention_test rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$out/racecheck_prefill.log" | head -1)")
-echo "======== summary"; printf '%s\n' "${summary[@]}"; echo "======== e2e"; cat "$out/e2e.log" | tail -8
+echo "======== summary"; printf '%s\n' "${summary[@]}"; echo "======== e2e"; tail -n 8 "$out/e2e.log"; tail -n 3 "$out/e2e_shm.log"
+echo "======== micro-batches"; tail -n 4 "$out/micro_batch.log"

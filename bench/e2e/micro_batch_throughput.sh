@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Micro-batch pipelining end to end: the same load (M jobs over N concurrent streams) against two
-# coordinators on one host, each with W CPU attention workers (UCX over loopback tcp): one with
+# coordinators on one host, each with W attention workers (UCX over loopback tcp): one with
 # --micro-batches=1 (the baseline) and one with --micro-batches=K. Both clusters stay up and the
 # rounds alternate (baseline, pipelined, baseline, ...), so slow drifts of a shared machine hit
 # both alike. Prints every round, then the median and best tokens/s of each and their ratios.
 #
 #   bench/e2e/micro_batch_throughput.sh [--model=DIR] [--requests=64] [--concurrency=16]
-#       [--max-tokens=64] [--workers=2] [--micro-batches=2] [--rounds=5] [-- coordinator flags]
+#       [--max-tokens=64] [--workers=2] [--micro-batches=2] [--rounds=5] [--device=cpu|cuda:N]
+#       [--kv-capacity=BYTES] [-- coordinator flags]
+# --device puts both coordinators' dense layers and all workers on that device.
 # Needs build/bin/{ferry,ferry-coordinator,ferry-worker} (FERRY_BUILD_DIR to change).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 model="" requests=64 concurrency=16 max_tokens=64 workers=2 micro_batches=2 rounds=5
+device=cpu kv_capacity=$((256 << 20))
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -21,6 +24,8 @@ while [ $# -gt 0 ]; do
     --workers=*) workers=${1#*=} ;;
     --micro-batches=*) micro_batches=${1#*=} ;;
     --rounds=*) rounds=${1#*=} ;;
+    --device=*) device=${1#*=} ;;
+    --kv-capacity=*) kv_capacity=${1#*=} ;;
     --) shift; extra=("$@"); break ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
@@ -41,11 +46,11 @@ addresses=()
 for k in 1 "$micro_batches"; do
   address=127.0.0.1:$(free_port)
   "$bin/ferry-coordinator" --model="$model" --listen="$address" --ucx-tls=tcp \
-    --micro-batches="$k" "${extra[@]}" >"$work/coordinator$k.log" 2>&1 &
+    --device="$device" --micro-batches="$k" "${extra[@]}" >"$work/coordinator$k.log" 2>&1 &
   pids+=($!)
   for i in $(seq 1 "$workers"); do
-    "$bin/ferry-worker" --coordinator="$address" --ucx-tls=tcp --kv-capacity=$((256 << 20)) \
-      >"$work/worker$k.$i.log" 2>&1 &
+    "$bin/ferry-worker" --coordinator="$address" --ucx-tls=tcp --kv-capacity="$kv_capacity" \
+      --device="$device" >"$work/worker$k.$i.log" 2>&1 &
     pids+=($!)
   done
   wait_ready "$address" "$workers"
@@ -75,4 +80,4 @@ print(f"median tokens/s: 1 micro-batch {statistics.median(base):.1f}, {k} micro-
 print(f"best tokens/s:   1 micro-batch {max(base):.1f}, {k} micro-batches {max(piped):.1f}, "
       f"ratio {max(piped) / max(base):.2f}")
 PY
-echo "($requests jobs x $max_tokens tokens over $concurrency streams, $workers CPU workers each; model $model)"
+echo "($requests jobs x $max_tokens tokens over $concurrency streams, $workers $device workers each; model $model)"
