@@ -6,7 +6,9 @@
 // (separate block tables into one pool) alternated launch by launch so L2 (50 MB) never serves
 // a launch from the previous one; CUDA events between back-to-back launches (no host sync in
 // between, so host launch overhead is not counted); median over --iters launches.
-// Prints a table; --csv writes one row per shape (the Python peers script reads it).
+// Prints a table; --csv writes one row per shape (the Python peers script reads it). Each
+// shape's line on stderr carries a digest of one launch's state_o and state_lse, so two builds
+// can be compared bit for bit (same device, so the same grid).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -213,7 +215,17 @@ ShapeResult RunShape(const BenchShape& shape, int iters) {
       std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - host_start)
           .count() / 20;
   BENCH_CHECK(cudaDeviceSynchronize());
-  std::fprintf(stderr, "%s: host %.1f us per LeanDecode call\n", shape.name.c_str(), host_us);
+  // A digest of one launch's outputs (first KV copy), so builds can be compared bit for bit.
+  args.block_table = d_tables[0];
+  BENCH_CHECK(LeanDecode(args, workspace, ws_bytes, 0));
+  std::vector<uint8_t> bytes(q_elems * 4 + int64_t{num_seqs} * shape.num_q_heads * 4);
+  BENCH_CHECK(cudaMemcpy(bytes.data(), state_o, q_elems * 4, cudaMemcpyDeviceToHost));
+  BENCH_CHECK(cudaMemcpy(bytes.data() + q_elems * 4, state_lse,
+                         int64_t{num_seqs} * shape.num_q_heads * 4, cudaMemcpyDeviceToHost));
+  uint64_t digest = 1469598103934665603ull;  // FNV-1a
+  for (const uint8_t b : bytes) digest = (digest ^ b) * 1099511628211ull;
+  std::fprintf(stderr, "%s: host %.1f us per LeanDecode call, output digest %016llx\n",
+               shape.name.c_str(), host_us, static_cast<unsigned long long>(digest));
   int32_t error_word = 0;
   BENCH_CHECK(cudaMemcpy(&error_word, workspace, 4, cudaMemcpyDeviceToHost));
   if (error_word != 0) std::fprintf(stderr, "%s: error word %d\n", shape.name.c_str(), error_word);

@@ -86,6 +86,10 @@ __device__ __forceinline__ void CpAsyncWaitPending(int n) {
   }
 }
 
+__device__ __forceinline__ void FenceAcqRelGpu() {
+  asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
+}
+
 struct LeanParams {
   DecodeAttentionArgs args;
   int32_t* error_word;
@@ -222,6 +226,8 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
 
   // --- Plan, on the GPU: total tiles, this block's range, the sequence it starts in. ---------
   int64_t total_tiles = 0;
+  int64_t my_tiles = 0;       // tiles of this thread's sequence in the last chunk scanned
+  int64_t my_first_tile = 0;  // and the flat index of its first tile
   for (int base = 0; base < num_seqs; base += kThreads) {
     const int s = base + tid;
     int64_t tiles = 0;
@@ -232,6 +238,8 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
     int64_t exclusive, aggregate;
     BlockScan(scan_storage).ExclusiveSum(tiles, exclusive, aggregate);
     __syncthreads();
+    my_tiles = tiles;
+    my_first_tile = total_tiles + exclusive;
     total_tiles += aggregate;
   }
   // Sequences with no tiles are written here, spread over the blocks.
@@ -245,7 +253,15 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
   if (blockIdx.x >= num_workers) return;
   const int64_t t0 = FirstTileOfWorker(total_tiles, num_workers, blockIdx.x);
   const int64_t t1 = FirstTileOfWorker(total_tiles, num_workers, blockIdx.x + 1);
-  {
+  if (num_seqs <= kThreads) {
+    // One chunk: each thread still holds its sequence's tiles, so the start needs no second
+    // pass over the batch (on the launch's critical path: nothing streams before it).
+    if (my_tiles > 0 && my_first_tile <= t0 && t0 < my_first_tile + my_tiles) {
+      found_seq_and_tile[0] = tid;
+      found_seq_and_tile[1] = my_first_tile;
+    }
+    __syncthreads();
+  } else {
     int64_t running = 0;
     if (tid == 0) found_seq_and_tile[0] = -1;
     __syncthreads();
@@ -270,6 +286,23 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
   }
   TileCursor start;
   start.Start(a, kTile, static_cast<int>(found_seq_and_tile[0]), found_seq_and_tile[1], t0);
+
+  // q of the first head is loaded now, so its global latency overlaps the block-table read and
+  // the first tile's copies instead of following them; later heads' q are loaded one segment
+  // ahead (below).
+  float4 q_prefetch[Config::kQ4PerThread];
+  int64_t prefetched_head = -1;
+  const int q_float4s = group * kHeadDim / 4;
+  auto prefetch_q = [&](int64_t flat_head) {
+    const float4* src = reinterpret_cast<const float4*>(a.q + flat_head * group * kHeadDim);
+#pragma unroll
+    for (int i = 0; i < Config::kQ4PerThread; ++i) {
+      const int e = i * kThreads + tid;
+      if (e < q_float4s) q_prefetch[i] = __ldg(src + e);
+    }
+    prefetched_head = flat_head;
+  };
+  prefetch_q(int64_t{start.s} * num_kv_heads + start.kv_head);
 
   // --- K/V producer. -------------------------------------------------------------------------
   const T* k_pool = static_cast<const T*>(a.kv.k_pool);
@@ -328,18 +361,6 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
   float o_acc[kDTiles][4];
   float row_max[2];
   float row_sum[2];
-  float4 q_prefetch[Config::kQ4PerThread];
-  int64_t prefetched_head = -1;
-  const int q_float4s = group * kHeadDim / 4;
-  auto prefetch_q = [&](int64_t flat_head) {
-    const float4* src = reinterpret_cast<const float4*>(a.q + flat_head * group * kHeadDim);
-#pragma unroll
-    for (int i = 0; i < Config::kQ4PerThread; ++i) {
-      const int e = i * kThreads + tid;
-      if (e < q_float4s) q_prefetch[i] = __ldg(src + e);
-    }
-    prefetched_head = flat_head;
-  };
 
   int stage_use = 0;
   int stage_load = stages - 1;
@@ -625,82 +646,137 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
           p.part_o[part * group * kHeadDim + e] = v;
         }
         if (tid < group) p.part_lse[part * group + tid] = row_lse[tid];
-        __threadfence();
+        // The barrier makes the block's stores precede thread 0's release fence, and thread 0's
+        // acquire fence precedes the merge's loads (a cooperative grid barrier's pattern); an
+        // acquire-release fence suffices, a sequentially consistent one per thread
+        // (__threadfence) is not needed.
         __syncthreads();
         if (tid == 0) {
+          FenceAcqRelGpu();
           const int arrived = atomicAdd(p.counters + flat_head, 1);
           is_last_arrival = arrived == owner_last - owner_first;
+          if (is_last_arrival) FenceAcqRelGpu();
         }
         __syncthreads();
         if (is_last_arrival) {
-          __threadfence();
           // Merge the partials in block order (deterministic whichever block arrives last) with
-          // attention_state.h's rule. The rule's (scale_a, scale_b) chain is sequential per row
-          // but cheap; it runs from shared memory, and the o loads are independent of it, so
-          // they are issued several parts ahead (a plain loop waited one L2 round trip per part
-          // and element: ~100 us of tail for a head split over 33 blocks).
-          constexpr int kBatch = Config::kStageBytes / (2 * kMaxGroup * 4);
-          float* scale_a = scratch;                      // (kBatch, kMaxGroup)
-          float* scale_b = scratch + kBatch * kMaxGroup;  // (kBatch, kMaxGroup)
-          const int num_vecs = group * kHeadDim / 4;
-          const int64_t num_parts = owner_last - owner_first + 1;
-          if (tid < group) row_lse[tid] = FERRY_EMPTY_LSE;
-          for (int64_t base = 0; base < num_parts; base += kBatch) {
-            const int n = static_cast<int>(num_parts - base < kBatch ? num_parts - base : kBatch);
-            for (int x = tid; x < n * group; x += kThreads) {
-              const int i = x / group;
-              const int r = x % group;
-              const int64_t w = owner_first + base + i;
-              const int64_t src = w * 2 + (w == owner_first ? 1 : 0);
-              scale_b[i * kMaxGroup + r] = __ldcg(p.part_lse + src * group + r);
+          // attention_state.h's rule. Every part's lse and o are requested at once: the o with
+          // cp.async into shared memory that no copy targets (the whole ring when this block
+          // has no tile left to stream, else the stage just consumed), the lse with loads; the
+          // rule's lse chain then runs while the o copies land. (Issuing the o loads a few parts
+          // at a time after the chain cost an L2 round trip per few parts: a head split over 33
+          // blocks, b1 hkv8, ended its launch 13-14 us after its last tile.)
+          const bool ring_free = t == t1 - 1;
+          float* buffer = ring_free ? reinterpret_cast<float*>(smem) : scratch;
+          const int part_floats = group * kHeadDim;
+          const int batch = (ring_free ? stages : 1) * Config::kStageBytes /
+                            (4 * (part_floats + 2 * group));
+          float* batch_o = buffer;                        // (batch, group, head_dim)
+          float* scale_b = buffer + batch * part_floats;  // (batch, group): lse, then scale
+          float* scale_a = scale_b + batch * group;       // (batch, group)
+          const int num_vecs = part_floats / 4;
+          const int num_parts = static_cast<int>(owner_last - owner_first + 1);
+          // Workspace slot of part i: the first owner's partial is its second segment.
+          auto part_slot = [&](int i) {
+            const int64_t w = owner_first + i;
+            return w * 2 + (w == owner_first ? 1 : 0);
+          };
+          constexpr int kLseLoads = 4;  // per thread in flight
+          constexpr int kVecsPerThread = (kMaxGroup * kHeadDim / 4 + kThreads - 1) / kThreads;
+          float4 o[kVecsPerThread];
+#pragma unroll
+          for (int k = 0; k < kVecsPerThread; ++k) o[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          float lse = FERRY_EMPTY_LSE;  // row tid's running lse (tid < group)
+          for (int base = 0; base < num_parts; base += batch) {
+            const int n = num_parts - base < batch ? num_parts - base : batch;
+            const int num_lse = n * group;
+            auto load_lse = [&](int x) {
+              return __ldcg(p.part_lse + part_slot(base + x / group) * group + x % group);
+            };
+            float lse_in[kLseLoads];
+#pragma unroll
+            for (int k = 0; k < kLseLoads; ++k) {
+              const int x = k * kThreads + tid;
+              lse_in[k] = x < num_lse ? load_lse(x) : FERRY_EMPTY_LSE;
             }
-            __syncthreads();
-            if (tid < group) {
-              float lse = row_lse[tid];
-              for (int i = 0; i < n; ++i) {
-                const MergeWeights mw = ComputeMergeWeights(lse, scale_b[i * kMaxGroup + tid]);
-                scale_a[i * kMaxGroup + tid] = mw.scale_a;
-                scale_b[i * kMaxGroup + tid] = mw.scale_b;
-                lse = mw.lse;
+            {
+              int i = 0, vec = tid;  // chunk tid + c * kThreads is (part i, vec), stepped
+              while (vec >= num_vecs && i < n) vec -= num_vecs, ++i;
+              for (; i < n;) {
+                CpAsync16(SmemAddr(batch_o + i * part_floats + vec * 4),
+                          p.part_o + part_slot(base + i) * part_floats + vec * 4, true);
+                vec += kThreads;
+                while (vec >= num_vecs && i < n) vec -= num_vecs, ++i;
               }
-              row_lse[tid] = lse;
+            }
+            CpAsyncCommit();
+#pragma unroll
+            for (int k = 0; k < kLseLoads; ++k) {
+              const int x = k * kThreads + tid;
+              if (x < num_lse) scale_b[x] = lse_in[k];
+            }
+            for (int x = kLseLoads * kThreads + tid; x < num_lse; x += kThreads) {
+              scale_b[x] = load_lse(x);
             }
             __syncthreads();
-            // Batches after the first (more than kBatch parts) continue from state_o, which
-            // this same thread wrote: it holds the running merge.
-            for (int vec = tid; vec < num_vecs; vec += kThreads) {
-              const int r = vec * 4 / kHeadDim;
-              float* dst = a.state_o + first_row * kHeadDim + vec * 4;
-              float4 o = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-              if (base > 0) o = make_float4(dst[0], dst[1], dst[2], dst[3]);
+            // The rule's lse chain is sequential per row: only it runs on one thread per row
+            // (the running lse before each part), and every (part, row)'s scales are then
+            // computed in parallel from the same two inputs, so the bits are the rule's.
+            if (tid < group) {
 #pragma unroll 4
               for (int i = 0; i < n; ++i) {
-                const int64_t w = owner_first + base + i;
-                const int64_t src = w * 2 + (w == owner_first ? 1 : 0);
-                const float4 part = __ldcg(
-                    reinterpret_cast<const float4*>(p.part_o + src * group * kHeadDim) + vec);
-                const float sa = scale_a[i * kMaxGroup + r];
-                const float sb = scale_b[i * kMaxGroup + r];
-                o.x = sa * o.x + sb * part.x;
-                o.y = sa * o.y + sb * part.y;
-                o.z = sa * o.z + sb * part.z;
-                o.w = sa * o.w + sb * part.w;
-              }
-              dst[0] = o.x;
-              dst[1] = o.y;
-              dst[2] = o.z;
-              dst[3] = o.w;
-              if (out != nullptr && base + n == num_parts) {
-                T* out_dst = out + first_row * kHeadDim + vec * 4;
-                out_dst[0] = Traits::FromFloat(o.x);
-                out_dst[1] = Traits::FromFloat(o.y);
-                out_dst[2] = Traits::FromFloat(o.z);
-                out_dst[3] = Traits::FromFloat(o.w);
+                const float part_lse = scale_b[i * group + tid];
+                scale_a[i * group + tid] = lse;
+                lse = ComputeMergeWeights(lse, part_lse).lse;
               }
             }
-            __syncthreads();  // scales consumed before the next batch overwrites them
+            __syncthreads();
+            for (int x = tid; x < num_lse; x += kThreads) {
+              const MergeWeights mw = ComputeMergeWeights(scale_a[x], scale_b[x]);
+              scale_a[x] = mw.scale_a;
+              scale_b[x] = mw.scale_b;
+            }
+            CpAsyncWaitPending(0);
+            __syncthreads();
+#pragma unroll
+            for (int k = 0; k < kVecsPerThread; ++k) {
+              const int vec = k * kThreads + tid;
+              if (vec < num_vecs) {
+                const int r = vec * 4 / kHeadDim;
+                for (int i = 0; i < n; ++i) {
+                  const float4 part =
+                      reinterpret_cast<const float4*>(batch_o + i * part_floats)[vec];
+                  const float sa = scale_a[i * group + r];
+                  const float sb = scale_b[i * group + r];
+                  // Spelled out so the rounding is fixed: fma(scale_a, o, scale_b * part).
+                  o[k].x = __fmaf_rn(sa, o[k].x, sb * part.x);
+                  o[k].y = __fmaf_rn(sa, o[k].y, sb * part.y);
+                  o[k].z = __fmaf_rn(sa, o[k].z, sb * part.z);
+                  o[k].w = __fmaf_rn(sa, o[k].w, sb * part.w);
+                }
+              }
+            }
+            __syncthreads();  // the batch consumed before the next one overwrites it
           }
-          if (tid < group) a.state_lse[first_row + tid] = row_lse[tid];
+#pragma unroll
+          for (int k = 0; k < kVecsPerThread; ++k) {
+            const int vec = k * kThreads + tid;
+            if (vec < num_vecs) {
+              float* dst = a.state_o + first_row * kHeadDim + vec * 4;
+              dst[0] = o[k].x;
+              dst[1] = o[k].y;
+              dst[2] = o[k].z;
+              dst[3] = o[k].w;
+              if (out != nullptr) {
+                T* out_dst = out + first_row * kHeadDim + vec * 4;
+                out_dst[0] = Traits::FromFloat(o[k].x);
+                out_dst[1] = Traits::FromFloat(o[k].y);
+                out_dst[2] = Traits::FromFloat(o[k].z);
+                out_dst[3] = Traits::FromFloat(o[k].w);
+              }
+            }
+          }
+          if (tid < group) a.state_lse[first_row + tid] = lse;
           if (tid == 0) p.counters[flat_head] = 0;  // ready for the next launch
         }
       }
