@@ -4,9 +4,15 @@
 //
 // Messages are opaque byte buffers (runtime/offload frames them). A request carries a call id in
 // its active-message header; the reply carries the same id back, so a reply finds its caller
-// even when the request's own frame was too broken to parse. Large messages go by UCP's
-// active-message rendezvous (options.eager_limit; RNDV pulls the payload straight into the
-// receiver's buffer instead of one huge eager message).
+// even when the request's own frame was too broken to parse. Messages up to a per-endpoint eager
+// limit go eagerly, larger ones by UCP's active-message rendezvous (RNDV pulls the payload straight
+// into the receiver's buffer instead of one huge eager message). The limit follows the transport
+// UCX put the endpoint's active-message lane on (EagerLimit(); read from the endpoint's lanes once
+// wire-up is done): on shared memory, eager goes up to options.eager_limit_shared_memory, because
+// with PEER error handling UCX 1.13 runs an endpoint's rendezvous data over tcp even when its
+// active messages use shared memory (cma lacks the memory invalidation PEER mode requires of
+// rendezvous lanes), which costs several times the copies through shared memory; on any other
+// transport (tcp, RDMA) the limit is options.eager_limit_network.
 //
 // Reliability: every endpoint uses error-handling mode PEER and UCX keepalive
 // (options.keepalive_interval). Every call has a deadline (options.call_timeout unless given): a
@@ -65,10 +71,18 @@ struct UcxNodeOptions {
   absl::Duration call_timeout = absl::Seconds(2);  // default bound for Call()
   absl::Duration busy_poll = absl::Microseconds(50);  // spin this long after activity, then sleep
   size_t max_message_bytes = size_t{1} << 31;  // larger incoming messages are refused
-  // Messages up to this size go eagerly; larger ones by rendezvous. (UCX's own threshold picks
-  // rendezvous for ~16 KiB on shm, whose handshake costs extra wake-ups of both progress threads;
-  // with PEER error handling the rendezvous data then runs over tcp, as cma is left out.)
-  size_t eager_limit = size_t{256} << 10;
+  // Messages up to the eager limit go eagerly; larger ones by rendezvous. The limit is chosen per
+  // endpoint by the transport of its active-message lane (see the top of this file): shared
+  // memory (sysv, posix, xpmem, self) or anything else. (UCX's own threshold picks rendezvous from
+  // ~8 KiB, whose handshake costs extra wake-ups of both sides; bench/RESULTS.md measures both.)
+  size_t eager_limit_shared_memory = size_t{64} << 20;
+  size_t eager_limit_network = size_t{256} << 10;
+};
+
+// Messages this node received, by the protocol UCX delivered them with.
+struct UcxNodeStats {
+  uint64_t eager_received = 0;
+  uint64_t rendezvous_received = 0;
 };
 
 // Incoming request: the peer, the call id to answer, and the message (or why it could not be
@@ -121,6 +135,12 @@ class UcxNode {
 
   // UCX's description of the endpoint (lanes and transports), to check which transport runs.
   absl::StatusOr<std::string> DescribePeer(PeerId peer);
+
+  // The eager limit for messages to this peer (see UcxNodeOptions), from the transport of the
+  // endpoint's active-message lane; eager_limit_network until UCX has chosen its lanes.
+  absl::StatusOr<size_t> EagerLimit(PeerId peer);
+
+  UcxNodeStats stats();
 
   // Drops the endpoint; outstanding calls to it fail with Cancelled.
   void Disconnect(PeerId peer);
