@@ -5,14 +5,14 @@
 //
 //   transport_bench --serve [--tls=T]          echo server (replies with the size it is asked)
 //   transport_bench [--tls=T] [--batches=1,4,16,64,256] [--iters=N] [--busy-poll-us=U]
-//                   [--eager-limit-shm=BYTES] [--eager-limit-net=BYTES]
+//                   [--eager-limit=BYTES] [--eager-limit-shm=BYTES] [--rndv-scheme=S]
 // The client forks a server process of itself and prints one line per batch:
 //   ferry tls=T batch=B request=Sq reply=Sr attend_rtt_us=... oneway_us=... bw_MBps=... eager_limit=E
 // attend_rtt_us: median round trip, Attend request out and Attend reply back (no compute).
 // oneway_us: median of half the round trip with Sq bytes each way (ucx_perftest's latency).
 // bw_MBps: Sq-byte requests, 16 in flight, 8-byte replies (ucx_perftest ucp_am_bw's pattern).
 // eager_limit: the client's eager limit for its endpoint (UcxNode::EagerLimit; the server's is the
-// same, both following the transport of the active-message lane).
+// same, both following the endpoint's lanes).
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -161,8 +161,10 @@ int main(int argc, char** argv) {
       options.busy_poll = absl::Microseconds(std::atoi(value.c_str()));
     } else if (Flag(argv[i], "--eager-limit-shm", &value)) {
       options.eager_limit_shared_memory = std::strtoull(value.c_str(), nullptr, 10);
-    } else if (Flag(argv[i], "--eager-limit-net", &value)) {
-      options.eager_limit_network = std::strtoull(value.c_str(), nullptr, 10);
+    } else if (Flag(argv[i], "--rndv-scheme", &value)) {
+      options.rendezvous_scheme = value;
+    } else if (Flag(argv[i], "--eager-limit", &value)) {
+      options.eager_limit = std::strtoull(value.c_str(), nullptr, 10);
     } else {
       std::fprintf(stderr, "unknown flag %s\n", argv[i]);
       return 2;
@@ -181,7 +183,8 @@ int main(int argc, char** argv) {
     if (!options.tls.empty()) args.push_back("--tls=" + options.tls);
     args.push_back("--busy-poll-us=" + std::to_string(absl::ToInt64Microseconds(options.busy_poll)));
     args.push_back("--eager-limit-shm=" + std::to_string(options.eager_limit_shared_memory));
-    args.push_back("--eager-limit-net=" + std::to_string(options.eager_limit_network));
+    args.push_back("--eager-limit=" + std::to_string(options.eager_limit));
+    args.push_back("--rndv-scheme=" + options.rendezvous_scheme);
     std::vector<char*> argv_child;
     for (auto& arg : args) argv_child.push_back(arg.data());
     argv_child.push_back(nullptr);

@@ -100,36 +100,48 @@ void Sleep(int fd_a, int fd_b, Clock::duration timeout) {
   poll(fds, count, static_cast<int>(std::clamp<int64_t>(ms, 0, 1000)));
 }
 
-// The transport of the endpoint's active-message lane in ucp_ep_print_info's text, e.g. "sysv"
-// from "lane[1]:  2:sysv/memory.0 md[1] -> md[1]/sysv/sysdev[255] am am_bw#0 keepalive"; empty
-// while the endpoint has no such lane yet (before wire-up only its connection-manager lane).
-std::string ActiveMessageTransport(std::string_view info) {
+// Transports whose active messages and copies go through memory both processes (or one) can see.
+bool IsSharedMemoryTransport(std::string_view transport) {
+  return transport == "sysv" || transport == "posix" || transport == "xpmem" ||
+         transport == "self" || transport == "cma" || transport == "knem";
+}
+
+// What an endpoint's lanes say about its protocols, from ucp_ep_print_info's text, whose lane
+// lines read "lane[1]:  2:sysv/memory.0 md[1] -> md[1]/sysv/sysdev[255] am am_bw#0 keepalive".
+struct EndpointLanes {
+  std::string am_transport;  // the active-message lane's; empty before wire-up (only a cm lane)
+  // Some rendezvous (rma_bw) lane leaves shared memory; without rma_bw lanes, rendezvous sends
+  // its data as active messages on the AM lane.
+  bool rendezvous_over_network = false;
+};
+
+EndpointLanes ParseEndpointLanes(std::string_view info) {
+  EndpointLanes lanes;
   while (!info.empty()) {
     const size_t end = std::min(info.find('\n'), info.size());
     std::string_view line = info.substr(0, end);
     info.remove_prefix(std::min(end + 1, info.size()));
     const size_t lane = line.find("lane[");
-    if (lane == std::string_view::npos) continue;
-    bool carries_am = false;
-    for (size_t pos = line.find(" am"); pos != std::string_view::npos;
-         pos = line.find(" am", pos + 1)) {
-      const size_t after = pos + 3;
-      if (after == line.size() || line[after] == ' ') carries_am = true;
-    }
-    if (!carries_am) continue;
+    const size_t arrow = line.find("->");
+    if (lane == std::string_view::npos || arrow == std::string_view::npos) continue;
     // "lane[N]: R:transport/device.path ..."
     const size_t colon = line.find(':', line.find("]:", lane) + 2);
     const size_t slash = line.find('/', colon);
     if (colon == std::string_view::npos || slash == std::string_view::npos) continue;
-    return std::string(line.substr(colon + 1, slash - colon - 1));
+    const std::string_view transport = line.substr(colon + 1, slash - colon - 1);
+    bool am = false, rma_bw = false;
+    std::string_view uses = line.substr(arrow + 2);
+    while (!uses.empty()) {
+      const size_t space = std::min(uses.find(' '), uses.size());
+      const std::string_view use = uses.substr(0, space);
+      uses.remove_prefix(std::min(space + 1, uses.size()));
+      if (use == "am") am = true;
+      if (use.substr(0, 7) == "rma_bw#") rma_bw = true;
+    }
+    if (am) lanes.am_transport = std::string(transport);
+    if (rma_bw && !IsSharedMemoryTransport(transport)) lanes.rendezvous_over_network = true;
   }
-  return {};
-}
-
-// Transports whose active messages are copies through memory both processes (or one) can see.
-bool IsSharedMemoryTransport(std::string_view transport) {
-  return transport == "sysv" || transport == "posix" || transport == "xpmem" ||
-         transport == "self";
+  return lanes;
 }
 
 }  // namespace
@@ -301,6 +313,11 @@ absl::Status UcxNode::Impl::Init() {
     status.Update(UcsToStatus(ucp_config_modify(config, "SOCKADDR_TLS_PRIORITY",
                                                 options_.connection_managers.c_str()),
                               "ucp_config_modify SOCKADDR_TLS_PRIORITY"));
+  }
+  if (!options_.rendezvous_scheme.empty()) {
+    status.Update(UcsToStatus(
+        ucp_config_modify(config, "RNDV_SCHEME", options_.rendezvous_scheme.c_str()),
+        "ucp_config_modify RNDV_SCHEME"));
   }
   if (!options_.tls.empty()) {
     status.Update(UcsToStatus(ucp_config_modify(config, "TLS", options_.tls.c_str()),
@@ -794,7 +811,7 @@ absl::Status UcxNode::Impl::SendAm(PeerId peer_id, unsigned am_id, uint64_t call
   }
   // Small messages go eagerly on every transport; only larger ones need the endpoint's limit.
   const bool eager = data.size() <= std::min(options_.eager_limit_shared_memory,
-                                             options_.eager_limit_network) ||
+                                             options_.eager_limit) ||
                      data.size() <= EagerLimitLocked(peer_id, it->second);
   auto* op = new SendOp{this, call_id, request, peer_id, std::move(data)};
   ucp_request_param_t param{};
@@ -970,13 +987,14 @@ absl::StatusOr<size_t> UcxNode::Impl::EagerLimit(PeerId peer_id) {
 
 size_t UcxNode::Impl::EagerLimitLocked(PeerId id, Peer& peer) {
   if (peer.eager_limit.has_value()) return *peer.eager_limit;
-  const std::string transport =
-      peer.ep != nullptr ? ActiveMessageTransport(EndpointInfo(peer.ep)) : std::string();
-  if (transport.empty()) return options_.eager_limit_network;  // lanes not chosen yet
-  peer.eager_limit = IsSharedMemoryTransport(transport) ? options_.eager_limit_shared_memory
-                                                        : options_.eager_limit_network;
-  FERRY_LOG_DEBUG("{}: peer {} active messages over {}, eager up to {} bytes", options_.name, id,
-                  transport, *peer.eager_limit);
+  if (peer.ep == nullptr) return options_.eager_limit;
+  const EndpointLanes lanes = ParseEndpointLanes(EndpointInfo(peer.ep));
+  if (lanes.am_transport.empty()) return options_.eager_limit;  // lanes not chosen yet
+  const bool split = IsSharedMemoryTransport(lanes.am_transport) && lanes.rendezvous_over_network;
+  peer.eager_limit = split ? options_.eager_limit_shared_memory : options_.eager_limit;
+  FERRY_LOG_DEBUG("{}: peer {} active messages over {}, rendezvous over {}, eager up to {} bytes",
+                  options_.name, id, lanes.am_transport,
+                  lanes.rendezvous_over_network ? "the network" : "the same", *peer.eager_limit);
   return *peer.eager_limit;
 }
 

@@ -20,7 +20,10 @@ struct TransportCase {
   const char* name;
   const char* tls;
   const char* expect;  // a substring of ucp_ep_print_info's lanes
-  bool shared_memory;  // active messages over shared memory (the eager limit that applies)
+  const char* rndv_scheme;  // UcxNodeOptions::rendezvous_scheme; nullptr: the default
+  // Active messages over shared memory, rendezvous data over tcp: eager_limit_shared_memory
+  // applies (else eager_limit).
+  bool split_rendezvous;
 };
 void PrintTo(const TransportCase& c, std::ostream* os) { *os << c.name; }
 
@@ -37,11 +40,12 @@ class UcxNodeTest : public ::testing::TestWithParam<TransportCase> {
     options.connection_managers = "tcp";
     options.call_timeout = absl::Seconds(2);
     options.eager_limit_shared_memory = eager_limit_shared_memory_;
-    options.eager_limit_network = eager_limit_network_;
+    options.eager_limit = eager_limit_;
+    if (GetParam().rndv_scheme != nullptr) options.rendezvous_scheme = GetParam().rndv_scheme;
     return options;
   }
   size_t eager_limit_shared_memory_ = UcxNodeOptions().eager_limit_shared_memory;
-  size_t eager_limit_network_ = UcxNodeOptions().eager_limit_network;
+  size_t eager_limit_ = UcxNodeOptions().eager_limit;
   // A server that echoes every request back with its first byte incremented (or never answers
   // when `silent`).
   std::unique_ptr<UcxNode> StartServer(int* port, bool silent = false) {
@@ -88,14 +92,13 @@ TEST_P(UcxNodeTest, EchoSmallAndLargeSizesOnTheExpectedTransport) {
   EXPECT_GT((*client)->buffers().hits(), 0u);
 }
 
-// Both sides pick the eager limit of the transport their endpoint's active messages run on, and a
-// message of the limit goes eagerly, one byte more by rendezvous, each arriving intact (both ways:
-// the echo comes back the same way).
-TEST_P(UcxNodeTest, EagerLimitFollowsTheActiveMessageTransport) {
+// Both sides pick the eager limit that fits their endpoint's lanes, and a message of the limit goes
+// eagerly, one byte more by rendezvous, each arriving intact (both ways: the echo comes back the
+// same way).
+TEST_P(UcxNodeTest, EagerLimitFollowsTheEndpointsLanes) {
   eager_limit_shared_memory_ = (size_t{3} << 20) + 5;  // odd sizes: no alignment luck
-  eager_limit_network_ = (size_t{128} << 10) + 3;
-  const size_t expected =
-      GetParam().shared_memory ? eager_limit_shared_memory_ : eager_limit_network_;
+  eager_limit_ = (size_t{128} << 10) + 3;
+  const size_t expected = GetParam().split_rendezvous ? eager_limit_shared_memory_ : eager_limit_;
   int port = 0;
   auto server = StartServer(&port);
   auto client = UcxNode::Create(Options("client"));
@@ -228,8 +231,8 @@ TEST_P(UcxNodeTest, QueueModeServerThreadAndConcurrentCallersAllAnswered) {
   for (int t = 0; t < kThreads; ++t) {
     callers.emplace_back([&, t] {
       for (int i = 0; i < kCalls; ++i) {
-        // Every tenth call is 1 MiB: past the network eager limit (rendezvous over tcp), eager
-        // over shared memory.
+        // Every tenth call is 1 MiB: past eager_limit (rendezvous), but eager in the
+        // shm_put_rendezvous case (eager_limit_shared_memory).
         const size_t size = i % 10 == 9 ? (size_t{1} << 20) + t : 16 + 977 * i + t;
         Buffer message(size);
         message.data()[0] = static_cast<uint8_t>(i + t);
@@ -283,8 +286,14 @@ TEST(UcsToStatusTest, MapsEveryNamedCode) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Loopback, UcxNodeTest,
-                         ::testing::Values(TransportCase{"tcp", "tcp", "tcp/lo", false},
-                                           TransportCase{"shm", "sm,tcp", "memory", true}),
+                         ::testing::Values(
+                             // The default scheme: rendezvous data as active messages.
+                             TransportCase{"tcp", "tcp", "tcp/lo", nullptr, false},
+                             TransportCase{"shm", "sm,tcp", "memory", nullptr, false},
+                             // UCX's own: tcp put_zcopy, also under shared-memory active messages.
+                             TransportCase{"tcp_put_rendezvous", "tcp", "tcp/lo", "auto", false},
+                             TransportCase{"shm_put_rendezvous", "sm,tcp", "memory", "auto",
+                                           true}),
                          [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace
