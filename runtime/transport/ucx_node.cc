@@ -100,6 +100,19 @@ void Sleep(int fd_a, int fd_b, Clock::duration timeout) {
   poll(fds, count, static_cast<int>(std::clamp<int64_t>(ms, 0, 1000)));
 }
 
+// ucp_ep_print_info's text.
+std::string EndpointInfo(ucp_ep_h ep) {
+  char* buffer = nullptr;
+  size_t size = 0;
+  FILE* stream = open_memstream(&buffer, &size);
+  if (stream == nullptr) return {};
+  ucp_ep_print_info(ep, stream);
+  fclose(stream);
+  std::string text(buffer, size);
+  free(buffer);
+  return text;
+}
+
 // Transports whose active messages and copies go through memory both processes (or one) can see.
 bool IsSharedMemoryTransport(std::string_view transport) {
   return transport == "sysv" || transport == "posix" || transport == "xpmem" ||
@@ -283,23 +296,6 @@ class UcxNode::Impl {
   int64_t inflight_ops_ = 0;  // sends and rendezvous receives UCX still owns
   UcxNodeStats stats_;
 };
-
-namespace {
-
-// ucp_ep_print_info's text.
-std::string EndpointInfo(ucp_ep_h ep) {
-  char* buffer = nullptr;
-  size_t size = 0;
-  FILE* stream = open_memstream(&buffer, &size);
-  if (stream == nullptr) return {};
-  ucp_ep_print_info(ep, stream);
-  fclose(stream);
-  std::string text(buffer, size);
-  free(buffer);
-  return text;
-}
-
-}  // namespace
 
 absl::Status UcxNode::Impl::Init() {
   ucp_config_t* config = nullptr;
@@ -994,7 +990,8 @@ size_t UcxNode::Impl::EagerLimitLocked(PeerId id, Peer& peer) {
   peer.eager_limit = split ? options_.eager_limit_shared_memory : options_.eager_limit;
   FERRY_LOG_DEBUG("{}: peer {} active messages over {}, rendezvous over {}, eager up to {} bytes",
                   options_.name, id, lanes.am_transport,
-                  lanes.rendezvous_over_network ? "the network" : "the same", *peer.eager_limit);
+                  lanes.rendezvous_over_network ? "the network" : "shared memory or the AM lane",
+                  *peer.eager_limit);
   return *peer.eager_limit;
 }
 
