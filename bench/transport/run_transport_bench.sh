@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
 # Ferry's transport beside ucx_perftest, same transport and message sizes, same run, interleaved
 # size by size so both see the same machine load. Prints a markdown table for bench/RESULTS.md.
-#   bench/transport/run_transport_bench.sh [BUILD_DIR] [BATCHES]   (defaults: build, 1,4,16,64,256)
+#   bench/transport/run_transport_bench.sh [BUILD_DIR] [BATCHES] [ROUNDS]
+#   (defaults: build, 1,4,16,64,256, 1). With ROUNDS > 1 every cell runs that many times, Ferry
+#   and perftest interleaved, and the table shows each column's median over the rounds (on a
+#   shared machine a single run's perftest median can be a descheduled spinner, in ms).
+# FERRY_BENCH_FLAGS adds flags to transport_bench (e.g. --rndv-scheme=auto, --eager-limit=N);
+# UCX_* variables in the environment reach both programs, but Ferry's own settings (UCX_TLS, its
+# rendezvous scheme) take precedence in Ferry.
 # Latency: ucx_perftest ucp_am_lat 50th percentile (half a round trip) vs Ferry's median half
 # round trip with the Attend request size both ways. Bandwidth: ucx_perftest ucp_am_bw overall
 # vs Ferry with 16 requests in flight (MB = 2^20 bytes in both). perftest runs with -e (endpoints
-# with error handling, PEER mode), as Ferry's endpoints always are: PEER mode leaves cma out, so
-# shared-memory rendezvous goes over tcp in both.
+# with error handling, PEER mode), as Ferry's endpoints always are; its endpoints then send
+# rendezvous data as active messages on the AM lane, as Ferry's do under its default rendezvous
+# scheme (runtime/transport/ucx_node.h). Ferry's protocol column: eager or rndv for the request,
+# from the eager limit its endpoint chose (UcxNode::EagerLimit).
+# The load average at the start and the end goes to stderr.
 set -euo pipefail
 build="${1:-build}"
 batches="${2:-1,4,16,64,256}"
+rounds="${3:-1}"
 bench="$build/bin/transport_bench"
 [[ -x "$bench" ]] || { echo "build transport_bench first" >&2; exit 1; }
 command -v ucx_perftest >/dev/null || { echo "ucx_perftest not found (ucx-utils)" >&2; exit 1; }
@@ -27,23 +37,34 @@ perftest() {  # tls test size iters -> the final line's fields
   wait "$server" 2>/dev/null || true
 }
 
-echo "| transport | batch | request bytes | Ferry attend RTT us | Ferry one-way us | perftest am_lat us | latency ratio | Ferry MB/s | perftest am_bw MB/s | bandwidth ratio |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { print (NR ? v[int((NR + 1) / 2)] : "nan") }'; }
+
+echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+echo "| transport | batch | request bytes | Ferry protocol | Ferry attend RTT us | Ferry one-way us | perftest am_lat us | latency ratio | Ferry MB/s | perftest am_bw MB/s | bandwidth ratio |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for tls in tcp sm,tcp; do
   for batch in ${batches//,/ }; do
     iters=$(( batch <= 16 ? 300 : 300 * 16 / batch ))
     (( iters < 20 )) && iters=20
-    line="$("$bench" --tls="$tls" --batches="$batch" --iters="$iters" 2>/dev/null | grep '^ferry')"
-    request="$(sed -E 's/.*request=([0-9]+).*/\1/' <<<"$line")"
-    attend="$(sed -E 's/.*attend_rtt_us=([0-9.]+).*/\1/' <<<"$line")"
-    oneway="$(sed -E 's/.*oneway_us=([0-9.]+).*/\1/' <<<"$line")"
-    bw="$(sed -E 's/.*bw_MBps=([0-9.]+).*/\1/' <<<"$line")"
-    lat_fields=($(perftest "$tls" ucp_am_lat "$request" "$iters"))
-    bw_fields=($(perftest "$tls" ucp_am_bw "$request" "$iters"))
-    p_lat="${lat_fields[1]:-nan}"
-    p_bw="${bw_fields[5]:-nan}"
+    attends="" oneways="" bws="" p_lats="" p_bws=""
+    for (( round = 0; round < rounds; ++round )); do
+      line="$("$bench" --tls="$tls" --batches="$batch" --iters="$iters" ${FERRY_BENCH_FLAGS:-} 2>/dev/null | grep '^ferry')"
+      request="$(sed -E 's/.*request=([0-9]+).*/\1/' <<<"$line")"
+      eager_limit="$(sed -E 's/.*eager_limit=([0-9]+).*/\1/' <<<"$line")"
+      attends+=" $(sed -E 's/.*attend_rtt_us=([0-9.]+).*/\1/' <<<"$line")"
+      oneways+=" $(sed -E 's/.*oneway_us=([0-9.]+).*/\1/' <<<"$line")"
+      bws+=" $(sed -E 's/.*bw_MBps=([0-9.]+).*/\1/' <<<"$line")"
+      lat_fields=($(perftest "$tls" ucp_am_lat "$request" "$iters"))
+      bw_fields=($(perftest "$tls" ucp_am_bw "$request" "$iters"))
+      p_lats+=" ${lat_fields[1]:-}"
+      p_bws+=" ${bw_fields[5]:-}"
+    done
+    attend="$(median <<<"$attends")" oneway="$(median <<<"$oneways")" bw="$(median <<<"$bws")"
+    p_lat="$(median <<<"$p_lats")" p_bw="$(median <<<"$p_bws")"
+    if (( request <= eager_limit )); then protocol=eager; else protocol=rndv; fi
     lat_ratio="$(awk -v a="$oneway" -v b="$p_lat" 'BEGIN { if (b + 0 > 0) printf "%.2f", a / b; else print "n/a" }')"
     bw_ratio="$(awk -v a="$p_bw" -v b="$bw" 'BEGIN { if (b + 0 > 0) printf "%.2f", a / b; else print "n/a" }')"
-    echo "| $tls | $batch | $request | $attend | $oneway | $p_lat | $lat_ratio | $bw | $p_bw | $bw_ratio |"
+    echo "| $tls | $batch | $request | $protocol | $attend | $oneway | $p_lat | $lat_ratio | $bw | $p_bw | $bw_ratio |"
   done
 done
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" >&2

@@ -5,12 +5,14 @@
 //
 //   transport_bench --serve [--tls=T]          echo server (replies with the size it is asked)
 //   transport_bench [--tls=T] [--batches=1,4,16,64,256] [--iters=N] [--busy-poll-us=U]
-//                   [--eager-limit=BYTES]
+//                   [--eager-limit=BYTES] [--eager-limit-shm=BYTES] [--rndv-scheme=S]
 // The client forks a server process of itself and prints one line per batch:
-//   ferry tls=T batch=B request=Sq reply=Sr attend_rtt_us=... oneway_us=... bw_MBps=...
+//   ferry tls=T batch=B request=Sq reply=Sr attend_rtt_us=... oneway_us=... bw_MBps=... eager_limit=E
 // attend_rtt_us: median round trip, Attend request out and Attend reply back (no compute).
 // oneway_us: median of half the round trip with Sq bytes each way (ucx_perftest's latency).
 // bw_MBps: Sq-byte requests, 16 in flight, 8-byte replies (ucx_perftest ucp_am_bw's pattern).
+// eager_limit: the client's eager limit for its endpoint (UcxNode::EagerLimit; the server's is the
+// same, both following the endpoint's lanes).
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
@@ -157,6 +159,10 @@ int main(int argc, char** argv) {
       iters = std::atoi(value.c_str());
     } else if (Flag(argv[i], "--busy-poll-us", &value)) {
       options.busy_poll = absl::Microseconds(std::atoi(value.c_str()));
+    } else if (Flag(argv[i], "--eager-limit-shm", &value)) {
+      options.eager_limit_shared_memory = std::strtoull(value.c_str(), nullptr, 10);
+    } else if (Flag(argv[i], "--rndv-scheme", &value)) {
+      options.rendezvous_scheme = value;
     } else if (Flag(argv[i], "--eager-limit", &value)) {
       options.eager_limit = std::strtoull(value.c_str(), nullptr, 10);
     } else {
@@ -176,7 +182,9 @@ int main(int argc, char** argv) {
     std::vector<std::string> args = {"/proc/self/exe", "--serve"};
     if (!options.tls.empty()) args.push_back("--tls=" + options.tls);
     args.push_back("--busy-poll-us=" + std::to_string(absl::ToInt64Microseconds(options.busy_poll)));
+    args.push_back("--eager-limit-shm=" + std::to_string(options.eager_limit_shared_memory));
     args.push_back("--eager-limit=" + std::to_string(options.eager_limit));
+    args.push_back("--rndv-scheme=" + options.rendezvous_scheme);
     std::vector<char*> argv_child;
     for (auto& arg : args) argv_child.push_back(arg.data());
     argv_child.push_back(nullptr);
@@ -205,6 +213,7 @@ int main(int argc, char** argv) {
     } else {
       auto info = (*node)->DescribePeer(*peer);
       if (info.ok()) std::fprintf(stderr, "%s", info->c_str());
+      auto eager_limit = (*node)->EagerLimit(*peer);
       size_t begin = 0;
       while (begin < batches.size()) {
         size_t end = batches.find(',', begin);
@@ -217,9 +226,9 @@ int main(int argc, char** argv) {
         const double oneway = RoundTrip(**node, *peer, request, request, n) / 2;
         const double bw = Bandwidth(**node, *peer, request, n);
         std::printf("ferry tls=%s batch=%d request=%zu reply=%zu attend_rtt_us=%.1f oneway_us=%.1f "
-                    "bw_MBps=%.0f\n",
+                    "bw_MBps=%.0f eager_limit=%zu\n",
                     options.tls.empty() ? "env" : options.tls.c_str(), batch, request, reply,
-                    attend, oneway, bw);
+                    attend, oneway, bw, eager_limit.ok() ? *eager_limit : 0);
         std::fflush(stdout);
       }
     }

@@ -11,6 +11,9 @@
 #include <cstdio>
 #include <deque>
 #include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -97,6 +100,63 @@ void Sleep(int fd_a, int fd_b, Clock::duration timeout) {
   poll(fds, count, static_cast<int>(std::clamp<int64_t>(ms, 0, 1000)));
 }
 
+// ucp_ep_print_info's text.
+std::string EndpointInfo(ucp_ep_h ep) {
+  char* buffer = nullptr;
+  size_t size = 0;
+  FILE* stream = open_memstream(&buffer, &size);
+  if (stream == nullptr) return {};
+  ucp_ep_print_info(ep, stream);
+  fclose(stream);
+  std::string text(buffer, size);
+  free(buffer);
+  return text;
+}
+
+// Transports whose active messages and copies go through memory both processes (or one) can see.
+bool IsSharedMemoryTransport(std::string_view transport) {
+  return transport == "sysv" || transport == "posix" || transport == "xpmem" ||
+         transport == "self" || transport == "cma" || transport == "knem";
+}
+
+// What an endpoint's lanes say about its protocols, from ucp_ep_print_info's text, whose lane
+// lines read "lane[1]:  2:sysv/memory.0 md[1] -> md[1]/sysv/sysdev[255] am am_bw#0 keepalive".
+struct EndpointLanes {
+  std::string am_transport;  // the active-message lane's; empty before wire-up (only a cm lane)
+  // Some rendezvous (rma_bw) lane leaves shared memory; without rma_bw lanes, rendezvous sends
+  // its data as active messages on the AM lane.
+  bool rendezvous_over_network = false;
+};
+
+EndpointLanes ParseEndpointLanes(std::string_view info) {
+  EndpointLanes lanes;
+  while (!info.empty()) {
+    const size_t end = std::min(info.find('\n'), info.size());
+    std::string_view line = info.substr(0, end);
+    info.remove_prefix(std::min(end + 1, info.size()));
+    const size_t lane = line.find("lane[");
+    const size_t arrow = line.find("->");
+    if (lane == std::string_view::npos || arrow == std::string_view::npos) continue;
+    // "lane[N]: R:transport/device.path ..."
+    const size_t colon = line.find(':', line.find("]:", lane) + 2);
+    const size_t slash = line.find('/', colon);
+    if (colon == std::string_view::npos || slash == std::string_view::npos) continue;
+    const std::string_view transport = line.substr(colon + 1, slash - colon - 1);
+    bool am = false, rma_bw = false;
+    std::string_view uses = line.substr(arrow + 2);
+    while (!uses.empty()) {
+      const size_t space = std::min(uses.find(' '), uses.size());
+      const std::string_view use = uses.substr(0, space);
+      uses.remove_prefix(std::min(space + 1, uses.size()));
+      if (use == "am") am = true;
+      if (use.substr(0, 7) == "rma_bw#") rma_bw = true;
+    }
+    if (am) lanes.am_transport = std::string(transport);
+    if (rma_bw && !IsSharedMemoryTransport(transport)) lanes.rendezvous_over_network = true;
+  }
+  return lanes;
+}
+
 }  // namespace
 
 class UcxNode::Impl {
@@ -115,6 +175,11 @@ class UcxNode::Impl {
   absl::StatusOr<IncomingRequest> NextRequest(absl::Duration timeout);
   absl::Status Reply(PeerId peer, uint64_t call_id, Buffer message);
   absl::StatusOr<std::string> DescribePeer(PeerId peer);
+  absl::StatusOr<size_t> EagerLimit(PeerId peer);
+  UcxNodeStats stats() {
+    std::lock_guard<std::recursive_mutex> lock(mutex_);
+    return stats_;
+  }
   void Disconnect(PeerId peer);
   absl::Status PeerStatus(PeerId peer);
   void SetRequestHandler(RequestHandler handler);
@@ -125,6 +190,7 @@ class UcxNode::Impl {
     ucp_ep_h ep = nullptr;
     std::string name;
     absl::Status error;  // set once the endpoint failed
+    std::optional<size_t> eager_limit;  // unknown until UCX has chosen the endpoint's lanes
   };
   struct PendingCall {
     PeerId peer;
@@ -178,6 +244,8 @@ class UcxNode::Impl {
                            bool request);
   absl::Status SendAm(PeerId peer, unsigned am_id, uint64_t call_id, Buffer data, bool request);
   PeerId AddPeer(ucp_ep_h ep, std::string name);
+  // The eager limit for this peer's endpoint, learnt from its lanes once UCX has chosen them.
+  size_t EagerLimitLocked(PeerId id, Peer& peer);
   absl::StatusOr<ucp_ep_h> CreateEndpoint(ucp_ep_params_t& params);
   void Deliver(bool is_request, PeerId peer, uint64_t call_id, absl::StatusOr<Buffer> data);
   absl::Status Stopped() const {
@@ -226,6 +294,7 @@ class UcxNode::Impl {
   uint64_t next_call_ = 1;
   Clock::time_point next_deadline_check_{};
   int64_t inflight_ops_ = 0;  // sends and rendezvous receives UCX still owns
+  UcxNodeStats stats_;
 };
 
 absl::Status UcxNode::Impl::Init() {
@@ -240,6 +309,11 @@ absl::Status UcxNode::Impl::Init() {
     status.Update(UcsToStatus(ucp_config_modify(config, "SOCKADDR_TLS_PRIORITY",
                                                 options_.connection_managers.c_str()),
                               "ucp_config_modify SOCKADDR_TLS_PRIORITY"));
+  }
+  if (!options_.rendezvous_scheme.empty()) {
+    status.Update(UcsToStatus(
+        ucp_config_modify(config, "RNDV_SCHEME", options_.rendezvous_scheme.c_str()),
+        "ucp_config_modify RNDV_SCHEME"));
   }
   if (!options_.tls.empty()) {
     status.Update(UcsToStatus(ucp_config_modify(config, "TLS", options_.tls.c_str()),
@@ -646,11 +720,13 @@ ucs_status_t UcxNode::Impl::OnAm(bool is_request, const void* header, size_t hea
   }
   Buffer buffer = node_->buffers_.Acquire(length);
   if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) == 0) {
+    ++stats_.eager_received;
     if (length > 0) std::memcpy(buffer.data(), data, length);
     Deliver(is_request, peer, call_id, std::move(buffer));
     return UCS_OK;
   }
   // Rendezvous: UCX pulls the payload straight into our buffer.
+  ++stats_.rendezvous_received;
   auto* op = new RecvOp{this, call_id, is_request, peer, std::move(buffer)};
   ucp_request_param_t recv_param{};
   recv_param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
@@ -729,6 +805,10 @@ absl::Status UcxNode::Impl::SendAm(PeerId peer_id, unsigned am_id, uint64_t call
                                        options_.name, ": peer ", peer_id, " disconnected"))
                                  : it->second.error;
   }
+  // Small messages go eagerly on every transport; only larger ones need the endpoint's limit.
+  const bool eager = data.size() <= std::min(options_.eager_limit_shared_memory,
+                                             options_.eager_limit) ||
+                     data.size() <= EagerLimitLocked(peer_id, it->second);
   auto* op = new SendOp{this, call_id, request, peer_id, std::move(data)};
   ucp_request_param_t param{};
   param.op_attr_mask =
@@ -736,9 +816,7 @@ absl::Status UcxNode::Impl::SendAm(PeerId peer_id, unsigned am_id, uint64_t call
   param.cb.send = &Impl::OnSendDone;
   param.user_data = op;
   // REPLY: the receiver learns which endpoint to answer on.
-  param.flags = UCP_AM_SEND_FLAG_REPLY |
-                (op->data.size() <= options_.eager_limit ? UCP_AM_SEND_FLAG_EAGER
-                                                         : UCP_AM_SEND_FLAG_RNDV);
+  param.flags = UCP_AM_SEND_FLAG_REPLY | (eager ? UCP_AM_SEND_FLAG_EAGER : UCP_AM_SEND_FLAG_RNDV);
   // The header is copied by UCX before ucp_am_send_nbx returns; the data stays with op.
   void* status_ptr = ucp_am_send_nbx(it->second.ep, am_id, &op->call_id, sizeof(op->call_id),
                                      op->data.data(), op->data.size(), &param);
@@ -889,15 +967,32 @@ absl::StatusOr<std::string> UcxNode::Impl::DescribePeer(PeerId peer_id) {
   if (it == peers_.end() || it->second.ep == nullptr) {
     return absl::NotFoundError(absl::StrCat("no endpoint for peer ", peer_id));
   }
-  char* buffer = nullptr;
-  size_t size = 0;
-  FILE* stream = open_memstream(&buffer, &size);
-  if (stream == nullptr) return absl::InternalError("open_memstream failed");
-  ucp_ep_print_info(it->second.ep, stream);
-  fclose(stream);
-  std::string text(buffer, size);
-  free(buffer);
+  std::string text = EndpointInfo(it->second.ep);
+  if (text.empty()) return absl::InternalError("ucp_ep_print_info gave nothing");
   return text;
+}
+
+absl::StatusOr<size_t> UcxNode::Impl::EagerLimit(PeerId peer_id) {
+  std::lock_guard<std::recursive_mutex> lock(mutex_);
+  auto it = peers_.find(peer_id);
+  if (it == peers_.end() || it->second.ep == nullptr) {
+    return absl::NotFoundError(absl::StrCat("no endpoint for peer ", peer_id));
+  }
+  return EagerLimitLocked(peer_id, it->second);
+}
+
+size_t UcxNode::Impl::EagerLimitLocked(PeerId id, Peer& peer) {
+  if (peer.eager_limit.has_value()) return *peer.eager_limit;
+  if (peer.ep == nullptr) return options_.eager_limit;
+  const EndpointLanes lanes = ParseEndpointLanes(EndpointInfo(peer.ep));
+  if (lanes.am_transport.empty()) return options_.eager_limit;  // lanes not chosen yet
+  const bool split = IsSharedMemoryTransport(lanes.am_transport) && lanes.rendezvous_over_network;
+  peer.eager_limit = split ? options_.eager_limit_shared_memory : options_.eager_limit;
+  FERRY_LOG_DEBUG("{}: peer {} active messages over {}, rendezvous over {}, eager up to {} bytes",
+                  options_.name, id, lanes.am_transport,
+                  lanes.rendezvous_over_network ? "the network" : "shared memory or the AM lane",
+                  *peer.eager_limit);
+  return *peer.eager_limit;
 }
 
 void UcxNode::Impl::Disconnect(PeerId peer_id) {
@@ -961,6 +1056,10 @@ absl::Status UcxNode::Reply(PeerId peer, uint64_t call_id, Buffer message) {
 }
 
 absl::StatusOr<std::string> UcxNode::DescribePeer(PeerId peer) { return impl_->DescribePeer(peer); }
+
+absl::StatusOr<size_t> UcxNode::EagerLimit(PeerId peer) { return impl_->EagerLimit(peer); }
+
+UcxNodeStats UcxNode::stats() { return impl_->stats(); }
 
 void UcxNode::Disconnect(PeerId peer) { impl_->Disconnect(peer); }
 

@@ -4,9 +4,24 @@
 //
 // Messages are opaque byte buffers (runtime/offload frames them). A request carries a call id in
 // its active-message header; the reply carries the same id back, so a reply finds its caller
-// even when the request's own frame was too broken to parse. Large messages go by UCP's
-// active-message rendezvous (options.eager_limit; RNDV pulls the payload straight into the
-// receiver's buffer instead of one huge eager message).
+// even when the request's own frame was too broken to parse. Messages up to a per-endpoint eager
+// limit go eagerly, larger ones by UCP's active-message rendezvous (RNDV pulls the payload straight
+// into the receiver's buffer instead of one huge eager message).
+//
+// Rendezvous protocol: with PEER error handling, UCX 1.13 gives rendezvous only lanes whose memory
+// domain can invalidate a registration or that are connected point to point, which on one host
+// leaves cma out (and sysv/posix cannot register memory at all) but lets tcp in: under UCX's
+// default scheme an endpoint whose active messages use shared memory sends its rendezvous data by
+// tcp put_zcopy, several times slower than copies through shared memory. So the node sets UCX's
+// rendezvous scheme to get_zcopy (options.rendezvous_scheme): lanes that cannot get take no
+// rendezvous role and the data goes as active-message fragments on the AM lane (shared memory
+// here, tcp between hosts), straight into the receive buffer; RDMA lanes read it. That is the
+// protocol ucx_perftest -e uses too (its endpoints, made from worker addresses, get no tcp
+// rendezvous lanes), and on tcp it measured even with put_zcopy (bench/RESULTS.md).
+// The eager limit follows the endpoint's lanes (EagerLimit(); read once wire-up is done):
+// options.eager_limit normally, options.eager_limit_shared_memory where active messages use
+// shared memory but rendezvous data would leave it (a scheme that gives tcp a rendezvous role):
+// then large eager copies through shared memory beat rendezvous over tcp.
 //
 // Reliability: every endpoint uses error-handling mode PEER and UCX keepalive
 // (options.keepalive_interval). Every call has a deadline (options.call_timeout unless given): a
@@ -65,10 +80,23 @@ struct UcxNodeOptions {
   absl::Duration call_timeout = absl::Seconds(2);  // default bound for Call()
   absl::Duration busy_poll = absl::Microseconds(50);  // spin this long after activity, then sleep
   size_t max_message_bytes = size_t{1} << 31;  // larger incoming messages are refused
-  // Messages up to this size go eagerly; larger ones by rendezvous. (UCX's own threshold picks
-  // rendezvous for ~16 KiB on shm, whose handshake costs extra wake-ups of both progress threads;
-  // with PEER error handling the rendezvous data then runs over tcp, as cma is left out.)
+  // UCX_RNDV_SCHEME for this context (see the top of this file); empty: the environment's, or
+  // UCX's default (auto).
+  std::string rendezvous_scheme = "get_zcopy";
+  // Messages up to the eager limit go eagerly; larger ones by rendezvous (UCX's own threshold
+  // picks rendezvous from ~8 KiB, whose handshake costs extra wake-ups of both sides). Each
+  // endpoint takes one of two limits by its lanes (see the top of this file):
+  // eager_limit_shared_memory where active messages use shared memory but rendezvous data would
+  // go over the network, eager_limit otherwise. Above the larger limit, rendezvous spares the receiver UCX's
+  // whole-message copy of an eager message.
   size_t eager_limit = size_t{256} << 10;
+  size_t eager_limit_shared_memory = size_t{64} << 20;
+};
+
+// Messages this node received, by the protocol UCX delivered them with.
+struct UcxNodeStats {
+  uint64_t eager_received = 0;
+  uint64_t rendezvous_received = 0;
 };
 
 // Incoming request: the peer, the call id to answer, and the message (or why it could not be
@@ -121,6 +149,12 @@ class UcxNode {
 
   // UCX's description of the endpoint (lanes and transports), to check which transport runs.
   absl::StatusOr<std::string> DescribePeer(PeerId peer);
+
+  // The eager limit for messages to this peer (see UcxNodeOptions), from the transports of the
+  // endpoint's lanes; options.eager_limit until UCX has chosen them.
+  absl::StatusOr<size_t> EagerLimit(PeerId peer);
+
+  UcxNodeStats stats();
 
   // Drops the endpoint; outstanding calls to it fail with Cancelled.
   void Disconnect(PeerId peer);

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <thread>
 #include <vector>
@@ -19,6 +20,10 @@ struct TransportCase {
   const char* name;
   const char* tls;
   const char* expect;  // a substring of ucp_ep_print_info's lanes
+  const char* rndv_scheme;  // UcxNodeOptions::rendezvous_scheme; nullptr: the default
+  // Active messages over shared memory, rendezvous data over tcp: eager_limit_shared_memory
+  // applies (else eager_limit).
+  bool split_rendezvous;
 };
 void PrintTo(const TransportCase& c, std::ostream* os) { *os << c.name; }
 
@@ -34,8 +39,13 @@ class UcxNodeTest : public ::testing::TestWithParam<TransportCase> {
     options.keepalive_interval = absl::Seconds(1);  // short, but above this VM's scheduling stalls
     options.connection_managers = "tcp";
     options.call_timeout = absl::Seconds(2);
+    options.eager_limit_shared_memory = eager_limit_shared_memory_;
+    options.eager_limit = eager_limit_;
+    if (GetParam().rndv_scheme != nullptr) options.rendezvous_scheme = GetParam().rndv_scheme;
     return options;
   }
+  size_t eager_limit_shared_memory_ = UcxNodeOptions().eager_limit_shared_memory;
+  size_t eager_limit_ = UcxNodeOptions().eager_limit;
   // A server that echoes every request back with its first byte incremented (or never answers
   // when `silent`).
   std::unique_ptr<UcxNode> StartServer(int* port, bool silent = false) {
@@ -55,7 +65,7 @@ class UcxNodeTest : public ::testing::TestWithParam<TransportCase> {
   }
 };
 
-TEST_P(UcxNodeTest, EchoSmallAndRendezvousSizesOnTheExpectedTransport) {
+TEST_P(UcxNodeTest, EchoSmallAndLargeSizesOnTheExpectedTransport) {
   int port = 0;
   auto server = StartServer(&port);
   auto client = UcxNode::Create(Options("client"));
@@ -80,6 +90,47 @@ TEST_P(UcxNodeTest, EchoSmallAndRendezvousSizesOnTheExpectedTransport) {
   if (getenv("FERRY_TEST_VERBOSE")) printf("%s\n", info->c_str());
   // Buffers come back to the pool and are reused.
   EXPECT_GT((*client)->buffers().hits(), 0u);
+}
+
+// Both sides pick the eager limit that fits their endpoint's lanes, and a message of the limit goes
+// eagerly, one byte more by rendezvous, each arriving intact (both ways: the echo comes back the
+// same way).
+TEST_P(UcxNodeTest, EagerLimitFollowsTheEndpointsLanes) {
+  eager_limit_shared_memory_ = (size_t{3} << 20) + 5;  // odd sizes: no alignment luck
+  eager_limit_ = (size_t{128} << 10) + 3;
+  const size_t expected = GetParam().split_rendezvous ? eager_limit_shared_memory_ : eager_limit_;
+  int port = 0;
+  auto server = StartServer(&port);
+  auto client = UcxNode::Create(Options("client"));
+  ASSERT_TRUE(client.ok()) << client.status();
+  auto peer = (*client)->Connect("127.0.0.1", port);
+  ASSERT_TRUE(peer.ok()) << peer.status();
+  auto limit = (*client)->EagerLimit(*peer);
+  ASSERT_TRUE(limit.ok()) << limit.status();
+  EXPECT_EQ(*limit, expected) << *(*client)->DescribePeer(*peer);
+  EXPECT_EQ((*client)->EagerLimit(*peer + 100).status().code(), absl::StatusCode::kNotFound);
+
+  for (size_t size : {expected, expected + 1}) {
+    const bool eager = size <= expected;
+    const UcxNodeStats server_before = server->stats(), client_before = (*client)->stats();
+    std::vector<uint8_t> pattern(size);
+    for (size_t i = 0; i < size; ++i) pattern[i] = static_cast<uint8_t>((i * 131 + size) >> 3);
+    Buffer message(size);
+    std::memcpy(message.data(), pattern.data(), size);
+    auto future = (*client)->Call(*peer, std::move(message));
+    CallResult reply = (*client)->Await(future);
+    ASSERT_TRUE(reply.ok()) << size << ": " << reply.status();
+    ASSERT_EQ(reply->size(), size);
+    pattern[0]++;  // the echo server's mark
+    EXPECT_EQ(std::memcmp(reply->data(), pattern.data(), size), 0) << size;
+    const UcxNodeStats server_after = server->stats(), client_after = (*client)->stats();
+    EXPECT_EQ(server_after.eager_received - server_before.eager_received, eager ? 1u : 0u);
+    EXPECT_EQ(server_after.rendezvous_received - server_before.rendezvous_received,
+              eager ? 0u : 1u);
+    EXPECT_EQ(client_after.eager_received - client_before.eager_received, eager ? 1u : 0u);
+    EXPECT_EQ(client_after.rendezvous_received - client_before.rendezvous_received,
+              eager ? 0u : 1u);
+  }
 }
 
 TEST_P(UcxNodeTest, ManyConcurrentCallsAllAnswered) {
@@ -180,7 +231,8 @@ TEST_P(UcxNodeTest, QueueModeServerThreadAndConcurrentCallersAllAnswered) {
   for (int t = 0; t < kThreads; ++t) {
     callers.emplace_back([&, t] {
       for (int i = 0; i < kCalls; ++i) {
-        // Every tenth call is past the eager limit (rendezvous).
+        // Every tenth call is 1 MiB: past eager_limit (rendezvous), but eager in the
+        // shm_put_rendezvous case (eager_limit_shared_memory).
         const size_t size = i % 10 == 9 ? (size_t{1} << 20) + t : 16 + 977 * i + t;
         Buffer message(size);
         message.data()[0] = static_cast<uint8_t>(i + t);
@@ -234,8 +286,14 @@ TEST(UcsToStatusTest, MapsEveryNamedCode) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Loopback, UcxNodeTest,
-                         ::testing::Values(TransportCase{"tcp", "tcp", "tcp/lo"},
-                                           TransportCase{"shm", "sm,tcp", "memory"}),
+                         ::testing::Values(
+                             // The default scheme: rendezvous data as active messages.
+                             TransportCase{"tcp", "tcp", "tcp/lo", nullptr, false},
+                             TransportCase{"shm", "sm,tcp", "memory", nullptr, false},
+                             // UCX's own: tcp put_zcopy, also under shared-memory active messages.
+                             TransportCase{"tcp_put_rendezvous", "tcp", "tcp/lo", "auto", false},
+                             TransportCase{"shm_put_rendezvous", "sm,tcp", "memory", "auto",
+                                           true}),
                          [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace
