@@ -138,14 +138,15 @@ class LocalCluster {
     return ReadGeneration(*generation_, request, deadline, on_token);
   }
 
-  // Runs every request at once (a stream each) and returns the results in request order; while
-  // they run, polls the worker table and sets (*held)[i] when worker i (WorkerId(i)) reports KV
-  // or state bytes in use.
+  // Runs every request at once (a stream each) and returns the results in request order. With
+  // `held`, polls the worker table while they run and sets (*held)[i] when worker i
+  // (WorkerId(i)) reports KV or state bytes in use (heartbeats come every 100 ms, so a hold
+  // shorter than that can be missed).
   std::vector<StreamResult> GenerateAll(const std::vector<ferry::v1::GenerateRequest>& requests,
                                         std::chrono::milliseconds deadline,
-                                        std::vector<bool>* held) {
-    held->assign(workers_.size(), false);
-    std::atomic<bool> running{true};
+                                        std::vector<bool>* held = nullptr) {
+    if (held != nullptr) held->assign(workers_.size(), false);
+    std::atomic<bool> running{held != nullptr};
     std::thread watcher([&] {
       while (running) {
         const ferry::v1::ListWorkersResponse workers = Workers();
