@@ -90,12 +90,14 @@ int main(int argc, char** argv) {
       // q, k, v, out, out_residual, dout, dq, dk, dv
       uint16_t* buf[9];
       for (auto& b : buf) CHECK_CUDA(cudaMalloc(&b, n * 2));
-      for (int i = 0; i < 3; ++i) FillUniform<<<1024, 256>>>(buf[i], n, 17 + i, 2.0f / std::sqrt(float(d)));
+      const float qkv_scale = 2.0f / std::sqrt(static_cast<float>(d));
+      for (int i = 0; i < 3; ++i) FillUniform<<<1024, 256>>>(buf[i], n, 17 + i, qkv_scale);
       FillUniform<<<1024, 256>>>(buf[5], n, 99, 2.0f);
       float* stats = nullptr;
       CHECK_CUDA(cudaMalloc(&stats, sizeof(float) * kLinearRowStats * tokens * kHeads));
-      const size_t ws_bytes = std::max<size_t>({LinearAttentionForwardWorkspaceSize(c, tokens),
-                                                LinearAttentionBackwardWorkspaceSize(c, tokens), 256});
+      const size_t ws_bytes =
+          std::max<size_t>({LinearAttentionForwardWorkspaceSize(c, tokens),
+                            LinearAttentionBackwardWorkspaceSize(c, tokens), 256});
       void* ws = nullptr;
       CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
       LinearAttentionForwardArgs fa;

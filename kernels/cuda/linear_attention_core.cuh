@@ -1295,9 +1295,9 @@ struct MergedBackwardParams {
 
 template <int kD>
 struct MergedBackwardShape {
-  static constexpr int kSmemBytes =
-      std::max({CoreShape<Op::kGradQ, kD, true>::kSmemBytes, CoreShape<Op::kGradK, kD, true>::kSmemBytes,
-                CoreShape<Op::kGradV, kD, true>::kSmemBytes});
+  static constexpr int kSmemBytes = std::max({CoreShape<Op::kGradQ, kD, true>::kSmemBytes,
+                                               CoreShape<Op::kGradK, kD, true>::kSmemBytes,
+                                               CoreShape<Op::kGradV, kD, true>::kSmemBytes});
   static constexpr int kMinBlocks = CoreShape<Op::kGradQ, kD, true>::kMinBlocks;
   static_assert(kMinBlocks == CoreShape<Op::kGradK, kD, true>::kMinBlocks &&
                     kMinBlocks == CoreShape<Op::kGradV, kD, true>::kMinBlocks,
