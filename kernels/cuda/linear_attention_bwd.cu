@@ -173,11 +173,22 @@ cudaError_t LinearAttentionBackwardCuda(const LinearAttentionBackwardCudaArgs& a
                              dim3(256), kernel_args, 0, stream);
     if (error != cudaSuccess) return error;
   }
+  const bool lifted = c.feature_map == LinearFeatureMap::kOnePlusXMaxNorm;
+  if (BackwardMerged(c, chunks_per_segment)) {
+    MergedBackwardParams m{p, p, p};
+    m.dq.out = static_cast<uint16_t*>(args.dq);
+    m.dq.grid_heads = c.num_q_heads;
+    m.dk.out = static_cast<uint16_t*>(args.dk);
+    m.dk.grid_heads = c.num_kv_heads;
+    m.dv.out = static_cast<uint16_t*>(args.dv);
+    m.dv.grid_heads = c.num_kv_heads;
+    return RunBackwardMergedForHeadDim(m, c.head_dim, stream);
+  }
   p.out = static_cast<uint16_t*>(args.dq);
   p.grid_heads = c.num_q_heads;
   error = RunCoreForHeadDim<Op::kGradQ>(p, c.head_dim, args.total_tokens, stream);
   if (error != cudaSuccess) return error;
-  if (c.feature_map == LinearFeatureMap::kOnePlusXMaxNorm && q_rows > 0) {
+  if (lifted && q_rows > 0) {
     const uint16_t* q = p.q;
     const float* stats = p.stats;
     const float* ws_gq = p.ws_gq;

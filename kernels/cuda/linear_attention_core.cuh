@@ -25,6 +25,8 @@
 // cp.async (16-byte copies, zero-filled past the sequence) into one of two stages while the
 // previous chunk computes; elementwise transforms (feature map, per-row scales, fp16 -> bf16)
 // run in place in shared memory. Score weights and S reach the tensor cores as bf16 hi + lo pairs.
+// The walk is CoreWalk; LinearCoreKernel runs one pass, LinearBackwardMergedKernel the three
+// backward passes in one grid (when they are independent; see there).
 //
 // Segments. A block per (slice, head, sequence) walking all chunks leaves SMs idle when the batch
 // has few sequences or heads, so a call may split each sequence into segments of
@@ -118,7 +120,11 @@ struct CoreParams {
   int grid_heads = 0;
 };
 
-template <Op kOp, int kD>
+// kLean: the shape of the merged backward launch (LinearBackwardMergedKernel), whose grid holds
+// the three passes' blocks at once: at d = 128 one pipeline stage and <= 168 registers, so that
+// three blocks share an SM instead of two (the separate passes have only about two blocks per SM
+// to run, and keep two stages).
+template <Op kOp, int kD, bool kLean = false>
 struct CoreShape {
   static constexpr int kDv = SliceWidth(kD);
   static constexpr int kSlices = kD / kDv;
@@ -143,11 +149,13 @@ struct CoreShape {
   static constexpr int kStateBytes = 2 * kD * kStrideV * 2;
   static constexpr int kScalarFloats = kStrideV + 12 * kChunk + 2 * kChunk;
   static constexpr int kFixedBytes = kStateBytes + kScalarFloats * 4;
-  static constexpr int kStages = 2 * kStageBytes + kFixedBytes <= kMaxSharedBytes ? 2 : 1;
+  static constexpr int kStages =
+      (kLean && kD == 128) || 2 * kStageBytes + kFixedBytes > kMaxSharedBytes ? 1 : 2;
   // Blocks per SM the shared memory allows (228 KB per SM, 1 KB of it per block for the driver).
   static constexpr int kBlocksPerSm = (228 * 1024) / (kStages * kStageBytes + kFixedBytes + 1024);
   // Register budget: at d = 64 the small state lets three blocks share an SM (<= 168 registers).
-  static constexpr int kMinBlocks = kD == 64 && kBlocksPerSm >= 3 ? 3 : 1;
+  static constexpr int kMinBlocks =
+      (kD == 64 || (kLean && kD == 128)) && kBlocksPerSm >= 3 ? 3 : 1;
   static constexpr int kSmemBytes = kStages * kStageBytes + kFixedBytes;
   static_assert(kSmemBytes <= kMaxSharedBytes, "shared memory");
   static_assert(kCols < kThreads, "one thread per column keeps B");
@@ -387,10 +395,12 @@ __device__ __forceinline__ void LoadTile(uint16_t* dst, int stride, const TileSo
 
 // kStateOnly: pass A of a segmented walk (see "Segments"): only the segment's own sum S, B and
 // scalars, written to its record; no outputs.
-template <Op kOp, int kD, bool kStateOnly>
-__global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
-    LinearCoreKernel(const CoreParams p) {
-  using Shape = CoreShape<kOp, kD>;
+// The walk of one block: value' column slice `slice`, head `head` of the pass, grid z `zblock`
+// (the sequence, or the global segment).
+template <Op kOp, int kD, bool kStateOnly, bool kLean>
+__device__ __forceinline__ void CoreWalk(const CoreParams& p, const int slice, const int head,
+                                         const int zblock) {
+  using Shape = CoreShape<kOp, kD, kLean>;
   constexpr int kDv = Shape::kDv;
   constexpr int kCols = Shape::kCols;
   constexpr int kNt = Shape::kNt;
@@ -423,12 +433,10 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
   const int tid = threadIdx.x;
   const int warp = tid / 32;
   const int lane = tid % 32;
-  const int slice = blockIdx.x;
-  const int head = blockIdx.y;
   // The sequence and segment of this block (grid z: the global segment, or the sequence).
-  int seq = blockIdx.z, seg_local = 0, seg_count = 1;
+  int seq = zblock, seg_local = 0, seg_count = 1;
   if (p.seg_first != nullptr) {
-    const int gseg = blockIdx.z;
+    const int gseg = zblock;
     if (gseg >= p.seg_first[p.num_seqs]) return;
     int lo = 0, hi = p.num_seqs - 1;  // the last sequence whose first segment is <= gseg
     while (lo < hi) {
@@ -461,7 +469,7 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
       p.seg_first != nullptr ? min(num_chunks, c_begin + p.segment_chunks) : num_chunks;
   const bool writes_final = kReverse ? seg_local == 0 : seg_local == seg_count - 1;
   float* seg_rec = p.seg_first != nullptr
-                       ? p.seg_states + ((int64_t{blockIdx.z} * p.grid_heads + head) *
+                       ? p.seg_states + ((int64_t{zblock} * p.grid_heads + head) *
                                              Shape::kSlices + slice) *
                                             Shape::kSegmentRecordFloats
                        : nullptr;
@@ -1270,6 +1278,46 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
   }
 }
 
+template <Op kOp, int kD, bool kStateOnly>
+__global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
+    LinearCoreKernel(const CoreParams p) {
+  CoreWalk<kOp, kD, kStateOnly, false>(p, blockIdx.x, blockIdx.y, blockIdx.z);
+}
+
+// The dq, dk and dv passes of an unsplit backward in one launch, when they are independent (no
+// max-norm map: its dk pass reads what the dq pass sums). Grid (slices, q heads + 2 kv heads,
+// sequences): y < q heads walks dq, then dk, then dv. At B = 4, H = 16, d = 128 each pass has
+// 256 blocks, about two per SM (the grid, not the SM, caps the warps: 12% occupancy); together
+// 768 blocks run three per SM (lean shape) in two waves. Which calls use it: BackwardMerged.
+struct MergedBackwardParams {
+  CoreParams dq, dk, dv;
+};
+
+template <int kD>
+struct MergedBackwardShape {
+  static constexpr int kSmemBytes = std::max({CoreShape<Op::kGradQ, kD, true>::kSmemBytes,
+                                               CoreShape<Op::kGradK, kD, true>::kSmemBytes,
+                                               CoreShape<Op::kGradV, kD, true>::kSmemBytes});
+  static constexpr int kMinBlocks = CoreShape<Op::kGradQ, kD, true>::kMinBlocks;
+  static_assert(kMinBlocks == CoreShape<Op::kGradK, kD, true>::kMinBlocks &&
+                    kMinBlocks == CoreShape<Op::kGradV, kD, true>::kMinBlocks,
+                "one register budget");
+};
+
+template <int kD>
+__global__ void __launch_bounds__(kThreads, MergedBackwardShape<kD>::kMinBlocks)
+    LinearBackwardMergedKernel(const MergedBackwardParams m) {
+  const int y = blockIdx.y;
+  const int hq = m.dq.grid_heads, hkv = m.dk.grid_heads;
+  if (y < hq) {
+    CoreWalk<Op::kGradQ, kD, false, true>(m.dq, blockIdx.x, y, blockIdx.z);
+  } else if (y < hq + hkv) {
+    CoreWalk<Op::kGradK, kD, false, true>(m.dk, blockIdx.x, y - hq, blockIdx.z);
+  } else {
+    CoreWalk<Op::kGradV, kD, false, true>(m.dv, blockIdx.x, y - hq - hkv, blockIdx.z);
+  }
+}
+
 // ---- host helpers shared by the launchers ----
 
 inline bool HeadDimServed(int head_dim) {
@@ -1550,6 +1598,42 @@ cudaError_t RunCoreForHeadDim(const CoreParams& params, int head_dim, int64_t to
 #ifdef FERRY_LINEAR_HEAD_DIM_256
     case 256:
       return RunCore<kOp, 256>(params, total_tokens, stream);
+#endif
+    default:
+      return cudaErrorNotSupported;
+  }
+}
+
+// The merged backward launch (see LinearBackwardMergedKernel): unsplit passes only.
+template <int kD>
+cudaError_t LaunchBackwardMerged(const MergedBackwardParams& m, cudaStream_t stream) {
+  static std::mutex mutex;
+  static bool ready[kMaxDevices] = {};
+  MergedBackwardParams copy = m;
+  void* args[] = {&copy};
+  return LaunchWithSmem(LinearBackwardMergedKernel<kD>, mutex, ready,
+                        dim3(CoreShape<Op::kGradQ, kD>::kSlices,
+                             m.dq.grid_heads + 2 * m.dk.grid_heads, m.dq.num_seqs),
+                        dim3(kThreads), MergedBackwardShape<kD>::kSmemBytes, stream, args);
+}
+
+// Whether a backward runs merged: d = 128 only. Measured on the H100 (B = 4, H = 16, N = 8192,
+// elu + 1): d = 128 backward 2.66 -> 2.37 ms; d = 64, whose separate passes already fit three
+// blocks per SM, 1.55 -> 1.60 ms; the max-norm map's dk needs the dq pass first
+// (bench/RESULTS.md, "Linear attention: the backward passes in one launch").
+inline bool BackwardMerged(const LinearAttentionConfig& c, int segment_chunks) {
+  return segment_chunks == 0 && c.head_dim == 128 &&
+         c.feature_map != LinearFeatureMap::kOnePlusXMaxNorm &&
+         c.num_q_heads + 2 * c.num_kv_heads <= 65535;
+}
+
+inline cudaError_t RunBackwardMergedForHeadDim(const MergedBackwardParams& m, int head_dim,
+                                               cudaStream_t stream) {
+  if (m.dq.num_seqs == 0 || m.dq.grid_heads == 0) return cudaSuccess;
+  switch (head_dim) {
+#ifdef FERRY_LINEAR_HEAD_DIM_128
+    case 128:
+      return LaunchBackwardMerged<128>(m, stream);
 #endif
     default:
       return cudaErrorNotSupported;
