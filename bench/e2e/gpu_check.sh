@@ -1,9 +1,10 @@
 #!/bin/bash
-# One GPU-machine call that checks a build: every GPU test, compute-sanitizer (memcheck on the
-# CUDA decoder, racecheck on the prefill kernel), and the end-to-end cluster comparison with a
-# CUDA coordinator and two CUDA workers for a 1B-class model (bench/e2e/cluster_throughput.sh),
-# the same with 1 against 2 micro-batches (bench/e2e/micro_batch_throughput.sh), and the demo
-# (deploy/local/demo.sh, CUDA workers) on a tiny model.
+# One GPU-machine call that checks a build: every GPU test; compute-sanitizer (memcheck on the
+# CUDA decoder and LeanDecode, racecheck on the prefill and linear-attention kernels); the
+# end-to-end cluster comparison with a CUDA coordinator and two CUDA workers for a 1B-class model
+# (bench/e2e/cluster_throughput.sh) over tcp and over shared memory; 1 against 2 micro-batches
+# (bench/e2e/micro_batch_throughput.sh); and the demo (deploy/local/demo.sh, CUDA workers) on a
+# tiny model.
 # Usage, from the repository root on the GPU machine:
 #   bash bench/e2e/gpu_check.sh BUNDLE OUT
 # BUNDLE: made on the build machine with /work/shared/tools/gpu-bundle from build/bin's
@@ -52,5 +53,11 @@ summary+=("memcheck cuda_decoder_test(llama_gqa) rc=$? $(grep -E 'ERROR SUMMARY'
 timeout 100 compute-sanitizer --tool racecheck "$here/bin/prefill_attention_test" \
   > "$out/racecheck_prefill.log" 2>&1
 summary+=("racecheck prefill_attention_test rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$out/racecheck_prefill.log" | head -1)")
+timeout 150 compute-sanitizer --tool racecheck "$here/bin/linear_attention_test" \
+  > "$out/racecheck_linear.log" 2>&1
+summary+=("racecheck linear_attention_test rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$out/racecheck_linear.log" | head -1)")
+timeout 100 compute-sanitizer --tool memcheck "$here/bin/lean_attention_test" \
+  > "$out/memcheck_lean.log" 2>&1
+summary+=("memcheck lean_attention_test rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck_lean.log")")
 echo "======== summary"; printf '%s\n' "${summary[@]}"; echo "======== e2e"; tail -n 8 "$out/e2e.log"; tail -n 3 "$out/e2e_shm.log"
 echo "======== micro-batches"; tail -n 4 "$out/micro_batch.log"
