@@ -18,11 +18,12 @@ for z in "$here"/lib/*.gz; do gunzip -f "$z"; done
 source "$here/env.sh"
 export FERRY_TEST_DATA_DIR=$PWD/tests/data
 summary=()
+note() { summary+=("$1"); echo "$1" >> "$out/summary.txt"; }  # kept as it goes: a cut run still tells
 for t in lean_attention_test linear_attention_test prefill_attention_test cuda_kv_pool_test \
          cuda_decoder_test hf_parity_cuda_test cuda_worker_test; do
   start=$SECONDS
   timeout 120 "$here/bin/$t" > "$out/$t.log" 2>&1; rc=$?
-  summary+=("$t rc=$rc $((SECONDS-start))s $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/$t.log" | tr -s ' ' | tr '\n' ' ')")
+  note "$t rc=$rc $((SECONDS-start))s $(grep -E '^\[  (PASSED|FAILED|SKIPPED) ' "$out/$t.log" | tr -s ' ' | tr '\n' ' ')"
 done
 # 1B-class model, bf16, head dim 128 (the CI build's kernels).
 "$here/bin/ferry" model make-tiny --out=/tmp/m1b --layers=16 --hidden=2048 --heads=16 \
@@ -31,33 +32,33 @@ done
 FERRY_BUILD_DIR=$here FERRY_READY_TIMEOUT_S=180 timeout 300 bash bench/e2e/cluster_throughput.sh \
   --model=/tmp/m1b --device=cuda:0 --workers=2 --requests=128 --concurrency=64 --max-tokens=64 \
   --kv-capacity=$((8 << 30)) --max-batch=64 > "$out/e2e.log" 2>&1
-summary+=("e2e rc=$?")
+note "e2e rc=$?"
 # The same over shared memory (UCX keeps it out of PEER error mode unless told).
 UCX_MM_ERROR_HANDLING=y FERRY_BUILD_DIR=$here FERRY_READY_TIMEOUT_S=180 timeout 300 \
   bash bench/e2e/cluster_throughput.sh --model=/tmp/m1b --device=cuda:0 --workers=2 \
   --requests=128 --concurrency=64 --max-tokens=64 --kv-capacity=$((8 << 30)) --max-batch=64 \
   --ucx-tls=sm,tcp > "$out/e2e_shm.log" 2>&1
-summary+=("e2e shm rc=$?")
+note "e2e shm rc=$?"
 FERRY_BUILD_DIR=$here FERRY_READY_TIMEOUT_S=180 timeout 400 bash bench/e2e/micro_batch_throughput.sh \
   --model=/tmp/m1b --device=cuda:0 --workers=2 --requests=128 --concurrency=64 --max-tokens=64 \
   --kv-capacity=$((8 << 30)) --rounds=3 --micro-batches=2 -- --max-batch=64 \
   > "$out/micro_batch.log" 2>&1
-summary+=("micro-batch rc=$?")
+note "micro-batch rc=$?"
 "$here/bin/ferry" model make-tiny --out=/tmp/tiny128 --head-dim=128 > /dev/null 2>&1
 FERRY_BIN_DIR=$here/bin FERRY_DEMO_PORT=50611 timeout 200 bash deploy/local/demo.sh \
   --model=/tmp/tiny128 > "$out/demo.log" 2>&1
-summary+=("demo rc=$? $(grep -c 'cuda:0' "$out/demo.log") lines naming cuda:0")
+note "demo rc=$? $(grep -c 'cuda:0' "$out/demo.log") lines naming cuda:0"
 timeout 100 compute-sanitizer --tool memcheck --leak-check full "$here/bin/cuda_decoder_test" \
   --gtest_filter='*llama_gqa*' > "$out/memcheck_decoder.log" 2>&1
-summary+=("memcheck cuda_decoder_test(llama_gqa) rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck_decoder.log")")
+note "memcheck cuda_decoder_test(llama_gqa) rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck_decoder.log")"
 timeout 100 compute-sanitizer --tool racecheck "$here/bin/prefill_attention_test" \
   > "$out/racecheck_prefill.log" 2>&1
-summary+=("racecheck prefill_attention_test rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$out/racecheck_prefill.log" | head -1)")
+note "racecheck prefill_attention_test rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$out/racecheck_prefill.log" | head -1)"
 timeout 150 compute-sanitizer --tool racecheck "$here/bin/linear_attention_test" \
   > "$out/racecheck_linear.log" 2>&1
-summary+=("racecheck linear_attention_test rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$out/racecheck_linear.log" | head -1)")
+note "racecheck linear_attention_test rc=$? $(grep -E 'RACECHECK SUMMARY|ERROR SUMMARY' "$out/racecheck_linear.log" | head -1)"
 timeout 100 compute-sanitizer --tool memcheck "$here/bin/lean_attention_test" \
   > "$out/memcheck_lean.log" 2>&1
-summary+=("memcheck lean_attention_test rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck_lean.log")")
+note "memcheck lean_attention_test rc=$? $(grep -E 'ERROR SUMMARY' "$out/memcheck_lean.log")"
 echo "======== summary"; printf '%s\n' "${summary[@]}"; echo "======== e2e"; tail -n 8 "$out/e2e.log"; tail -n 3 "$out/e2e_shm.log"
 echo "======== micro-batches"; tail -n 4 "$out/micro_batch.log"
