@@ -98,6 +98,17 @@ FrameWriter WorkerService::StartReply(const FrameHeader& request, uint64_t paylo
   return FrameWriter(reply, pool_);
 }
 
+FrameWriter WorkerService::StartStatesReply(const FrameHeader& request, int rows, int num_q_heads,
+                                            float** o, float** lse) {
+  const int32_t shape[4] = {rows, num_q_heads, shape_.head_dim, 0};
+  const int64_t states = int64_t{rows} * num_q_heads;
+  FrameWriter writer = StartReply(request, states * shape_.head_dim * 4 + states * 4, shape,
+                                  static_cast<uint8_t>(DType::kFloat32));
+  *o = reinterpret_cast<float*>(writer.Reserve(states * shape_.head_dim * 4));
+  *lse = reinterpret_cast<float*>(writer.Reserve(states * 4));
+  return writer;
+}
+
 absl::Status WorkerService::RequireConfigured() const {
   if (cache_ == nullptr && states_ == nullptr) {
     return absl::FailedPreconditionError("worker not configured: send Configure first");
@@ -470,11 +481,8 @@ absl::StatusOr<transport::Buffer> WorkerService::Attend(const FrameHeader& heade
     indptr_.push_back(static_cast<int32_t>(table_.size()));
     lens_.push_back(static_cast<int32_t>(sequences_.at(entry.sequence).layer_lengths[header.layer]));
   }
-  const int32_t shape[4] = {n, num_q_heads, config.head_dim, 0};
-  const int64_t states = int64_t{n} * num_q_heads;
-  FrameWriter writer = StartReply(header, states * config.head_dim * 4 + states * 4, shape,
-                                  static_cast<uint8_t>(DType::kFloat32));
   kernels::DecodeAttentionArgs args;
+  FrameWriter writer = StartStatesReply(header, n, num_q_heads, &args.state_o, &args.state_lse);
   args.num_seqs = n;
   args.num_q_heads = num_q_heads;
   args.q = reinterpret_cast<const float*>(q);
@@ -483,8 +491,6 @@ absl::StatusOr<transport::Buffer> WorkerService::Attend(const FrameHeader& heade
   args.block_table = table_.data();
   args.seq_lens = lens_.data();
   args.softmax_scale = softmax_scale_;
-  args.state_o = reinterpret_cast<float*>(writer.Reserve(states * config.head_dim * 4));
-  args.state_lse = reinterpret_cast<float*>(writer.Reserve(states * 4));
   FERRY_RETURN_IF_ERROR(backend_->Attend(header.layer, args, plan_));
   return StampHandlingTime(writer.Finish(), start);
 }
@@ -551,12 +557,8 @@ absl::StatusOr<transport::Buffer> WorkerService::Prefill(const FrameHeader& head
   }
   const int64_t held = sequence.layer_lengths[header.layer];
   FERRY_ASSIGN_OR_RETURN(const std::vector<int32_t>* blocks, cache_->BlockTable(id));
-  const int32_t shape[4] = {tokens, num_q_heads, config.head_dim, 0};
-  const int64_t states = int64_t{tokens} * num_q_heads;
-  FrameWriter writer = StartReply(header, states * config.head_dim * 4 + states * 4, shape,
-                                  static_cast<uint8_t>(DType::kFloat32));
-  float* state_o = reinterpret_cast<float*>(writer.Reserve(states * config.head_dim * 4));
-  float* state_lse = reinterpret_cast<float*>(writer.Reserve(states * 4));
+  float *state_o = nullptr, *state_lse = nullptr;
+  FrameWriter writer = StartStatesReply(header, tokens, num_q_heads, &state_o, &state_lse);
   FERRY_RETURN_IF_ERROR(backend_->Prefill(header.layer, *blocks, held,
                                           first - sequence.first_position, tokens, num_q_heads,
                                           softmax_scale_, reinterpret_cast<const float*>(q),
@@ -820,12 +822,9 @@ absl::StatusOr<transport::Buffer> WorkerService::AttendLinear(
     slots_.push_back(slot);
   }
   FERRY_RETURN_IF_ERROR(WidenKv(k, v, n));
-  const int32_t shape[4] = {n, num_q_heads, shape_.head_dim, 0};
   const int64_t states = int64_t{n} * num_q_heads;
-  FrameWriter writer = StartReply(header, states * shape_.head_dim * 4 + states * 4, shape,
-                                  static_cast<uint8_t>(DType::kFloat32));
-  float* out = reinterpret_cast<float*>(writer.Reserve(states * shape_.head_dim * 4));
-  float* lse = reinterpret_cast<float*>(writer.Reserve(states * 4));
+  float *out = nullptr, *lse = nullptr;
+  FrameWriter writer = StartStatesReply(header, n, num_q_heads, &out, &lse);
   // The state before this token is kept, so the step can be undone (Truncate).
   for (const Entry& entry : entries) {
     FERRY_RETURN_IF_ERROR(states_->Save(entry.sequence, layer));
@@ -867,12 +866,9 @@ absl::StatusOr<transport::Buffer> WorkerService::PrefillLinear(
         entry.position, ", the next position is ", sequence.layer_lengths[layer]));
   }
   FERRY_RETURN_IF_ERROR(WidenKv(k, v, tokens));
-  const int32_t shape[4] = {tokens, num_q_heads, shape_.head_dim, 0};
   const int64_t states = int64_t{tokens} * num_q_heads;
-  FrameWriter writer = StartReply(header, states * shape_.head_dim * 4 + states * 4, shape,
-                                  static_cast<uint8_t>(DType::kFloat32));
-  float* out = reinterpret_cast<float*>(writer.Reserve(states * shape_.head_dim * 4));
-  float* lse = reinterpret_cast<float*>(writer.Reserve(states * 4));
+  float *out = nullptr, *lse = nullptr;
+  FrameWriter writer = StartStatesReply(header, tokens, num_q_heads, &out, &lse);
   FERRY_RETURN_IF_ERROR(states_->Save(entry.sequence, layer));
   sequence.backup_lengths[layer] = sequence.layer_lengths[layer];
   FERRY_ASSIGN_OR_RETURN(float* state, states_->Record(entry.sequence, layer, /*backup=*/false));

@@ -202,6 +202,10 @@ class WorkerService {
   // A success reply with `payload_bytes` to fill; the writer is positioned after the header.
   FrameWriter StartReply(const FrameHeader& request, uint64_t payload_bytes, const int32_t* shape,
                          uint8_t dtype);
+  // An Attend / Prefill reply: shape {rows, q heads, head dim, 0}, float32 o (rows, q heads,
+  // head dim) then lse (rows, q heads), reserved in the frame for the kernel to write.
+  FrameWriter StartStatesReply(const FrameHeader& request, int rows, int num_q_heads, float** o,
+                               float** lse);
 
   WorkerServiceOptions options_;
   transport::BufferPool& pool_;
