@@ -677,7 +677,8 @@ absl::StatusOr<transport::Buffer> WorkerService::ImportBlocks(const FrameHeader&
   FERRY_ASSIGN_OR_RETURN(const ImageHeader image, ReadImageHeader(reader));
   const uint64_t id = image.id;
   const int64_t first = image.first_position;
-  const int32_t layers = image.layers, num_blocks = image.units, first_kv_head = image.first_kv_head;
+  const int32_t layers = image.layers, num_blocks = image.units;
+  const int32_t first_kv_head = image.first_kv_head;
   if (num_blocks < 0 || first < 0) {
     return absl::InvalidArgumentError("import-blocks: bad block count or position");
   }

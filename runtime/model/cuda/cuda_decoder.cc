@@ -120,6 +120,12 @@ class CudaBackend : public DecoderBackend {
   // Host attention of one range: q/k/v to pinned host memory, then StartAttend; FinishAttend,
   // then the output back to the device.
   absl::Status StartHostAttention(int layer, RowRange range);
+  // host_qkv_ cut into q, k, v and out for max_rows rows each; row r of a tensor at r * width.
+  struct HostStaging {
+    float *q, *k, *v, *out;
+    int64_t q_out, kv_out;  // widths: q and out rows, k and v rows
+  };
+  HostStaging host_staging() const;
   absl::Status FinishHostAttention(int layer, RowRange range);
   absl::Status RunGraph(int rows, int chunks, bool* ran);
   // act-dtype rows: `p` advanced by `elements` elements of act_dtype_.
@@ -355,14 +361,22 @@ absl::Status CudaBackend::UploadWeights() {
   return CudaStatus(cudaDeviceSynchronize(), "weight upload");
 }
 
-absl::Status CudaBackend::StartHostAttention(int layer, RowRange range) {
+CudaBackend::HostStaging CudaBackend::host_staging() const {
   const ModelConfig& c = model_.config;
-  const int64_t q_out = int64_t{c.num_heads} * c.head_dim, kv_out = int64_t{c.num_kv_heads} * c.head_dim;
-  const int64_t rows = options_.max_rows, r0 = range.first, n = range.count;
-  float* q = host_qkv_.get<float>();
-  float* k = q + rows * q_out;
-  float* v = k + rows * kv_out;
-  float* out = v + rows * kv_out;
+  HostStaging h;
+  h.q_out = int64_t{c.num_heads} * c.head_dim;
+  h.kv_out = int64_t{c.num_kv_heads} * c.head_dim;
+  const int64_t rows = options_.max_rows;
+  h.q = host_qkv_.get<float>();
+  h.k = h.q + rows * h.q_out;
+  h.v = h.k + rows * h.kv_out;
+  h.out = h.v + rows * h.kv_out;
+  return h;
+}
+
+absl::Status CudaBackend::StartHostAttention(int layer, RowRange range) {
+  const auto [q, k, v, out, q_out, kv_out] = host_staging();
+  const int64_t r0 = range.first, n = range.count;
   FERRY_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(q + r0 * q_out, s_.q + r0 * q_out,
                                                    n * q_out * 4, cudaMemcpyDeviceToHost, stream_),
                                    "q to host"));
@@ -381,11 +395,10 @@ absl::Status CudaBackend::StartHostAttention(int layer, RowRange range) {
 }
 
 absl::Status CudaBackend::FinishHostAttention(int layer, RowRange range) {
-  const ModelConfig& c = model_.config;
-  const int64_t q_out = int64_t{c.num_heads} * c.head_dim, kv_out = int64_t{c.num_kv_heads} * c.head_dim;
-  const int64_t rows = options_.max_rows, r0 = range.first;
+  const HostStaging h = host_staging();
+  const int64_t r0 = range.first, q_out = h.q_out;
   FERRY_RETURN_IF_ERROR(attention_.FinishAttend(layer, r0));
-  const float* out = host_qkv_.get<float>() + rows * (q_out + 2 * kv_out);
+  const float* out = h.out;
   return CudaStatus(cudaMemcpyAsync(s_.attn + r0 * q_out, out + r0 * q_out,
                                     range.count * q_out * 4, cudaMemcpyHostToDevice, stream_),
                     "attention output to device");
