@@ -54,26 +54,62 @@ TEST(FrameTest, ErrorReplyCarriesCodeMessageAndRequestId) {
   EXPECT_EQ(status, absl::NotFoundError("unknown sequence 4"));
 }
 
-TEST(WorkerServiceTest, RefusesWorkBeforeConfigureAndShapeChangesWhileHoldingSequences) {
-  transport::BufferPool pool;
-  WorkerServiceOptions options;
-  options.kv_capacity_bytes = 1 << 20;
-  options.num_threads = 1;
-  WorkerService service(options, pool);
-  auto call = [&](FrameType type, std::vector<int32_t> shape, std::vector<uint8_t> payload,
-                  uint8_t dtype = 3) {
+// The worker service driven frame by frame, as WorkerServer would.
+class WorkerServiceTest : public ::testing::Test {
+ protected:
+  WorkerServiceTest() : service_(Options(), pool_) {}
+
+  static WorkerServiceOptions Options() {
+    WorkerServiceOptions options;
+    options.kv_capacity_bytes = 1 << 20;
+    options.num_threads = 1;
+    return options;
+  }
+
+  struct Reply {
+    absl::Status status;
+    FrameHeader header;
+    transport::Buffer frame;
+    const uint8_t* payload() const { return frame.data() + kFrameHeaderBytes; }
+  };
+  // One request frame through Handle; the reply decoded.
+  Reply Call(FrameType type, std::vector<int32_t> shape, const std::vector<uint8_t>& payload,
+             int layer = 0, uint8_t flags = 0, DType dtype = DType::kFloat32) {
     FrameHeader header;
     header.type = static_cast<uint16_t>(type);
-    header.dtype = dtype;
+    header.layer = layer;
+    header.flags = flags;
+    header.dtype = static_cast<uint8_t>(dtype);
     for (size_t i = 0; i < shape.size(); ++i) header.shape[i] = shape[i];
     header.payload_bytes = payload.size();
-    FrameWriter writer(header, pool);
+    FrameWriter writer(header, pool_);
     writer.Bytes(payload.data(), payload.size());
     transport::Buffer frame = writer.Finish();
-    transport::Buffer reply = service.Handle(frame.data(), frame.size());
-    auto decoded = DecodeFrameHeader(reply.data(), reply.size());
+    Reply reply;
+    reply.frame = service_.Handle(frame.data(), frame.size());
+    auto decoded = DecodeFrameHeader(reply.frame.data(), reply.frame.size());
     EXPECT_TRUE(decoded.ok());
-    return ReplyStatus(*decoded, reply.data() + kFrameHeaderBytes);
+    if (!decoded.ok()) return {decoded.status(), {}, {}};
+    reply.header = *decoded;
+    reply.status = ReplyStatus(reply.header, reply.payload());
+    return reply;
+  }
+
+  // A table entry {u64 sequence, i64 position}.
+  static std::vector<uint8_t> Entry(uint64_t sequence, int64_t position) {
+    std::vector<uint8_t> bytes(16);
+    std::memcpy(bytes.data(), &sequence, 8);
+    std::memcpy(bytes.data() + 8, &position, 8);
+    return bytes;
+  }
+
+  transport::BufferPool pool_;
+  WorkerService service_;
+};
+
+TEST_F(WorkerServiceTest, RefusesWorkBeforeConfigureAndShapeChangesWhileHoldingSequences) {
+  auto call = [&](FrameType type, std::vector<int32_t> shape, std::vector<uint8_t> payload) {
+    return Call(type, shape, payload, 0, 0, DType::kBFloat16).status;
   };
   std::vector<uint8_t> open(16, 0);
   open[0] = 1;
@@ -88,33 +124,17 @@ TEST(WorkerServiceTest, RefusesWorkBeforeConfigureAndShapeChangesWhileHoldingSeq
   EXPECT_TRUE(call(FrameType::kConfigure, {2, 2, 64, 16}, plan).ok());  // same: fine
   EXPECT_EQ(call(FrameType::kConfigure, {4, 2, 64, 16}, plan).code(),
             absl::StatusCode::kFailedPrecondition);
-  EXPECT_EQ(service.cache()->num_sequences(), 1u);
+  EXPECT_EQ(service_.cache()->num_sequences(), 1u);
   // A sequence with no positions yet attends to the identity state (o = 0, lse = -inf).
   std::vector<uint8_t> attend(16 + 2 * 64 * 4, 0);
   attend[0] = 1;
   EXPECT_TRUE(call(FrameType::kAttend, {1, 2, 64}, attend).ok());
-  EXPECT_GT(service.errors_answered(), 0);
+  EXPECT_GT(service_.errors_answered(), 0);
 }
 
-TEST(WorkerServiceTest, HeadGroupSequencesHoldAValidatedRangeOfTheModelsKvHeads) {
-  transport::BufferPool pool;
-  WorkerServiceOptions options;
-  options.kv_capacity_bytes = 1 << 20;
-  options.num_threads = 1;
-  WorkerService service(options, pool);
+TEST_F(WorkerServiceTest, HeadGroupSequencesHoldAValidatedRangeOfTheModelsKvHeads) {
   auto call = [&](FrameType type, std::vector<int32_t> shape, std::vector<uint8_t> payload) {
-    FrameHeader header;
-    header.type = static_cast<uint16_t>(type);
-    header.dtype = 3;
-    for (size_t i = 0; i < shape.size(); ++i) header.shape[i] = shape[i];
-    header.payload_bytes = payload.size();
-    FrameWriter writer(header, pool);
-    writer.Bytes(payload.data(), payload.size());
-    transport::Buffer frame = writer.Finish();
-    transport::Buffer reply = service.Handle(frame.data(), frame.size());
-    auto decoded = DecodeFrameHeader(reply.data(), reply.size());
-    EXPECT_TRUE(decoded.ok());
-    return ReplyStatus(*decoded, reply.data() + kFrameHeaderBytes);
+    return Call(type, shape, payload, 0, 0, DType::kBFloat16).status;
   };
   auto plan = [](int32_t model_kv_heads) {
     std::vector<uint8_t> payload(24, 0);
@@ -136,7 +156,7 @@ TEST(WorkerServiceTest, HeadGroupSequencesHoldAValidatedRangeOfTheModelsKvHeads)
               absl::StatusCode::kInvalidArgument)
         << first_head;
   }
-  EXPECT_EQ(service.cache()->num_sequences(), 3u);
+  EXPECT_EQ(service_.cache()->num_sequences(), 3u);
   // A group's q heads: 4 q heads over its 2 kv heads.
   std::vector<uint8_t> attend(16 + 4 * 64 * 4, 0);
   attend[0] = 7;
@@ -146,38 +166,18 @@ TEST(WorkerServiceTest, HeadGroupSequencesHoldAValidatedRangeOfTheModelsKvHeads)
             absl::StatusCode::kFailedPrecondition);
 }
 
-TEST(WorkerServiceTest, TruncateUndoesAppendsSoAStepCanBeRetried) {
-  transport::BufferPool pool;
-  WorkerServiceOptions options;
-  options.kv_capacity_bytes = 1 << 20;
-  options.num_threads = 1;
-  WorkerService service(options, pool);
+TEST_F(WorkerServiceTest, TruncateUndoesAppendsSoAStepCanBeRetried) {
+  // The reply's status, and its i64 payload where it has one (blocks freed).
   auto call = [&](FrameType type, int layer, std::vector<int32_t> shape,
                   const std::vector<uint8_t>& payload) {
-    FrameHeader header;
-    header.type = static_cast<uint16_t>(type);
-    header.layer = layer;
-    header.dtype = static_cast<uint8_t>(DType::kFloat32);
-    for (size_t i = 0; i < shape.size(); ++i) header.shape[i] = shape[i];
-    header.payload_bytes = payload.size();
-    FrameWriter writer(header, pool);
-    writer.Bytes(payload.data(), payload.size());
-    transport::Buffer frame = writer.Finish();
-    transport::Buffer reply = service.Handle(frame.data(), frame.size());
-    auto decoded = DecodeFrameHeader(reply.data(), reply.size());
-    EXPECT_TRUE(decoded.ok());
+    const Reply reply = Call(type, shape, payload, layer);
     int64_t value = -1;
-    if (decoded->status == 0 && decoded->payload_bytes == 8) {
-      std::memcpy(&value, reply.data() + kFrameHeaderBytes, 8);
+    if (reply.status.ok() && reply.header.payload_bytes == 8) {
+      std::memcpy(&value, reply.payload(), 8);
     }
-    return std::make_pair(ReplyStatus(*decoded, reply.data() + kFrameHeaderBytes), value);
+    return std::make_pair(reply.status, value);
   };
-  auto entry = [](uint64_t sequence, int64_t position) {
-    std::vector<uint8_t> bytes(16);
-    std::memcpy(bytes.data(), &sequence, 8);
-    std::memcpy(bytes.data() + 8, &position, 8);
-    return bytes;
-  };
+  auto entry = &WorkerServiceTest::Entry;
   auto append = [&](int layer, int64_t position) {  // one position of sequence 1, fp32 zeros
     std::vector<uint8_t> payload = entry(1, position);
     payload.resize(16 + 2 * 2 * 64 * 4, 0);
@@ -186,7 +186,7 @@ TEST(WorkerServiceTest, TruncateUndoesAppendsSoAStepCanBeRetried) {
   const std::vector<uint8_t> plan(24, 0);
   ASSERT_TRUE(call(FrameType::kConfigure, 0, {2, 2, 64, 16}, plan).first.ok());
   ASSERT_TRUE(call(FrameType::kOpenSequence, 0, {1}, entry(1, 0)).first.ok());
-  const int64_t free_blocks = service.cache()->free_blocks();
+  const int64_t free_blocks = service_.cache()->free_blocks();
   for (int64_t p = 0; p < 17; ++p) {  // both layers hold 17 positions: 2 blocks of 16
     ASSERT_TRUE(append(0, p).ok());
     ASSERT_TRUE(append(1, p).ok());
@@ -196,7 +196,7 @@ TEST(WorkerServiceTest, TruncateUndoesAppendsSoAStepCanBeRetried) {
   auto [status, freed] = call(FrameType::kTruncate, 0, {1}, entry(1, 16));
   ASSERT_TRUE(status.ok()) << status;
   EXPECT_EQ(freed, 1);  // back to 16 positions: one block
-  EXPECT_EQ(service.cache()->free_blocks(), free_blocks - 1);
+  EXPECT_EQ(service_.cache()->free_blocks(), free_blocks - 1);
   for (int64_t p = 16; p < 18; ++p) {  // the retried step, and the next
     EXPECT_TRUE(append(0, p).ok());
     EXPECT_TRUE(append(1, p).ok());
@@ -209,40 +209,19 @@ TEST(WorkerServiceTest, TruncateUndoesAppendsSoAStepCanBeRetried) {
             absl::StatusCode::kInvalidArgument);  // the length does not add up
 }
 
-TEST(WorkerServiceTest, LinearAttentionSequencesHoldStatesThatOneStepCanUndo) {
-  transport::BufferPool pool;
-  WorkerServiceOptions options;
-  options.kv_capacity_bytes = 1 << 20;
-  options.num_threads = 1;
-  WorkerService service(options, pool);
+TEST_F(WorkerServiceTest, LinearAttentionSequencesHoldStatesThatOneStepCanUndo) {
   constexpr int kLayers = 2, kKvHeads = 2, kQHeads = 4, kDim = 64;
+  // The reply's status; with `o`, the attention output it carries.
   auto call = [&](FrameType type, int layer, uint8_t flags, std::vector<int32_t> shape,
                   const std::vector<uint8_t>& payload, std::vector<float>* o = nullptr) {
-    FrameHeader header;
-    header.type = static_cast<uint16_t>(type);
-    header.layer = layer;
-    header.flags = flags;
-    header.dtype = static_cast<uint8_t>(DType::kFloat32);
-    for (size_t i = 0; i < shape.size(); ++i) header.shape[i] = shape[i];
-    header.payload_bytes = payload.size();
-    FrameWriter writer(header, pool);
-    writer.Bytes(payload.data(), payload.size());
-    transport::Buffer frame = writer.Finish();
-    transport::Buffer reply = service.Handle(frame.data(), frame.size());
-    auto decoded = DecodeFrameHeader(reply.data(), reply.size());
-    EXPECT_TRUE(decoded.ok());
-    if (o != nullptr && decoded->status == 0) {
-      o->resize(decoded->shape[0] * kQHeads * kDim);
-      std::memcpy(o->data(), reply.data() + kFrameHeaderBytes, o->size() * 4);
+    const Reply reply = Call(type, shape, payload, layer, flags);
+    if (o != nullptr && reply.status.ok()) {
+      o->resize(reply.header.shape[0] * kQHeads * kDim);
+      std::memcpy(o->data(), reply.payload(), o->size() * 4);
     }
-    return ReplyStatus(*decoded, reply.data() + kFrameHeaderBytes);
+    return reply.status;
   };
-  auto entry = [](uint64_t sequence, int64_t position) {
-    std::vector<uint8_t> bytes(16);
-    std::memcpy(bytes.data(), &sequence, 8);
-    std::memcpy(bytes.data() + 8, &position, 8);
-    return bytes;
-  };
+  auto entry = &WorkerServiceTest::Entry;
   // Attend of sequence 1 at `position`: q and the new k, v of one token.
   auto attend = [&](int layer, int64_t position, float value, uint8_t flags,
                     std::vector<float>* o = nullptr) {
@@ -260,12 +239,12 @@ TEST(WorkerServiceTest, LinearAttentionSequencesHoldStatesThatOneStepCanUndo) {
   std::memcpy(plan.data() + 16, &kind, 4);
   std::memcpy(plan.data() + 20, &group, 4);
   ASSERT_TRUE(call(FrameType::kConfigure, 0, 0, {kLayers, kKvHeads, kDim, 16}, plan).ok());
-  ASSERT_NE(service.states(), nullptr);
-  EXPECT_EQ(service.cache(), nullptr);
+  ASSERT_NE(service_.states(), nullptr);
+  EXPECT_EQ(service_.cache(), nullptr);
   EXPECT_EQ(call(FrameType::kOpenSequence, 0, 0, {1}, entry(1, 5)).code(),
             absl::StatusCode::kInvalidArgument);  // a state starts at position 0
   ASSERT_TRUE(call(FrameType::kOpenSequence, 0, 0, {1}, entry(1, 0)).ok());
-  EXPECT_EQ(service.used_bytes(), kv::StateSlotBytes(service.states()->config()));
+  EXPECT_EQ(service_.used_bytes(), kv::StateSlotBytes(service_.states()->config()));
   std::vector<float> first, again;
   for (int layer = 0; layer < kLayers; ++layer) ASSERT_TRUE(attend(layer, 0, 0.5f, kLinear).ok());
   ASSERT_TRUE(attend(0, 1, 1.0f, kLinear, &first).ok());  // a step that fails after layer 0
@@ -288,7 +267,7 @@ TEST(WorkerServiceTest, LinearAttentionSequencesHoldStatesThatOneStepCanUndo) {
   std::vector<uint8_t> id = entry(1, 0);
   id.resize(8);
   ASSERT_TRUE(call(FrameType::kFreeSequence, 0, 0, {1}, id).ok());
-  EXPECT_EQ(service.used_bytes(), 0);
+  EXPECT_EQ(service_.used_bytes(), 0);
   // A softmax request to a linear worker, and a linear configure with a bad feature map.
   std::vector<uint8_t> bad = plan;
   bad[17] = 9;
