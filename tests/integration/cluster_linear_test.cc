@@ -3,7 +3,6 @@
 // of in-process generation (the same kernels on the same float32 inputs), whole sequences or
 // head groups per worker, with and without micro-batches, and when a worker holding states is
 // drained mid-generation (the states move).
-#include <iostream>
 
 #include "gtest/gtest.h"
 #include "in_process_tokens.h"
@@ -14,13 +13,7 @@ namespace {
 
 using namespace std::chrono_literals;
 
-struct Mode {
-  const char* name;
-  std::vector<std::string> coordinator_flags;
-};
-void PrintTo(const Mode& mode, std::ostream* os) { *os << mode.name; }
-
-class ClusterLinearTest : public ::testing::TestWithParam<Mode> {};
+class ClusterLinearTest : public ::testing::TestWithParam<testing::ClusterMode> {};
 
 TEST_P(ClusterLinearTest, GenerationMatchesInProcessTokensOverTwoWorkers) {
   testing::LocalClusterOptions options;
@@ -60,10 +53,10 @@ TEST_P(ClusterLinearTest, GenerationMatchesInProcessTokensOverTwoWorkers) {
 
 INSTANTIATE_TEST_SUITE_P(
     Placements, ClusterLinearTest,
-    ::testing::Values(Mode{"whole_sequences", {}},
-                      Mode{"by_head_group_2_micro_batches",
-                           {"--shard", "heads", "--micro-batches", "2"}}),
-    [](const ::testing::TestParamInfo<Mode>& info) { return std::string(info.param.name); });
+    ::testing::Values(testing::ClusterMode{"whole_sequences", {}},
+                      testing::ClusterMode{"by_head_group_2_micro_batches",
+                                           {"--shard", "heads", "--micro-batches", "2"}}),
+    testing::ClusterModeName);
 
 TEST(ClusterLinearDrainTest, DrainingAWorkerMovesItsStatesAndTheTokensStay) {
   testing::LocalClusterOptions options;

@@ -4,7 +4,6 @@
 // Every worker must have served attention (its speed measured from its replies), and every
 // block is freed at the end.
 #include <algorithm>
-#include <iostream>
 
 #include "gtest/gtest.h"
 #include "in_process_tokens.h"
@@ -15,13 +14,7 @@ namespace {
 
 using namespace std::chrono_literals;
 
-struct Mode {
-  const char* name;
-  std::vector<std::string> coordinator_flags;
-};
-void PrintTo(const Mode& mode, std::ostream* os) { *os << mode.name; }
-
-class ClusterParityTest : public ::testing::TestWithParam<Mode> {};
+class ClusterParityTest : public ::testing::TestWithParam<testing::ClusterMode> {};
 
 TEST_P(ClusterParityTest, SixteenJobsOverThreeWorkersGiveTheInProcessTokens) {
   testing::LocalClusterOptions options;
@@ -93,14 +86,15 @@ TEST(ClusterHeadGroupTest, OneSequencesHeadGroupsLandOnDistinctWorkers) {
 
 INSTANTIATE_TEST_SUITE_P(
     Placements, ClusterParityTest,
-    ::testing::Values(Mode{"by_sequence_range", {"--shard", "sequence", "--shard-positions", "48"}},
-                      Mode{"by_head_group", {"--shard", "heads"}},
-                      Mode{"by_sequence_range_2_micro_batches",
-                           {"--shard", "sequence", "--shard-positions", "48", "--micro-batches",
-                            "2"}},
-                      Mode{"by_head_group_2_micro_batches",
-                           {"--shard", "heads", "--micro-batches", "2"}}),
-    [](const ::testing::TestParamInfo<Mode>& info) { return std::string(info.param.name); });
+    ::testing::Values(
+        testing::ClusterMode{"by_sequence_range", {"--shard", "sequence", "--shard-positions", "48"}},
+        testing::ClusterMode{"by_head_group", {"--shard", "heads"}},
+        testing::ClusterMode{"by_sequence_range_2_micro_batches",
+                             {"--shard", "sequence", "--shard-positions", "48", "--micro-batches",
+                              "2"}},
+        testing::ClusterMode{"by_head_group_2_micro_batches",
+                             {"--shard", "heads", "--micro-batches", "2"}}),
+    testing::ClusterModeName);
 
 }  // namespace
 }  // namespace ferry

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <chrono>
 #include <filesystem>
+#include <ostream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -23,6 +24,17 @@
 #include "test_ports.h"
 
 namespace ferry::testing {
+
+// A named set of coordinator flags, the parameter of the cluster tests that run the same jobs
+// under several placements.
+struct ClusterMode {
+  const char* name;
+  std::vector<std::string> coordinator_flags;
+};
+inline void PrintTo(const ClusterMode& mode, std::ostream* os) { *os << mode.name; }
+inline std::string ClusterModeName(const ::testing::TestParamInfo<ClusterMode>& info) {
+  return info.param.name;
+}
 
 struct LocalClusterOptions {
   int num_workers = 2;
