@@ -87,7 +87,8 @@ TEST(ClusterHeadGroupTest, OneSequencesHeadGroupsLandOnDistinctWorkers) {
 INSTANTIATE_TEST_SUITE_P(
     Placements, ClusterParityTest,
     ::testing::Values(
-        testing::ClusterMode{"by_sequence_range", {"--shard", "sequence", "--shard-positions", "48"}},
+        testing::ClusterMode{"by_sequence_range",
+                             {"--shard", "sequence", "--shard-positions", "48"}},
         testing::ClusterMode{"by_head_group", {"--shard", "heads"}},
         testing::ClusterMode{"by_sequence_range_2_micro_batches",
                              {"--shard", "sequence", "--shard-positions", "48", "--micro-batches",
