@@ -20,6 +20,21 @@
 
 namespace ferry::kernels::reference {
 
+// The feature map / normalisation combinations the kernels serve, named for test output: every
+// linear-attention test (CPU and CUDA) runs over this one list.
+struct LinearAttentionVariant {
+  LinearFeatureMap feature_map;
+  bool normalize;
+  const char* name;
+};
+inline constexpr LinearAttentionVariant kLinearAttentionVariants[] = {
+    {LinearFeatureMap::kOnePlusXMaxNorm, true, "one_plus_x_max_norm"},
+    {LinearFeatureMap::kOnePlusXMaxNorm, false, "one_plus_x_max_norm_unnormalised"},
+    {LinearFeatureMap::kEluPlusOne, true, "elu_plus_one"},
+    {LinearFeatureMap::kEluPlusOne, false, "elu_plus_one_unnormalised"},
+    {LinearFeatureMap::kIdentity, false, "identity_unnormalised"},
+};
+
 std::vector<double> LinearAttentionReference(const LinearAttentionConfig& config,
                                              const int32_t* cu_seqlens, const double* q,
                                              const double* k, const double* v);

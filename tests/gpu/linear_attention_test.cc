@@ -53,19 +53,8 @@ constexpr double kGradientTolerance = 1e-2;
 constexpr double kEluNormalisedDqTolerance = 6e-2;
 constexpr uint16_t kPoisonBits = 0x7fff;  // NaN in bf16 and fp16
 
-struct Variant {
-  LinearFeatureMap feature_map;
-  bool normalize;
-  const char* name;
-};
-
-constexpr Variant kVariants[] = {
-    {LinearFeatureMap::kOnePlusXMaxNorm, true, "one_plus_x_max_norm"},
-    {LinearFeatureMap::kOnePlusXMaxNorm, false, "one_plus_x_max_norm_unnormalised"},
-    {LinearFeatureMap::kEluPlusOne, true, "elu_plus_one"},
-    {LinearFeatureMap::kEluPlusOne, false, "elu_plus_one_unnormalised"},
-    {LinearFeatureMap::kIdentity, false, "identity_unnormalised"},
-};
+using Variant = reference::LinearAttentionVariant;
+constexpr const auto& kVariants = reference::kLinearAttentionVariants;
 
 uint16_t ToBits(float x, DType dtype) {
   return dtype == DType::kBFloat16 ? FloatToBFloat16Bits(x) : FloatToFloat16Bits(x);

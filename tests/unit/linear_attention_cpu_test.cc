@@ -25,19 +25,8 @@ constexpr double kForwardTolerance = 1e-5;
 // float32 rounding of the backward dominates, measured at most 8.2e-7.
 constexpr double kGradientTolerance = 1e-5;
 
-struct Variant {
-  LinearFeatureMap feature_map;
-  bool normalize;
-  const char* name;
-};
-
-constexpr Variant kVariants[] = {
-    {LinearFeatureMap::kOnePlusXMaxNorm, true, "one_plus_x_max_norm"},
-    {LinearFeatureMap::kOnePlusXMaxNorm, false, "one_plus_x_max_norm_unnormalised"},
-    {LinearFeatureMap::kEluPlusOne, true, "elu_plus_one"},
-    {LinearFeatureMap::kEluPlusOne, false, "elu_plus_one_unnormalised"},
-    {LinearFeatureMap::kIdentity, false, "identity_unnormalised"},
-};
+using Variant = reference::LinearAttentionVariant;
+constexpr const auto& kVariants = reference::kLinearAttentionVariants;
 
 struct Problem {
   LinearAttentionConfig config;
