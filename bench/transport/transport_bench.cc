@@ -35,6 +35,7 @@ namespace {
 
 using ferry::transport::Buffer;
 using ferry::transport::CallResult;
+using ferry::transport::ReplyFuture;
 using ferry::transport::UcxNode;
 using ferry::transport::UcxNodeOptions;
 using Clock = std::chrono::steady_clock;
@@ -117,7 +118,7 @@ double RoundTrip(UcxNode& node, ferry::transport::PeerId peer, size_t request, s
 
 double Bandwidth(UcxNode& node, ferry::transport::PeerId peer, size_t request, int iters) {
   constexpr int kWindow = 16;
-  std::deque<std::future<CallResult>> in_flight;
+  std::deque<ReplyFuture> in_flight;
   auto drain_one = [&] {
     CallResult result = node.Await(in_flight.front());
     if (!result.ok()) std::exit(1);

@@ -43,13 +43,13 @@ FrameHeader AttentionClient::NewHeader(FrameType type, int layer, uint64_t paylo
   return header;
 }
 
-std::future<transport::CallResult> AttentionClient::Send(int worker, transport::Buffer frame,
+transport::ReplyFuture AttentionClient::Send(int worker, transport::Buffer frame,
                                                         absl::Duration timeout) {
   return node_->Call(peers_[worker], std::move(frame), timeout);
 }
 
 absl::StatusOr<ReplyFrame> AttentionClient::Finish(int worker, const FrameHeader& request,
-                                                   std::future<transport::CallResult>& future,
+                                                   transport::ReplyFuture& future,
                                                    absl::Duration timeout) {
   transport::CallResult result = node_->Await(future, timeout);
   if (!result.ok()) {
@@ -82,13 +82,13 @@ absl::StatusOr<ReplyFrame> AttentionClient::Finish(int worker, const FrameHeader
 absl::StatusOr<ReplyFrame> AttentionClient::Call(int worker, const FrameHeader& request,
                                                  transport::Buffer frame,
                                                  absl::Duration timeout) {
-  std::future<transport::CallResult> future = Send(worker, std::move(frame), timeout);
+  transport::ReplyFuture future = Send(worker, std::move(frame), timeout);
   return Finish(worker, request, future, timeout);
 }
 
 absl::StatusOr<transport::Buffer> AttentionClient::CallRaw(int worker, transport::Buffer frame) {
   if (worker < 0 || worker >= num_workers()) return absl::InvalidArgumentError("no such worker");
-  std::future<transport::CallResult> future = Send(worker, std::move(frame));
+  transport::ReplyFuture future = Send(worker, std::move(frame));
   return node_->Await(future);
 }
 

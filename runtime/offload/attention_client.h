@@ -96,7 +96,7 @@ class AttentionClient {
   struct PendingCall {
     int worker = 0;
     FrameHeader header;
-    std::future<transport::CallResult> future;
+    transport::ReplyFuture future;
   };
 
   // A prompt chunk at positions [first, first + tokens): q (tokens, num_q_heads, head_dim);
@@ -168,10 +168,10 @@ class AttentionClient {
   absl::Status CheckWorker(int worker) const;
   FrameHeader NewHeader(FrameType type, int layer, uint64_t payload_bytes);
   // timeout zero: the node's call timeout.
-  std::future<transport::CallResult> Send(int worker, transport::Buffer frame,
+  transport::ReplyFuture Send(int worker, transport::Buffer frame,
                                           absl::Duration timeout = {});
   absl::StatusOr<ReplyFrame> Finish(int worker, const FrameHeader& request,
-                                    std::future<transport::CallResult>& future,
+                                    transport::ReplyFuture& future,
                                     absl::Duration timeout = {});
   absl::StatusOr<ReplyFrame> Call(int worker, const FrameHeader& request, transport::Buffer frame,
                                   absl::Duration timeout = {});

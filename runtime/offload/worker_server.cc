@@ -121,7 +121,7 @@ absl::StatusOr<transport::Buffer> WorkerServer::Forward(const std::string& host,
     FERRY_ASSIGN_OR_RETURN(transport::PeerId peer, node_->Connect(host, port));
     it = forward_peers_.emplace(key, peer).first;
   }
-  std::future<transport::CallResult> reply = node_->Call(it->second, std::move(frame));
+  transport::ReplyFuture reply = node_->Call(it->second, std::move(frame));
   return node_->Await(reply);
 }
 

@@ -169,9 +169,9 @@ class UcxNode::Impl {
 
   absl::StatusOr<int> Listen(const std::string& host, int port);
   absl::StatusOr<PeerId> Connect(const std::string& host, int port);
-  std::future<CallResult> Call(PeerId peer, Buffer message, absl::Duration timeout,
-                               unsigned am_id = kAmRequest);
-  CallResult Await(std::future<CallResult>& future, absl::Duration timeout);
+  ReplyFuture Call(PeerId peer, Buffer message, absl::Duration timeout,
+                   unsigned am_id = kAmRequest);
+  CallResult Await(ReplyFuture& future, absl::Duration timeout);
   absl::StatusOr<IncomingRequest> NextRequest(absl::Duration timeout);
   absl::Status Reply(PeerId peer, uint64_t call_id, Buffer message);
   absl::StatusOr<std::string> DescribePeer(PeerId peer);
@@ -195,7 +195,7 @@ class UcxNode::Impl {
   struct PendingCall {
     PeerId peer;
     Clock::time_point deadline;
-    std::promise<CallResult> promise;
+    std::shared_ptr<ReplyFuture::Slot> reply;
   };
   struct SendOp {
     Impl* impl;
@@ -221,8 +221,10 @@ class UcxNode::Impl {
   };
 
   // Progresses the worker until it has nothing more to do, then runs what callbacks deferred and
-  // checks call deadlines. Lock held. Returns whether anything happened.
-  bool ProgressLocked();
+  // checks call deadlines (against `now`, the caller's clock reading: reading the clock is a
+  // noticeable cost in a small message's round trip on VMs). Lock held. Returns whether anything
+  // happened.
+  bool ProgressLocked(Clock::time_point now);
   // Progresses on this thread until ready() or the deadline (spin, then sleep; see the header).
   template <typename Ready>
   void Drive(Ready ready, Clock::time_point deadline);
@@ -234,6 +236,11 @@ class UcxNode::Impl {
   void Loop();
   void ShutdownLocked();
   void CheckDeadlines();
+  // Hands a call its reply (or error); the caller erases the call. Lock held.
+  static void Complete(PendingCall& call, CallResult result) {
+    call.reply->result = std::move(result);
+    call.reply->done.store(true, std::memory_order_release);
+  }
   void FailCall(uint64_t call_id, absl::Status status);
   void FailPeer(PeerId peer, absl::Status status);
   void ClosePeerEndpoint(Peer& peer);
@@ -393,7 +400,7 @@ void UcxNode::Impl::Stop() {
   });
 }
 
-bool UcxNode::Impl::ProgressLocked() {
+bool UcxNode::Impl::ProgressLocked(Clock::time_point now) {
   if (worker_ == nullptr || in_progress_) return false;
   bool active = false;
   in_progress_ = true;
@@ -412,7 +419,6 @@ bool UcxNode::Impl::ProgressLocked() {
     closes.swap(deferred_closes_);
     for (ucp_ep_h ep : closes) CloseEndpoint(ep);
   }
-  const auto now = Clock::now();
   if (now >= next_deadline_check_) {
     CheckDeadlines();
     next_deadline_check_ = now + std::chrono::milliseconds(1);
@@ -435,7 +441,7 @@ void UcxNode::Impl::Drive(Ready ready, Clock::time_point deadline) {
   const auto busy_poll = ToClock(options_.busy_poll);
   auto spin_until = Clock::now() + busy_poll;
   while (!ready() && !stopping_) {
-    auto now = Clock::now();
+    const auto now = Clock::now();  // the one clock reading of a spin (see ProgressLocked)
     if (now >= deadline) break;
     std::unique_lock<std::recursive_mutex> lock(mutex_, std::try_to_lock);
     if (!lock.owns_lock()) {
@@ -445,9 +451,8 @@ void UcxNode::Impl::Drive(Ready ready, Clock::time_point deadline) {
       continue;
     }
     if (worker_ == nullptr || in_progress_) break;  // shut down, or called from a callback
-    if (ProgressLocked()) spin_until = Clock::now() + busy_poll;
+    if (ProgressLocked(now)) spin_until = now + busy_poll;
     if (ready()) break;
-    now = Clock::now();
     if (now < spin_until) {
       // Spin politely: on a machine with fewer free cores than spinning threads, the peer this
       // thread waits for may be runnable on this core, and a plain spin would hold it off until
@@ -486,7 +491,7 @@ void UcxNode::Impl::Loop() {
     std::unique_lock<std::recursive_mutex> lock(mutex_);
     if (drivers_ > 0) continue;
     const auto now = Clock::now();
-    if (ProgressLocked()) {
+    if (ProgressLocked(now)) {
       last_activity = now;
       continue;
     }
@@ -507,7 +512,7 @@ void UcxNode::Impl::Loop() {
 void UcxNode::Impl::ShutdownLocked() {
   // Fail what is outstanding, then close endpoints with a bounded wait.
   for (auto& [id, call] : calls_) {
-    call.promise.set_value(absl::CancelledError(absl::StrCat(options_.name, ": shutting down")));
+    Complete(call, absl::CancelledError(absl::StrCat(options_.name, ": shutting down")));
   }
   calls_.clear();
   for (IncomingRequest& request : requests_) {
@@ -571,7 +576,7 @@ void UcxNode::Impl::CheckDeadlines() {
 void UcxNode::Impl::FailCall(uint64_t call_id, absl::Status status) {
   auto it = calls_.find(call_id);
   if (it == calls_.end()) return;
-  it->second.promise.set_value(std::move(status));
+  Complete(it->second, std::move(status));
   calls_.erase(it);
   WakeSleepersLocked();
 }
@@ -778,7 +783,7 @@ void UcxNode::Impl::Deliver(bool is_request, PeerId peer, uint64_t call_id,
     if (data.ok()) node_->buffers_.Release(std::move(*data));
     return;
   }
-  it->second.promise.set_value(std::move(data));
+  Complete(it->second, std::move(data));
   calls_.erase(it);
   WakeSleepersLocked();
 }
@@ -885,7 +890,7 @@ absl::StatusOr<PeerId> UcxNode::Impl::Connect(const std::string& host, int port)
   // before any real traffic. (UCX 1.13 asserts when larger AM sends queued during wire-up are
   // replayed onto shared-memory lanes; a small first message avoids that and also makes an
   // unreachable peer an error here.)
-  std::future<CallResult> ping = Call(id, Buffer(0), options_.call_timeout, kAmPing);
+  ReplyFuture ping = Call(id, Buffer(0), options_.call_timeout, kAmPing);
   CallResult reply = Await(ping, options_.call_timeout);
   if (!reply.ok()) {
     Disconnect(id);
@@ -897,19 +902,20 @@ absl::StatusOr<PeerId> UcxNode::Impl::Connect(const std::string& host, int port)
   return id;
 }
 
-std::future<CallResult> UcxNode::Impl::Call(PeerId peer, Buffer message, absl::Duration timeout,
-                                            unsigned am_id) {
+ReplyFuture UcxNode::Impl::Call(PeerId peer, Buffer message, absl::Duration timeout,
+                                unsigned am_id) {
   if (timeout <= absl::ZeroDuration()) timeout = options_.call_timeout;
-  std::promise<CallResult> promise;
-  std::future<CallResult> future = promise.get_future();
+  auto reply = std::make_shared<ReplyFuture::Slot>();
+  ReplyFuture future(reply);
   std::lock_guard<std::recursive_mutex> lock(mutex_);
   if (stopping_ || worker_ == nullptr) {
     node_->buffers_.Release(std::move(message));
-    promise.set_value(Stopped());
+    reply->result = Stopped();
+    reply->done.store(true, std::memory_order_release);
     return future;
   }
   const uint64_t call_id = next_call_++;
-  calls_.emplace(call_id, PendingCall{peer, Clock::now() + ToClock(timeout), std::move(promise)});
+  calls_.emplace(call_id, PendingCall{peer, Clock::now() + ToClock(timeout), std::move(reply)});
   // No wake-up of the progress thread: the caller awaits next (and drives the send), and a call
   // nobody awaits is progressed by the progress thread within its next deadline check.
   absl::Status sent = SendOrDefer(peer, am_id, call_id, std::move(message), true);
@@ -917,8 +923,9 @@ std::future<CallResult> UcxNode::Impl::Call(PeerId peer, Buffer message, absl::D
   return future;
 }
 
-CallResult UcxNode::Impl::Await(std::future<CallResult>& future, absl::Duration timeout) {
-  auto ready = [&] { return future.wait_for(std::chrono::seconds(0)) == std::future_status::ready; };
+CallResult UcxNode::Impl::Await(ReplyFuture& future, absl::Duration timeout) {
+  if (!future.valid()) return absl::InvalidArgumentError("Await: no call (already awaited?)");
+  auto ready = [&] { return future.ready(); };
   if (timeout <= absl::ZeroDuration()) timeout = options_.call_timeout;
   // The call's own deadline completes it; the slack covers a descheduled process.
   const auto deadline = Clock::now() + ToClock(timeout + absl::Seconds(1));
@@ -930,7 +937,8 @@ CallResult UcxNode::Impl::Await(std::future<CallResult>& future, absl::Duration 
                      : absl::DeadlineExceededError(absl::StrCat(options_.name,
                                                                 ": call not completed"));
   }
-  return future.get();
+  std::shared_ptr<ReplyFuture::Slot> slot = std::move(future.slot_);
+  return std::move(slot->result);
 }
 
 absl::StatusOr<IncomingRequest> UcxNode::Impl::NextRequest(absl::Duration timeout) {
@@ -1043,11 +1051,11 @@ absl::StatusOr<PeerId> UcxNode::Connect(const std::string& host, int port) {
   return impl_->Connect(host, port);
 }
 
-std::future<CallResult> UcxNode::Call(PeerId peer, Buffer message, absl::Duration timeout) {
+ReplyFuture UcxNode::Call(PeerId peer, Buffer message, absl::Duration timeout) {
   return impl_->Call(peer, std::move(message), timeout);
 }
 
-CallResult UcxNode::Await(std::future<CallResult>& future, absl::Duration timeout) {
+CallResult UcxNode::Await(ReplyFuture& future, absl::Duration timeout) {
   return impl_->Await(future, timeout);
 }
 

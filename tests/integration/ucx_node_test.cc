@@ -140,7 +140,7 @@ TEST_P(UcxNodeTest, ManyConcurrentCallsAllAnswered) {
   ASSERT_TRUE(client.ok());
   auto peer = (*client)->Connect("127.0.0.1", port);
   ASSERT_TRUE(peer.ok());
-  std::vector<std::future<CallResult>> futures;
+  std::vector<ReplyFuture> futures;
   for (int i = 0; i < 200; ++i) {
     Buffer message(16 + i * 1000);
     message.data()[0] = static_cast<uint8_t>(i);
@@ -188,15 +188,19 @@ TEST_P(UcxNodeTest, ShutdownWithOutstandingCallsCancelsThem) {
   ASSERT_TRUE(client.ok());
   auto peer = (*client)->Connect("127.0.0.1", port);
   ASSERT_TRUE(peer.ok());
-  std::vector<std::future<CallResult>> futures;
+  std::vector<ReplyFuture> futures;
   for (int i = 0; i < 10; ++i) futures.push_back((*client)->Call(*peer, Buffer(1 << 16)));
   const absl::Time start = absl::Now();
   (*client)->Shutdown();
   server->Shutdown();
   EXPECT_LT(absl::Now() - start, absl::Seconds(3));
   for (auto& future : futures) {
-    CallResult reply = future.get();  // already set: Shutdown completes every call
-    EXPECT_FALSE(reply.ok());
+    ASSERT_TRUE(future.ready());  // Shutdown completes every call
+    CallResult reply = (*client)->Await(future);
+    EXPECT_EQ(reply.status().code(), absl::StatusCode::kCancelled) << reply.status();
+    // A reply is taken once.
+    EXPECT_FALSE(future.valid());
+    EXPECT_EQ((*client)->Await(future).status().code(), absl::StatusCode::kInvalidArgument);
   }
 }
 
