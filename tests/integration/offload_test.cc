@@ -115,6 +115,53 @@ void FillWorker(AttentionClient& client, int worker, const KvData& data, const R
   }
 }
 
+// One query of a reference check: its sequence and the end of the positions it attends, [0, end).
+struct ReferenceQuery {
+  uint64_t id;
+  int64_t kv_end;
+};
+
+// Checks states (o, lse) against the float64 reference: query i (q row i: kQHeads x kHeadDim)
+// over positions [0, queries[i].kv_end) of its sequence's K and V of `layer` in `data`.
+void ExpectStatesMatchTheReference(const KvData& data, int layer,
+                                   const std::vector<ReferenceQuery>& queries, const float* q,
+                                   const std::vector<float>& o, const std::vector<float>& lse) {
+  kv::KvCacheConfig config{kLayers, kKvHeads, kHeadDim, DType::kBFloat16, kBlockSize, 16 << 20};
+  auto cache = *kv::KvCache::CreateOnHost(config);
+  std::vector<int32_t> indptr = {0}, table, lens, begins, ends;
+  for (const ReferenceQuery& query : queries) {
+    const int64_t length = data.lengths.at(query.id);
+    if (!cache->Length(query.id).ok()) {
+      ASSERT_TRUE(cache->AddSequence(query.id).ok());
+      ASSERT_TRUE(cache->Reserve(query.id, length).ok());
+      ASSERT_TRUE(cache->WriteHost(query.id, layer, 0, length, data.k[layer].at(query.id).data(),
+                                   data.v[layer].at(query.id).data())
+                      .ok());
+    }
+    const auto* blocks = *cache->BlockTable(query.id);
+    table.insert(table.end(), blocks->begin(), blocks->end());
+    indptr.push_back(static_cast<int32_t>(table.size()));
+    lens.push_back(static_cast<int32_t>(length));
+    begins.push_back(0);
+    ends.push_back(static_cast<int32_t>(query.kv_end));
+  }
+  kernels::DecodeAttentionArgs args;
+  args.num_seqs = static_cast<int>(queries.size());
+  args.num_q_heads = kQHeads;
+  args.q = q;
+  args.kv = cache->LayerView(layer);
+  args.block_table_indptr = indptr.data();
+  args.block_table = table.data();
+  args.seq_lens = lens.data();
+  args.kv_begin = begins.data();
+  args.kv_end = ends.data();
+  args.softmax_scale = 1.0f / std::sqrt(static_cast<float>(kHeadDim));
+  auto reference = kernels::reference::DecodeAttentionReference(args);
+  std::vector<double> got_o(o.begin(), o.end()), got_lse(lse.begin(), lse.end());
+  EXPECT_LT(kernels::reference::RelativeError(got_o, reference.o), 1e-5);
+  EXPECT_LT(kernels::reference::RelativeError(got_lse, reference.lse), 1e-6);
+}
+
 // The same ranges in a cache in this process, attended by the same kernel and plan.
 PartialStates InProcessAttend(const KvData& data, const Ranges& ranges, int layer,
                               const std::vector<uint64_t>& sequences, const float* q) {
@@ -324,35 +371,8 @@ TEST_P(OffloadTest, TwoWorkersSplitByRangeMergeBitIdenticallyAndMatchTheReferenc
   EXPECT_TRUE(BitEqual(result->merged.lse, lse));
 
   // And the float64 reference over whole sequences.
-  Ranges whole = {{11, {0, 33}}, {12, {0, 150}}, {10, {0, 90}}};
-  kv::KvCacheConfig config{kLayers, kKvHeads, kHeadDim, DType::kBFloat16, kBlockSize, 16 << 20};
-  auto cache = *kv::KvCache::CreateOnHost(config);
-  std::vector<int32_t> indptr = {0}, table, lens;
-  for (uint64_t id : {11, 12, 10}) {
-    const int64_t length = data.lengths.at(id);
-    ASSERT_TRUE(cache->AddSequence(id).ok());
-    ASSERT_TRUE(cache->Reserve(id, length).ok());
-    ASSERT_TRUE(cache->WriteHost(id, layer, 0, length, data.k[layer].at(id).data(),
-                                 data.v[layer].at(id).data()).ok());
-    const auto* blocks = *cache->BlockTable(id);
-    table.insert(table.end(), blocks->begin(), blocks->end());
-    indptr.push_back(static_cast<int32_t>(table.size()));
-    lens.push_back(static_cast<int32_t>(length));
-  }
-  kernels::DecodeAttentionArgs args;
-  args.num_seqs = 3;
-  args.num_q_heads = kQHeads;
-  args.q = q.data();
-  args.kv = cache->LayerView(layer);
-  args.block_table_indptr = indptr.data();
-  args.block_table = table.data();
-  args.seq_lens = lens.data();
-  args.softmax_scale = 1.0f / std::sqrt(static_cast<float>(kHeadDim));
-  auto reference = kernels::reference::DecodeAttentionReference(args);
-  std::vector<double> got_o(result->merged.o.begin(), result->merged.o.end());
-  std::vector<double> got_lse(result->merged.lse.begin(), result->merged.lse.end());
-  EXPECT_LT(kernels::reference::RelativeError(got_o, reference.o), 1e-5);
-  EXPECT_LT(kernels::reference::RelativeError(got_lse, reference.lse), 1e-6);
+  ExpectStatesMatchTheReference(data, layer, {{11, 33}, {12, 150}, {10, 90}}, q.data(),
+                                result->merged.o, result->merged.lse);
 }
 
 TEST_P(OffloadTest, PrefillThenDecodeMatchesTheReference) {
@@ -399,34 +419,9 @@ TEST_P(OffloadTest, PrefillThenDecodeMatchesTheReference) {
     got_lse.insert(got_lse.end(), states->lse.begin(), states->lse.end());
   }
   // Reference: query p over positions [0, p].
-  kv::KvCacheConfig config{kLayers, kKvHeads, kHeadDim, DType::kBFloat16, kBlockSize, 16 << 20};
-  auto cache = *kv::KvCache::CreateOnHost(config);
-  ASSERT_TRUE(cache->AddSequence(id).ok());
-  ASSERT_TRUE(cache->Reserve(id, total).ok());
-  ASSERT_TRUE(cache->WriteHost(id, layer, 0, total, data.k[layer].at(id).data(),
-                               data.v[layer].at(id).data()).ok());
-  const auto* blocks = *cache->BlockTable(id);
-  std::vector<int32_t> indptr = {0}, table, lens(total, total), begins(total, 0), ends(total);
-  for (int64_t p = 0; p < total; ++p) {
-    table.insert(table.end(), blocks->begin(), blocks->end());
-    indptr.push_back(static_cast<int32_t>(table.size()));
-    ends[p] = static_cast<int32_t>(p + 1);
-  }
-  kernels::DecodeAttentionArgs args;
-  args.num_seqs = static_cast<int>(total);
-  args.num_q_heads = kQHeads;
-  args.q = q.data();
-  args.kv = cache->LayerView(layer);
-  args.block_table_indptr = indptr.data();
-  args.block_table = table.data();
-  args.seq_lens = lens.data();
-  args.kv_begin = begins.data();
-  args.kv_end = ends.data();
-  args.softmax_scale = 1.0f / std::sqrt(static_cast<float>(kHeadDim));
-  auto reference = kernels::reference::DecodeAttentionReference(args);
-  std::vector<double> o(got_o.begin(), got_o.end()), lse(got_lse.begin(), got_lse.end());
-  EXPECT_LT(kernels::reference::RelativeError(o, reference.o), 1e-5);
-  EXPECT_LT(kernels::reference::RelativeError(lse, reference.lse), 1e-6);
+  std::vector<ReferenceQuery> queries;
+  for (int64_t p = 0; p < total; ++p) queries.push_back({id, p + 1});
+  ExpectStatesMatchTheReference(data, layer, queries, q.data(), got_o, got_lse);
 }
 
 TEST_P(OffloadTest, PrefillSplitAcrossWorkersMatchesTheReference) {
@@ -460,34 +455,9 @@ TEST_P(OffloadTest, PrefillSplitAcrossWorkersMatchesTheReference) {
   std::vector<float> o(states * kHeadDim), lse(states);
   ASSERT_TRUE(kernels::MergeStatesCpu(parts_o.data(), parts_lse.data(), 2, states, kHeadDim,
                                       o.data(), lse.data()).ok());
-  kv::KvCacheConfig config{kLayers, kKvHeads, kHeadDim, DType::kBFloat16, kBlockSize, 16 << 20};
-  auto cache = *kv::KvCache::CreateOnHost(config);
-  ASSERT_TRUE(cache->AddSequence(id).ok());
-  ASSERT_TRUE(cache->Reserve(id, total).ok());
-  ASSERT_TRUE(cache->WriteHost(id, layer, 0, total, data.k[layer].at(id).data(),
-                               data.v[layer].at(id).data()).ok());
-  const auto* blocks = *cache->BlockTable(id);
-  std::vector<int32_t> indptr = {0}, table, lens(tokens, total), begins(tokens, 0), ends(tokens);
-  for (int t = 0; t < tokens; ++t) {
-    table.insert(table.end(), blocks->begin(), blocks->end());
-    indptr.push_back(static_cast<int32_t>(table.size()));
-    ends[t] = static_cast<int32_t>(split + t + 1);
-  }
-  kernels::DecodeAttentionArgs args;
-  args.num_seqs = tokens;
-  args.num_q_heads = kQHeads;
-  args.q = q.data();
-  args.kv = cache->LayerView(layer);
-  args.block_table_indptr = indptr.data();
-  args.block_table = table.data();
-  args.seq_lens = lens.data();
-  args.kv_begin = begins.data();
-  args.kv_end = ends.data();
-  args.softmax_scale = 1.0f / std::sqrt(static_cast<float>(kHeadDim));
-  auto reference = kernels::reference::DecodeAttentionReference(args);
-  std::vector<double> got_o(o.begin(), o.end()), got_lse(lse.begin(), lse.end());
-  EXPECT_LT(kernels::reference::RelativeError(got_o, reference.o), 1e-5);
-  EXPECT_LT(kernels::reference::RelativeError(got_lse, reference.lse), 1e-6);
+  std::vector<ReferenceQuery> queries;
+  for (int t = 0; t < tokens; ++t) queries.push_back({id, split + t + 1});
+  ExpectStatesMatchTheReference(data, layer, queries, q.data(), o, lse);
 }
 
 TEST_P(OffloadTest, MigrationMovesKvAndAttentionIsUnchanged) {
