@@ -509,8 +509,9 @@ struct BackwardResult {
   std::vector<float> dq, dk, dv;
 };
 
-BackwardResult Backward(const Problem& p, const std::vector<float>& dout, ThreadPool& pool) {
-  BackwardResult r{Poisoned(p.q_size()), Poisoned(p.kv_size()), Poisoned(p.kv_size())};
+// The problem's inputs; dout and the gradients' buffers (r) may be left null.
+LinearAttentionBackwardArgs BackwardArgs(const Problem& p, const float* dout,
+                                         BackwardResult* r) {
   LinearAttentionBackwardArgs args;
   args.config = p.config;
   args.cu_seqlens = p.cu_seqlens.data();
@@ -518,11 +519,18 @@ BackwardResult Backward(const Problem& p, const std::vector<float>& dout, Thread
   args.q = p.q.data();
   args.k = p.k.data();
   args.v = p.v.data();
-  args.dout = dout.data();
-  args.dq = r.dq.data();
-  args.dk = r.dk.data();
-  args.dv = r.dv.data();
-  const absl::Status status = LinearAttentionBackwardCpu(args, pool);
+  args.dout = dout;
+  if (r != nullptr) {
+    args.dq = r->dq.data();
+    args.dk = r->dk.data();
+    args.dv = r->dv.data();
+  }
+  return args;
+}
+
+BackwardResult Backward(const Problem& p, const std::vector<float>& dout, ThreadPool& pool) {
+  BackwardResult r{Poisoned(p.q_size()), Poisoned(p.kv_size()), Poisoned(p.kv_size())};
+  const absl::Status status = LinearAttentionBackwardCpu(BackwardArgs(p, dout.data(), &r), pool);
   EXPECT_TRUE(status.ok()) << status;
   return r;
 }
@@ -706,13 +714,7 @@ TEST(LinearAttentionCpuTest, BadInputIsAnErrorNamingTheField) {
   a.v = nullptr;
   expect_error(a, "v is null");
 
-  LinearAttentionBackwardArgs b;
-  b.config = good.config;
-  b.cu_seqlens = good.cu_seqlens.data();
-  b.total_tokens = good.total_tokens();
-  b.q = good.q.data();
-  b.k = good.k.data();
-  b.v = good.v.data();
+  LinearAttentionBackwardArgs b = BackwardArgs(good, nullptr, nullptr);
   const absl::Status no_dout = LinearAttentionBackwardCpu(b, pool);
   EXPECT_NE(std::string(no_dout.message()).find("dout"), std::string::npos) << no_dout;
   b.config.dtype = DType::kBFloat16;
