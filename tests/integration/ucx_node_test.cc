@@ -63,20 +63,28 @@ class UcxNodeTest : public ::testing::TestWithParam<TransportCase> {
     *port = *bound;
     return std::move(*server);
   }
+  // StartServer, then a client connected to it: server_, client_ and peer_.
+  void StartAndConnect(bool silent = false) {
+    int port = 0;
+    server_ = StartServer(&port, silent);
+    auto client = UcxNode::Create(Options("client"));
+    ASSERT_TRUE(client.ok()) << client.status();
+    client_ = std::move(*client);
+    auto peer = client_->Connect("127.0.0.1", port);
+    ASSERT_TRUE(peer.ok()) << peer.status();
+    peer_ = *peer;
+  }
+  std::unique_ptr<UcxNode> server_, client_;
+  PeerId peer_ = 0;
 };
 
 TEST_P(UcxNodeTest, EchoSmallAndLargeSizesOnTheExpectedTransport) {
-  int port = 0;
-  auto server = StartServer(&port);
-  auto client = UcxNode::Create(Options("client"));
-  ASSERT_TRUE(client.ok()) << client.status();
-  auto peer = (*client)->Connect("127.0.0.1", port);
-  ASSERT_TRUE(peer.ok()) << peer.status();
+  ASSERT_NO_FATAL_FAILURE(StartAndConnect());
   for (size_t size : {size_t{1}, size_t{64}, size_t{8192}, size_t{1} << 20, size_t{24} << 20}) {
     Buffer message(size);
     for (size_t i = 0; i < size; ++i) message.data()[i] = static_cast<uint8_t>(i * 7 + 3);
-    auto future = (*client)->Call(*peer, std::move(message));
-    CallResult reply = (*client)->Await(future);
+    auto future = client_->Call(peer_, std::move(message));
+    CallResult reply = client_->Await(future);
     ASSERT_TRUE(reply.ok()) << size << ": " << reply.status();
     ASSERT_EQ(reply->size(), size);
     EXPECT_EQ(reply->data()[0], static_cast<uint8_t>(4));
@@ -84,12 +92,12 @@ TEST_P(UcxNodeTest, EchoSmallAndLargeSizesOnTheExpectedTransport) {
       ASSERT_EQ(reply->data()[i], static_cast<uint8_t>(i * 7 + 3)) << i;
     }
   }
-  auto info = (*client)->DescribePeer(*peer);
+  auto info = client_->DescribePeer(peer_);
   ASSERT_TRUE(info.ok()) << info.status();
   EXPECT_NE(info->find(GetParam().expect), std::string::npos) << *info;
   if (getenv("FERRY_TEST_VERBOSE")) printf("%s\n", info->c_str());
   // Buffers come back to the pool and are reused.
-  EXPECT_GT((*client)->buffers().hits(), 0u);
+  EXPECT_GT(client_->buffers().hits(), 0u);
 }
 
 // Both sides pick the eager limit that fits their endpoint's lanes, and a message of the limit goes
@@ -99,31 +107,26 @@ TEST_P(UcxNodeTest, EagerLimitFollowsTheEndpointsLanes) {
   eager_limit_shared_memory_ = (size_t{3} << 20) + 5;  // odd sizes: no alignment luck
   eager_limit_ = (size_t{128} << 10) + 3;
   const size_t expected = GetParam().split_rendezvous ? eager_limit_shared_memory_ : eager_limit_;
-  int port = 0;
-  auto server = StartServer(&port);
-  auto client = UcxNode::Create(Options("client"));
-  ASSERT_TRUE(client.ok()) << client.status();
-  auto peer = (*client)->Connect("127.0.0.1", port);
-  ASSERT_TRUE(peer.ok()) << peer.status();
-  auto limit = (*client)->EagerLimit(*peer);
+  ASSERT_NO_FATAL_FAILURE(StartAndConnect());
+  auto limit = client_->EagerLimit(peer_);
   ASSERT_TRUE(limit.ok()) << limit.status();
-  EXPECT_EQ(*limit, expected) << *(*client)->DescribePeer(*peer);
-  EXPECT_EQ((*client)->EagerLimit(*peer + 100).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(*limit, expected) << *client_->DescribePeer(peer_);
+  EXPECT_EQ(client_->EagerLimit(peer_ + 100).status().code(), absl::StatusCode::kNotFound);
 
   for (size_t size : {expected, expected + 1}) {
     const bool eager = size <= expected;
-    const UcxNodeStats server_before = server->stats(), client_before = (*client)->stats();
+    const UcxNodeStats server_before = server_->stats(), client_before = client_->stats();
     std::vector<uint8_t> pattern(size);
     for (size_t i = 0; i < size; ++i) pattern[i] = static_cast<uint8_t>((i * 131 + size) >> 3);
     Buffer message(size);
     std::memcpy(message.data(), pattern.data(), size);
-    auto future = (*client)->Call(*peer, std::move(message));
-    CallResult reply = (*client)->Await(future);
+    auto future = client_->Call(peer_, std::move(message));
+    CallResult reply = client_->Await(future);
     ASSERT_TRUE(reply.ok()) << size << ": " << reply.status();
     ASSERT_EQ(reply->size(), size);
     pattern[0]++;  // the echo server's mark
     EXPECT_EQ(std::memcmp(reply->data(), pattern.data(), size), 0) << size;
-    const UcxNodeStats server_after = server->stats(), client_after = (*client)->stats();
+    const UcxNodeStats server_after = server_->stats(), client_after = client_->stats();
     EXPECT_EQ(server_after.eager_received - server_before.eager_received, eager ? 1u : 0u);
     EXPECT_EQ(server_after.rendezvous_received - server_before.rendezvous_received,
               eager ? 0u : 1u);
@@ -134,20 +137,15 @@ TEST_P(UcxNodeTest, EagerLimitFollowsTheEndpointsLanes) {
 }
 
 TEST_P(UcxNodeTest, ManyConcurrentCallsAllAnswered) {
-  int port = 0;
-  auto server = StartServer(&port);
-  auto client = UcxNode::Create(Options("client"));
-  ASSERT_TRUE(client.ok());
-  auto peer = (*client)->Connect("127.0.0.1", port);
-  ASSERT_TRUE(peer.ok());
+  ASSERT_NO_FATAL_FAILURE(StartAndConnect());
   std::vector<ReplyFuture> futures;
   for (int i = 0; i < 200; ++i) {
     Buffer message(16 + i * 1000);
     message.data()[0] = static_cast<uint8_t>(i);
-    futures.push_back((*client)->Call(*peer, std::move(message)));
+    futures.push_back(client_->Call(peer_, std::move(message)));
   }
   for (int i = 0; i < 200; ++i) {
-    CallResult reply = (*client)->Await(futures[i]);
+    CallResult reply = client_->Await(futures[i]);
     ASSERT_TRUE(reply.ok()) << reply.status();
     EXPECT_EQ(reply->size(), size_t(16 + i * 1000));
     EXPECT_EQ(reply->data()[0], static_cast<uint8_t>(i + 1));
@@ -155,15 +153,10 @@ TEST_P(UcxNodeTest, ManyConcurrentCallsAllAnswered) {
 }
 
 TEST_P(UcxNodeTest, SilentPeerTimesOutWithinTheBound) {
-  int port = 0;
-  auto server = StartServer(&port, /*silent=*/true);
-  auto client = UcxNode::Create(Options("client"));
-  ASSERT_TRUE(client.ok());
-  auto peer = (*client)->Connect("127.0.0.1", port);
-  ASSERT_TRUE(peer.ok());
+  ASSERT_NO_FATAL_FAILURE(StartAndConnect(/*silent=*/true));
   const absl::Time start = absl::Now();
-  auto future = (*client)->Call(*peer, Buffer(32), absl::Milliseconds(500));
-  CallResult reply = (*client)->Await(future, absl::Milliseconds(500));
+  auto future = client_->Call(peer_, Buffer(32), absl::Milliseconds(500));
+  CallResult reply = client_->Await(future, absl::Milliseconds(500));
   const absl::Duration took = absl::Now() - start;
   EXPECT_EQ(reply.status().code(), absl::StatusCode::kDeadlineExceeded) << reply.status();
   // 500 ms bound; the slack absorbs scheduling stalls on a loaded machine.
@@ -182,25 +175,20 @@ TEST_P(UcxNodeTest, NobodyListeningFailsWithinTheBound) {
 }
 
 TEST_P(UcxNodeTest, ShutdownWithOutstandingCallsCancelsThem) {
-  int port = 0;
-  auto server = StartServer(&port, /*silent=*/true);
-  auto client = UcxNode::Create(Options("client"));
-  ASSERT_TRUE(client.ok());
-  auto peer = (*client)->Connect("127.0.0.1", port);
-  ASSERT_TRUE(peer.ok());
+  ASSERT_NO_FATAL_FAILURE(StartAndConnect(/*silent=*/true));
   std::vector<ReplyFuture> futures;
-  for (int i = 0; i < 10; ++i) futures.push_back((*client)->Call(*peer, Buffer(1 << 16)));
+  for (int i = 0; i < 10; ++i) futures.push_back(client_->Call(peer_, Buffer(1 << 16)));
   const absl::Time start = absl::Now();
-  (*client)->Shutdown();
-  server->Shutdown();
+  client_->Shutdown();
+  server_->Shutdown();
   EXPECT_LT(absl::Now() - start, absl::Seconds(3));
   for (auto& future : futures) {
     ASSERT_TRUE(future.ready());  // Shutdown completes every call
-    CallResult reply = (*client)->Await(future);
+    CallResult reply = client_->Await(future);
     EXPECT_EQ(reply.status().code(), absl::StatusCode::kCancelled) << reply.status();
     // A reply is taken once.
     EXPECT_FALSE(future.valid());
-    EXPECT_EQ((*client)->Await(future).status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_EQ(client_->Await(future).status().code(), absl::StatusCode::kInvalidArgument);
   }
 }
 
