@@ -236,10 +236,10 @@ class UcxNode::Impl {
   void Loop();
   void ShutdownLocked();
   void CheckDeadlines();
-  // Hands a call its reply (or error); the caller erases the call. Lock held.
-  static void Complete(PendingCall& call, CallResult result) {
-    call.reply->result = std::move(result);
-    call.reply->done.store(true, std::memory_order_release);
+  // Hands a call its reply (or error); a pending call's caller then erases it. Lock held.
+  static void Complete(ReplyFuture::Slot& reply, CallResult result) {
+    reply.result = std::move(result);
+    reply.done.store(true, std::memory_order_release);
   }
   void FailCall(uint64_t call_id, absl::Status status);
   void FailPeer(PeerId peer, absl::Status status);
@@ -512,7 +512,7 @@ void UcxNode::Impl::Loop() {
 void UcxNode::Impl::ShutdownLocked() {
   // Fail what is outstanding, then close endpoints with a bounded wait.
   for (auto& [id, call] : calls_) {
-    Complete(call, absl::CancelledError(absl::StrCat(options_.name, ": shutting down")));
+    Complete(*call.reply, absl::CancelledError(absl::StrCat(options_.name, ": shutting down")));
   }
   calls_.clear();
   for (IncomingRequest& request : requests_) {
@@ -576,7 +576,7 @@ void UcxNode::Impl::CheckDeadlines() {
 void UcxNode::Impl::FailCall(uint64_t call_id, absl::Status status) {
   auto it = calls_.find(call_id);
   if (it == calls_.end()) return;
-  Complete(it->second, std::move(status));
+  Complete(*it->second.reply, std::move(status));
   calls_.erase(it);
   WakeSleepersLocked();
 }
@@ -783,7 +783,7 @@ void UcxNode::Impl::Deliver(bool is_request, PeerId peer, uint64_t call_id,
     if (data.ok()) node_->buffers_.Release(std::move(*data));
     return;
   }
-  Complete(it->second, std::move(data));
+  Complete(*it->second.reply, std::move(data));
   calls_.erase(it);
   WakeSleepersLocked();
 }
@@ -910,8 +910,7 @@ ReplyFuture UcxNode::Impl::Call(PeerId peer, Buffer message, absl::Duration time
   std::lock_guard<std::recursive_mutex> lock(mutex_);
   if (stopping_ || worker_ == nullptr) {
     node_->buffers_.Release(std::move(message));
-    reply->result = Stopped();
-    reply->done.store(true, std::memory_order_release);
+    Complete(*reply, Stopped());
     return future;
   }
   const uint64_t call_id = next_call_++;
