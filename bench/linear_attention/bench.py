@@ -1,18 +1,24 @@
 """Causal linear attention on the GPU: Ferry's CUDA kernels against fla (flash-linear-attention,
-Triton: chunk_linear_attn and fused_chunk_linear_attn) and PyTorch SDPA causal (FlashAttention,
-softmax) as the quadratic reference, in one run.
+Triton: chunk_linear_attn and fused_chunk_linear_attn), the Fastmax kernel of arXiv 2510.21956
+(the paper's public CUDA extension) and PyTorch SDPA causal (FlashAttention, softmax) as the
+quadratic reference, in one run.
 
-Run on the GPU machine from the repository root, with fla's source on PYTHONPATH if it is to be
-compared (it is imported when found, never vendored):
-  PYTHONPATH=bench/linear_attention:<fla source> python3 bench/linear_attention/bench.py \
-      [--quick] [--out DIR]
+Run on the GPU machine from the repository root, with fla's source on PYTHONPATH and Fastmax's
+`fastmax/` folder named by FASTMAX_SRC if they are to be compared (imported or built there when
+found, never vendored):
+  PYTHONPATH=bench/linear_attention:<fla source> FASTMAX_SRC=<fastmax folder> \
+      python3 bench/linear_attention/bench.py [--quick] [--out DIR]
 Shapes: B=4, H=16 (q and kv heads), bf16, d in {64, 128}, N in {2k .. 32k}. Times are medians of
 CUDA-event timings (triton.testing.do_bench) on fresh random inputs. Ferry runs
 elu_plus_one (normalised; the feature map applied inside the kernels) and one_plus_x_max_norm
 (normalised), both with the sequence segments the library picks, and elu_plus_one unsplit (one
 block walks a whole sequence); fla runs normalize=True on inputs that already went through elu + 1 outside the
 timed region (so it computes the same function as Ferry's elu_plus_one, which is checked), and
-SDPA is causal softmax attention.
+SDPA is causal softmax attention. Fastmax (bf16 entry points, causal) takes (B*H, N, d) inputs,
+which are laid out outside the timed region; it divides q and k by their largest squared row norm
+over the whole sequence in place, then computes 1 + q.k normalised: Ferry's one_plus_x_max_norm
+where every row has the same norm (checked on unit-norm rows), the paper's non-causal maximum
+otherwise.
 Byte floor: q, k, v read and out written once forward (8 N d bytes per head), q, k, v, dout
 read and dq, dk, dv written backward (14 N d), over the device-memory bandwidth measured here by a
 device-to-device copy (bytes read + written over time). 'floor' is that time over the measured
@@ -36,6 +42,48 @@ try:
 except Exception as e:  # noqa: BLE001 - report and go on without it
     print(f"fla not importable ({type(e).__name__}: {e}); skipping it", flush=True)
     HAVE_FLA = False
+
+
+FASTMAX = None
+if os.environ.get("FASTMAX_SRC"):
+    try:
+        from torch.utils.cpp_extension import load
+        _t = time.time()
+        _src = os.environ["FASTMAX_SRC"]
+        FASTMAX = load("fastmax_cuda", [os.path.join(_src, f) for f in (
+            "fastmax_cuda.cpp", "fastmax_cuda_forward.cu", "fastmax_cuda_backward.cu",
+            "fastmax_cuda_forward_bf16.cu", "fastmax_cuda_backward_bf16.cu")],
+            extra_cuda_cflags=["-O3"], verbose=False)
+        print(f"fastmax extension built in {time.time() - _t:.0f} s", flush=True)
+    except Exception as e:  # noqa: BLE001 - report and go on without it
+        print(f"fastmax did not build ({type(e).__name__}: {str(e)[-2000:]}); skipping it",
+              flush=True)
+
+
+class FastmaxFunction(torch.autograd.Function):
+    """The paper's extension with its own forward and backward (as its fastmax.py wraps them)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        o, denum = FASTMAX.forwardpass_bf16(q, k, v, True)
+        ctx.save_for_backward(q, k, v, o, denum)
+        return o
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, o, denum = ctx.saved_tensors
+        return tuple(FASTMAX.backwardpass_bf16(q, k, v, o, denum, dout.contiguous(), True))
+
+
+def heads_major(q, k, v):
+    """(B, N, H, d) -> (B*H, N, d) contiguous, Fastmax's layout."""
+    return tuple(x.permute(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3]).contiguous()
+                 for x in (q, k, v))
+
+
+def is_peer(name):
+    """Methods from other projects: run after Ferry and SDPA, on --peer-shapes only."""
+    return name.startswith("fla") or name == "fastmax"
 
 
 def copy_bandwidth():
@@ -73,6 +121,8 @@ def methods(d):
                                  lambda q, k, v: fused_chunk_linear_attn(q, k, v, normalize=True)[0])
         ms["fla chunk"] = (lambda q, k, v: (elu1(q), elu1(k), v),
                            lambda q, k, v: chunk_linear_attn(q, k, v, normalize=True)[0])
+    if FASTMAX is not None:
+        ms["fastmax"] = (heads_major, FastmaxFunction.apply)
     ms["sdpa causal"] = (lambda q, k, v: tuple(x.transpose(1, 2) for x in (q, k, v)),
                          lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
                              q, k, v, is_causal=True))
@@ -112,6 +162,21 @@ def bench_one(prepare, fn, b, n, h, d):
     return t_fwd, t_bwd, t_all, peak
 
 
+def fastmax_check(d):
+    """Ferry's 1+x maxnorm against Fastmax on unit-norm q and k rows (where the running and the
+    whole-sequence maxima agree): relative error of out."""
+    if FASTMAX is None:
+        return None
+    b, n, h = 2, 2048, 4
+    q, k, v = [(torch.randn(b, n, h, d, device="cuda")).bfloat16() for _ in range(3)]
+    q, k = [(x.float() / x.float().norm(dim=-1, keepdim=True)).bfloat16() for x in (q, k)]
+    ours = ferry.linear_attention(q, k, v, "one_plus_x_max_norm", True).float()
+    fq, fk, fv = heads_major(q, k, v)
+    theirs = FASTMAX.forwardpass_bf16(fq, fk, fv, True)[0].float()
+    theirs = theirs.reshape(b, h, n, d).permute(0, 2, 1, 3)
+    return ((ours - theirs).norm() / ours.norm()).item()
+
+
 def same_function_check(d):
     """Ferry's elu+1 against fla chunk on the same inputs (relative error of out)."""
     if not HAVE_FLA:
@@ -131,8 +196,8 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--fla-budget", type=float, default=1e9,
                         help="seconds after which fla (its Triton autotuning is slow) is skipped")
-    parser.add_argument("--fla-shapes", default="",
-                        help="d:N pairs (comma separated) fla runs at; default every shape")
+    parser.add_argument("--peer-shapes", "--fla-shapes", dest="peer_shapes", default="",
+                        help="d:N pairs (comma separated) fla and Fastmax run at; default every shape")
     parser.add_argument("--ns", default="", help="sequence lengths (comma separated)")
     parser.add_argument("--methods", default="",
                         help="method names to run (comma separated); default all")
@@ -155,13 +220,18 @@ def main():
     if err is not None:
         print(f"d=128: ferry elu+1 vs fla chunk (same function) relative difference {err:.2e}",
               flush=True)
+    err = fastmax_check(128)
+    if err is not None:
+        print(f"d=128: ferry 1+x maxnorm vs fastmax (unit-norm rows) relative difference "
+              f"{err:.2e}", flush=True)
     # Ferry and SDPA for every shape first, then fla (slow to autotune) while its budget lasts.
     plan = [(d, n, name) for d in (128, 64) for n in ns for name in methods(d)
-            if not name.startswith("fla") and (chosen is None or name in chosen)]
-    fla_shapes = {tuple(int(x) for x in pair.split(":")) for pair in args.fla_shapes.split(",")
-                  if pair}
+            if not is_peer(name) and (chosen is None or name in chosen)]
+    peer_shapes = {tuple(int(x) for x in pair.split(":")) for pair in args.peer_shapes.split(",")
+                   if pair}
     plan += [(d, n, name) for d in (128, 64) for n in ns for name in methods(d)
-             if name.startswith("fla") and (not fla_shapes or (d, n) in fla_shapes)]
+             if is_peer(name) and (chosen is None or name in chosen)
+             and (not peer_shapes or (d, n) in peer_shapes)]
     os.makedirs(args.out, exist_ok=True)
     for i, (d, n, name) in enumerate(plan):
         if name.startswith("fla") and not plan[i - 1][2].startswith("fla") and not args.quick:
@@ -198,12 +268,12 @@ def main():
 
 
 def summary(rows):
-    """Markdown table: per (d, N) every method's fwd, bwd, fwd+bwd, peak, floor fraction, and
-    Ferry's speed-up over fla's best fwd+bwd and over SDPA."""
+    """Markdown table: per (d, N) every method's fwd, bwd, fwd+bwd, peak, floor fraction,
+    Ferry's speed-up over fla's best fwd+bwd and over SDPA, and over Fastmax (same map)."""
     out = ["| d | N | method | fwd ms | bwd ms | fwd+bwd ms | peak GiB | floor fwd | floor fwd+bwd |",
            "|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["d"], r["n"]) for r in rows})
-    notes = []
+    notes, fastmax_notes = [], []
     for d, n in keys:
         group = [r for r in rows if r["d"] == d and r["n"] == n]
         for r in group:
@@ -220,9 +290,18 @@ def summary(rows):
             notes.append(f"| {d} | {n} | {best['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x ({best['method']}) | "
                          f"{ours['peak_gib'] / least['peak_gib']:.2f} | "
                          + (f"{sdpa['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x |" if sdpa else "- |"))
+        fastmax, same_map = by.get("fastmax"), by.get("ferry 1+x maxnorm")
+        if fastmax and same_map:
+            fastmax_notes.append(
+                f"| {d} | {n} | {fastmax['fwd_ms'] / same_map['fwd_ms']:.1f}x | "
+                f"{fastmax['fwd_bwd_ms'] / same_map['fwd_bwd_ms']:.1f}x | "
+                f"{same_map['peak_gib'] / fastmax['peak_gib']:.2f} |")
     if notes:
         out += ["", "| d | N | ferry elu+1 fwd+bwd speed-up over fla's best | ferry peak / fla's least peak | speed-up over SDPA causal |",
                 "|---|---|---|---|---|"] + notes
+    if fastmax_notes:
+        out += ["", "| d | N | ferry 1+x maxnorm fwd speed-up over fastmax | fwd+bwd speed-up | ferry peak / fastmax peak |",
+                "|---|---|---|---|---|"] + fastmax_notes
     return "\n".join(out) + "\n"
 
 
