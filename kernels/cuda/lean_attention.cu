@@ -318,6 +318,50 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
     uint8_t* k_stage = smem + stage * Config::kStageBytes;
     const uint32_t k_dst = SmemAddr(k_stage);
     const uint32_t v_dst = k_dst + Config::kStageBytes / 2;
+    auto block_index_of = [&](int pos) {
+      return p.block_shift >= 0 ? pos >> p.block_shift
+                                : static_cast<int>(static_cast<unsigned>(pos) /
+                                                   static_cast<unsigned>(block_size));
+    };
+    const int first_page = block_index_of(pos0);
+    const int last_pos = (pos0 + kTile < pos_end ? pos0 + kTile : pos_end) - 1;
+    if (kHeadDim >= 128 && first_page == block_index_of(last_pos)) {
+      // The tile lies in one page (pages of >= 64 positions and tile-aligned ranges: the common
+      // case): one block-table read for the tile, and each thread's rows a fixed stride apart
+      // (constant offsets from one address), instead of a lookup and a 64-bit address per row.
+      // Measured on the H100: d = 128 and 256 1-2% faster; d = 64 1-2% slower (not explained:
+      // fewer instructions, same registers), so d = 64 keeps the per-row path.
+      const int block = producer.blocks[first_page];
+      const bool block_ok = block >= 0 && block < num_blocks;
+      if (!block_ok && tid == 0) atomicOr(p.error_word, kLeanErrorBadBlock);
+      constexpr int kRowStep = kThreads / Config::kChunksPerRow;  // rows between a thread's chunks
+      static_assert(kThreads % Config::kChunksPerRow == 0 && kTile % kRowStep == 0);
+      const int row0 = tid / Config::kChunksPerRow;
+      const int col = tid % Config::kChunksPerRow;
+      const int64_t offset =
+          ((int64_t{block_ok ? block : 0} * num_kv_heads + kv_head) * block_size +
+           (pos0 - first_page * block_size) + row0) * kHeadDim + col * 8;
+      const T* k_src = k_pool + offset;
+      const T* v_src = v_pool + offset;
+      const int rows_valid = block_ok ? pos_end - pos0 : 0;
+      if (rows_valid >= kTile) {  // every row: constant offsets, nothing to select
+#pragma unroll
+        for (int i = 0; i < kTile / kRowStep; ++i) {
+          const uint32_t dst = SwizzledOffset<kHeadDim>(row0 + i * kRowStep, col);
+          CpAsync16(k_dst + dst, k_src + i * kRowStep * kHeadDim, true);
+          CpAsync16(v_dst + dst, v_src + i * kRowStep * kHeadDim, true);
+        }
+      } else {  // a head's last tile: rows past the range are zero-filled, never read
+#pragma unroll
+        for (int i = 0; i < kTile / kRowStep; ++i) {
+          const bool valid = row0 + i * kRowStep < rows_valid;
+          const uint32_t dst = SwizzledOffset<kHeadDim>(row0 + i * kRowStep, col);
+          CpAsync16(k_dst + dst, valid ? k_src + i * kRowStep * kHeadDim : k_pool, valid);
+          CpAsync16(v_dst + dst, valid ? v_src + i * kRowStep * kHeadDim : v_pool, valid);
+        }
+      }
+      return;
+    }
 #pragma unroll
     for (int i = 0; i < kTile * Config::kChunksPerRow / kThreads; ++i) {
       const int chunk = tid + i * kThreads;
@@ -327,9 +371,7 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
       bool valid = pos < pos_end;
       int64_t src = 0;
       if (valid) {
-        const int block_index =
-            p.block_shift >= 0 ? pos >> p.block_shift
-                               : static_cast<unsigned>(pos) / static_cast<unsigned>(block_size);
+        const int block_index = block_index_of(pos);
         const int block = producer.blocks[block_index];
         if (block < 0 || block >= num_blocks) {
           valid = false;
