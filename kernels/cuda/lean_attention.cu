@@ -65,10 +65,9 @@ struct LeanConfig {
   static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks of a K or V row
   static constexpr int kStageBytes = 2 * kTile * kHeadDim * 2;  // K tile + V tile
   static constexpr int kQfragBytes = kHeadDim / 16 * 32 * 16;  // one uint4 per (k-step, lane)
-  static constexpr int kQ4PerThread = kMaxGroup * kHeadDim / 4 / kThreads;
+  // q's A-operand fragments (one uint4 per (k-step, lane)) each thread builds per head.
+  static constexpr int kQFragsPerThread = (kHeadDim / 16 * 32 + kThreads - 1) / kThreads;
   static constexpr int kMaxStages = kHeadDim == 64 ? 6 : 4;
-  // q in float32 is staged through the stage about to be refilled.
-  static_assert(kMaxGroup * kHeadDim * 4 <= kStageBytes, "q staging must fit a stage");
   static_assert(kChunksPerRow >= 8, "swizzle needs 8 chunks per row");
   // The end-of-head merge of the warps' states reuses a consumed stage as scratch.
   static_assert(kGroups * 16 * kHeadDim * 4 <= kStageBytes, "scratch must fit a stage");
@@ -289,16 +288,29 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
 
   // q of the first head is loaded now, so its global latency overlaps the block-table read and
   // the first tile's copies instead of following them; later heads' q are loaded one segment
-  // ahead (below).
-  float4 q_prefetch[Config::kQ4PerThread];
+  // ahead (below). Each thread loads exactly the elements of the fragments it builds (fragment
+  // e = (k-step e / 32, lane e % 32): rows r and r + 8, columns c, c + 1, c + 8, c + 9), so a
+  // head switch builds them from registers with no staging through shared memory.
+  // q_prefetch[i] = {row r cols c, c + 1; row r cols c + 8, c + 9; row r + 8 the same}; rows
+  // past the group are zero (their scores are 0 and their outputs are dropped).
+  float2 q_prefetch[Config::kQFragsPerThread][4];
   int64_t prefetched_head = -1;
-  const int q_float4s = group * kHeadDim / 4;
   auto prefetch_q = [&](int64_t flat_head) {
-    const float4* src = reinterpret_cast<const float4*>(a.q + flat_head * group * kHeadDim);
+    const float* src = a.q + flat_head * group * kHeadDim;
+    const float2 zero = make_float2(0.0f, 0.0f);
 #pragma unroll
-    for (int i = 0; i < Config::kQ4PerThread; ++i) {
+    for (int i = 0; i < Config::kQFragsPerThread; ++i) {
       const int e = i * kThreads + tid;
-      if (e < q_float4s) q_prefetch[i] = __ldg(src + e);
+      const int ln = e % 32;
+      const int r = ln / 4;
+      const float* row = src + r * kHeadDim + (e / 32) * 16 + 2 * (ln % 4);
+      const bool live = e < kKSteps * 32 && r < group;
+      const bool live8 = e < kKSteps * 32 && r + 8 < group;
+      q_prefetch[i][0] = live ? __ldg(reinterpret_cast<const float2*>(row)) : zero;
+      q_prefetch[i][1] = live ? __ldg(reinterpret_cast<const float2*>(row + 8)) : zero;
+      q_prefetch[i][2] = live8 ? __ldg(reinterpret_cast<const float2*>(row + 8 * kHeadDim)) : zero;
+      q_prefetch[i][3] =
+          live8 ? __ldg(reinterpret_cast<const float2*>(row + 8 * kHeadDim + 8)) : zero;
     }
     prefetched_head = flat_head;
   };
@@ -421,46 +433,27 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
     const bool segment_end = t == t1 - 1 || t == head_last_tile;
 
     if (segment_start) {
-      // The stage refilled below is free (consumed last iteration): stage q there in float32.
-      float* qraw = reinterpret_cast<float*>(smem + stage_load * Config::kStageBytes);
+      // Fragments of q (scaled) as the A operand (row-major m16 x k16 per k-step). Every warp
+      // has passed this iteration's barrier, so none still reads the previous head's.
       if (prefetched_head != flat_head) prefetch_q(flat_head);
 #pragma unroll
-      for (int i = 0; i < Config::kQ4PerThread; ++i) {
+      for (int i = 0; i < Config::kQFragsPerThread; ++i) {
         const int e = i * kThreads + tid;
-        if (e < q_float4s) {
-          float4 v = q_prefetch[i];
-          v.x *= p.q_scale;
-          v.y *= p.q_scale;
-          v.z *= p.q_scale;
-          v.w *= p.q_scale;
-          reinterpret_cast<float4*>(qraw)[e] = v;
+        if (e < kKSteps * 32) {
+          const float x0 = q_prefetch[i][0].x * p.q_scale, x1 = q_prefetch[i][0].y * p.q_scale;
+          const float x2 = q_prefetch[i][1].x * p.q_scale, x3 = q_prefetch[i][1].y * p.q_scale;
+          uint4 frag;
+          frag.x = Traits::Pack(x0, x1);
+          frag.z = Traits::Pack(x2, x3);
+          if (hi_lo) {
+            frag.y = Traits::Pack(x0 - Traits::Rounded(x0), x1 - Traits::Rounded(x1));
+            frag.w = Traits::Pack(x2 - Traits::Rounded(x2), x3 - Traits::Rounded(x3));
+          } else {
+            frag.y = Traits::Pack(q_prefetch[i][2].x * p.q_scale, q_prefetch[i][2].y * p.q_scale);
+            frag.w = Traits::Pack(q_prefetch[i][3].x * p.q_scale, q_prefetch[i][3].y * p.q_scale);
+          }
+          qfrag[e] = frag;
         }
-      }
-      __syncthreads();
-      // Fragments of q as the A operand (row-major m16 x k16 per k-step).
-      for (int e = tid; e < kKSteps * 32; e += kThreads) {
-        const int ks = e / 32;
-        const int ln = e % 32;
-        const int r = ln / 4;
-        const int c = ks * 16 + 2 * (ln % 4);
-        // Rows past the group are zero: their scores are 0 and their outputs are dropped.
-        const float* row = qraw + r * kHeadDim;
-        const bool live = r < group;
-        const float x0 = live ? row[c] : 0.0f, x1 = live ? row[c + 1] : 0.0f;
-        const float x2 = live ? row[c + 8] : 0.0f, x3 = live ? row[c + 9] : 0.0f;
-        uint4 frag;
-        frag.x = Traits::Pack(x0, x1);
-        frag.z = Traits::Pack(x2, x3);
-        if (hi_lo) {
-          frag.y = Traits::Pack(x0 - Traits::Rounded(x0), x1 - Traits::Rounded(x1));
-          frag.w = Traits::Pack(x2 - Traits::Rounded(x2), x3 - Traits::Rounded(x3));
-        } else {
-          const float* row8 = row + 8 * kHeadDim;
-          const bool live8 = r + 8 < group;
-          frag.y = Traits::Pack(live8 ? row8[c] : 0.0f, live8 ? row8[c + 1] : 0.0f);
-          frag.w = Traits::Pack(live8 ? row8[c + 8] : 0.0f, live8 ? row8[c + 9] : 0.0f);
-        }
-        qfrag[e] = frag;
       }
       __syncthreads();
       if (head_last_tile < t1 - 1 && flat_head + 1 < int64_t{num_seqs} * num_kv_heads) {
