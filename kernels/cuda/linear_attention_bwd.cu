@@ -1,5 +1,6 @@
 // Causal linear attention backward on CUDA: dden (a row pre-pass), dq (forward-direction pass),
-// the max-norm fix-up of dq, then dk and dv (reverse passes). Contract: ferry/kernels/cuda_linear_attention.h; the
+// the max-norm fix-up of dq, then dk and dv (reverse passes); or, unsplit at d = 128, the three
+// passes in one launch followed by the max-norm fix-ups of dq and dk. Contract: ferry/kernels/cuda_linear_attention.h; the
 // kernels: linear_attention_core.cuh.
 #include <algorithm>
 #include <cstdint>
@@ -93,6 +94,31 @@ __global__ void __launch_bounds__(256) LinearQNormFixupKernel(const uint16_t* q,
   }
 }
 
+// dk_r += (d loss / d b_r) / b_r * k_r at the rows that attain a running maximum of ||k||
+// (ws_gk holds the summed gradient there, zero elsewhere; b_r is in every q head's row stats,
+// read from the group's first). For the merged backward, whose dk pass leaves this term out.
+// One warp per (token, kv head) row.
+__global__ void __launch_bounds__(256) LinearKNormFixupKernel(const uint16_t* k,
+                                                              const float* stats,
+                                                              const float* ws_gk, uint16_t* dk,
+                                                              int64_t rows, int num_kv_heads,
+                                                              int group, int head_dim, bool fp16) {
+  const int lane = threadIdx.x % 32;
+  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
+  for (int64_t row = int64_t{blockIdx.x} * (blockDim.x / 32) + threadIdx.x / 32; row < rows;
+       row += warps) {
+    const float grad = ws_gk[row];
+    if (grad == 0.0f) continue;
+    const int64_t token = row / num_kv_heads;
+    const int64_t q_row = token * num_kv_heads * group + (row % num_kv_heads) * group;
+    const float scale = grad / stats[q_row * kLinearRowStats + 2];
+    for (int e = lane; e < head_dim; e += 32) {
+      const int64_t i = row * head_dim + e;
+      dk[i] = FloatToBits(BitsToFloat(dk[i], fp16) + scale * BitsToFloat(k[i], fp16), fp16);
+    }
+  }
+}
+
 // Grid of a one-warp-per-row kernel over `rows` rows (8 warps per block).
 int RowGrid(int64_t rows) { return static_cast<int>(std::min<int64_t>((rows + 7) / 8, 8192)); }
 
@@ -174,31 +200,50 @@ cudaError_t LinearAttentionBackwardCuda(const LinearAttentionBackwardCudaArgs& a
     if (error != cudaSuccess) return error;
   }
   const bool lifted = c.feature_map == LinearFeatureMap::kOnePlusXMaxNorm;
-  if (BackwardMerged(c, chunks_per_segment)) {
-    MergedBackwardParams m{p, p, p};
-    m.dq.out = static_cast<uint16_t*>(args.dq);
-    m.dq.grid_heads = c.num_q_heads;
-    m.dk.out = static_cast<uint16_t*>(args.dk);
-    m.dk.grid_heads = c.num_kv_heads;
-    m.dv.out = static_cast<uint16_t*>(args.dv);
-    m.dv.grid_heads = c.num_kv_heads;
-    return RunBackwardMergedForHeadDim(m, c.head_dim, stream);
-  }
-  p.out = static_cast<uint16_t*>(args.dq);
-  p.grid_heads = c.num_q_heads;
-  error = RunCoreForHeadDim<Op::kGradQ>(p, c.head_dim, args.total_tokens, stream);
-  if (error != cudaSuccess) return error;
-  if (lifted && q_rows > 0) {
+  // The max-norm terms the dq pass sums into ws_gq (ws_gk): added to dq (dk) at the rows that
+  // set a running maximum, once that pass has run.
+  auto q_norm_fixup = [&]() -> cudaError_t {
+    if (!lifted || q_rows == 0) return cudaSuccess;
     const uint16_t* q = p.q;
     const float* stats = p.stats;
     const float* ws_gq = p.ws_gq;
     uint16_t* dq = static_cast<uint16_t*>(args.dq);
     int64_t rows = q_rows;
     void* kernel_args[] = {&q, &stats, &ws_gq, &dq, &rows, &head_dim, &fp16};
-    error = cudaLaunchKernel(reinterpret_cast<const void*>(LinearQNormFixupKernel),
-                             dim3(RowGrid(rows)), dim3(256), kernel_args, 0, stream);
-    if (error != cudaSuccess) return error;
+    return cudaLaunchKernel(reinterpret_cast<const void*>(LinearQNormFixupKernel),
+                            dim3(RowGrid(rows)), dim3(256), kernel_args, 0, stream);
+  };
+  if (BackwardMerged(c, chunks_per_segment, args.d_initial_state != nullptr)) {
+    MergedBackwardParams m{p, p, p};
+    m.dq.out = static_cast<uint16_t*>(args.dq);
+    m.dq.grid_heads = c.num_q_heads;
+    m.dk.out = static_cast<uint16_t*>(args.dk);
+    m.dk.grid_heads = c.num_kv_heads;
+    m.dk.k_norm_by_fixup = true;
+    m.dv.out = static_cast<uint16_t*>(args.dv);
+    m.dv.grid_heads = c.num_kv_heads;
+    if ((error = RunBackwardMergedForHeadDim(m, c.head_dim, stream)) != cudaSuccess ||
+        (error = q_norm_fixup()) != cudaSuccess) {
+      return error;
+    }
+    const int64_t kv_rows = args.total_tokens * c.num_kv_heads;
+    if (!lifted || kv_rows == 0) return cudaSuccess;
+    const uint16_t* k = p.k;
+    const float* stats = p.stats;
+    const float* ws_gk = p.ws_gk;
+    uint16_t* dk = static_cast<uint16_t*>(args.dk);
+    int64_t rows = kv_rows;
+    int num_kv_heads = c.num_kv_heads;
+    int group = c.num_q_heads / c.num_kv_heads;
+    void* kernel_args[] = {&k, &stats, &ws_gk, &dk, &rows, &num_kv_heads, &group, &head_dim,
+                           &fp16};
+    return cudaLaunchKernel(reinterpret_cast<const void*>(LinearKNormFixupKernel),
+                            dim3(RowGrid(rows)), dim3(256), kernel_args, 0, stream);
   }
+  p.out = static_cast<uint16_t*>(args.dq);
+  p.grid_heads = c.num_q_heads;
+  error = RunCoreForHeadDim<Op::kGradQ>(p, c.head_dim, args.total_tokens, stream);
+  if (error != cudaSuccess || (error = q_norm_fixup()) != cudaSuccess) return error;
   p.out = static_cast<uint16_t*>(args.dk);
   p.grid_heads = c.num_kv_heads;
   error = RunCoreForHeadDim<Op::kGradK>(p, c.head_dim, args.total_tokens, stream);

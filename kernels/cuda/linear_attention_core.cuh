@@ -111,6 +111,10 @@ struct CoreParams {
   float* ws_gk = nullptr;        // (total_tokens, num_kv_heads): d loss / d b
   float* ws_state_gq = nullptr;  // (num_seqs, num_q_heads): ... when the state holds the max
   float* ws_state_gk = nullptr;  // (num_seqs, num_kv_heads)
+  // kGradK of kOnePlusXMaxNorm: leave dk's k-norm term (ws_gk / b times k at the rows that set a
+  // running maximum) to LinearKNormFixupKernel after the passes, so dk does not wait for the dq
+  // pass that sums ws_gk (the merged backward).
+  bool k_norm_by_fixup = false;
   // Sequence segments (see "Segments" above). seg_first null: one block walks a whole sequence
   // (grid z = sequence).
   int num_seqs = 0;
@@ -841,7 +845,7 @@ __device__ __forceinline__ void CoreWalk(const CoreParams& p, const int slice, c
         // Query' rows (tokens of this kv head): the k max-norm gradient, applied in the epilogue.
         alpha_s[r] = 1.0f;
         beta_s[r] = 1.0f;
-        post_s[r] = lifted && valid ? q_x[r] / q_stats[r].z : 0.0f;
+        post_s[r] = lifted && valid && !p.k_norm_by_fixup ? q_x[r] / q_stats[r].z : 0.0f;
       } else {
         // Key' rows (group head g): dnum = dout / den, u = c q or phi(q), w = dden.
         const float4 st = k_stats[r];
@@ -1284,8 +1288,9 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
   CoreWalk<kOp, kD, kStateOnly, false>(p, blockIdx.x, blockIdx.y, blockIdx.z);
 }
 
-// The dq, dk and dv passes of an unsplit backward in one launch, when they are independent (no
-// max-norm map: its dk pass reads what the dq pass sums). Grid (slices, q heads + 2 kv heads,
+// The dq, dk and dv passes of an unsplit backward in one launch, when they are independent (the
+// max-norm map's dk term from the dq pass's sums is then added by LinearKNormFixupKernel after
+// the launch, and the state gradient is not asked for). Grid (slices, q heads + 2 kv heads,
 // sequences): y < q heads walks dq, then dk, then dv. At B = 4, H = 16, d = 128 each pass has
 // 256 blocks, about two per SM (the grid, not the SM, caps the warps: 12% occupancy); together
 // 768 blocks run three per SM (lean shape) in two waves. Which calls use it: BackwardMerged.
@@ -1619,11 +1624,13 @@ cudaError_t LaunchBackwardMerged(const MergedBackwardParams& m, cudaStream_t str
 
 // Whether a backward runs merged: d = 128 only. Measured on the H100 (B = 4, H = 16, N = 8192,
 // elu + 1): d = 128 backward 2.66 -> 2.37 ms; d = 64, whose separate passes already fit three
-// blocks per SM, 1.55 -> 1.60 ms; the max-norm map's dk needs the dq pass first
-// (bench/RESULTS.md, "Linear attention: the backward passes in one launch").
-inline bool BackwardMerged(const LinearAttentionConfig& c, int segment_chunks) {
+// blocks per SM, 1.55 -> 1.60 ms (bench/RESULTS.md, "Linear attention: the backward passes in
+// one launch"). The max-norm map merges unless the initial state's gradient is asked for (the
+// dk pass writes its k-norm field from the dq pass's sums).
+inline bool BackwardMerged(const LinearAttentionConfig& c, int segment_chunks,
+                           bool wants_state_gradient) {
   return segment_chunks == 0 && c.head_dim == 128 &&
-         c.feature_map != LinearFeatureMap::kOnePlusXMaxNorm &&
+         !(c.feature_map == LinearFeatureMap::kOnePlusXMaxNorm && wants_state_gradient) &&
          c.num_q_heads + 2 * c.num_kv_heads <= 65535;
 }
 
