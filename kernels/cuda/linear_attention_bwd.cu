@@ -73,48 +73,28 @@ __global__ void __launch_bounds__(256) LinearDdenKernel(const uint16_t* dout, co
   }
 }
 
-// dq_r += (d loss / d a_r) / a_r * q_r at the rows that attain a running maximum of ||q||
-// (ws_gq holds the summed gradient there, zero elsewhere). One warp per (token, q head) row.
-__global__ void __launch_bounds__(256) LinearQNormFixupKernel(const uint16_t* q,
-                                                              const float* stats,
-                                                              const float* ws_gq, uint16_t* dq,
-                                                              int64_t rows, int head_dim,
-                                                              bool fp16) {
+// The max-norm fix-up: dx_r += (d loss / d m_r) / m_r * x_r at the rows that attain a running
+// maximum m of ||x|| (ws_grad holds the summed gradient there, zero elsewhere). x = q: m = a,
+// field 1 of the row's stats, one stats row per q row (stats_rows_per_row 1); x = k: m = b,
+// field 2, read from the group's first q head (row r of (token, kv head) is stats row r * group).
+// One warp per row of x.
+__global__ void __launch_bounds__(256) LinearNormFixupKernel(const uint16_t* x,
+                                                             const float* stats,
+                                                             const float* ws_grad, uint16_t* dx,
+                                                             int64_t rows, int stats_rows_per_row,
+                                                             int stats_field, int head_dim,
+                                                             bool fp16) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
   for (int64_t row = int64_t{blockIdx.x} * (blockDim.x / 32) + threadIdx.x / 32; row < rows;
        row += warps) {
-    const float grad = ws_gq[row];
+    const float grad = ws_grad[row];
     if (grad == 0.0f) continue;
-    const float scale = grad / stats[row * kLinearRowStats + 1];
+    const float scale =
+        grad / stats[row * stats_rows_per_row * kLinearRowStats + stats_field];
     for (int e = lane; e < head_dim; e += 32) {
       const int64_t i = row * head_dim + e;
-      dq[i] = FloatToBits(BitsToFloat(dq[i], fp16) + scale * BitsToFloat(q[i], fp16), fp16);
-    }
-  }
-}
-
-// dk_r += (d loss / d b_r) / b_r * k_r at the rows that attain a running maximum of ||k||
-// (ws_gk holds the summed gradient there, zero elsewhere; b_r is in every q head's row stats,
-// read from the group's first). For the merged backward, whose dk pass leaves this term out.
-// One warp per (token, kv head) row.
-__global__ void __launch_bounds__(256) LinearKNormFixupKernel(const uint16_t* k,
-                                                              const float* stats,
-                                                              const float* ws_gk, uint16_t* dk,
-                                                              int64_t rows, int num_kv_heads,
-                                                              int group, int head_dim, bool fp16) {
-  const int lane = threadIdx.x % 32;
-  const int64_t warps = int64_t{gridDim.x} * (blockDim.x / 32);
-  for (int64_t row = int64_t{blockIdx.x} * (blockDim.x / 32) + threadIdx.x / 32; row < rows;
-       row += warps) {
-    const float grad = ws_gk[row];
-    if (grad == 0.0f) continue;
-    const int64_t token = row / num_kv_heads;
-    const int64_t q_row = token * num_kv_heads * group + (row % num_kv_heads) * group;
-    const float scale = grad / stats[q_row * kLinearRowStats + 2];
-    for (int e = lane; e < head_dim; e += 32) {
-      const int64_t i = row * head_dim + e;
-      dk[i] = FloatToBits(BitsToFloat(dk[i], fp16) + scale * BitsToFloat(k[i], fp16), fp16);
+      dx[i] = FloatToBits(BitsToFloat(dx[i], fp16) + scale * BitsToFloat(x[i], fp16), fp16);
     }
   }
 }
@@ -202,17 +182,17 @@ cudaError_t LinearAttentionBackwardCuda(const LinearAttentionBackwardCudaArgs& a
   const bool lifted = c.feature_map == LinearFeatureMap::kOnePlusXMaxNorm;
   // The max-norm terms the dq pass sums into ws_gq (ws_gk): added to dq (dk) at the rows that
   // set a running maximum, once that pass has run.
-  auto q_norm_fixup = [&]() -> cudaError_t {
-    if (!lifted || q_rows == 0) return cudaSuccess;
-    const uint16_t* q = p.q;
+  auto norm_fixup = [&](const uint16_t* x, const float* ws_grad, void* dx_out, int64_t rows,
+                        int stats_rows_per_row, int stats_field) -> cudaError_t {
+    if (!lifted || rows == 0) return cudaSuccess;
     const float* stats = p.stats;
-    const float* ws_gq = p.ws_gq;
-    uint16_t* dq = static_cast<uint16_t*>(args.dq);
-    int64_t rows = q_rows;
-    void* kernel_args[] = {&q, &stats, &ws_gq, &dq, &rows, &head_dim, &fp16};
-    return cudaLaunchKernel(reinterpret_cast<const void*>(LinearQNormFixupKernel),
+    uint16_t* dx = static_cast<uint16_t*>(dx_out);
+    void* kernel_args[] = {&x,    &stats, &ws_grad, &dx, &rows, &stats_rows_per_row, &stats_field,
+                           &head_dim, &fp16};
+    return cudaLaunchKernel(reinterpret_cast<const void*>(LinearNormFixupKernel),
                             dim3(RowGrid(rows)), dim3(256), kernel_args, 0, stream);
   };
+  auto q_norm_fixup = [&] { return norm_fixup(p.q, p.ws_gq, args.dq, q_rows, 1, 1); };
   if (BackwardMerged(c, chunks_per_segment, args.d_initial_state != nullptr)) {
     MergedBackwardParams m{p, p, p};
     m.dq.out = static_cast<uint16_t*>(args.dq);
@@ -226,19 +206,8 @@ cudaError_t LinearAttentionBackwardCuda(const LinearAttentionBackwardCudaArgs& a
         (error = q_norm_fixup()) != cudaSuccess) {
       return error;
     }
-    const int64_t kv_rows = args.total_tokens * c.num_kv_heads;
-    if (!lifted || kv_rows == 0) return cudaSuccess;
-    const uint16_t* k = p.k;
-    const float* stats = p.stats;
-    const float* ws_gk = p.ws_gk;
-    uint16_t* dk = static_cast<uint16_t*>(args.dk);
-    int64_t rows = kv_rows;
-    int num_kv_heads = c.num_kv_heads;
-    int group = c.num_q_heads / c.num_kv_heads;
-    void* kernel_args[] = {&k, &stats, &ws_gk, &dk, &rows, &num_kv_heads, &group, &head_dim,
-                           &fp16};
-    return cudaLaunchKernel(reinterpret_cast<const void*>(LinearKNormFixupKernel),
-                            dim3(RowGrid(rows)), dim3(256), kernel_args, 0, stream);
+    return norm_fixup(p.k, p.ws_gk, args.dk, args.total_tokens * c.num_kv_heads,
+                      c.num_q_heads / c.num_kv_heads, 2);
   }
   p.out = static_cast<uint16_t*>(args.dq);
   p.grid_heads = c.num_q_heads;
