@@ -67,7 +67,9 @@ struct LeanConfig {
   static constexpr int kQfragBytes = kHeadDim / 16 * 32 * 16;  // one uint4 per (k-step, lane)
   // q's A-operand fragments (one uint4 per (k-step, lane)) each thread builds per head.
   static constexpr int kQFragsPerThread = (kHeadDim / 16 * 32 + kThreads - 1) / kThreads;
-  static constexpr int kMaxStages = kHeadDim == 64 ? 6 : 4;
+  // d = 64 streams best with 3 stages: with 6 (and one-page tiles) it ran 2.5-4% slower on the
+  // H100, with 4 about 1% slower, with 2 3-4% slower (bench/RESULTS.md).
+  static constexpr int kMaxStages = kHeadDim == 64 ? 3 : 4;
   static_assert(kChunksPerRow >= 8, "swizzle needs 8 chunks per row");
   // The end-of-head merge of the warps' states reuses a consumed stage as scratch.
   static_assert(kGroups * 16 * kHeadDim * 4 <= kStageBytes, "scratch must fit a stage");
@@ -337,12 +339,11 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
     };
     const int first_page = block_index_of(pos0);
     const int last_pos = (pos0 + kTile < pos_end ? pos0 + kTile : pos_end) - 1;
-    if (kHeadDim >= 128 && first_page == block_index_of(last_pos)) {
+    if (first_page == block_index_of(last_pos)) {
       // The tile lies in one page (pages of >= 64 positions and tile-aligned ranges: the common
       // case): one block-table read for the tile, and each thread's rows a fixed stride apart
-      // (constant offsets from one address), instead of a lookup and a 64-bit address per row.
-      // Measured on the H100: d = 128 and 256 1-2% faster; d = 64 1-2% slower (not explained:
-      // fewer instructions, same registers), so d = 64 keeps the per-row path.
+      // (constant offsets from one address), instead of a lookup and a 64-bit address per row
+      // (at d = 64 a third of the kernel's instructions). Measured on the H100: 1-2% faster.
       const int block = producer.blocks[first_page];
       const bool block_ok = block >= 0 && block < num_blocks;
       if (!block_ok && tid == 0) atomicOr(p.error_word, kLeanErrorBadBlock);

@@ -1,6 +1,6 @@
 #!/bin/bash
 # q fragments built from registers: head (main at ddae6c2) vs qreg, interleaved; tests +
-# sanitizers of qreg; peers on qreg's CSV. (Template: ../page_qreg_path/device_run.sh.)
+# sanitizers of qreg; peers on qreg's CSV. (Template: ../page_fast_path/device_run.sh.)
 
 set -u
 source .gpu-lean2/env.sh
