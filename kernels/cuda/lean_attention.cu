@@ -67,8 +67,8 @@ struct LeanConfig {
   static constexpr int kQfragBytes = kHeadDim / 16 * 32 * 16;  // one uint4 per (k-step, lane)
   // q's A-operand fragments (one uint4 per (k-step, lane)) each thread builds per head.
   static constexpr int kQFragsPerThread = (kHeadDim / 16 * 32 + kThreads - 1) / kThreads;
-  // d = 64 streams best with 3 stages: with 6 (and one-page tiles) it ran 2.5-4% slower on the
-  // H100, with 4 about 1% slower, with 2 3-4% slower (bench/RESULTS.md).
+  // d = 64 streams best with 3 stages: against 3, 6 stages ran 2-3.5% slower on the H100, 4
+  // about 0.7% slower and 2 about 5% slower (one-page tiles; bench/RESULTS.md).
   static constexpr int kMaxStages = kHeadDim == 64 ? 3 : 4;
   static_assert(kChunksPerRow >= 8, "swizzle needs 8 chunks per row");
   // The end-of-head merge of the warps' states reuses a consumed stage as scratch.
