@@ -112,7 +112,7 @@ struct CoreParams {
   float* ws_state_gq = nullptr;  // (num_seqs, num_q_heads): ... when the state holds the max
   float* ws_state_gk = nullptr;  // (num_seqs, num_kv_heads)
   // kGradK of kOnePlusXMaxNorm: leave dk's k-norm term (ws_gk / b times k at the rows that set a
-  // running maximum) to LinearKNormFixupKernel after the passes, so dk does not wait for the dq
+  // running maximum) to LinearNormFixupKernel after the passes, so dk does not wait for the dq
   // pass that sums ws_gk (the merged backward).
   bool k_norm_by_fixup = false;
   // Sequence segments (see "Segments" above). seg_first null: one block walks a whole sequence
@@ -1289,7 +1289,7 @@ __global__ void __launch_bounds__(kThreads, CoreShape<kOp, kD>::kMinBlocks)
 }
 
 // The dq, dk and dv passes of an unsplit backward in one launch, when they are independent (the
-// max-norm map's dk term from the dq pass's sums is then added by LinearKNormFixupKernel after
+// max-norm map's dk term from the dq pass's sums is then added by LinearNormFixupKernel after
 // the launch, and the state gradient is not asked for). Grid (slices, q heads + 2 kv heads,
 // sequences): y < q heads walks dq, then dk, then dv. At B = 4, H = 16, d = 128 each pass has
 // 256 blocks, about two per SM (the grid, not the SM, caps the warps: 12% occupancy); together
