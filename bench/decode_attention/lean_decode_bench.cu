@@ -2,6 +2,7 @@
 // bandwidth measured in the same process (a plain streaming-read kernel).
 //
 // Usage: lean_decode_bench [--csv PATH] [--iters N] [--only SUBSTRING] [--mode rotate|single|sync|ordered]
+//                          [--uniform-block-size N (default 64)]
 // Each shape: inputs generated on the device (no zeros), two disjoint copies of the KV cache
 // (separate block tables into one pool) alternated launch by launch so L2 (50 MB) never serves
 // a launch from the previous one; CUDA events between back-to-back launches (no host sync in
@@ -52,13 +53,16 @@ std::vector<int32_t> LongTail(int batch, uint64_t seed) {
   return lens;
 }
 
+// Page size of the uniform rows (--uniform-block-size; the issue's suite uses 64).
+int g_uniform_block_size = 64;
+
 std::vector<BenchShape> Suite() {
   std::vector<BenchShape> suite;
   auto uniform = [&](int b, int hq, int hkv, int len, int d) {
     suite.push_back({"b" + std::to_string(b) + " hq" + std::to_string(hq) + " hkv" +
                          std::to_string(hkv) + " L" + std::to_string(len) + " d" +
                          std::to_string(d),
-                     hq, hkv, d, 64, Uniform(b, len)});
+                     hq, hkv, d, g_uniform_block_size, Uniform(b, len)});
   };
   uniform(1, 32, 8, 524288, 128);
   uniform(1, 32, 8, 131072, 128);
@@ -255,6 +259,13 @@ int Main(int argc, char** argv) {
     else if (arg == "--iters" && i + 1 < argc) iters = std::atoi(argv[++i]);
     else if (arg == "--only" && i + 1 < argc) only = argv[++i];
     else if (arg == "--mode" && i + 1 < argc) g_mode = argv[++i];
+    else if (arg == "--uniform-block-size" && i + 1 < argc) {
+      g_uniform_block_size = std::atoi(argv[++i]);
+    }
+  }
+  if (g_uniform_block_size < 1) {
+    std::fprintf(stderr, "--uniform-block-size must be >= 1\n");
+    return 1;
   }
   cudaDeviceProp prop;
   BENCH_CHECK(cudaGetDeviceProperties(&prop, 0));

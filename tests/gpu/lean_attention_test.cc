@@ -230,6 +230,12 @@ TEST_F(LeanDecodeTest, ManySequencesMoreThanThreadsAndBlocks) {
   shape.num_kv_heads = 2;
   shape.block_size = 16;
   CheckShape(shape, 400);
+  // Every third sequence empty, the others several tiles long: a block's range runs from the
+  // last head of one sequence across empty ones into the next (the q of the head after an
+  // empty sequence is not the one prefetched).
+  shape.seq_lens.clear();
+  for (int i = 0; i < 700; ++i) shape.seq_lens.push_back(i % 3 == 1 ? 0 : 64 + rng() % 900);
+  CheckShape(shape, 401);
 }
 
 TEST_F(LeanDecodeTest, LongContext512k) {
