@@ -8,7 +8,7 @@ Run on the GPU machine from the repository root, with fla's source on PYTHONPATH
 found, never vendored):
   PYTHONPATH=bench/linear_attention:<fla source> FASTMAX_SRC=<fastmax folder> \
       python3 bench/linear_attention/bench.py [--quick] [--out DIR]
-Shapes: B=4, H=16 (q and kv heads), bf16, d in {64, 128}, N in {2k .. 32k}. Times are medians of
+Shapes: B=4 (--batches), H=16 (q and kv heads), bf16, d in {64, 128}, N in {2k .. 32k} (--ns). Times are medians of
 CUDA-event timings (triton.testing.do_bench) on fresh random inputs. Ferry runs
 elu_plus_one (normalised; the feature map applied inside the kernels) and one_plus_x_max_norm
 (normalised), both with the sequence segments the library picks, and elu_plus_one unsplit (one
@@ -199,6 +199,7 @@ def main():
     parser.add_argument("--peer-shapes", "--fla-shapes", dest="peer_shapes", default="",
                         help="d:N pairs (comma separated) fla and Fastmax run at; default every shape")
     parser.add_argument("--ns", default="", help="sequence lengths (comma separated)")
+    parser.add_argument("--batches", default="4", help="batch sizes (comma separated)")
     parser.add_argument("--methods", default="",
                         help="method names to run (comma separated); default all")
     args = parser.parse_args()
@@ -210,7 +211,8 @@ def main():
           f"{ferry.build_seconds:.1f} s", flush=True)
     bw = copy_bandwidth()
     print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + written)", flush=True)
-    b, h = 4, 16
+    h = 16
+    batches = [int(x) for x in args.batches.split(",")]
     ns = [8192] if args.quick else [2048, 4096, 8192, 16384, 32768]
     if args.ns:
         ns = [int(x) for x in args.ns.split(",")]
@@ -225,34 +227,35 @@ def main():
         print(f"d=128: ferry 1+x maxnorm vs fastmax (unit-norm rows) relative difference "
               f"{err:.2e}", flush=True)
     # Ferry and SDPA for every shape first, then fla (slow to autotune) while its budget lasts.
-    plan = [(d, n, name) for d in (128, 64) for n in ns for name in methods(d)
+    plan = [(b, d, n, name) for b in batches for d in (128, 64) for n in ns for name in methods(d)
             if not is_peer(name) and (chosen is None or name in chosen)]
     peer_shapes = {tuple(int(x) for x in pair.split(":")) for pair in args.peer_shapes.split(",")
                    if pair}
-    plan += [(d, n, name) for d in (128, 64) for n in ns for name in methods(d)
+    plan += [(b, d, n, name) for b in batches for d in (128, 64) for n in ns
+             for name in methods(d)
              if is_peer(name) and (chosen is None or name in chosen)
              and (not peer_shapes or (d, n) in peer_shapes)]
     os.makedirs(args.out, exist_ok=True)
-    for i, (d, n, name) in enumerate(plan):
-        if name.startswith("fla") and not plan[i - 1][2].startswith("fla") and not args.quick:
+    for i, (b, d, n, name) in enumerate(plan):
+        if name.startswith("fla") and not plan[i - 1][3].startswith("fla") and not args.quick:
             plot(rows, os.path.join(args.out, "linear_attention.png"))  # in case fla runs long
         if name.startswith("fla") and time.time() - t0 > args.fla_budget:
-            print(f"{name} d={d} N={n}: skipped (fla budget of {args.fla_budget:.0f} s spent)",
-                  flush=True)
+            print(f"{name} B={b} d={d} N={n}: skipped (fla budget of {args.fla_budget:.0f} s "
+                  f"spent)", flush=True)
             continue
         prepare, fn = methods(d)[name]
         try:
             t_fwd, t_bwd, t_all, peak = bench_one(prepare, fn, b, n, h, d)
         except torch.OutOfMemoryError:
-            print(f"{name} d={d} N={n}: out of memory", flush=True)
+            print(f"{name} B={b} d={d} N={n}: out of memory", flush=True)
             continue
         floor_fwd = 8 * n * d * b * h / bw * 1e3
         floor_all = 22 * n * d * b * h / bw * 1e3
-        row = dict(method=name, d=d, n=n, fwd_ms=t_fwd, bwd_ms=t_bwd, fwd_bwd_ms=t_all,
+        row = dict(method=name, b=b, d=d, n=n, fwd_ms=t_fwd, bwd_ms=t_bwd, fwd_bwd_ms=t_all,
                    peak_gib=peak / 2**30, floor_fwd=floor_fwd / t_fwd,
                    floor_fwd_bwd=floor_all / t_all)
         rows.append(row)
-        print(f"{name:18} d={d:3} N={n:5}  fwd {t_fwd:8.3f} ms  bwd {t_bwd:8.3f} ms  "
+        print(f"{name:18} B={b} d={d:3} N={n:5}  fwd {t_fwd:8.3f} ms  bwd {t_bwd:8.3f} ms  "
               f"fwd+bwd {t_all:8.3f} ms  peak {peak / 2**30:6.2f} GiB  "
               f"floor fwd {row['floor_fwd']:.2f} fwd+bwd {row['floor_fwd_bwd']:.2f}  "
               f"[{time.time() - t0:.0f} s]", flush=True)
@@ -270,14 +273,14 @@ def main():
 def summary(rows):
     """Markdown table: per (d, N) every method's fwd, bwd, fwd+bwd, peak, floor fraction,
     Ferry's speed-up over fla's best fwd+bwd and over SDPA, and over Fastmax (same map)."""
-    out = ["| d | N | method | fwd ms | bwd ms | fwd+bwd ms | peak GiB | floor fwd | floor fwd+bwd |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["d"], r["n"]) for r in rows})
+    out = ["| B | d | N | method | fwd ms | bwd ms | fwd+bwd ms | peak GiB | floor fwd | floor fwd+bwd |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r.get("b", 4), r["d"], r["n"]) for r in rows})
     notes, fastmax_notes = [], []
-    for d, n in keys:
-        group = [r for r in rows if r["d"] == d and r["n"] == n]
+    for b, d, n in keys:
+        group = [r for r in rows if r.get("b", 4) == b and r["d"] == d and r["n"] == n]
         for r in group:
-            out.append(f"| {d} | {n} | {r['method']} | {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | "
+            out.append(f"| {b} | {d} | {n} | {r['method']} | {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | "
                        f"{r['fwd_bwd_ms']:.3f} | {r['peak_gib']:.2f} | {r['floor_fwd']:.2f} | "
                        f"{r['floor_fwd_bwd']:.2f} |")
         by = {r["method"]: r for r in group}
@@ -287,21 +290,21 @@ def summary(rows):
             best = min(fla, key=lambda r: r["fwd_bwd_ms"])
             least = min(fla, key=lambda r: r["peak_gib"])
             sdpa = by.get("sdpa causal")
-            notes.append(f"| {d} | {n} | {best['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x ({best['method']}) | "
+            notes.append(f"| {b} | {d} | {n} | {best['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x ({best['method']}) | "
                          f"{ours['peak_gib'] / least['peak_gib']:.2f} | "
                          + (f"{sdpa['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x |" if sdpa else "- |"))
         fastmax, same_map = by.get("fastmax"), by.get("ferry 1+x maxnorm")
         if fastmax and same_map:
             fastmax_notes.append(
-                f"| {d} | {n} | {fastmax['fwd_ms'] / same_map['fwd_ms']:.1f}x | "
+                f"| {b} | {d} | {n} | {fastmax['fwd_ms'] / same_map['fwd_ms']:.1f}x | "
                 f"{fastmax['fwd_bwd_ms'] / same_map['fwd_bwd_ms']:.1f}x | "
                 f"{same_map['peak_gib'] / fastmax['peak_gib']:.2f} |")
     if notes:
-        out += ["", "| d | N | ferry elu+1 fwd+bwd speed-up over fla's best | ferry peak / fla's least peak | speed-up over SDPA causal |",
-                "|---|---|---|---|---|"] + notes
+        out += ["", "| B | d | N | ferry elu+1 fwd+bwd speed-up over fla's best | ferry peak / fla's least peak | speed-up over SDPA causal |",
+                "|---|---|---|---|---|---|"] + notes
     if fastmax_notes:
-        out += ["", "| d | N | ferry 1+x maxnorm fwd speed-up over fastmax | fwd+bwd speed-up | ferry peak / fastmax peak |",
-                "|---|---|---|---|---|"] + fastmax_notes
+        out += ["", "| B | d | N | ferry 1+x maxnorm fwd speed-up over fastmax | fwd+bwd speed-up | ferry peak / fastmax peak |",
+                "|---|---|---|---|---|---|"] + fastmax_notes
     return "\n".join(out) + "\n"
 
 
@@ -313,14 +316,16 @@ def plot(rows, path):
     for i, d in enumerate((64, 128)):
         for j, (key, label) in enumerate((("fwd_bwd_ms", "fwd+bwd ms"), ("peak_gib", "peak GiB"))):
             ax = axes[2 * i + j]
-            for m in sorted({r["method"] for r in rows}):
-                pts = sorted((r["n"], r[key]) for r in rows if r["d"] == d and r["method"] == m)
+            for b, m in sorted({(r.get("b", 4), r["method"]) for r in rows}):
+                pts = sorted((r["n"], r[key]) for r in rows
+                             if r.get("b", 4) == b and r["d"] == d and r["method"] == m)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                            label=f"{m}, B={b}")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("N (tokens)")
-            ax.set_title(f"d={d}: {label} (B=4, H=16, bf16)")
+            ax.set_title(f"d={d}: {label} (H=16, bf16)")
             ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

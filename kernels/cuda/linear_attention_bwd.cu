@@ -1,6 +1,6 @@
 // Causal linear attention backward on CUDA: dden (a row pre-pass), dq (forward-direction pass),
-// the max-norm fix-up of dq, then dk and dv (reverse passes); or, unsplit at d = 128, the three
-// passes in one launch followed by the max-norm fix-ups of dq and dk.
+// the max-norm fix-up of dq, then dk and dv (reverse passes); or, unsplit at d = 64 and 128, the
+// three passes in one launch followed by the max-norm fix-ups of dq and dk.
 // Contract: ferry/kernels/cuda_linear_attention.h; the kernels: linear_attention_core.cuh.
 #include <algorithm>
 #include <cstdint>

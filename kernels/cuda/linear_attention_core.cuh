@@ -71,14 +71,16 @@ constexpr int PadStride(int cols) {
   return (s / 8) % 2 == 0 ? s + 8 : s;
 }
 
-// Value' columns per block: four slices at d = 64 and 128, eight at d = 256. The state slice
-// lives in registers (d / 4 rows per warp). The work of a block is a serial walk over chunks and
-// latency-bound, so more, narrower blocks per head beat fewer wide ones even though each
-// recomputes the chunk's scores: at d = 128, 64 columns gave one block of 4 warps per SM and
+// Value' columns per block: 32, so two slices at d = 64, four at d = 128, eight at d = 256. The
+// state slice lives in registers (d / 4 rows per warp). The work of a block is a serial walk over
+// chunks and latency-bound, so more, narrower blocks per head beat fewer wide ones even though
+// each recomputes the chunk's scores: at d = 128, 64 columns gave one block of 4 warps per SM and
 // ran 17 us per chunk on the H100 (ncu: 6% occupancy, 20% SM throughput); 32 columns fit two
-// and the elu + 1 forward at N = 8192 went from 2.17 to 1.82 ms (37% SM throughput). Still
-// latency-bound: see bench/RESULTS.md.
-constexpr int SliceWidth(int head_dim) { return head_dim == 64 ? 16 : 32; }
+// and the elu + 1 forward at N = 8192 went from 2.17 to 1.82 ms (37% SM throughput). Narrower
+// still loses to the grid's waves: d = 64 with 16 columns (four slices) put 512 blocks on 396
+// resident slots at B = 8, H = 16, and forward + backward ran 1.7x slower than with 32 (3 blocks
+// per SM either way; bench/RESULTS.md).
+constexpr int kSliceWidth = 32;
 
 struct TileSource {
   const uint16_t* base = nullptr;  // element (token t, column c) at base[t * row_stride + offset + c]
@@ -130,7 +132,7 @@ struct CoreParams {
 // to run, and keep two stages).
 template <Op kOp, int kD, bool kLean = false>
 struct CoreShape {
-  static constexpr int kDv = SliceWidth(kD);
+  static constexpr int kDv = kSliceWidth;
   static constexpr int kSlices = kD / kDv;
   static constexpr bool kOnes = kOp == Op::kForward;
   static constexpr int kCols = kDv + (kOnes ? 8 : 0);
@@ -1472,9 +1474,11 @@ inline int64_t MaxSegments(int num_seqs, int64_t total_tokens, int segment_chunk
 // Chunks per segment of a call: 0 = one block walks a whole sequence. `requested`: < 0 whole
 // sequences, > 0 that many chunks, 0 automatic: kSegmentChunks when the unsplit grid
 // (slices x heads x sequences) has at most one block per SM, else unsplit. Measured on the H100
-// (B = 4, H = 16: 256 blocks, about one per resident slot), splitting such a grid only adds
-// pass A's work: fwd + bwd 5.67 ms unsplit against 8.0 to 10.7 ms split at d = 128, N = 8k, and
-// 3.21 against 3.9 to 4.5 ms at d = 64; at B = 1 (64 blocks) it gains 2.2x to 2.8x.
+// (B = 4, H = 16, d = 128: 256 blocks, about one per resident slot), splitting such a grid only
+// adds pass A's work: fwd + bwd 5.67 ms unsplit against 8.0 to 10.7 ms split at N = 8k; at B = 1
+// (64 blocks) it gains 2.2x to 2.8x. d = 64 at B = 4 (two slices: 128 blocks) splits: 2.26 ms at
+// N = 8k and 6.75 ms at N = 32k, against 2.14 and 8.26 ms for the former four 16-column slices
+// unsplit (256 blocks).
 inline int SegmentChunks(const LinearAttentionConfig& c, int64_t total_tokens, int requested) {
   if (requested < 0 || total_tokens <= 0 || c.num_seqs <= 0) return 0;
   const int64_t chunks = (total_tokens + kChunk - 1) / kChunk;
@@ -1485,7 +1489,7 @@ inline int SegmentChunks(const LinearAttentionConfig& c, int64_t total_tokens, i
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
       return 0;
     }
-    const int64_t slices = c.head_dim / SliceWidth(c.head_dim);
+    const int64_t slices = c.head_dim / kSliceWidth;
     if (slices * c.num_kv_heads * c.num_seqs > sms) return 0;
     s = kSegmentChunks;
   }
@@ -1622,14 +1626,14 @@ cudaError_t LaunchBackwardMerged(const MergedBackwardParams& m, cudaStream_t str
                         dim3(kThreads), MergedBackwardShape<kD>::kSmemBytes, stream, args);
 }
 
-// Whether a backward runs merged: d = 128 only. Measured on the H100 (B = 4, H = 16, N = 8192,
-// elu + 1): d = 128 backward 2.66 -> 2.37 ms; d = 64, whose separate passes already fit three
-// blocks per SM, 1.55 -> 1.60 ms (bench/RESULTS.md, "Linear attention: the backward passes in
-// one launch"). The max-norm map merges unless the initial state's gradient is asked for (the
-// dk pass writes its k-norm field from the dq pass's sums).
+// Whether a backward runs merged: unsplit d = 64 and 128. Measured on the H100 (H = 16, elu + 1):
+// d = 128, B = 4, N = 8192 backward 2.66 -> 2.37 ms; d = 64 (32-column slices), B = 8, N = 8192
+// 2.05 -> 1.92 ms and N = 32768 8.02 -> 7.56 ms (bench/RESULTS.md). The max-norm map merges
+// unless the initial state's gradient is asked for (the dk pass writes its k-norm field from the
+// dq pass's sums).
 inline bool BackwardMerged(const LinearAttentionConfig& c, int segment_chunks,
                            bool wants_state_gradient) {
-  return segment_chunks == 0 && c.head_dim == 128 &&
+  return segment_chunks == 0 && (c.head_dim == 128 || c.head_dim == 64) &&
          !(c.feature_map == LinearFeatureMap::kOnePlusXMaxNorm && wants_state_gradient) &&
          c.num_q_heads + 2 * c.num_kv_heads <= 65535;
 }
@@ -1641,6 +1645,10 @@ inline cudaError_t RunBackwardMergedForHeadDim(const MergedBackwardParams& m, in
 #ifdef FERRY_LINEAR_HEAD_DIM_128
     case 128:
       return LaunchBackwardMerged<128>(m, stream);
+#endif
+#ifdef FERRY_LINEAR_HEAD_DIM_64
+    case 64:
+      return LaunchBackwardMerged<64>(m, stream);
 #endif
     default:
       return cudaErrorNotSupported;

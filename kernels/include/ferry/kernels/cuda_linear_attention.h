@@ -60,8 +60,8 @@
 //   LinearAttentionBackwardWorkspaceSize() bytes (a few floats per row, plus the segment sums when
 //   split; see "Sequence segments"). Kernels: dden per row,
 //   dq (a forward-direction pass), then dk and dv (reverse passes; GQA groups summed on chip, no
-//   atomics on dk, dv); at d = 128 without the max-norm map and unsplit, the three passes run as
-//   one launch.
+//   atomics on dk, dv); unsplit at d = 64 and 128 (unless the max-norm map's initial-state
+//   gradient is asked for), the three passes run as one launch.
 //
 // Decode: LinearAttentionDecodeCuda(args, stream) is LinearAttentionDecodeCpu on the GPU: one
 //   token per sequence appended to its state (S, z, V, n and the norms) in place, and the token's
