@@ -1460,25 +1460,35 @@ __global__ void __launch_bounds__(256)
   }
 }
 
-// Chunks per segment when a call is split: the best of 4, 8, 16 and 32 at B = 1, H = 16,
-// d = 64 / 128, N = 8k / 32k on the H100, or within 13% of it (bench/RESULTS.md, "Linear
-// attention: sequence segments").
-constexpr int kSegmentChunks = 32;
-
 // Upper bound on the global segments of a call (see LinearSegmentTableKernel).
 inline int64_t MaxSegments(int num_seqs, int64_t total_tokens, int segment_chunks) {
   const int64_t chunk_bound = (total_tokens + kChunk - 1) / kChunk + num_seqs;
   return num_seqs + (chunk_bound + segment_chunks - 1) / segment_chunks;
 }
 
+// Blocks of a pass resident per SM: the register budget (three at d = 64), else what shared
+// memory and the ~255 registers of the other shapes allow (two at d = 128, one at d = 256).
+inline int ResidentBlocksPerSm(int head_dim) {
+  switch (head_dim) {
+    case 64:
+      return CoreShape<Op::kForward, 64>::kMinBlocks;
+    case 128:
+      return std::min(2, CoreShape<Op::kForward, 128>::kBlocksPerSm);
+    default:
+      return std::min(2, CoreShape<Op::kForward, 256>::kBlocksPerSm);
+  }
+}
+
 // Chunks per segment of a call: 0 = one block walks a whole sequence. `requested`: < 0 whole
-// sequences, > 0 that many chunks, 0 automatic: kSegmentChunks when the unsplit grid
-// (slices x heads x sequences) has at most one block per SM, else unsplit. Measured on the H100
-// (B = 4, H = 16, d = 128: 256 blocks, about one per resident slot), splitting such a grid only
-// adds pass A's work: fwd + bwd 5.67 ms unsplit against 8.0 to 10.7 ms split at N = 8k; at B = 1
-// (64 blocks) it gains 2.2x to 2.8x. d = 64 at B = 4 (two slices: 128 blocks) splits: 2.26 ms at
-// N = 8k and 6.75 ms at N = 32k, against 2.14 and 8.26 ms for the former four 16-column slices
-// unsplit (256 blocks).
+// sequences, > 0 that many chunks, 0 automatic: unsplit when the unsplit grid (slices x heads x
+// sequences) has more than one block per SM (measured on the H100, B = 4, H = 16, d = 128: 256
+// blocks, splitting only adds pass A's work: fwd + bwd 5.67 ms unsplit against 8.0 to 10.7 ms
+// split at N = 8k). Otherwise the segment count s per sequence minimises the modelled time
+//   (s > 1 ? 1.4 : 1) x waves(s) x (chunks per segment + 2),
+// waves(s) = ceil(grid x s / resident slots): the walk's length per wave, pass A's extra ~0.4 of
+// a walk, and a fixed cost per block of about two chunks. The model ranks the H100's B = 1,
+// N = 8k segment sweep (bench/RESULTS.md) in its measured order at d = 64 and 128; the rule it
+// replaced (always 32 chunks) put the 128-block grid of d = 64, B = 4 into 1.3 waves.
 inline int SegmentChunks(const LinearAttentionConfig& c, int64_t total_tokens, int requested) {
   if (requested < 0 || total_tokens <= 0 || c.num_seqs <= 0) return 0;
   const int64_t chunks = (total_tokens + kChunk - 1) / kChunk;
@@ -1489,9 +1499,25 @@ inline int SegmentChunks(const LinearAttentionConfig& c, int64_t total_tokens, i
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
       return 0;
     }
-    const int64_t slices = c.head_dim / kSliceWidth;
-    if (slices * c.num_kv_heads * c.num_seqs > sms) return 0;
-    s = kSegmentChunks;
+    const int64_t grid = c.head_dim / kSliceWidth * int64_t{c.num_kv_heads} * c.num_seqs;
+    if (grid > sms) return 0;
+    const int64_t slots = int64_t{sms} * ResidentBlocksPerSm(c.head_dim);
+    const int64_t per_seq = (chunks + c.num_seqs - 1) / c.num_seqs;
+    double best_cost = 0.0;
+    int64_t best_segments = 1;
+    // Past eight waves the fixed cost per block only grows.
+    const int64_t most = std::min<int64_t>(per_seq, 8 * slots / grid + 1);
+    for (int64_t segments = 1; segments <= most; ++segments) {
+      const int64_t waves = (grid * segments + slots - 1) / slots;
+      const int64_t length = (per_seq + segments - 1) / segments;
+      const double cost = (segments > 1 ? 1.4 : 1.0) * double(waves) * double(length + 2);
+      if (segments == 1 || cost < best_cost) {
+        best_cost = cost;
+        best_segments = segments;
+      }
+    }
+    if (best_segments == 1) return 0;
+    s = (per_seq + best_segments - 1) / best_segments;
   }
   while (MaxSegments(c.num_seqs, total_tokens, static_cast<int>(s)) > 65535) s *= 2;
   return s >= chunks ? 0 : static_cast<int>(s);

@@ -41,7 +41,8 @@
 //
 // Sequence segments (both directions): when the batch's sequences x heads leave SMs idle (at most
 //   one block per SM), each sequence is split into segments of segment_chunks 64-token chunks
-//   (32 by default) walked in parallel (each segment's own state sum, an exclusive prefix over
+//   (by default as many segments as fill whole waves of resident blocks best, see SegmentChunks)
+//   walked in parallel (each segment's own state sum, an exclusive prefix over
 //   segments, then the segment's outputs from its prefix state;
 //   kernels/cuda/linear_attention_core.cuh). The workspace then holds one
 //   float32 state sum per (segment, head): about N d^2 / (64 segment_chunks) floats per head.
