@@ -8,8 +8,8 @@ Run on the GPU machine from the repository root, with fla's source on PYTHONPATH
 found, never vendored):
   PYTHONPATH=bench/linear_attention:<fla source> FASTMAX_SRC=<fastmax folder> \
       python3 bench/linear_attention/bench.py [--quick] [--out DIR]
-Shapes: B=4 (--batches), H=16 (q and kv heads), bf16, d in {64, 128}, N in {2k .. 32k} (--ns). Times are medians of
-CUDA-event timings (triton.testing.do_bench) on fresh random inputs. Ferry runs
+Shapes: B=4 (--batches), H=16 (q and kv heads), bf16, d in {64, 128}, N in {2k .. 32k} (--ns).
+Times are medians of CUDA-event timings (triton.testing.do_bench) on fresh random inputs. Ferry runs
 elu_plus_one (normalised; the feature map applied inside the kernels) and one_plus_x_max_norm
 (normalised), both with the sequence segments the library picks, and elu_plus_one unsplit (one
 block walks a whole sequence); fla runs normalize=True on inputs that already went through elu + 1 outside the
