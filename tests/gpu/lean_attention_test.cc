@@ -197,6 +197,52 @@ TEST_F(LeanDecodeTest, BlockSizesAndRaggedLengths) {
   }
 }
 
+// Every pool row outside the sequences (the tails of their last pages, unused blocks) is NaN:
+// kernels that copy whole pages or boxes must keep those rows out of the result.
+TEST_F(LeanDecodeTest, PoolRowsPastTheEndAreNeverUsed) {
+  uint64_t seed = 150;
+  for (int block_size : {16, 64, 48}) {
+    for (int head_dim : {64, 128, 256}) {
+      DecodeProblemShape shape;
+      shape.seq_lens = {1, 17, 300, 129, 1000};
+      shape.num_q_heads = 8;
+      shape.num_kv_heads = 2;
+      shape.head_dim = head_dim;
+      shape.block_size = block_size;
+      DecodeProblem p = MakeRandomDecodeProblem(shape, seed++);
+      const int64_t row_bytes = int64_t{head_dim} * 2;
+      std::vector<bool> used(size_t(p.num_blocks) * block_size, false);  // (block, offset)
+      for (int s = 0; s < p.num_seqs(); ++s) {
+        for (int pos = 0; pos < shape.seq_lens[s]; ++pos) {
+          const int block = p.block_table[p.block_table_indptr[s] + pos / block_size];
+          used[size_t(block) * block_size + pos % block_size] = true;
+        }
+      }
+      const uint16_t nan_bits = 0x7fc0;  // a bf16 NaN; as fp16 bits it is a NaN too
+      for (int block = 0; block < p.num_blocks; ++block) {
+        for (int h = 0; h < shape.num_kv_heads; ++h) {
+          for (int r = 0; r < block_size; ++r) {
+            if (used[size_t(block) * block_size + r]) continue;
+            const int64_t row = (int64_t{block} * shape.num_kv_heads + h) * block_size + r;
+            for (int e = 0; e < head_dim; ++e) {
+              std::memcpy(&p.k_pool[row * row_bytes + 2 * e], &nan_bits, 2);
+              std::memcpy(&p.v_pool[row * row_bytes + 2 * e], &nan_bits, 2);
+            }
+          }
+        }
+      }
+      p.Poison();
+      DeviceProblem dev;
+      if (!dev.Upload(p)) continue;  // head dim not in this build
+      CUDA_ASSERT(dev.Run());
+      CUDA_ASSERT(cudaDeviceSynchronize());
+      dev.Download(p);
+      EXPECT_EQ(dev.ErrorWord(), 0);
+      ExpectMatchesReference(p, reference::DecodeAttentionReference(p.Args()));
+    }
+  }
+}
+
 TEST_F(LeanDecodeTest, GroupSizes) {
   uint64_t seed = 200;
   for (auto [hq, hkv] : {std::pair{4, 4}, std::pair{6, 3}, std::pair{10, 2}, std::pair{7, 1},
