@@ -139,10 +139,11 @@ __device__ __forceinline__ void TensorCopy2d(uint32_t dst, const CUtensorMap* ma
 __device__ __forceinline__ void FenceProxyAsyncShared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
-// Barrier 1 over the first `threads` threads (barrier 0 is __syncthreads()).
-template <int kCount>
+// Named barrier kId over kCount threads (barrier 0 is __syncthreads()). The non-aligned form:
+// a warp's threads may reach it from diverged paths.
+template <int kId, int kCount>
 __device__ __forceinline__ void NamedBarrierSync() {
-  asm volatile("bar.sync 1, %0;\n" ::"n"(kCount) : "memory");
+  asm volatile("barrier.sync %0, %1;\n" ::"n"(kId), "n"(kCount) : "memory");
 }
 
 struct LeanParams {
@@ -930,7 +931,11 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
 
 // --- The Hopper kernel: a copy-engine producer warp feeding a wgmma consumer warpgroup. ------
 //
-// * Warps 0..3 are one warpgroup that computes; warp 4 only issues copies. Tiles of kTile
+// * kConsumerGroups warpgroups compute, taking alternate tiles; the warp after them only issues
+//   copies, its warpgroup's registers lent to the consumers. (Measured on the H100: the copy ring alone, its consumer doing no math, streamed
+//   2.6-7.6% faster than the mma.sync kernel on every row; one consumer warpgroup, a serial
+//   chain of q K^T, softmax and P V per tile, left it 1-20% slower. Two, as in the peer's
+//   design, overlap two tiles' chains.) Tiles of kTile
 //   positions of one (sequence, KV head) stream through a ring of stages (K, then V), each as
 //   64-column panels of 128-byte rows in the copy engine's 128-byte swizzle, one box per
 //   (page piece, panel): box_rows rows, a divisor of both the page and the tile, so any page
@@ -938,8 +943,9 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
 //   its "empty" barrier one arrival per consumer warp; no block-wide barrier in the loop.
 // * q K^T and P V are wgmma m64 products whose M rows are q rows: the GQA group, as hi/lo pairs
 //   for groups of <= 8 like the mma.sync kernel (row g holds q's 16-bit part, row g + 8 its
-//   residual). Only warp 0's 16 rows carry data; warps 1..3 compute rows nobody reads, since the
-//   m64 shape is the instruction's smallest. The tensor cores are not the bound: a d = 128 tile
+//   residual). Only a warpgroup's first warp's 16 rows carry data; its other warps compute rows
+//   nobody reads, since the m64 shape is the instruction's smallest. Each warpgroup keeps its
+//   own online-softmax state over its tiles; the two merge at the end of a head segment. The tensor cores are not the bound: a d = 128 tile
 //   of 128 positions costs them ~0.2 us against ~2.8 us for its 64 KB to arrive at an SM's share
 //   of the bandwidth. What the design buys is the peer's: one deep stream per SM, copies issued
 //   by one warp, and K/V read by the tensor cores straight from shared memory (no ldmatrix).
@@ -948,24 +954,36 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
 //   Boxes wholly past the end are fetched from a row past the pools and land as zeros.
 template <int kHeadDim>
 struct TmaConfig {
-  // d = 256: 32-position tiles keep five 32 KB stages beside the merge buffer.
-  static constexpr int kTile = kHeadDim == 256 ? 32 : 128;
+  // 32 KB stages (d = 64: 128 positions, 128: 64, 256: 32): two consumer groups hold two
+  // stages, and five or six fit beside q and the merge buffer.
+  static constexpr int kTile = 128 * 64 / kHeadDim;
   static constexpr int kPanels = kHeadDim / 64;  // 64-column (128-byte) panels of a row
-  static constexpr int kConsumerThreads = 128;
-  static constexpr int kThreads = kConsumerThreads + 32;
+  // d = 256 keeps one: 128 accumulators per thread leave no room for two groups' registers.
+  static constexpr int kConsumerGroups = kHeadDim == 256 ? 1 : 2;
+  static constexpr int kConsumerThreads = 128 * kConsumerGroups;
+  // Two consumer groups need more than an even share of the register file, and registers move
+  // between whole warpgroups only (setmaxnreg): a producer warpgroup whose first warp copies.
+  // One consumer group has the file to itself beside one producer warp.
+  static constexpr int kThreads = kConsumerThreads + (kConsumerGroups == 2 ? 128 : 32);
+  static constexpr int kProducerRegisters = 40;
+  static constexpr int kConsumerRegisters = kConsumerGroups == 2 ? 232 : 240;
+  static_assert((kConsumerGroups * kConsumerRegisters + kProducerRegisters) * 128 <= 65536);
   static constexpr int kPanelBytes = kTile * 128;
   static constexpr int kStageBytes = 2 * kPanels * kPanelBytes;
-  // q as the A operand: 16 rows per panel. wgmma reads 64 rows; rows 16..63 of a panel fall on
-  // the next panels and the buffers after q (always allocated), and only warps 1..3 use them.
-  static constexpr int kQPanelBytes = 16 * 128;
+  // q as the A operand: 16 rows per consumer group per panel. wgmma reads 64 rows; the rest fall
+  // on the next panels and the buffers after q (always allocated), read by warps whose rows
+  // nobody uses.
+  static constexpr int kQPanelBytes = 16 * kConsumerGroups * 128;
   static constexpr int kQBytes = kPanels * kQPanelBytes;
   static constexpr int kQStagingBytes = kMaxGroup * kHeadDim * 4;  // a head's q, float32
-  // The split-head merge's buffer: at least one part, and room to batch small ones.
+  // The split-head merge's buffer (at least one part, and room to batch small ones), and the
+  // scratch where the warpgroups' outputs meet.
   static constexpr int kMergeBytes =
       kMaxGroup * (kHeadDim + 2) * 4 > 16384 ? kMaxGroup * (kHeadDim + 2) * 4 : 16384;
   static constexpr int kFixedBytes = kQBytes + kQStagingBytes + kMergeBytes;
   static constexpr int kMaxStages = 8;
-  static_assert(kQStagingBytes + kMergeBytes >= 3 * 2048, "q's unused rows must stay in bounds");
+  static_assert(kQStagingBytes + kMergeBytes >= 64 * 128 - kQPanelBytes,
+                "the rows wgmma reads past q stay in bounds");
 };
 
 template <int kHeadDim, typename Traits>
@@ -989,6 +1007,9 @@ __global__ void __launch_bounds__(TmaConfig<kHeadDim>::kThreads, 1)
   float* const merge_buffer = q_staging + Config::kQStagingBytes / 4;
   __shared__ __align__(8) uint64_t full[Config::kMaxStages];
   __shared__ __align__(8) uint64_t empty[Config::kMaxStages];
+  __shared__ float group_max[Config::kConsumerGroups][16];
+  __shared__ int tiles_landed;  // this block's tiles whose "full" wait has passed, in order
+  __shared__ float group_sum[Config::kConsumerGroups][16];
 
   const DecodeAttentionArgs& a = p.args;
   const int tid = threadIdx.x;
@@ -997,8 +1018,9 @@ __global__ void __launch_bounds__(TmaConfig<kHeadDim>::kThreads, 1)
   if (tid == 0) {
     for (int i = 0; i < stages; ++i) {
       MbarrierInit(SmemAddr(&full[i]), 1);
-      MbarrierInit(SmemAddr(&empty[i]), kConsumers / 32);
+      MbarrierInit(SmemAddr(&empty[i]), 4);  // the warps of the tile's warpgroup
     }
+    tiles_landed = 0;
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   // The plan's block barriers also order the barriers' initialisation before their first use.
@@ -1008,7 +1030,11 @@ __global__ void __launch_bounds__(TmaConfig<kHeadDim>::kThreads, 1)
   const int64_t t1 = share.t1;
   const int num_kv_heads = a.kv.num_kv_heads;
 
-  if (warp == kConsumers / 32) {
+  if (warp >= kConsumers / 32) {
+    if constexpr (Config::kConsumerGroups == 2) {
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Config::kProducerRegisters));
+    }
+    if (warp > kConsumers / 32) return;
     // --- Producer warp: lane i copies box i of each tile. ---
     TileCursor cursor = share.start;
     const int block_size = a.kv.block_size;
@@ -1055,13 +1081,30 @@ __global__ void __launch_bounds__(TmaConfig<kHeadDim>::kThreads, 1)
     return;
   }
 
-  // --- Consumer warpgroup. ---
+  // --- Consumer warpgroups: group wg computes the tiles t0 + wg, t0 + wg + kGroups, ... ---
+  if constexpr (Config::kConsumerGroups == 2) {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Config::kConsumerRegisters));
+  }
+  constexpr int kGroups = Config::kConsumerGroups;
+  const int wg = warp / 4;
+  // The warp that holds q's rows in its warpgroup's products (rows 16 * wg..): warp 0 of group 0,
+  // warp 1 of group 1, so the two softmaxes run on different schedulers (warp % 4).
+  const bool lead_warp = warp % 4 == wg;
   const int group = p.group;
   const bool hi_lo = group <= 8;
-  const int g = lane / 4;        // this thread's rows g and g + 8 of warp 0's 16
+  const int g = lane / 4;        // this thread's rows g and g + 8 of its warp's 16
   const int c = 2 * (lane % 4);  // and columns c, c + 1 of every n8 block
   const int num_heads = a.num_seqs * num_kv_heads;
-  auto sync_consumers = [] { NamedBarrierSync<kConsumers>(); };
+  auto sync_consumers = [] { NamedBarrierSync<1, kConsumers>(); };
+  // The V tail zeroing is the tile's warpgroup's alone: barrier 2 + wg over its 128 threads.
+  auto sync_group = [wg] {
+    if (wg == 0) {
+      NamedBarrierSync<2, 128>();
+    } else {
+      NamedBarrierSync<3, 128>();
+    }
+  };
+  const int group_tid = tid % 128;
   // A head's q lands in q_staging by cp.async, one head ahead of its use.
   int64_t staged_head = -1;
   auto stage_q = [&](int64_t flat_head) {
@@ -1075,7 +1118,7 @@ __global__ void __launch_bounds__(TmaConfig<kHeadDim>::kThreads, 1)
   TileCursor cursor = share.start;
   stage_q(int64_t{cursor.s} * num_kv_heads + cursor.kv_head);
 
-  const uint32_t q_addr = SmemAddr(q_tile);
+  const uint64_t q_desc = wgmma::MakeDescriptor(SmemAddr(q_tile), 16, 1024);
   float o_acc[kHeadDim / 2];
   float row_max[2];
   float row_sum[2];
@@ -1102,11 +1145,12 @@ __global__ void __launch_bounds__(TmaConfig<kHeadDim>::kThreads, 1)
       }
       mma::CpAsyncWait<0>();
       sync_consumers();  // every thread's copies of q landed; no wgmma still reads q_tile
-      // q_tile rows: hi/lo pairs (row r < 8: q row r's 16-bit part, row r + 8: its residual)
-      // or plain rows (groups of 9..16); rows past the group are zero.
+      // q_tile rows 16 * wg + r, once per consumer group: hi/lo pairs (r < 8: q row r's 16-bit
+      // part, r + 8: its residual) or plain rows (groups of 9..16); rows past the group are zero.
       constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks of a 16-bit row
-      for (int i = tid; i < 16 * kChunks; i += kConsumers) {
-        const int r = i / kChunks;
+      for (int i = tid; i < 16 * kGroups * kChunks; i += kConsumers) {
+        const int row = i / kChunks;
+        const int r = row % 16;
         const int chunk = i % kChunks;
         const int src_row = hi_lo ? r % 8 : r;
         const bool residual = hi_lo && r >= 8;
@@ -1130,8 +1174,8 @@ __global__ void __launch_bounds__(TmaConfig<kHeadDim>::kThreads, 1)
           }
           packed = make_uint4(w[0], w[1], w[2], w[3]);
         }
-        *reinterpret_cast<uint4*>(q_tile + (chunk / 8) * Config::kQPanelBytes + r * 128 +
-                                  (((chunk % 8) ^ (r & 7)) << 4)) = packed;
+        *reinterpret_cast<uint4*>(q_tile + (chunk / 8) * Config::kQPanelBytes + row * 128 +
+                                  (((chunk % 8) ^ (row & 7)) << 4)) = packed;
       }
       FenceProxyAsyncShared();  // the tensor cores read q_tile next
       sync_consumers();         // q_tile written, q_staging read by every thread
@@ -1142,46 +1186,66 @@ __global__ void __launch_bounds__(TmaConfig<kHeadDim>::kThreads, 1)
       row_sum[0] = row_sum[1] = 0.0f;
     }
 
-    const uint32_t k_addr = SmemAddr(smem + stage * Config::kStageBytes);
+    const int this_stage = stage;
+    const uint32_t this_phase = phase;
+    if (++stage == stages) {
+      stage = 0;
+      phase ^= 1;
+    }
+    if (static_cast<int>((t - t0) % kGroups) == wg) {
+    const uint32_t k_addr = SmemAddr(smem + this_stage * Config::kStageBytes);
     const uint32_t v_addr = k_addr + Config::kStageBytes / 2;
-    MbarrierWait(SmemAddr(&full[stage]), phase);
+    const int local_tile = static_cast<int>(t - t0);
+    if constexpr (kGroups > 1) {
+      // The groups pass the "full" waits in tile order. Otherwise a group could reach a stage
+      // while the stage's previous tile (the other group's) is still in flight (copies land in
+      // any order), and its parity wait would pass on the older, completed phase.
+      while (*reinterpret_cast<volatile int*>(&tiles_landed) < local_tile) {
+      }
+    }
+    MbarrierWait(SmemAddr(&full[this_stage]), this_phase);
+    if (kGroups > 1 && group_tid == 0) {
+      *reinterpret_cast<volatile int*>(&tiles_landed) = local_tile + 1;
+    }
 
     // V rows past the end (the tail of a head's last tile) may hold anything the pool holds;
     // P is zero there, but 0 * NaN is not, so they are zeroed.
     if (last_tile && cursor.end - tile_pos0 < kTile) {
       const int valid_rows = cursor.end - tile_pos0;
       constexpr int kRowChunks = Config::kPanels * 8;
-      uint8_t* v_stage = smem + stage * Config::kStageBytes + Config::kStageBytes / 2;
-      for (int i = tid; i < (kTile - valid_rows) * kRowChunks; i += kConsumers) {
+      uint8_t* v_stage = smem + this_stage * Config::kStageBytes + Config::kStageBytes / 2;
+      for (int i = group_tid; i < (kTile - valid_rows) * kRowChunks; i += 128) {
         const int row = valid_rows + i / kRowChunks;
         const int rest = i % kRowChunks;
         *reinterpret_cast<uint4*>(v_stage + (rest / 8) * Config::kPanelBytes + row * 128 +
                                   (rest % 8) * 16) = make_uint4(0u, 0u, 0u, 0u);
       }
       FenceProxyAsyncShared();
-      sync_consumers();
+      sync_group();
     }
 
     // --- S = q K^T (64 x kTile; rows g, g + 8 of warp 0 are the data). ---
+    // Descriptors are built once; a k-step moves their start address (16-byte units, low bits).
     float s_acc[kTile / 2];
-#pragma unroll
-    for (int i = 0; i < kTile / 2; ++i) s_acc[i] = 0.0f;
+    const uint64_t k_desc = wgmma::MakeDescriptor(k_addr, 16, 1024);
     wgmma::Fence();
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
-      const uint32_t offset = (ks % 4) * 32;  // 16 columns = 32 bytes into the 128-byte row
-      const uint64_t q_desc =
-          wgmma::MakeDescriptor(q_addr + (ks / 4) * Config::kQPanelBytes + offset, 16, 1024);
-      const uint64_t k_desc =
-          wgmma::MakeDescriptor(k_addr + (ks / 4) * Config::kPanelBytes + offset, 16, 1024);
-      wgmma::Ss<kTile, Traits>::Run(s_acc, q_desc, k_desc, ks > 0);
+      // 16 columns = 32 bytes into the 128-byte row, panels further on.
+      const uint32_t q_step = ((ks / 4) * Config::kQPanelBytes + (ks % 4) * 32) >> 4;
+      const uint32_t k_step = ((ks / 4) * Config::kPanelBytes + (ks % 4) * 32) >> 4;
+      if (ks == 0) {
+        wgmma::Ss<kTile, Traits>::First(s_acc, q_desc + q_step, k_desc + k_step);
+      } else {
+        wgmma::Ss<kTile, Traits>::Next(s_acc, q_desc + q_step, k_desc + k_step);
+      }
     }
     wgmma::Commit();
     wgmma::Wait<0>();
 
     // --- Online softmax on warp 0; P as the A operand of P V (zero in warps 1..3). ---
     uint32_t p_frag[kPvSteps][4];
-    if (warp == 0) {
+    if (lead_warp) {
       if (hi_lo) {
 #pragma unroll
         for (int n = 0; n < kTile / 8; ++n) {
@@ -1266,76 +1330,110 @@ __global__ void __launch_bounds__(TmaConfig<kHeadDim>::kThreads, 1)
     }
 
     // --- O += P V (V N-major: its rows are the k dimension). ---
+    const uint64_t v_desc = wgmma::MakeDescriptor(v_addr, Config::kPanelBytes, 1024);
     wgmma::Fence();
 #pragma unroll
     for (int kk = 0; kk < kPvSteps; ++kk) {
-      const uint64_t v_desc =
-          wgmma::MakeDescriptor(v_addr + kk * 16 * 128, Config::kPanelBytes, 1024);
-      wgmma::Rs<kHeadDim, Traits>::Run(o_acc, p_frag[kk], v_desc, 1);
+      wgmma::Rs<kHeadDim, Traits>::Next(o_acc, p_frag[kk], v_desc + ((kk * 16 * 128) >> 4));
     }
     wgmma::Commit();
     wgmma::Wait<0>();
     __syncwarp();
-    if (lane == 0) MbarrierArrive(SmemAddr(&empty[stage]));  // the stage may be refilled
-    if (++stage == stages) {
-      stage = 0;
-      phase ^= 1;
+    if (lane == 0) MbarrierArrive(SmemAddr(&empty[this_stage]));  // the stage may be refilled
     }
 
     if (segment_end) {
+      // --- Merge the warpgroups' states (statistics through shared memory; the outputs
+      // summed in group order in merge_buffer) and write the segment's state. ---
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
+        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
+      }
+      if (lead_warp && lane % 4 == 0) {
+        group_max[wg][g] = row_max[0];
+        group_sum[wg][g] = row_sum[0];
+        group_max[wg][g + 8] = hi_lo ? FERRY_EMPTY_LSE : row_max[1];
+        group_sum[wg][g + 8] = hi_lo ? 0.0f : row_sum[1];
+      }
+      sync_consumers();  // every tile of the segment consumed, statistics published
+      // Row r's merged max and sum.
+      auto row_stats = [&](int r, float* block_max, float* block_sum) {
+        float mx = FERRY_EMPTY_LSE;
+#pragma unroll
+        for (int w = 0; w < kGroups; ++w) mx = fmaxf(mx, group_max[w][r]);
+        float sm = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kGroups; ++w) {
+          if (group_max[w][r] != FERRY_EMPTY_LSE) {
+            sm += group_sum[w][r] * exp2f(group_max[w][r] - mx);
+          }
+        }
+        *block_max = mx;
+        *block_sum = sm;
+      };
       const int64_t owner_first = OwnerOfTile(head_first_tile, share.total_tiles, share.num_workers);
       const int64_t owner_last = OwnerOfTile(head_last_tile, share.total_tiles, share.num_workers);
       const bool split = owner_first != owner_last;
       const int64_t first_row = flat_head * group;  // == s * num_q_heads + kv_head * group
       const int64_t part = int64_t{blockIdx.x} * 2 + (head_first_tile < t0 ? 0 : 1);
-      if (warp == 0) {
+      float* o_dst = split ? p.part_o + part * group * kHeadDim : a.state_o + first_row * kHeadDim;
+      T* out = split ? nullptr : static_cast<T*>(a.out) + first_row * kHeadDim;
+      // Group w adds its scaled output to the sum of groups < w in merge_buffer; the last one
+      // writes the state.
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
-          row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
-        }
-        T* out = static_cast<T*>(a.out);
+      for (int w = 0; w < kGroups; ++w) {
+        if (w > 0) sync_consumers();
+        if (wg != w || !lead_warp) continue;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           if (h == 1 && hi_lo) break;
           const int r = g + 8 * h;
-          if (r < group) {
-            const float inv = row_sum[h] > 0.0f ? 1.0f / row_sum[h] : 0.0f;
-            const float lse =
-                row_sum[h] > 0.0f ? (row_max[h] + log2f(row_sum[h])) * kLn2 : FERRY_EMPTY_LSE;
-            float* o_row = split ? p.part_o + (part * group + r) * kHeadDim
-                                 : a.state_o + (first_row + r) * kHeadDim;
+          if (r >= group) continue;
+          float mx, sm;
+          row_stats(r, &mx, &sm);
+          const float factor =
+              row_max[h] == FERRY_EMPTY_LSE || !(sm > 0.0f) ? 0.0f : exp2f(row_max[h] - mx) / sm;
 #pragma unroll
-            for (int n = 0; n < kHeadDim / 8; ++n) {
-              float v0 = o_acc[4 * n + 2 * h];
-              float v1 = o_acc[4 * n + 2 * h + 1];
-              if (hi_lo) {
-                v0 += o_acc[4 * n + 2];
-                v1 += o_acc[4 * n + 3];
-              }
-              v0 *= inv;
-              v1 *= inv;
-              *reinterpret_cast<float2*>(o_row + 8 * n + c) = make_float2(v0, v1);
-              if (!split && out != nullptr) {
-                T* out_row = out + (first_row + r) * kHeadDim + 8 * n + c;
-                out_row[0] = Traits::FromFloat(v0);
-                out_row[1] = Traits::FromFloat(v1);
+          for (int n = 0; n < kHeadDim / 8; ++n) {
+            float v0 = o_acc[4 * n + 2 * h];
+            float v1 = o_acc[4 * n + 2 * h + 1];
+            if (hi_lo) {
+              v0 += o_acc[4 * n + 2];
+              v1 += o_acc[4 * n + 3];
+            }
+            float2 v = make_float2(v0 * factor, v1 * factor);
+            float2* sum = reinterpret_cast<float2*>(merge_buffer + r * kHeadDim + 8 * n + c);
+            if (w > 0) v = make_float2(sum->x + v.x, sum->y + v.y);
+            if (w + 1 < kGroups) {
+              *sum = v;
+            } else {
+              *reinterpret_cast<float2*>(o_dst + r * kHeadDim + 8 * n + c) = v;
+              if (out != nullptr) {
+                out[r * kHeadDim + 8 * n + c] = Traits::FromFloat(v.x);
+                out[r * kHeadDim + 8 * n + c + 1] = Traits::FromFloat(v.y);
               }
             }
-            if (lane % 4 == 0) {
-              if (split) {
-                p.part_lse[part * group + r] = lse;
-              } else {
-                a.state_lse[first_row + r] = lse;
-              }
+          }
+          if (w + 1 == kGroups && lane % 4 == 0) {
+            const float lse = sm > 0.0f ? (mx + log2f(sm)) * kLn2 : FERRY_EMPTY_LSE;
+            if (split) {
+              p.part_lse[part * group + r] = lse;
+            } else {
+              a.state_lse[first_row + r] = lse;
             }
           }
         }
       }
       if (split) {
+        // The merge's buffer: the whole ring once this block has consumed its last tile (the
+        // producer has nothing left to copy), else merge_buffer (its sums were read above,
+        // before the merge's first barrier).
+        const bool ring_free = t == t1 - 1;
         ArriveAndMergeSplitHead<kHeadDim, kConsumers, Traits>(
-            p, tid, flat_head, owner_first, owner_last, merge_buffer, Config::kMergeBytes,
-            sync_consumers);
+            p, tid, flat_head, owner_first, owner_last,
+            ring_free ? reinterpret_cast<float*>(smem) : merge_buffer,
+            ring_free ? stages * Config::kStageBytes : Config::kMergeBytes, sync_consumers);
       }
     }
   }

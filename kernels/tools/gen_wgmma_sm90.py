@@ -22,13 +22,23 @@ def ss(n, name, ptx):
     acc = n // 2
     return f"""template <>
 struct Ss<{n}, mma::{name}> {{
-  static __device__ __forceinline__ void Run(float* d, uint64_t a, uint64_t b, int accumulate) {{
+  // d = a b (d written, not read: no zeroing before the first k-step).
+  static __device__ __forceinline__ void First(float* d, uint64_t a, uint64_t b) {{
+    asm volatile(
+        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{acc + 2}, 0;\\n"
+        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
+        "{{{regs(0, acc)}}}, %{acc}, %{acc + 1}, p, 1, 1, 0, 0;\\n}}\\n"
+        : {outputs(n).replace('"+f"', '"=f"')}
+        : "l"(a), "l"(b), "r"(0));
+  }}
+  // d += a b.
+  static __device__ __forceinline__ void Next(float* d, uint64_t a, uint64_t b) {{
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{acc + 2}, 0;\\n"
         "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
         "{{{regs(0, acc)}}}, %{acc}, %{acc + 1}, p, 1, 1, 0, 0;\\n}}\\n"
         : {outputs(n)}
-        : "l"(a), "l"(b), "r"(accumulate));
+        : "l"(a), "l"(b), "r"(1));
   }}
 }};
 """
@@ -38,14 +48,14 @@ def rs(n, name, ptx):
     acc = n // 2
     return f"""template <>
 struct Rs<{n}, mma::{name}> {{
-  static __device__ __forceinline__ void Run(float* d, const uint32_t* a, uint64_t b,
-                                             int accumulate) {{
+  // d += a b.
+  static __device__ __forceinline__ void Next(float* d, const uint32_t* a, uint64_t b) {{
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{acc + 5}, 0;\\n"
         "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx}.{ptx} "
         "{{{regs(0, acc)}}}, {{{regs(acc, 4)}}}, %{acc + 4}, p, 1, 1, 1;\\n}}\\n"
         : {outputs(n)}
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
   }}
 }};
 """
@@ -58,7 +68,7 @@ HEADER = """// Warpgroup matrix multiply-accumulate (wgmma.mma_async, sm_90a onl
 // of 4), in convergence; d is the thread's N/2 float32 accumulators of the 64 x N result in the
 // m64nNk16 layout (warp w holds rows 16w..16w+15, as mma.sync's C fragment per n8 column block:
 // d[4j + 0..1] = (row g, columns 8j + c, +1), d[4j + 2..3] = (row g + 8, the same), g = lane / 4,
-// c = 2 * (lane % 4)). accumulate == 0 overwrites d.
+// c = 2 * (lane % 4)). First() overwrites d, Next() accumulates into it.
 //   Ss<N, Traits>: A (64 x 16) and B (16 x N) both in shared memory, both K-major, described by
 //     64-bit matrix descriptors (MakeDescriptor).
 //   Rs<N, Traits>: A (64 x 16) from registers (mma.sync's A fragment per warp, four 32-bit
