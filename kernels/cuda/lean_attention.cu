@@ -15,18 +15,13 @@
 //   the end of a head.
 // * q is float32 in global memory; the next head's q is prefetched into registers while the
 //   current head streams, so the head switch costs two barriers and no global-latency stall.
-#include <cuda.h>  // CUtensorMap (the encoder is reached through the runtime's entry point)
-#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <mutex>
-#include <numeric>
-#include <string_view>
 
 #include <cub/block/block_scan.cuh>
 
@@ -34,9 +29,6 @@
 #include "ferry/kernels/lean_attention.h"
 #include "ferry/kernels/lean_schedule.h"
 #include "ferry/kernels/mma_sm80.cuh"
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#include "ferry/kernels/wgmma_sm90.cuh"
-#endif
 
 namespace ferry::kernels {
 namespace {
@@ -99,53 +91,6 @@ __device__ __forceinline__ void FenceAcqRelGpu() {
   asm volatile("fence.acq_rel.gpu;\n" ::: "memory");
 }
 
-// ---- Hopper: mbarriers and the tensor copy engine (plain sm_90 instructions). ----
-__device__ __forceinline__ void MbarrierInit(uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void MbarrierArrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Arrives and announces `bytes` that the copy engine will deliver to this phase.
-__device__ __forceinline__ void MbarrierArriveExpectTx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-// Waits until the phase of the given parity has completed (bounded: a phase always completes
-// once its copies land and its arrivals are made, and the kernel's roles never wait in a cycle).
-__device__ __forceinline__ void MbarrierWait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "WAIT_AGAIN:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT_AGAIN;\n"
-      "}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-// One box of a 2-D tensor map (columns c0.., rows c1..) into shared memory; rows past the
-// tensor land as zeros and still count their bytes.
-__device__ __forceinline__ void TensorCopy2d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
-                                             uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
-      : "memory");
-}
-// Orders this thread's earlier ordinary shared-memory accesses before the async proxy's (the
-// copy engine's writes, the tensor cores' reads).
-__device__ __forceinline__ void FenceProxyAsyncShared() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-// Named barrier kId over kCount threads (barrier 0 is __syncthreads()). The non-aligned form:
-// a warp's threads may reach it from diverged paths.
-template <int kId, int kCount>
-__device__ __forceinline__ void NamedBarrierSync() {
-  asm volatile("barrier.sync %0, %1;\n" ::"n"(kId), "n"(kCount) : "memory");
-}
-
 struct LeanParams {
   DecodeAttentionArgs args;
   int32_t* error_word;
@@ -156,12 +101,6 @@ struct LeanParams {
   int stages;
   int block_shift;  // log2(block_size) when a power of two, else -1
   float q_scale;  // softmax_scale * log2(e): scores are kept in base 2
-  // The copy-engine kernel only (LeanDecodeTmaKernel): the pools as 2-D tensors of head_dim
-  // columns and num_blocks * num_kv_heads * block_size rows, read in boxes of box_rows rows.
-  CUtensorMap k_map;
-  CUtensorMap v_map;
-  int box_rows;
-  int pool_rows;  // a row coordinate past the pools: boxes there land as zeros
 };
 
 struct SeqRange {
@@ -252,27 +191,41 @@ __device__ __forceinline__ int64_t OwnerOfTile(int64_t t, int64_t total, int64_t
   return ((t + 1) * num_workers - 1) / total;
 }
 
-// This block's share of the batch's flat tile order (lean_schedule.h).
-struct BlockShare {
-  int64_t total_tiles;
-  int64_t num_workers;  // blocks with at least one tile
-  int64_t t0;           // this block's tiles: [t0, t1)
-  int64_t t1;
-  TileCursor start;     // at t0
-};
+template <int kHeadDim, typename Traits>
+__global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
+                                  LeanConfig<kHeadDim>::kMinBlocks)
+    LeanDecodeKernel(const LeanParams p) {
+  using Config = LeanConfig<kHeadDim>;
+  using T = typename Traits::T;
+  constexpr int kThreads = Config::kThreads;
+  constexpr int kTile = Config::kTile;
+  constexpr int kKSteps = kHeadDim / 16;
+  constexpr int kGroups = Config::kGroups;
+  constexpr int kDSplit = Config::kDSplit;
+  constexpr int kDTiles = kHeadDim / 8 / kDSplit;  // n8 output tiles of this warp
 
-// The plan, on the GPU, by all kThreads threads of the block: total tiles, this block's range,
-// the sequence it starts in. Also writes the sequences with no tiles (spread over the blocks).
-// Returns false when this block has no tile (every other block's share is unchanged by that).
-template <int kThreads, int kTile, int kHeadDim, typename Traits>
-__device__ bool PlanBlock(const LeanParams& p, BlockShare* share) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint4* qfrag = reinterpret_cast<uint4*>(smem + p.stages * Config::kStageBytes);
+  __shared__ float warp_max[kGroups][16];
+  __shared__ float warp_sum[kGroups][16];
+  __shared__ float row_lse[16];
+  __shared__ int64_t found_seq_and_tile[2];
+  __shared__ int is_last_arrival;
   using BlockScan = cub::BlockScan<int64_t, kThreads>;
   __shared__ typename BlockScan::TempStorage scan_storage;
-  __shared__ int64_t found_seq_and_tile[2];
+
   const DecodeAttentionArgs& a = p.args;
   const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int pgroup = warp / kDSplit;  // this warp's 16 positions of each tile
+  const int dpart = warp % kDSplit;   // and its share of the output columns
   const int num_seqs = a.num_seqs;
   const int num_kv_heads = a.kv.num_kv_heads;
+  const int group = p.group;
+  const bool hi_lo = group <= 8;
+
+  // --- Plan, on the GPU: total tiles, this block's range, the sequence it starts in. ---------
   int64_t total_tiles = 0;
   int64_t my_tiles = 0;       // tiles of this thread's sequence in the last chunk scanned
   int64_t my_first_tile = 0;  // and the flat index of its first tile
@@ -298,7 +251,7 @@ __device__ bool PlanBlock(const LeanParams& p, BlockShare* share) {
   // Fewer tiles than blocks: the surplus blocks sit out, so every worker owns at least one tile
   // and the workers sharing a head are exactly owner(first tile) .. owner(last tile).
   const int64_t num_workers = total_tiles < gridDim.x ? total_tiles : int64_t{gridDim.x};
-  if (blockIdx.x >= num_workers) return false;
+  if (blockIdx.x >= num_workers) return;
   const int64_t t0 = FirstTileOfWorker(total_tiles, num_workers, blockIdx.x);
   const int64_t t1 = FirstTileOfWorker(total_tiles, num_workers, blockIdx.x + 1);
   if (num_seqs <= kThreads) {
@@ -332,194 +285,8 @@ __device__ bool PlanBlock(const LeanParams& p, BlockShare* share) {
       if (found_seq_and_tile[0] >= 0) break;
     }
   }
-  share->total_tiles = total_tiles;
-  share->num_workers = num_workers;
-  share->t0 = t0;
-  share->t1 = t1;
-  share->start.Start(a, kTile, static_cast<int>(found_seq_and_tile[0]), found_seq_and_tile[1], t0);
-  return true;
-}
-
-// A split head whose partial this block has written (part_o, part_lse): counts the block's
-// arrival, and the block completing the head merges every partial in block order. Called by the
-// kThreads threads (tid 0..kThreads-1) that sync() synchronises; buffer is shared memory of
-// buffer_bytes (room for at least one part) that nothing else touches meanwhile.
-template <int kHeadDim, int kThreads, typename Traits, typename Sync>
-__device__ void ArriveAndMergeSplitHead(const LeanParams& p, int tid, int64_t flat_head,
-                                        int64_t owner_first, int64_t owner_last, float* buffer,
-                                        int buffer_bytes, Sync sync) {
-  using T = typename Traits::T;
-  __shared__ int is_last_arrival;
-  const DecodeAttentionArgs& a = p.args;
-  const int group = p.group;
-  const int64_t first_row = flat_head * group;  // == s * num_q_heads + kv_head * group
-  T* out = static_cast<T*>(a.out);
-  // The barrier makes the block's stores precede thread 0's release fence, and thread 0's
-  // acquire fence precedes the merge's loads (a cooperative grid barrier's pattern); an
-  // acquire-release fence suffices, a sequentially consistent one per thread
-  // (__threadfence) is not needed.
-  sync();
-  if (tid == 0) {
-    FenceAcqRelGpu();
-    const int arrived = atomicAdd(p.counters + flat_head, 1);
-    is_last_arrival = arrived == owner_last - owner_first;
-    if (is_last_arrival) FenceAcqRelGpu();
-  }
-  sync();
-  if (!is_last_arrival) return;
-  // Merge the partials in block order (deterministic whichever block arrives last) with
-  // attention_state.h's rule. Every part's lse and o are requested at once: the o with cp.async
-  // into the buffer, the lse with loads; the rule's lse chain then runs while the o copies land.
-  // (Issuing the o loads a few parts at a time after the chain cost an L2 round trip per few
-  // parts: a head split over 33 blocks, b1 hkv8, ended its launch 13-14 us after its last tile.)
-  const int part_floats = group * kHeadDim;
-  const int batch = buffer_bytes / (4 * (part_floats + 2 * group));
-  float* batch_o = buffer;                        // (batch, group, head_dim)
-  float* scale_b = buffer + batch * part_floats;  // (batch, group): lse, then scale
-  float* scale_a = scale_b + batch * group;       // (batch, group)
-  const int num_vecs = part_floats / 4;
-  const int num_parts = static_cast<int>(owner_last - owner_first + 1);
-  // Workspace slot of part i: the first owner's partial is its second segment.
-  auto part_slot = [&](int i) {
-    const int64_t w = owner_first + i;
-    return w * 2 + (w == owner_first ? 1 : 0);
-  };
-  constexpr int kLseLoads = 4;  // per thread in flight
-  constexpr int kVecsPerThread = (kMaxGroup * kHeadDim / 4 + kThreads - 1) / kThreads;
-  float4 o[kVecsPerThread];
-#pragma unroll
-  for (int k = 0; k < kVecsPerThread; ++k) o[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  float lse = FERRY_EMPTY_LSE;  // row tid's running lse (tid < group)
-  for (int base = 0; base < num_parts; base += batch) {
-    const int n = num_parts - base < batch ? num_parts - base : batch;
-    const int num_lse = n * group;
-    auto load_lse = [&](int x) {
-      return __ldcg(p.part_lse + part_slot(base + x / group) * group + x % group);
-    };
-    float lse_in[kLseLoads];
-#pragma unroll
-    for (int k = 0; k < kLseLoads; ++k) {
-      const int x = k * kThreads + tid;
-      lse_in[k] = x < num_lse ? load_lse(x) : FERRY_EMPTY_LSE;
-    }
-    {
-      int i = 0, vec = tid;  // chunk tid + c * kThreads is (part i, vec), stepped
-      while (vec >= num_vecs && i < n) vec -= num_vecs, ++i;
-      for (; i < n;) {
-        CpAsync16(SmemAddr(batch_o + i * part_floats + vec * 4),
-                  p.part_o + part_slot(base + i) * part_floats + vec * 4, true);
-        vec += kThreads;
-        while (vec >= num_vecs && i < n) vec -= num_vecs, ++i;
-      }
-    }
-    CpAsyncCommit();
-#pragma unroll
-    for (int k = 0; k < kLseLoads; ++k) {
-      const int x = k * kThreads + tid;
-      if (x < num_lse) scale_b[x] = lse_in[k];
-    }
-    for (int x = kLseLoads * kThreads + tid; x < num_lse; x += kThreads) {
-      scale_b[x] = load_lse(x);
-    }
-    sync();
-    // The rule's lse chain is sequential per row: only it runs on one thread per row
-    // (the running lse before each part), and every (part, row)'s scales are then
-    // computed in parallel from the same two inputs, so the bits are the rule's.
-    if (tid < group) {
-#pragma unroll 4
-      for (int i = 0; i < n; ++i) {
-        const float part_lse = scale_b[i * group + tid];
-        scale_a[i * group + tid] = lse;
-        lse = ComputeMergeWeights(lse, part_lse).lse;
-      }
-    }
-    sync();
-    for (int x = tid; x < num_lse; x += kThreads) {
-      const MergeWeights mw = ComputeMergeWeights(scale_a[x], scale_b[x]);
-      scale_a[x] = mw.scale_a;
-      scale_b[x] = mw.scale_b;
-    }
-    CpAsyncWaitPending(0);
-    sync();
-#pragma unroll
-    for (int k = 0; k < kVecsPerThread; ++k) {
-      const int vec = k * kThreads + tid;
-      if (vec < num_vecs) {
-        const int r = vec * 4 / kHeadDim;
-        for (int i = 0; i < n; ++i) {
-          const float4 part =
-              reinterpret_cast<const float4*>(batch_o + i * part_floats)[vec];
-          const float sa = scale_a[i * group + r];
-          const float sb = scale_b[i * group + r];
-          // Spelled out so the rounding is fixed: fma(scale_a, o, scale_b * part).
-          o[k].x = __fmaf_rn(sa, o[k].x, sb * part.x);
-          o[k].y = __fmaf_rn(sa, o[k].y, sb * part.y);
-          o[k].z = __fmaf_rn(sa, o[k].z, sb * part.z);
-          o[k].w = __fmaf_rn(sa, o[k].w, sb * part.w);
-        }
-      }
-    }
-    sync();  // the batch consumed before the next one overwrites it
-  }
-#pragma unroll
-  for (int k = 0; k < kVecsPerThread; ++k) {
-    const int vec = k * kThreads + tid;
-    if (vec < num_vecs) {
-      float* dst = a.state_o + first_row * kHeadDim + vec * 4;
-      dst[0] = o[k].x;
-      dst[1] = o[k].y;
-      dst[2] = o[k].z;
-      dst[3] = o[k].w;
-      if (out != nullptr) {
-        T* out_dst = out + first_row * kHeadDim + vec * 4;
-        out_dst[0] = Traits::FromFloat(o[k].x);
-        out_dst[1] = Traits::FromFloat(o[k].y);
-        out_dst[2] = Traits::FromFloat(o[k].z);
-        out_dst[3] = Traits::FromFloat(o[k].w);
-      }
-    }
-  }
-  if (tid < group) a.state_lse[first_row + tid] = lse;
-  if (tid == 0) p.counters[flat_head] = 0;  // ready for the next launch
-}
-
-template <int kHeadDim, typename Traits>
-__global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
-                                  LeanConfig<kHeadDim>::kMinBlocks)
-    LeanDecodeKernel(const LeanParams p) {
-  using Config = LeanConfig<kHeadDim>;
-  using T = typename Traits::T;
-  constexpr int kThreads = Config::kThreads;
-  constexpr int kTile = Config::kTile;
-  constexpr int kKSteps = kHeadDim / 16;
-  constexpr int kGroups = Config::kGroups;
-  constexpr int kDSplit = Config::kDSplit;
-  constexpr int kDTiles = kHeadDim / 8 / kDSplit;  // n8 output tiles of this warp
-
-  extern __shared__ __align__(128) uint8_t smem[];
-  uint4* qfrag = reinterpret_cast<uint4*>(smem + p.stages * Config::kStageBytes);
-  __shared__ float warp_max[kGroups][16];
-  __shared__ float warp_sum[kGroups][16];
-  __shared__ float row_lse[16];
-
-  const DecodeAttentionArgs& a = p.args;
-  const int tid = threadIdx.x;
-  const int warp = tid / 32;
-  const int lane = tid % 32;
-  const int pgroup = warp / kDSplit;  // this warp's 16 positions of each tile
-  const int dpart = warp % kDSplit;   // and its share of the output columns
-  const int num_seqs = a.num_seqs;
-  const int num_kv_heads = a.kv.num_kv_heads;
-  const int group = p.group;
-  const bool hi_lo = group <= 8;
-
-  BlockShare share;
-  if (!PlanBlock<kThreads, kTile, kHeadDim, Traits>(p, &share)) return;
-  const int64_t total_tiles = share.total_tiles;
-  const int64_t num_workers = share.num_workers;
-  const int64_t t0 = share.t0;
-  const int64_t t1 = share.t1;
-  const TileCursor start = share.start;
+  TileCursor start;
+  start.Start(a, kTile, static_cast<int>(found_seq_and_tile[0]), found_seq_and_tile[1], t0);
 
   // q of the first head is loaded now, so its global latency overlaps the block-table read and
   // the first tile's copies instead of following them; later heads' q are loaded one segment
@@ -915,13 +682,139 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
           p.part_o[part * group * kHeadDim + e] = v;
         }
         if (tid < group) p.part_lse[part * group + tid] = row_lse[tid];
-        // The merge may use the whole ring when this block has no tile left to stream (no copy
-        // targets it), else the stage just consumed.
-        const bool ring_free = t == t1 - 1;
-        ArriveAndMergeSplitHead<kHeadDim, kThreads, Traits>(
-            p, tid, flat_head, owner_first, owner_last,
-            ring_free ? reinterpret_cast<float*>(smem) : scratch,
-            (ring_free ? stages : 1) * Config::kStageBytes, [] { __syncthreads(); });
+        // The barrier makes the block's stores precede thread 0's release fence, and thread 0's
+        // acquire fence precedes the merge's loads (a cooperative grid barrier's pattern); an
+        // acquire-release fence suffices, a sequentially consistent one per thread
+        // (__threadfence) is not needed.
+        __syncthreads();
+        if (tid == 0) {
+          FenceAcqRelGpu();
+          const int arrived = atomicAdd(p.counters + flat_head, 1);
+          is_last_arrival = arrived == owner_last - owner_first;
+          if (is_last_arrival) FenceAcqRelGpu();
+        }
+        __syncthreads();
+        if (is_last_arrival) {
+          // Merge the partials in block order (deterministic whichever block arrives last) with
+          // attention_state.h's rule. Every part's lse and o are requested at once: the o with
+          // cp.async into shared memory that no copy targets (the whole ring when this block
+          // has no tile left to stream, else the stage just consumed), the lse with loads; the
+          // rule's lse chain then runs while the o copies land. (Issuing the o loads a few parts
+          // at a time after the chain cost an L2 round trip per few parts: a head split over 33
+          // blocks, b1 hkv8, ended its launch 13-14 us after its last tile.)
+          const bool ring_free = t == t1 - 1;
+          float* buffer = ring_free ? reinterpret_cast<float*>(smem) : scratch;
+          const int part_floats = group * kHeadDim;
+          const int batch = (ring_free ? stages : 1) * Config::kStageBytes /
+                            (4 * (part_floats + 2 * group));
+          float* batch_o = buffer;                        // (batch, group, head_dim)
+          float* scale_b = buffer + batch * part_floats;  // (batch, group): lse, then scale
+          float* scale_a = scale_b + batch * group;       // (batch, group)
+          const int num_vecs = part_floats / 4;
+          const int num_parts = static_cast<int>(owner_last - owner_first + 1);
+          // Workspace slot of part i: the first owner's partial is its second segment.
+          auto part_slot = [&](int i) {
+            const int64_t w = owner_first + i;
+            return w * 2 + (w == owner_first ? 1 : 0);
+          };
+          constexpr int kLseLoads = 4;  // per thread in flight
+          constexpr int kVecsPerThread = (kMaxGroup * kHeadDim / 4 + kThreads - 1) / kThreads;
+          float4 o[kVecsPerThread];
+#pragma unroll
+          for (int k = 0; k < kVecsPerThread; ++k) o[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          float lse = FERRY_EMPTY_LSE;  // row tid's running lse (tid < group)
+          for (int base = 0; base < num_parts; base += batch) {
+            const int n = num_parts - base < batch ? num_parts - base : batch;
+            const int num_lse = n * group;
+            auto load_lse = [&](int x) {
+              return __ldcg(p.part_lse + part_slot(base + x / group) * group + x % group);
+            };
+            float lse_in[kLseLoads];
+#pragma unroll
+            for (int k = 0; k < kLseLoads; ++k) {
+              const int x = k * kThreads + tid;
+              lse_in[k] = x < num_lse ? load_lse(x) : FERRY_EMPTY_LSE;
+            }
+            {
+              int i = 0, vec = tid;  // chunk tid + c * kThreads is (part i, vec), stepped
+              while (vec >= num_vecs && i < n) vec -= num_vecs, ++i;
+              for (; i < n;) {
+                CpAsync16(SmemAddr(batch_o + i * part_floats + vec * 4),
+                          p.part_o + part_slot(base + i) * part_floats + vec * 4, true);
+                vec += kThreads;
+                while (vec >= num_vecs && i < n) vec -= num_vecs, ++i;
+              }
+            }
+            CpAsyncCommit();
+#pragma unroll
+            for (int k = 0; k < kLseLoads; ++k) {
+              const int x = k * kThreads + tid;
+              if (x < num_lse) scale_b[x] = lse_in[k];
+            }
+            for (int x = kLseLoads * kThreads + tid; x < num_lse; x += kThreads) {
+              scale_b[x] = load_lse(x);
+            }
+            __syncthreads();
+            // The rule's lse chain is sequential per row: only it runs on one thread per row
+            // (the running lse before each part), and every (part, row)'s scales are then
+            // computed in parallel from the same two inputs, so the bits are the rule's.
+            if (tid < group) {
+#pragma unroll 4
+              for (int i = 0; i < n; ++i) {
+                const float part_lse = scale_b[i * group + tid];
+                scale_a[i * group + tid] = lse;
+                lse = ComputeMergeWeights(lse, part_lse).lse;
+              }
+            }
+            __syncthreads();
+            for (int x = tid; x < num_lse; x += kThreads) {
+              const MergeWeights mw = ComputeMergeWeights(scale_a[x], scale_b[x]);
+              scale_a[x] = mw.scale_a;
+              scale_b[x] = mw.scale_b;
+            }
+            CpAsyncWaitPending(0);
+            __syncthreads();
+#pragma unroll
+            for (int k = 0; k < kVecsPerThread; ++k) {
+              const int vec = k * kThreads + tid;
+              if (vec < num_vecs) {
+                const int r = vec * 4 / kHeadDim;
+                for (int i = 0; i < n; ++i) {
+                  const float4 part =
+                      reinterpret_cast<const float4*>(batch_o + i * part_floats)[vec];
+                  const float sa = scale_a[i * group + r];
+                  const float sb = scale_b[i * group + r];
+                  // Spelled out so the rounding is fixed: fma(scale_a, o, scale_b * part).
+                  o[k].x = __fmaf_rn(sa, o[k].x, sb * part.x);
+                  o[k].y = __fmaf_rn(sa, o[k].y, sb * part.y);
+                  o[k].z = __fmaf_rn(sa, o[k].z, sb * part.z);
+                  o[k].w = __fmaf_rn(sa, o[k].w, sb * part.w);
+                }
+              }
+            }
+            __syncthreads();  // the batch consumed before the next one overwrites it
+          }
+#pragma unroll
+          for (int k = 0; k < kVecsPerThread; ++k) {
+            const int vec = k * kThreads + tid;
+            if (vec < num_vecs) {
+              float* dst = a.state_o + first_row * kHeadDim + vec * 4;
+              dst[0] = o[k].x;
+              dst[1] = o[k].y;
+              dst[2] = o[k].z;
+              dst[3] = o[k].w;
+              if (out != nullptr) {
+                T* out_dst = out + first_row * kHeadDim + vec * 4;
+                out_dst[0] = Traits::FromFloat(o[k].x);
+                out_dst[1] = Traits::FromFloat(o[k].y);
+                out_dst[2] = Traits::FromFloat(o[k].z);
+                out_dst[3] = Traits::FromFloat(o[k].w);
+              }
+            }
+          }
+          if (tid < group) a.state_lse[first_row + tid] = lse;
+          if (tid == 0) p.counters[flat_head] = 0;  // ready for the next launch
+        }
       }
     }
     if (++stage_use == stages) stage_use = 0;
@@ -929,522 +822,10 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
   CpAsyncWaitPending(0);
 }
 
-// --- The Hopper kernel: a copy-engine producer warp feeding a wgmma consumer warpgroup. ------
-//
-// * kConsumerGroups warpgroups compute, taking alternate tiles; the warp after them only issues
-//   copies, its warpgroup's registers lent to the consumers. (Measured on the H100: the copy ring alone, its consumer doing no math, streamed
-//   2.6-7.6% faster than the mma.sync kernel on every row; one consumer warpgroup, a serial
-//   chain of q K^T, softmax and P V per tile, left it 1-20% slower. Two, as in the peer's
-//   design, overlap two tiles' chains.) Tiles of kTile
-//   positions of one (sequence, KV head) stream through a ring of stages (K, then V), each as
-//   64-column panels of 128-byte rows in the copy engine's 128-byte swizzle, one box per
-//   (page piece, panel): box_rows rows, a divisor of both the page and the tile, so any page
-//   size that is a multiple of 8 is read in place. A stage's "full" barrier counts its bytes,
-//   its "empty" barrier one arrival per consumer warp; no block-wide barrier in the loop.
-// * q K^T and P V are wgmma m64 products whose M rows are q rows: the GQA group, as hi/lo pairs
-//   for groups of <= 8 like the mma.sync kernel (row g holds q's 16-bit part, row g + 8 its
-//   residual). Only a warpgroup's first warp's 16 rows carry data; its other warps compute rows
-//   nobody reads, since the m64 shape is the instruction's smallest. Each warpgroup keeps its
-//   own online-softmax state over its tiles; the two merge at the end of a head segment. The tensor cores are not the bound: a d = 128 tile
-//   of 128 positions costs them ~0.2 us against ~2.8 us for its 64 KB to arrive at an SM's share
-//   of the bandwidth. What the design buys is the peer's: one deep stream per SM, copies issued
-//   by one warp, and K/V read by the tensor cores straight from shared memory (no ldmatrix).
-// * Tiles start at the sequence's first position (KV ranges run the mma.sync kernel); the last
-//   tile's positions past the end are masked and its V rows past the end zeroed before P V.
-//   Boxes wholly past the end are fetched from a row past the pools and land as zeros.
-template <int kHeadDim>
-struct TmaConfig {
-  // 32 KB stages (d = 64: 128 positions, 128: 64, 256: 32): two consumer groups hold two
-  // stages, and five or six fit beside q and the merge buffer.
-  static constexpr int kTile = 128 * 64 / kHeadDim;
-  static constexpr int kPanels = kHeadDim / 64;  // 64-column (128-byte) panels of a row
-  // d = 256 keeps one: 128 accumulators per thread leave no room for two groups' registers.
-  static constexpr int kConsumerGroups = kHeadDim == 256 ? 1 : 2;
-  static constexpr int kConsumerThreads = 128 * kConsumerGroups;
-  // Two consumer groups need more than an even share of the register file, and registers move
-  // between whole warpgroups only (setmaxnreg): a producer warpgroup whose first warp copies.
-  // One consumer group has the file to itself beside one producer warp.
-  static constexpr int kThreads = kConsumerThreads + (kConsumerGroups == 2 ? 128 : 32);
-  static constexpr int kProducerRegisters = 40;
-  static constexpr int kConsumerRegisters = kConsumerGroups == 2 ? 232 : 240;
-  static_assert((kConsumerGroups * kConsumerRegisters + kProducerRegisters) * 128 <= 65536);
-  static constexpr int kPanelBytes = kTile * 128;
-  static constexpr int kStageBytes = 2 * kPanels * kPanelBytes;
-  // q as the A operand: 16 rows per consumer group per panel. wgmma reads 64 rows; the rest fall
-  // on the next panels and the buffers after q (always allocated), read by warps whose rows
-  // nobody uses.
-  static constexpr int kQPanelBytes = 16 * kConsumerGroups * 128;
-  static constexpr int kQBytes = kPanels * kQPanelBytes;
-  static constexpr int kQStagingBytes = kMaxGroup * kHeadDim * 4;  // a head's q, float32
-  // The split-head merge's buffer (at least one part, and room to batch small ones), and the
-  // scratch where the warpgroups' outputs meet.
-  static constexpr int kMergeBytes =
-      kMaxGroup * (kHeadDim + 2) * 4 > 16384 ? kMaxGroup * (kHeadDim + 2) * 4 : 16384;
-  static constexpr int kFixedBytes = kQBytes + kQStagingBytes + kMergeBytes;
-  static constexpr int kMaxStages = 8;
-  static_assert(kQStagingBytes + kMergeBytes >= 64 * 128 - kQPanelBytes,
-                "the rows wgmma reads past q stay in bounds");
-};
-
-template <int kHeadDim, typename Traits>
-__global__ void __launch_bounds__(TmaConfig<kHeadDim>::kThreads, 1)
-    LeanDecodeTmaKernel(const __grid_constant__ LeanParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Config = TmaConfig<kHeadDim>;
-  using T = typename Traits::T;
-  constexpr int kTile = Config::kTile;
-  constexpr int kKSteps = kHeadDim / 16;  // k-steps of q K^T
-  constexpr int kPvSteps = kTile / 16;    // k-steps of P V
-  constexpr int kConsumers = Config::kConsumerThreads;
-
-  // The ring starts at the first 1024-byte boundary (the swizzle is a function of the address
-  // bits; the host adds the slack).
-  extern __shared__ __align__(128) uint8_t smem_raw[];
-  uint8_t* const smem = smem_raw + ((1024u - (SmemAddr(smem_raw) & 1023u)) & 1023u);
-  const int stages = p.stages;
-  uint8_t* const q_tile = smem + stages * Config::kStageBytes;
-  float* const q_staging = reinterpret_cast<float*>(q_tile + Config::kQBytes);
-  float* const merge_buffer = q_staging + Config::kQStagingBytes / 4;
-  __shared__ __align__(8) uint64_t full[Config::kMaxStages];
-  __shared__ __align__(8) uint64_t empty[Config::kMaxStages];
-  __shared__ float group_max[Config::kConsumerGroups][16];
-  __shared__ int tiles_landed;  // this block's tiles whose "full" wait has passed, in order
-  __shared__ float group_sum[Config::kConsumerGroups][16];
-
-  const DecodeAttentionArgs& a = p.args;
-  const int tid = threadIdx.x;
-  const int warp = tid / 32;
-  const int lane = tid % 32;
-  if (tid == 0) {
-    for (int i = 0; i < stages; ++i) {
-      MbarrierInit(SmemAddr(&full[i]), 1);
-      MbarrierInit(SmemAddr(&empty[i]), 4);  // the warps of the tile's warpgroup
-    }
-    tiles_landed = 0;
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  // The plan's block barriers also order the barriers' initialisation before their first use.
-  BlockShare share;
-  if (!PlanBlock<Config::kThreads, kTile, kHeadDim, Traits>(p, &share)) return;
-  const int64_t t0 = share.t0;
-  const int64_t t1 = share.t1;
-  const int num_kv_heads = a.kv.num_kv_heads;
-
-  if (warp >= kConsumers / 32) {
-    if constexpr (Config::kConsumerGroups == 2) {
-      asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(Config::kProducerRegisters));
-    }
-    if (warp > kConsumers / 32) return;
-    // --- Producer warp: lane i copies box i of each tile. ---
-    TileCursor cursor = share.start;
-    const int block_size = a.kv.block_size;
-    const int box_rows = p.box_rows;
-    const int boxes = kTile / box_rows;
-    int stage = 0;
-    uint32_t phase = 0;
-    for (int64_t t = t0; t < t1; ++t) {
-      if (t > t0) cursor.Advance(a, kTile);
-      // The block id loads before the wait for the stage, so their latency overlaps it.
-      int row = p.pool_rows;
-      if (lane < boxes) {
-        const int pos = cursor.j * kTile + lane * box_rows;
-        if (pos < cursor.end) {
-          const int page = p.block_shift >= 0 ? pos >> p.block_shift : pos / block_size;
-          const int block = cursor.blocks[page];
-          if (block >= 0 && block < a.kv.num_blocks) {
-            row = (block * num_kv_heads + cursor.kv_head) * block_size + (pos - page * block_size);
-          } else {
-            atomicOr(p.error_word, kLeanErrorBadBlock);
-          }
-        }
-      }
-      const uint32_t full_bar = SmemAddr(&full[stage]);
-      if (lane == 0) {
-        MbarrierWait(SmemAddr(&empty[stage]), phase ^ 1);
-        MbarrierArriveExpectTx(full_bar, Config::kStageBytes);
-      }
-      __syncwarp();
-      if (lane < boxes) {
-        const uint32_t k_dst = SmemAddr(smem + stage * Config::kStageBytes) + lane * box_rows * 128;
-        const uint32_t v_dst = k_dst + Config::kStageBytes / 2;
-#pragma unroll
-        for (int panel = 0; panel < Config::kPanels; ++panel) {
-          TensorCopy2d(k_dst + panel * Config::kPanelBytes, &p.k_map, panel * 64, row, full_bar);
-          TensorCopy2d(v_dst + panel * Config::kPanelBytes, &p.v_map, panel * 64, row, full_bar);
-        }
-      }
-      if (++stage == stages) {
-        stage = 0;
-        phase ^= 1;
-      }
-    }
-    return;
-  }
-
-  // --- Consumer warpgroups: group wg computes the tiles t0 + wg, t0 + wg + kGroups, ... ---
-  if constexpr (Config::kConsumerGroups == 2) {
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(Config::kConsumerRegisters));
-  }
-  constexpr int kGroups = Config::kConsumerGroups;
-  const int wg = warp / 4;
-  // The warp that holds q's rows in its warpgroup's products (rows 16 * wg..): warp 0 of group 0,
-  // warp 1 of group 1, so the two softmaxes run on different schedulers (warp % 4).
-  const bool lead_warp = warp % 4 == wg;
-  const int group = p.group;
-  const bool hi_lo = group <= 8;
-  const int g = lane / 4;        // this thread's rows g and g + 8 of its warp's 16
-  const int c = 2 * (lane % 4);  // and columns c, c + 1 of every n8 block
-  const int num_heads = a.num_seqs * num_kv_heads;
-  auto sync_consumers = [] { NamedBarrierSync<1, kConsumers>(); };
-  // The V tail zeroing is the tile's warpgroup's alone: barrier 2 + wg over its 128 threads.
-  auto sync_group = [wg] {
-    if (wg == 0) {
-      NamedBarrierSync<2, 128>();
-    } else {
-      NamedBarrierSync<3, 128>();
-    }
-  };
-  const int group_tid = tid % 128;
-  // A head's q lands in q_staging by cp.async, one head ahead of its use.
-  int64_t staged_head = -1;
-  auto stage_q = [&](int64_t flat_head) {
-    const float* src = a.q + flat_head * group * kHeadDim;
-    for (int i = tid; i < group * kHeadDim / 4; i += kConsumers) {
-      CpAsync16(SmemAddr(q_staging + 4 * i), src + 4 * i, true);
-    }
-    CpAsyncCommit();
-    staged_head = flat_head;
-  };
-  TileCursor cursor = share.start;
-  stage_q(int64_t{cursor.s} * num_kv_heads + cursor.kv_head);
-
-  const uint64_t q_desc = wgmma::MakeDescriptor(SmemAddr(q_tile), 16, 1024);
-  float o_acc[kHeadDim / 2];
-  float row_max[2];
-  float row_sum[2];
-  int stage = 0;
-  uint32_t phase = 0;
-  for (int64_t t = t0; t < t1; ++t) {
-    if (t > t0) cursor.Advance(a, kTile);
-    const int j = cursor.j;
-    const int64_t flat_head = int64_t{cursor.s} * num_kv_heads + cursor.kv_head;
-    const int64_t head_first_tile =
-        cursor.seq_first_tile + int64_t{cursor.kv_head} * cursor.tiles_per_head;
-    const int64_t head_last_tile = head_first_tile + cursor.tiles_per_head - 1;
-    const bool segment_start = t == t0 || j == 0;
-    const bool segment_end = t == t1 - 1 || t == head_last_tile;
-    const bool last_tile = j == cursor.tiles_per_head - 1;
-    const int tile_pos0 = j * kTile;
-
-    if (segment_start) {
-      if (staged_head != flat_head) {
-        // The prefetch guessed the next head wrong (sequences without tiles lie between): its
-        // copies land before the right ones are issued to the same addresses.
-        mma::CpAsyncWait<0>();
-        stage_q(flat_head);
-      }
-      mma::CpAsyncWait<0>();
-      sync_consumers();  // every thread's copies of q landed; no wgmma still reads q_tile
-      // q_tile rows 16 * wg + r, once per consumer group: hi/lo pairs (r < 8: q row r's 16-bit
-      // part, r + 8: its residual) or plain rows (groups of 9..16); rows past the group are zero.
-      constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks of a 16-bit row
-      for (int i = tid; i < 16 * kGroups * kChunks; i += kConsumers) {
-        const int row = i / kChunks;
-        const int r = row % 16;
-        const int chunk = i % kChunks;
-        const int src_row = hi_lo ? r % 8 : r;
-        const bool residual = hi_lo && r >= 8;
-        uint4 packed = make_uint4(0u, 0u, 0u, 0u);
-        if (src_row < group) {
-          const float4* src =
-              reinterpret_cast<const float4*>(q_staging + src_row * kHeadDim + chunk * 8);
-          const float4 lo4 = src[0];
-          const float4 hi4 = src[1];
-          float x[8] = {lo4.x, lo4.y, lo4.z, lo4.w, hi4.x, hi4.y, hi4.z, hi4.w};
-          uint32_t w[4];
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float x0 = x[2 * e] * p.q_scale;
-            float x1 = x[2 * e + 1] * p.q_scale;
-            if (residual) {
-              x0 -= Traits::Rounded(x0);
-              x1 -= Traits::Rounded(x1);
-            }
-            w[e] = Traits::Pack(x0, x1);
-          }
-          packed = make_uint4(w[0], w[1], w[2], w[3]);
-        }
-        *reinterpret_cast<uint4*>(q_tile + (chunk / 8) * Config::kQPanelBytes + row * 128 +
-                                  (((chunk % 8) ^ (row & 7)) << 4)) = packed;
-      }
-      FenceProxyAsyncShared();  // the tensor cores read q_tile next
-      sync_consumers();         // q_tile written, q_staging read by every thread
-      if (head_last_tile < t1 - 1 && flat_head + 1 < num_heads) stage_q(flat_head + 1);
-#pragma unroll
-      for (int i = 0; i < kHeadDim / 2; ++i) o_acc[i] = 0.0f;
-      row_max[0] = row_max[1] = FERRY_EMPTY_LSE;
-      row_sum[0] = row_sum[1] = 0.0f;
-    }
-
-    const int this_stage = stage;
-    const uint32_t this_phase = phase;
-    if (++stage == stages) {
-      stage = 0;
-      phase ^= 1;
-    }
-    if (static_cast<int>((t - t0) % kGroups) == wg) {
-    const uint32_t k_addr = SmemAddr(smem + this_stage * Config::kStageBytes);
-    const uint32_t v_addr = k_addr + Config::kStageBytes / 2;
-    const int local_tile = static_cast<int>(t - t0);
-    if constexpr (kGroups > 1) {
-      // The groups pass the "full" waits in tile order. Otherwise a group could reach a stage
-      // while the stage's previous tile (the other group's) is still in flight (copies land in
-      // any order), and its parity wait would pass on the older, completed phase.
-      while (*reinterpret_cast<volatile int*>(&tiles_landed) < local_tile) {
-      }
-    }
-    MbarrierWait(SmemAddr(&full[this_stage]), this_phase);
-    if (kGroups > 1 && group_tid == 0) {
-      *reinterpret_cast<volatile int*>(&tiles_landed) = local_tile + 1;
-    }
-
-    // V rows past the end (the tail of a head's last tile) may hold anything the pool holds;
-    // P is zero there, but 0 * NaN is not, so they are zeroed.
-    if (last_tile && cursor.end - tile_pos0 < kTile) {
-      const int valid_rows = cursor.end - tile_pos0;
-      constexpr int kRowChunks = Config::kPanels * 8;
-      uint8_t* v_stage = smem + this_stage * Config::kStageBytes + Config::kStageBytes / 2;
-      for (int i = group_tid; i < (kTile - valid_rows) * kRowChunks; i += 128) {
-        const int row = valid_rows + i / kRowChunks;
-        const int rest = i % kRowChunks;
-        *reinterpret_cast<uint4*>(v_stage + (rest / 8) * Config::kPanelBytes + row * 128 +
-                                  (rest % 8) * 16) = make_uint4(0u, 0u, 0u, 0u);
-      }
-      FenceProxyAsyncShared();
-      sync_group();
-    }
-
-    // --- S = q K^T (64 x kTile; rows g, g + 8 of warp 0 are the data). ---
-    // Descriptors are built once; a k-step moves their start address (16-byte units, low bits).
-    float s_acc[kTile / 2];
-    const uint64_t k_desc = wgmma::MakeDescriptor(k_addr, 16, 1024);
-    wgmma::Fence();
-#pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      // 16 columns = 32 bytes into the 128-byte row, panels further on.
-      const uint32_t q_step = ((ks / 4) * Config::kQPanelBytes + (ks % 4) * 32) >> 4;
-      const uint32_t k_step = ((ks / 4) * Config::kPanelBytes + (ks % 4) * 32) >> 4;
-      if (ks == 0) {
-        wgmma::Ss<kTile, Traits>::First(s_acc, q_desc + q_step, k_desc + k_step);
-      } else {
-        wgmma::Ss<kTile, Traits>::Next(s_acc, q_desc + q_step, k_desc + k_step);
-      }
-    }
-    wgmma::Commit();
-    wgmma::Wait<0>();
-
-    // --- Online softmax on warp 0; P as the A operand of P V (zero in warps 1..3). ---
-    uint32_t p_frag[kPvSteps][4];
-    if (lead_warp) {
-      if (hi_lo) {
-#pragma unroll
-        for (int n = 0; n < kTile / 8; ++n) {
-          s_acc[4 * n] += s_acc[4 * n + 2];
-          s_acc[4 * n + 1] += s_acc[4 * n + 3];
-        }
-      }
-      if (last_tile) {
-#pragma unroll
-        for (int n = 0; n < kTile / 8; ++n) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            if (tile_pos0 + 8 * n + c + e >= cursor.end) {
-              s_acc[4 * n + e] = FERRY_EMPTY_LSE;
-              s_acc[4 * n + 2 + e] = FERRY_EMPTY_LSE;
-            }
-          }
-        }
-      }
-      float alpha[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (h == 1 && hi_lo) {
-          alpha[1] = alpha[0];
-          break;
-        }
-        float m = FERRY_EMPTY_LSE;
-#pragma unroll
-        for (int n = 0; n < kTile / 8; ++n) {
-          m = fmaxf(m, fmaxf(s_acc[4 * n + 2 * h], s_acc[4 * n + 2 * h + 1]));
-        }
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-        const float new_max = fmaxf(row_max[h], m);
-        // All positions so far masked: subtract 0 instead of -inf (no NaN from -inf - -inf).
-        const float base = new_max == FERRY_EMPTY_LSE ? 0.0f : new_max;
-        alpha[h] = exp2f(row_max[h] - base);
-        float sum = 0.0f;
-#pragma unroll
-        for (int n = 0; n < kTile / 8; ++n) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float prob = exp2f(s_acc[4 * n + 2 * h + e] - base);
-            s_acc[4 * n + 2 * h + e] = prob;
-            sum += prob;
-          }
-        }
-        row_sum[h] = row_sum[h] * alpha[h] + sum;
-        row_max[h] = new_max;
-      }
-#pragma unroll
-      for (int kk = 0; kk < kPvSteps; ++kk) {
-        const float* p0 = s_acc + 8 * kk;      // n8 block 2kk: columns c, c + 1
-        const float* p1 = s_acc + 8 * kk + 4;  // n8 block 2kk + 1: columns c + 8, c + 9
-        p_frag[kk][0] = Traits::Pack(p0[0], p0[1]);
-        p_frag[kk][2] = Traits::Pack(p1[0], p1[1]);
-        if (hi_lo) {
-          p_frag[kk][1] = Traits::Pack(p0[0] - Traits::Rounded(p0[0]),
-                                       p0[1] - Traits::Rounded(p0[1]));
-          p_frag[kk][3] = Traits::Pack(p1[0] - Traits::Rounded(p1[0]),
-                                       p1[1] - Traits::Rounded(p1[1]));
-        } else {
-          p_frag[kk][1] = Traits::Pack(p0[2], p0[3]);
-          p_frag[kk][3] = Traits::Pack(p1[2], p1[3]);
-        }
-      }
-      // Once the running max settles, alpha is 1 for every row: skip the rescale.
-      if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-#pragma unroll
-        for (int n = 0; n < kHeadDim / 8; ++n) {
-          o_acc[4 * n] *= alpha[0];
-          o_acc[4 * n + 1] *= alpha[0];
-          o_acc[4 * n + 2] *= alpha[1];
-          o_acc[4 * n + 3] *= alpha[1];
-        }
-      }
-    } else {
-#pragma unroll
-      for (int kk = 0; kk < kPvSteps; ++kk) {
-        p_frag[kk][0] = p_frag[kk][1] = p_frag[kk][2] = p_frag[kk][3] = 0u;
-      }
-    }
-
-    // --- O += P V (V N-major: its rows are the k dimension). ---
-    const uint64_t v_desc = wgmma::MakeDescriptor(v_addr, Config::kPanelBytes, 1024);
-    wgmma::Fence();
-#pragma unroll
-    for (int kk = 0; kk < kPvSteps; ++kk) {
-      wgmma::Rs<kHeadDim, Traits>::Next(o_acc, p_frag[kk], v_desc + ((kk * 16 * 128) >> 4));
-    }
-    wgmma::Commit();
-    wgmma::Wait<0>();
-    __syncwarp();
-    if (lane == 0) MbarrierArrive(SmemAddr(&empty[this_stage]));  // the stage may be refilled
-    }
-
-    if (segment_end) {
-      // --- Merge the warpgroups' states (statistics through shared memory; the outputs
-      // summed in group order in merge_buffer) and write the segment's state. ---
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
-        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
-      }
-      if (lead_warp && lane % 4 == 0) {
-        group_max[wg][g] = row_max[0];
-        group_sum[wg][g] = row_sum[0];
-        group_max[wg][g + 8] = hi_lo ? FERRY_EMPTY_LSE : row_max[1];
-        group_sum[wg][g + 8] = hi_lo ? 0.0f : row_sum[1];
-      }
-      sync_consumers();  // every tile of the segment consumed, statistics published
-      // Row r's merged max and sum.
-      auto row_stats = [&](int r, float* block_max, float* block_sum) {
-        float mx = FERRY_EMPTY_LSE;
-#pragma unroll
-        for (int w = 0; w < kGroups; ++w) mx = fmaxf(mx, group_max[w][r]);
-        float sm = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kGroups; ++w) {
-          if (group_max[w][r] != FERRY_EMPTY_LSE) {
-            sm += group_sum[w][r] * exp2f(group_max[w][r] - mx);
-          }
-        }
-        *block_max = mx;
-        *block_sum = sm;
-      };
-      const int64_t owner_first = OwnerOfTile(head_first_tile, share.total_tiles, share.num_workers);
-      const int64_t owner_last = OwnerOfTile(head_last_tile, share.total_tiles, share.num_workers);
-      const bool split = owner_first != owner_last;
-      const int64_t first_row = flat_head * group;  // == s * num_q_heads + kv_head * group
-      const int64_t part = int64_t{blockIdx.x} * 2 + (head_first_tile < t0 ? 0 : 1);
-      float* o_dst = split ? p.part_o + part * group * kHeadDim : a.state_o + first_row * kHeadDim;
-      T* out = split ? nullptr : static_cast<T*>(a.out) + first_row * kHeadDim;
-      // Group w adds its scaled output to the sum of groups < w in merge_buffer; the last one
-      // writes the state.
-#pragma unroll
-      for (int w = 0; w < kGroups; ++w) {
-        if (w > 0) sync_consumers();
-        if (wg != w || !lead_warp) continue;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (h == 1 && hi_lo) break;
-          const int r = g + 8 * h;
-          if (r >= group) continue;
-          float mx, sm;
-          row_stats(r, &mx, &sm);
-          const float factor =
-              row_max[h] == FERRY_EMPTY_LSE || !(sm > 0.0f) ? 0.0f : exp2f(row_max[h] - mx) / sm;
-#pragma unroll
-          for (int n = 0; n < kHeadDim / 8; ++n) {
-            float v0 = o_acc[4 * n + 2 * h];
-            float v1 = o_acc[4 * n + 2 * h + 1];
-            if (hi_lo) {
-              v0 += o_acc[4 * n + 2];
-              v1 += o_acc[4 * n + 3];
-            }
-            float2 v = make_float2(v0 * factor, v1 * factor);
-            float2* sum = reinterpret_cast<float2*>(merge_buffer + r * kHeadDim + 8 * n + c);
-            if (w > 0) v = make_float2(sum->x + v.x, sum->y + v.y);
-            if (w + 1 < kGroups) {
-              *sum = v;
-            } else {
-              *reinterpret_cast<float2*>(o_dst + r * kHeadDim + 8 * n + c) = v;
-              if (out != nullptr) {
-                out[r * kHeadDim + 8 * n + c] = Traits::FromFloat(v.x);
-                out[r * kHeadDim + 8 * n + c + 1] = Traits::FromFloat(v.y);
-              }
-            }
-          }
-          if (w + 1 == kGroups && lane % 4 == 0) {
-            const float lse = sm > 0.0f ? (mx + log2f(sm)) * kLn2 : FERRY_EMPTY_LSE;
-            if (split) {
-              p.part_lse[part * group + r] = lse;
-            } else {
-              a.state_lse[first_row + r] = lse;
-            }
-          }
-        }
-      }
-      if (split) {
-        // The merge's buffer: the whole ring once this block has consumed its last tile (the
-        // producer has nothing left to copy), else merge_buffer (its sums were read above,
-        // before the merge's first barrier).
-        const bool ring_free = t == t1 - 1;
-        ArriveAndMergeSplitHead<kHeadDim, kConsumers, Traits>(
-            p, tid, flat_head, owner_first, owner_last,
-            ring_free ? reinterpret_cast<float*>(smem) : merge_buffer,
-            ring_free ? stages * Config::kStageBytes : Config::kMergeBytes, sync_consumers);
-      }
-    }
-  }
-#endif
-}
-
 // --- Host side. ----------------------------------------------------------------------------
 
 struct LaunchPlan {
   const void* kernel = nullptr;
-  int tile = 0;  // KV positions per tile
   int threads = 0;
   int stages = 0;
   size_t smem_bytes = 0;
@@ -1460,7 +841,6 @@ LaunchPlan MakeLaunchPlan(int device) {
   LaunchPlan plan;
   auto kernel = LeanDecodeKernel<kHeadDim, Traits>;
   plan.kernel = reinterpret_cast<const void*>(kernel);
-  plan.tile = Config::kTile;
   plan.threads = Config::kThreads;
   int optin = 0, sms = 0, per_sm_smem = 0;
   cudaFuncAttributes attrs;
@@ -1515,130 +895,46 @@ LaunchPlan MakeLaunchPlan(int device) {
   return plan;
 }
 
-constexpr int kRingAlignSlack = 1024;  // the copy-engine kernel aligns its ring to 1024 bytes
-
-// The copy-engine kernel's plan: one block per SM with as many stages as shared memory holds.
-// Not served (cudaErrorNotSupported) off compute capability 9.0 or when this build holds no
-// sm_90a code for it (its body is empty elsewhere).
-template <int kHeadDim, typename Traits>
-LaunchPlan MakeTmaLaunchPlan(int device) {
-  using Config = TmaConfig<kHeadDim>;
-  LaunchPlan plan;
-  auto kernel = LeanDecodeTmaKernel<kHeadDim, Traits>;
-  plan.kernel = reinterpret_cast<const void*>(kernel);
-  plan.tile = Config::kTile;
-  plan.threads = Config::kThreads;
-  int major = 0, minor = 0, optin = 0, sms = 0;
-  cudaFuncAttributes attrs;
-  if ((plan.error = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device)) !=
-          cudaSuccess ||
-      (plan.error = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device)) !=
-          cudaSuccess ||
-      (plan.error = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                           device)) != cudaSuccess ||
-      (plan.error = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) !=
-          cudaSuccess ||
-      (plan.error = cudaFuncGetAttributes(&attrs, kernel)) != cudaSuccess) {
-    return plan;
-  }
-  if (major != 9 || minor != 0 || attrs.binaryVersion != 90) {
-    plan.error = cudaErrorNotSupported;
-    return plan;
-  }
-  const int64_t fixed =
-      static_cast<int64_t>(attrs.sharedSizeBytes) + kRingAlignSlack + Config::kFixedBytes + 1024;
-  plan.stages = static_cast<int>(
-      std::min<int64_t>(Config::kMaxStages, (int64_t{optin} - fixed) / Config::kStageBytes));
-  if (plan.stages < 2) {
-    plan.error = cudaErrorNotSupported;
-    return plan;
-  }
-  plan.smem_bytes =
-      kRingAlignSlack + int64_t{plan.stages} * Config::kStageBytes + Config::kFixedBytes;
-  if ((plan.error = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(plan.smem_bytes))) != cudaSuccess) {
-    return plan;
-  }
-  int per_sm = 0;
-  if ((plan.error = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-           &per_sm, kernel, plan.threads, plan.smem_bytes)) != cudaSuccess) {
-    return plan;
-  }
-  if (per_sm < 1) {
-    plan.error = cudaErrorNotSupported;
-    return plan;
-  }
-  plan.grid = per_sm * sms;
-  return plan;
-}
-
-// Which kernel a launch runs. kTma where the device and build serve it, unless
-// FERRY_LEAN_KERNEL=mma_sync in the environment (read once; for comparisons and tests).
-enum class LeanKernel { kMmaSync, kTma };
-
-bool MmaSyncForced() {
-  static const bool forced = [] {
-    const char* v = std::getenv("FERRY_LEAN_KERNEL");
-    return v != nullptr && std::string_view(v) == "mma_sync";
-  }();
-  return forced;
-}
-
 // Plans are per (device, kernel): computed once, under a lock (it sets a function attribute).
-template <int kHeadDim, typename Traits, LeanKernel kKernel>
+template <int kHeadDim, typename Traits>
 const LaunchPlan& CachedLaunchPlan(int device) {
   static std::mutex mutex;
   static LaunchPlan plans[kMaxDevices];
   static bool ready[kMaxDevices] = {};
   std::lock_guard<std::mutex> lock(mutex);
   if (!ready[device]) {
-    plans[device] = kKernel == LeanKernel::kTma ? MakeTmaLaunchPlan<kHeadDim, Traits>(device)
-                                                : MakeLaunchPlan<kHeadDim, Traits>(device);
-    // A kernel this device does not serve stays unserved; other errors are retried.
-    ready[device] = plans[device].error == cudaSuccess ||
-                    plans[device].error == cudaErrorNotSupported;
+    plans[device] = MakeLaunchPlan<kHeadDim, Traits>(device);
+    ready[device] = plans[device].error == cudaSuccess;
   }
   return plans[device];
 }
 
-// The plan of one kernel for a (head_dim, dtype), or an error when this build or device does
-// not serve it.
-LaunchPlan FindLaunchPlan(int head_dim, DType dtype, int device, LeanKernel kernel) {
+// The plan for a (head_dim, dtype), or an error when this build or device does not serve it.
+LaunchPlan FindLaunchPlan(int head_dim, DType dtype, int device) {
   LaunchPlan none;
   none.error = cudaErrorNotSupported;
   if (device < 0 || device >= kMaxDevices) return none;
   const bool bf16 = dtype == DType::kBFloat16;
   if (!bf16 && dtype != DType::kFloat16) return none;
-  if (kernel == LeanKernel::kTma && MmaSyncForced()) return none;
-  const bool tma = kernel == LeanKernel::kTma;
   switch (head_dim) {
-#define FERRY_LEAN_PLAN(D)                                                                  \
-  case D:                                                                                   \
-    if (tma) {                                                                              \
-      return bf16 ? CachedLaunchPlan<D, mma::Bf16, LeanKernel::kTma>(device)                \
-                  : CachedLaunchPlan<D, mma::Fp16, LeanKernel::kTma>(device);               \
-    }                                                                                       \
-    return bf16 ? CachedLaunchPlan<D, mma::Bf16, LeanKernel::kMmaSync>(device)              \
-                : CachedLaunchPlan<D, mma::Fp16, LeanKernel::kMmaSync>(device);
 #ifdef FERRY_LEAN_HEAD_DIM_64
-    FERRY_LEAN_PLAN(64)
+    case 64:
+      return bf16 ? CachedLaunchPlan<64, mma::Bf16>(device)
+                  : CachedLaunchPlan<64, mma::Fp16>(device);
 #endif
 #ifdef FERRY_LEAN_HEAD_DIM_128
-    FERRY_LEAN_PLAN(128)
+    case 128:
+      return bf16 ? CachedLaunchPlan<128, mma::Bf16>(device)
+                  : CachedLaunchPlan<128, mma::Fp16>(device);
 #endif
 #ifdef FERRY_LEAN_HEAD_DIM_256
-    FERRY_LEAN_PLAN(256)
+    case 256:
+      return bf16 ? CachedLaunchPlan<256, mma::Bf16>(device)
+                  : CachedLaunchPlan<256, mma::Fp16>(device);
 #endif
-#undef FERRY_LEAN_PLAN
     default:
       return none;
   }
-}
-
-// Grid both kernels' workspaces fit: the larger grid of those served.
-int WorkspaceGrid(const LaunchPlan& mma_sync, const LaunchPlan& tma) {
-  return std::max(mma_sync.error == cudaSuccess ? mma_sync.grid : 0,
-                  tma.error == cudaSuccess ? tma.grid : 0);
 }
 
 constexpr size_t kAlign = 256;
@@ -1676,51 +972,14 @@ bool ShapeIsServed(int num_q_heads, int num_kv_heads, int head_dim, cudaError_t*
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// The driver's tensor-map encoder, found once through the runtime (no link against libcuda).
-PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 encoder = [] {
-    void* fn = nullptr;
-    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
-                                         &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      cudaGetLastError();  // not sticky; launches fall back to the mma.sync kernel
-      return PFN_cuTensorMapEncodeTiled_v12000{nullptr};
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
-  }();
-  return encoder;
-}
-
-// A pool as a 2-D tensor of `rows` rows of head_dim 16-bit elements, read in 64-column x
-// box_rows boxes with the 128-byte swizzle. False when the encoder is missing or refuses.
-bool EncodePoolMap(CUtensorMap* map, const void* pool, const PagedKvView& kv, int64_t rows,
-                   int box_rows) {
-  const PFN_cuTensorMapEncodeTiled_v12000 encode = TensorMapEncoder();
-  if (encode == nullptr) return false;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(kv.head_dim), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t row_stride[1] = {static_cast<cuuint64_t>(kv.head_dim) * 2};
-  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t element_strides[2] = {1, 1};
-  return encode(map,
-                kv.dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                             : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-                2, const_cast<void*>(pool), dims, row_stride, box, element_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
 }  // namespace
 
 int LeanDecodeGridSize(int num_q_heads, int num_kv_heads, int head_dim, DType dtype,
                        int device) {
   cudaError_t error = cudaSuccess;
   if (!ShapeIsServed(num_q_heads, num_kv_heads, head_dim, &error)) return 0;
-  const LaunchPlan tma = FindLaunchPlan(head_dim, dtype, device, LeanKernel::kTma);
-  if (tma.error == cudaSuccess) return tma.grid;
-  const LaunchPlan mma_sync = FindLaunchPlan(head_dim, dtype, device, LeanKernel::kMmaSync);
-  return mma_sync.error == cudaSuccess ? mma_sync.grid : 0;
+  const LaunchPlan plan = FindLaunchPlan(head_dim, dtype, device);
+  return plan.error == cudaSuccess ? plan.grid : 0;
 }
 
 size_t LeanDecodeWorkspaceSize(int max_num_seqs, int num_q_heads, int num_kv_heads,
@@ -1733,16 +992,13 @@ size_t LeanDecodeWorkspaceSize(int max_num_seqs, int num_q_heads, int num_kv_hea
     return 0;
   }
   if (!ShapeIsServed(num_q_heads, num_kv_heads, head_dim, error)) return 0;
-  // The mma.sync kernel serves every launch the copy-engine kernel does not (KV ranges, pages
-  // not a multiple of 8), so it must be served; the workspace fits either kernel's grid.
-  const LaunchPlan mma_sync = FindLaunchPlan(head_dim, dtype, device, LeanKernel::kMmaSync);
-  if (mma_sync.error != cudaSuccess) {
-    *error = mma_sync.error;
+  const LaunchPlan plan = FindLaunchPlan(head_dim, dtype, device);
+  if (plan.error != cudaSuccess) {
+    *error = plan.error;
     return 0;
   }
-  const LaunchPlan tma = FindLaunchPlan(head_dim, dtype, device, LeanKernel::kTma);
   return LayoutWorkspace(max_num_seqs, num_kv_heads, num_q_heads / num_kv_heads, head_dim,
-                         WorkspaceGrid(mma_sync, tma))
+                         plan.grid)
       .total;
 }
 
@@ -1777,43 +1033,28 @@ cudaError_t LeanDecode(const DecodeAttentionArgs& args, void* workspace, size_t 
   // Pool offsets are computed in int64 but positions in int32 (seq_lens are int32).
   int device = 0;
   if ((error = cudaGetDevice(&device)) != cudaSuccess) return error;
-  const LaunchPlan mma_sync = FindLaunchPlan(kv.head_dim, kv.dtype, device, LeanKernel::kMmaSync);
-  if (mma_sync.error != cudaSuccess) return mma_sync.error;
-  const LaunchPlan tma = FindLaunchPlan(kv.head_dim, kv.dtype, device, LeanKernel::kTma);
+  const LaunchPlan plan = FindLaunchPlan(kv.head_dim, kv.dtype, device);
+  if (plan.error != cudaSuccess) return plan.error;
   const int group = args.num_q_heads / kv.num_kv_heads;
+  const WorkspaceLayout layout =
+      LayoutWorkspace(args.num_seqs, kv.num_kv_heads, group, kv.head_dim, plan.grid);
+  if (workspace_bytes < layout.total) return cudaErrorInvalidValue;
 
+  uint8_t* base = static_cast<uint8_t*>(workspace);
   LeanParams params;
   params.args = args;
+  params.error_word = reinterpret_cast<int32_t*>(base);
+  params.counters = reinterpret_cast<int32_t*>(base + layout.counters);
+  params.part_o = reinterpret_cast<float*>(base + layout.part_o);
+  params.part_lse = reinterpret_cast<float*>(base + layout.part_lse);
   params.group = group;
+  params.stages = plan.stages;
   params.q_scale = args.softmax_scale * kLog2e;
   params.block_shift = -1;
   if ((kv.block_size & (kv.block_size - 1)) == 0) {
     params.block_shift = 0;
     while ((1 << params.block_shift) < kv.block_size) ++params.block_shift;
   }
-  // The copy-engine kernel reads boxes of whole 8-row swizzle atoms that never cross a page,
-  // and tiles from each sequence's start (no KV ranges); row coordinates are int32.
-  const int64_t pool_rows = int64_t{kv.num_blocks} * kv.num_kv_heads * kv.block_size;
-  bool use_tma = tma.error == cudaSuccess && args.kv_begin == nullptr && kv.block_size % 8 == 0 &&
-                 pool_rows > 0 && pool_rows < INT32_MAX;
-  if (use_tma) {
-    params.box_rows = std::gcd(kv.block_size, tma.tile);
-    params.pool_rows = static_cast<int>(pool_rows);
-    use_tma = EncodePoolMap(&params.k_map, kv.k_pool, kv, pool_rows, params.box_rows) &&
-              EncodePoolMap(&params.v_map, kv.v_pool, kv, pool_rows, params.box_rows);
-  }
-  const LaunchPlan& plan = use_tma ? tma : mma_sync;
-  // A workspace sized by LeanDecodeWorkspaceSize fits either kernel's grid; the counters sit at
-  // the same offset in both layouts.
-  const WorkspaceLayout layout =
-      LayoutWorkspace(args.num_seqs, kv.num_kv_heads, group, kv.head_dim, plan.grid);
-  if (workspace_bytes < layout.total) return cudaErrorInvalidValue;
-  uint8_t* base = static_cast<uint8_t*>(workspace);
-  params.error_word = reinterpret_cast<int32_t*>(base);
-  params.counters = reinterpret_cast<int32_t*>(base + layout.counters);
-  params.part_o = reinterpret_cast<float*>(base + layout.part_o);
-  params.part_lse = reinterpret_cast<float*>(base + layout.part_lse);
-  params.stages = plan.stages;
   void* kernel_args[] = {&params};
   return cudaLaunchKernel(plan.kernel, dim3(plan.grid), dim3(plan.threads), kernel_args,
                           plan.smem_bytes, stream);
