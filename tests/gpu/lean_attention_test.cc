@@ -156,9 +156,18 @@ class LeanDecodeTest : public ::testing::Test {
         p.kv_end.push_back(e);
       }
     }
+    bool served = false;
+    CheckProblem(p, &served);
+    if (!served) GTEST_SKIP() << "shape not served by this build: " << Describe(shape);
+  }
+
+  // Poisons the outputs, runs LeanDecode on the device and compares with float64. *served is
+  // false (and nothing is checked) when this build does not serve the shape.
+  void CheckProblem(DecodeProblem& p, bool* served) {
     p.Poison();
     DeviceProblem dev;
-    if (!dev.Upload(p)) GTEST_SKIP() << "shape not served by this build: " << Describe(shape);
+    *served = dev.Upload(p);
+    if (!*served) return;
     CUDA_ASSERT(dev.Run());
     CUDA_ASSERT(cudaDeviceSynchronize());
     dev.Download(p);
@@ -231,14 +240,8 @@ TEST_F(LeanDecodeTest, PoolRowsPastTheEndAreNeverUsed) {
           }
         }
       }
-      p.Poison();
-      DeviceProblem dev;
-      if (!dev.Upload(p)) continue;  // head dim not in this build
-      CUDA_ASSERT(dev.Run());
-      CUDA_ASSERT(cudaDeviceSynchronize());
-      dev.Download(p);
-      EXPECT_EQ(dev.ErrorWord(), 0);
-      ExpectMatchesReference(p, reference::DecodeAttentionReference(p.Args()));
+      bool served = false;
+      CheckProblem(p, &served);  // head dims this build lacks are not served: nothing to check
     }
   }
 }
