@@ -5,10 +5,14 @@
 //   positions of one (sequence, KV head); group g owns positions [16g, 16g + 16) of each tile
 //   and keeps its own online-softmax state over them; the groups' states are merged through
 //   shared memory once per head segment.
-// * The GQA group is the M dimension of mma.sync m16n8k16: one K/V load serves every q head of
-//   the group. Groups of <= 8 use rows r and r + 8 for the hi and lo halves of q (and of the
-//   softmax weights), so the tensor cores see ~16 mantissa bits where a plain 16-bit q would see
-//   8 (bf16); the two rows' accumulators sit in the same thread, so the sum is free.
+// * The products are transposed, S^T = K q^T and O^T = V^T P^T on mma.sync m16n8k16, so the
+//   positions and head dims are M and the GQA group is N: n8 tiles of q columns waste less than
+//   an m16 tile of q rows would (group 4: one n8 tile, half the MMAs and accumulators of q as
+//   M), and one K/V load serves every q head of the group. Groups of <= 8 use columns 2h and
+//   2h + 1 for the hi and lo halves of head h's q (and of its softmax weights), so the tensor
+//   cores see ~16 mantissa bits where a plain 16-bit q would see 8 (bf16); the two columns'
+//   accumulators sit in the same thread, so the sum is free. Groups of 9-16 use one column per
+//   head. The weights reach P V's B operand through movmatrix (an 8 x 8 transpose in registers).
 // * K/V tiles stream through a multi-stage cp.async ring (16-byte copies, zero-fill past the
 //   range so no garbage reaches the tensor cores, XOR-swizzled rows so ldmatrix is
 //   conflict-free). The pipeline runs across head boundaries: a block's loads never stall on
@@ -37,10 +41,12 @@ using mma::CpAsync16;
 using mma::CpAsyncCommit;
 using mma::LdMatrixX4;
 using mma::LdMatrixX4Trans;
+using mma::MovMatrixTrans;
 using mma::SmemAddr;
 using mma::SwizzledOffset;
 
-constexpr int kMaxGroup = 16;  // one m16 MMA tile of q rows
+constexpr int kMaxGroup = 16;  // q heads per KV head
+constexpr int kMaxQTiles = 2;  // n8 tiles of q columns: hi / lo pairs of 8 heads, or 16 heads
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -64,9 +70,9 @@ struct LeanConfig {
   static constexpr int kTile = kGroups * 16;  // KV positions per tile
   static constexpr int kChunksPerRow = kHeadDim / 8;  // 16-byte chunks of a K or V row
   static constexpr int kStageBytes = 2 * kTile * kHeadDim * 2;  // K tile + V tile
-  static constexpr int kQfragBytes = kHeadDim / 16 * 32 * 16;  // one uint4 per (k-step, lane)
-  // q's A-operand fragments (one uint4 per (k-step, lane)) each thread builds per head.
-  static constexpr int kQFragsPerThread = (kHeadDim / 16 * 32 + kThreads - 1) / kThreads;
+  // q's B-operand fragments: one uint2 per (n8 tile of q columns, k-step, lane), up to two
+  // n8 tiles (kMaxQTiles).
+  static constexpr int kQfragBytes = kMaxQTiles * kHeadDim / 16 * 32 * 8;
   // d = 64 streams best with 3 stages: against 3, 6 stages ran 2-3.5% slower on the H100, 4
   // about 0.7% slower and 2 about 5% slower (one-page tiles; bench/RESULTS.md).
   static constexpr int kMaxStages = kHeadDim == 64 ? 3 : 4;
@@ -191,7 +197,8 @@ __device__ __forceinline__ int64_t OwnerOfTile(int64_t t, int64_t total, int64_t
   return ((t + 1) * num_workers - 1) / total;
 }
 
-template <int kHeadDim, typename Traits>
+// kQTiles: n8 tiles of q columns, 1 for groups of <= 4, 2 for <= 16 (see the notes at the top).
+template <int kHeadDim, typename Traits, int kQTiles>
 __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
                                   LeanConfig<kHeadDim>::kMinBlocks)
     LeanDecodeKernel(const LeanParams p) {
@@ -202,10 +209,13 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
   constexpr int kKSteps = kHeadDim / 16;
   constexpr int kGroups = Config::kGroups;
   constexpr int kDSplit = Config::kDSplit;
-  constexpr int kDTiles = kHeadDim / 8 / kDSplit;  // n8 output tiles of this warp
+  constexpr int kMTiles = kHeadDim / 16 / kDSplit;  // m16 tiles of head dims this warp outputs
+  static_assert(kQTiles >= 1 && kQTiles <= kMaxQTiles);
+  // q's B fragments each thread builds per head.
+  constexpr int kQFragsPerThread = (kQTiles * kKSteps * 32 + kThreads - 1) / kThreads;
 
   extern __shared__ __align__(128) uint8_t smem[];
-  uint4* qfrag = reinterpret_cast<uint4*>(smem + p.stages * Config::kStageBytes);
+  uint2* qfrag = reinterpret_cast<uint2*>(smem + p.stages * Config::kStageBytes);
   __shared__ float warp_max[kGroups][16];
   __shared__ float warp_sum[kGroups][16];
   __shared__ float row_lse[16];
@@ -291,28 +301,25 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
   // q of the first head is loaded now, so its global latency overlaps the block-table read and
   // the first tile's copies instead of following them; later heads' q are loaded one segment
   // ahead (below). Each thread loads exactly the elements of the fragments it builds (fragment
-  // e = (k-step e / 32, lane e % 32): rows r and r + 8, columns c, c + 1, c + 8, c + 9), so a
-  // head switch builds them from registers with no staging through shared memory.
-  // q_prefetch[i] = {row r cols c, c + 1; row r cols c + 8, c + 9; row r + 8 the same}; rows
-  // past the group are zero (their scores are 0 and their outputs are dropped).
-  float2 q_prefetch[Config::kQFragsPerThread][4];
+  // e = (q tile, k-step, lane) = (e / 32 / kKSteps, e / 32 % kKSteps, e % 32): q column
+  // n = 8 * tile + lane / 4, dims c, c + 1 and c + 8, c + 9 of the k-step), so a head switch
+  // builds them from registers with no staging through shared memory. Column n is head n / 2
+  // (hi / lo pairs) or head n; heads past the group are zero (scores 0, outputs dropped).
+  float2 q_prefetch[kQFragsPerThread][2];
   int64_t prefetched_head = -1;
+  auto q_column_head = [&](int n) { return hi_lo ? n / 2 : n; };
   auto prefetch_q = [&](int64_t flat_head) {
     const float* src = a.q + flat_head * group * kHeadDim;
     const float2 zero = make_float2(0.0f, 0.0f);
 #pragma unroll
-    for (int i = 0; i < Config::kQFragsPerThread; ++i) {
+    for (int i = 0; i < kQFragsPerThread; ++i) {
       const int e = i * kThreads + tid;
       const int ln = e % 32;
-      const int r = ln / 4;
-      const float* row = src + r * kHeadDim + (e / 32) * 16 + 2 * (ln % 4);
-      const bool live = e < kKSteps * 32 && r < group;
-      const bool live8 = e < kKSteps * 32 && r + 8 < group;
+      const int head = q_column_head((e / 32 / kKSteps) * 8 + ln / 4);
+      const float* row = src + head * kHeadDim + (e / 32 % kKSteps) * 16 + 2 * (ln % 4);
+      const bool live = e < kQTiles * kKSteps * 32 && head < group;
       q_prefetch[i][0] = live ? __ldg(reinterpret_cast<const float2*>(row)) : zero;
       q_prefetch[i][1] = live ? __ldg(reinterpret_cast<const float2*>(row + 8)) : zero;
-      q_prefetch[i][2] = live8 ? __ldg(reinterpret_cast<const float2*>(row + 8 * kHeadDim)) : zero;
-      q_prefetch[i][3] =
-          live8 ? __ldg(reinterpret_cast<const float2*>(row + 8 * kHeadDim + 8)) : zero;
     }
     prefetched_head = flat_head;
   };
@@ -413,9 +420,11 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
 
   // --- Consumer state. -----------------------------------------------------------------------
   TileCursor consumer = start;
-  float o_acc[kDTiles][4];
-  float row_max[2];
-  float row_sum[2];
+  // O^T (head dims x q columns) and the online-softmax state of this thread's two q columns
+  // (2c, 2c + 1) of each q tile: running max (base 2) and this thread's share of the sum.
+  float o_acc[kMTiles][kQTiles][4];
+  float col_max[kQTiles][2];
+  float col_sum[kQTiles][2];
 
   int stage_use = 0;
   int stage_load = stages - 1;
@@ -434,26 +443,22 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
     const bool segment_end = t == t1 - 1 || t == head_last_tile;
 
     if (segment_start) {
-      // Fragments of q (scaled) as the A operand (row-major m16 x k16 per k-step). Every warp
-      // has passed this iteration's barrier, so none still reads the previous head's.
+      // Fragments of q^T (scaled) as the B operand (k16 x n8 per k-step and q tile); a lo
+      // column holds x - round(x) of its hi neighbour. Every warp has passed this iteration's
+      // barrier, so none still reads the previous head's.
       if (prefetched_head != flat_head) prefetch_q(flat_head);
 #pragma unroll
-      for (int i = 0; i < Config::kQFragsPerThread; ++i) {
+      for (int i = 0; i < kQFragsPerThread; ++i) {
         const int e = i * kThreads + tid;
-        if (e < kKSteps * 32) {
-          const float x0 = q_prefetch[i][0].x * p.q_scale, x1 = q_prefetch[i][0].y * p.q_scale;
-          const float x2 = q_prefetch[i][1].x * p.q_scale, x3 = q_prefetch[i][1].y * p.q_scale;
-          uint4 frag;
-          frag.x = Traits::Pack(x0, x1);
-          frag.z = Traits::Pack(x2, x3);
-          if (hi_lo) {
-            frag.y = Traits::Pack(x0 - Traits::Rounded(x0), x1 - Traits::Rounded(x1));
-            frag.w = Traits::Pack(x2 - Traits::Rounded(x2), x3 - Traits::Rounded(x3));
-          } else {
-            frag.y = Traits::Pack(q_prefetch[i][2].x * p.q_scale, q_prefetch[i][2].y * p.q_scale);
-            frag.w = Traits::Pack(q_prefetch[i][3].x * p.q_scale, q_prefetch[i][3].y * p.q_scale);
+        if (e < kQTiles * kKSteps * 32) {
+          const bool lo_column = hi_lo && ((e % 32) / 4) % 2 == 1;
+          float x[4] = {q_prefetch[i][0].x * p.q_scale, q_prefetch[i][0].y * p.q_scale,
+                        q_prefetch[i][1].x * p.q_scale, q_prefetch[i][1].y * p.q_scale};
+          if (lo_column) {
+#pragma unroll
+            for (int k = 0; k < 4; ++k) x[k] -= Traits::Rounded(x[k]);
           }
-          qfrag[e] = frag;
+          qfrag[e] = make_uint2(Traits::Pack(x[0], x[1]), Traits::Pack(x[2], x[3]));
         }
       }
       __syncthreads();
@@ -461,11 +466,17 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
         prefetch_q(flat_head + 1);
       }
 #pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        o_acc[dt][0] = o_acc[dt][1] = o_acc[dt][2] = o_acc[dt][3] = 0.0f;
+      for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+        for (int qt = 0; qt < kQTiles; ++qt) {
+          o_acc[mt][qt][0] = o_acc[mt][qt][1] = o_acc[mt][qt][2] = o_acc[mt][qt][3] = 0.0f;
+        }
       }
-      row_max[0] = row_max[1] = FERRY_EMPTY_LSE;
-      row_sum[0] = row_sum[1] = 0.0f;
+#pragma unroll
+      for (int qt = 0; qt < kQTiles; ++qt) {
+        col_max[qt][0] = col_max[qt][1] = FERRY_EMPTY_LSE;
+        col_sum[qt][0] = col_sum[qt][1] = 0.0f;
+      }
     }
     if (t + stages - 1 < t1) {
       producer.Advance(a, kTile);
@@ -474,181 +485,214 @@ __global__ void __launch_bounds__(LeanConfig<kHeadDim>::kThreads,
     CpAsyncCommit();
     if (++stage_load == stages) stage_load = 0;
 
-    // --- S = q K^T over this warp's 16 positions. ---
+    // --- S^T = K q^T over this warp's 16 positions (M) and the q columns (N). ---
     const uint8_t* k_stage = smem + stage_use * Config::kStageBytes;
     const uint32_t k_base = SmemAddr(k_stage);
     const uint32_t v_base = k_base + Config::kStageBytes / 2;
     // ldmatrix and mma are volatile asm, so they issue in program order: each fragment is
     // loaded one step ahead of its MMA (issue never waits on a load just made), and even and
     // odd k-steps accumulate separately (two dependent MMA chains of kKSteps / 2, not one).
-    float s_acc[2][4];
+    // s_acc[qt] = (position g, columns 2c, 2c + 1; position g + 8, the same).
+    float s_acc[kQTiles][4];
     {
-      float s_odd[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-      float s_even[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-      const int row = pgroup * 16 + (lane & 7) + ((lane >> 4) << 3);
-      const int chunk_half = (lane >> 3) & 1;
-      uint32_t b[2][4];
-      LdMatrixX4(b[0], k_base + SwizzledOffset<kHeadDim>(row, chunk_half));
+      float s_odd[kQTiles][4], s_even[kQTiles][4];
+#pragma unroll
+      for (int qt = 0; qt < kQTiles; ++qt) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) s_odd[qt][i] = s_even[qt][i] = 0.0f;
+      }
+      // A = K rows as m16 x k16: matrices (positions 0-7 | 8-15) x (dims 0-7 | 8-15).
+      const int row = pgroup * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+      const int chunk_half = lane >> 4;
+      uint32_t ka[2][4];
+      LdMatrixX4(ka[0], k_base + SwizzledOffset<kHeadDim>(row, chunk_half));
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
         if (ks + 1 < kKSteps) {
-          LdMatrixX4(b[(ks + 1) & 1],
+          LdMatrixX4(ka[(ks + 1) & 1],
                      k_base + SwizzledOffset<kHeadDim>(row, 2 * (ks + 1) + chunk_half));
         }
-        const uint4 qa = qfrag[ks * 32 + lane];
-        const uint32_t a_frag[4] = {qa.x, qa.y, qa.z, qa.w};
         float (*acc)[4] = (ks & 1) ? s_odd : s_even;
-        Traits::Mma(acc[0], a_frag, b[ks & 1][0], b[ks & 1][1]);
-        Traits::Mma(acc[1], a_frag, b[ks & 1][2], b[ks & 1][3]);
+#pragma unroll
+        for (int qt = 0; qt < kQTiles; ++qt) {
+          const uint2 qb = qfrag[(qt * kKSteps + ks) * 32 + lane];
+          Traits::Mma(acc[qt], ka[ks & 1], qb.x, qb.y);
+        }
       }
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
+      for (int qt = 0; qt < kQTiles; ++qt) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) s_acc[nt][i] = s_even[nt][i] + s_odd[nt][i];
+        for (int i = 0; i < 4; ++i) s_acc[qt][i] = s_even[qt][i] + s_odd[qt][i];
       }
     }
-    // The first V fragment loads while the softmax runs.
-    const int v_row = pgroup * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
-    const int v_chunk0 = 2 * dpart * (kDTiles / 2) + (lane >> 4);
-    uint32_t vb[2][4];
-    LdMatrixX4Trans(vb[0], v_base + SwizzledOffset<kHeadDim>(v_row, v_chunk0));
-    if (hi_lo) {
+    // The first V fragment loads while the softmax runs. A = V^T as m16 (dims) x k16
+    // (positions), ldmatrix.trans of matrices (positions 0-7 | 8-15) x (dims 0-7 | 8-15).
+    const int v_row = pgroup * 16 + (lane & 7) + ((lane >> 4) << 3);
+    const int v_chunk0 = 2 * dpart * kMTiles + ((lane >> 3) & 1);
+    uint32_t va[2][4];
+    LdMatrixX4Trans(va[0], v_base + SwizzledOffset<kHeadDim>(v_row, v_chunk0));
+    if (hi_lo) {  // hi + lo columns: both hold the full score
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        s_acc[nt][0] += s_acc[nt][2];
-        s_acc[nt][1] += s_acc[nt][3];
-        s_acc[nt][2] = s_acc[nt][0];
-        s_acc[nt][3] = s_acc[nt][1];
+      for (int qt = 0; qt < kQTiles; ++qt) {
+        s_acc[qt][0] = s_acc[qt][1] = s_acc[qt][0] + s_acc[qt][1];
+        s_acc[qt][2] = s_acc[qt][3] = s_acc[qt][2] + s_acc[qt][3];
       }
     }
     // Positions past the range (the tail of a head's last tile) drop out of the softmax. Only
     // the last tile can have them: the test is block-uniform and skips the masking elsewhere.
     if (j == consumer.tiles_per_head - 1) {
-      const int tile_pos0 = consumer.begin + j * kTile + pgroup * 16;
+      const int pos = consumer.begin + j * kTile + pgroup * 16 + lane / 4;
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
+      for (int qt = 0; qt < kQTiles; ++qt) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          if (tile_pos0 + nt * 8 + 2 * (lane % 4) + (i & 1) >= consumer.end) {
-            s_acc[nt][i] = FERRY_EMPTY_LSE;
-          }
+          if (pos + (i >> 1) * 8 >= consumer.end) s_acc[qt][i] = FERRY_EMPTY_LSE;
         }
       }
     }
-    // --- Online softmax per row (h = 0: row lane/4, h = 1: row lane/4 + 8). In hi/lo mode
-    // both rows hold the same scores, so row h = 1 copies row 0's statistics. ---
-    float probs[2][4];
-    float alpha[2];
+    // --- Online softmax per q column over the warp's positions (the 8 lanes sharing lane % 4
+    // hold them). In hi/lo mode a column pair holds one head: the lo column copies the
+    // hi column's statistics. ---
+    float probs[kQTiles][4];
+    float alpha[kQTiles][2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (h == 1 && hi_lo) {
-        alpha[1] = alpha[0];
-        row_sum[1] = row_sum[0];
-        row_max[1] = row_max[0];
-        break;
-      }
-      float m = fmaxf(fmaxf(s_acc[0][2 * h], s_acc[0][2 * h + 1]),
-                      fmaxf(s_acc[1][2 * h], s_acc[1][2 * h + 1]));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-      const float new_max = fmaxf(row_max[h], m);
-      // All positions so far masked: subtract 0 instead of -inf (no NaN from -inf - -inf).
-      const float base = new_max == FERRY_EMPTY_LSE ? 0.0f : new_max;
-      alpha[h] = exp2f(row_max[h] - base);
-      float sum = 0.0f;
+    for (int qt = 0; qt < kQTiles; ++qt) {
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        probs[nt][2 * h] = exp2f(s_acc[nt][2 * h] - base);
-        probs[nt][2 * h + 1] = exp2f(s_acc[nt][2 * h + 1] - base);
-        sum += probs[nt][2 * h] + probs[nt][2 * h + 1];
-      }
-      row_sum[h] = row_sum[h] * alpha[h] + sum;
-      row_max[h] = new_max;
-    }
-    // Once the running max settles, alpha is 1 for every row of the warp: skip the rescale of
-    // the D/2 accumulators (a sixth of the instructions of a tile).
-    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-#pragma unroll
-      for (int dt = 0; dt < kDTiles; ++dt) {
-        o_acc[dt][0] *= alpha[0];
-        o_acc[dt][1] *= alpha[0];
-        o_acc[dt][2] *= alpha[1];
-        o_acc[dt][3] *= alpha[1];
+      for (int h = 0; h < 2; ++h) {
+        if (h == 1 && hi_lo) {
+          alpha[qt][1] = alpha[qt][0];
+          col_sum[qt][1] = col_sum[qt][0];
+          col_max[qt][1] = col_max[qt][0];
+          break;
+        }
+        float m = fmaxf(s_acc[qt][h], s_acc[qt][2 + h]);
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+        const float new_max = fmaxf(col_max[qt][h], m);
+        // All positions so far masked: subtract 0 instead of -inf (no NaN from -inf - -inf).
+        const float base = new_max == FERRY_EMPTY_LSE ? 0.0f : new_max;
+        alpha[qt][h] = exp2f(col_max[qt][h] - base);
+        probs[qt][h] = exp2f(s_acc[qt][h] - base);
+        probs[qt][2 + h] = exp2f(s_acc[qt][2 + h] - base);
+        col_sum[qt][h] = col_sum[qt][h] * alpha[qt][h] + (probs[qt][h] + probs[qt][2 + h]);
+        col_max[qt][h] = new_max;
       }
     }
-    // --- O += P V. P as the A operand: k = this warp's 16 positions. ---
-    uint32_t p_frag[4];
-    p_frag[0] = Traits::Pack(probs[0][0], probs[0][1]);
-    p_frag[2] = Traits::Pack(probs[1][0], probs[1][1]);
-    if (hi_lo) {
-      p_frag[1] = Traits::Pack(probs[0][0] - Traits::Rounded(probs[0][0]),
-                               probs[0][1] - Traits::Rounded(probs[0][1]));
-      p_frag[3] = Traits::Pack(probs[1][0] - Traits::Rounded(probs[1][0]),
-                               probs[1][1] - Traits::Rounded(probs[1][1]));
-    } else {
-      p_frag[1] = Traits::Pack(probs[0][2], probs[0][3]);
-      p_frag[3] = Traits::Pack(probs[1][2], probs[1][3]);
+    // Once the running max settles, alpha is 1 for every column of the warp: skip the rescale
+    // of the accumulators.
+    bool rescale = false;
+#pragma unroll
+    for (int qt = 0; qt < kQTiles; ++qt) {
+      rescale = rescale || alpha[qt][0] != 1.0f || alpha[qt][1] != 1.0f;
+    }
+    if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+        for (int qt = 0; qt < kQTiles; ++qt) {
+          o_acc[mt][qt][0] *= alpha[qt][0];
+          o_acc[mt][qt][1] *= alpha[qt][1];
+          o_acc[mt][qt][2] *= alpha[qt][0];
+          o_acc[mt][qt][3] *= alpha[qt][1];
+        }
+      }
+    }
+    // --- O^T += V^T P^T. P^T as the B operand (k = the warp's 16 positions): the weights in
+    // S^T's accumulator layout, packed to 16 bits, transposed by movmatrix per 8 x 8 half. ---
+    uint32_t pb[kQTiles][2];
+#pragma unroll
+    for (int qt = 0; qt < kQTiles; ++qt) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float x = probs[qt][2 * half];
+        const uint32_t packed =
+            hi_lo ? Traits::Pack(x, x - Traits::Rounded(x))
+                  : Traits::Pack(x, probs[qt][2 * half + 1]);
+        pb[qt][half] = MovMatrixTrans(packed);
+      }
     }
 #pragma unroll
-    for (int dp = 0; dp < kDTiles / 2; ++dp) {
-      if (dp + 1 < kDTiles / 2) {
-        LdMatrixX4Trans(vb[(dp + 1) & 1],
-                        v_base + SwizzledOffset<kHeadDim>(v_row, v_chunk0 + 2 * (dp + 1)));
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      if (mt + 1 < kMTiles) {
+        LdMatrixX4Trans(va[(mt + 1) & 1],
+                        v_base + SwizzledOffset<kHeadDim>(v_row, v_chunk0 + 2 * (mt + 1)));
       }
-      Traits::Mma(o_acc[2 * dp], p_frag, vb[dp & 1][0], vb[dp & 1][1]);
-      Traits::Mma(o_acc[2 * dp + 1], p_frag, vb[dp & 1][2], vb[dp & 1][3]);
+#pragma unroll
+      for (int qt = 0; qt < kQTiles; ++qt) {
+        Traits::Mma(o_acc[mt][qt], va[mt & 1], pb[qt][0], pb[qt][1]);
+      }
     }
 
     if (segment_end) {
-      // --- Merge the warps' states for this head segment. ---
+      // --- Merge the warps' states for this head segment. Statistics and scratch rows are
+      // per q head (slot): column n serves head q_column_head(n); in hi/lo mode the lo column
+      // repeats the hi column's statistics. ---
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 1);
-        row_sum[h] += __shfl_xor_sync(0xffffffffu, row_sum[h], 2);
+      for (int qt = 0; qt < kQTiles; ++qt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          col_sum[qt][h] += __shfl_xor_sync(0xffffffffu, col_sum[qt][h], 4);
+          col_sum[qt][h] += __shfl_xor_sync(0xffffffffu, col_sum[qt][h], 8);
+          col_sum[qt][h] += __shfl_xor_sync(0xffffffffu, col_sum[qt][h], 16);
+        }
       }
-      if (lane % 4 == 0 && dpart == 0) {  // a group's warps hold the same statistics
-        warp_max[pgroup][lane / 4] = row_max[0];
-        warp_max[pgroup][lane / 4 + 8] = row_max[1];
-        warp_sum[pgroup][lane / 4] = row_sum[0];
-        warp_sum[pgroup][lane / 4 + 8] = row_sum[1];
+      if (lane < 4 && dpart == 0) {  // a group's warps hold the same statistics
+#pragma unroll
+        for (int qt = 0; qt < kQTiles; ++qt) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            if (h == 1 && hi_lo) break;
+            const int slot = q_column_head(qt * 8 + 2 * lane + h);
+            warp_max[pgroup][slot] = col_max[qt][h];
+            warp_sum[pgroup][slot] = col_sum[qt][h];
+          }
+        }
       }
       __syncthreads();
-      float factor[2];
+      float factor[kQTiles][2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = lane / 4 + 8 * h;
-        float block_max = FERRY_EMPTY_LSE;
+      for (int qt = 0; qt < kQTiles; ++qt) {
 #pragma unroll
-        for (int w = 0; w < kGroups; ++w) block_max = fmaxf(block_max, warp_max[w][r]);
-        float block_sum = 0.0f;
+        for (int h = 0; h < 2; ++h) {
+          const int slot = q_column_head(qt * 8 + 2 * (lane % 4) + h);
+          float block_max = FERRY_EMPTY_LSE;
 #pragma unroll
-        for (int w = 0; w < kGroups; ++w) {
-          const float wm = warp_max[w][r];
-          if (wm != FERRY_EMPTY_LSE) block_sum += warp_sum[w][r] * exp2f(wm - block_max);
-        }
-        factor[h] = row_max[h] == FERRY_EMPTY_LSE ? 0.0f
-                                                  : exp2f(row_max[h] - block_max) / block_sum;
-        if (warp == 0 && lane % 4 == 0) {
-          row_lse[r] = block_sum > 0.0f ? (block_max + log2f(block_sum)) * kLn2
-                                        : FERRY_EMPTY_LSE;
+          for (int w = 0; w < kGroups; ++w) block_max = fmaxf(block_max, warp_max[w][slot]);
+          float block_sum = 0.0f;
+#pragma unroll
+          for (int w = 0; w < kGroups; ++w) {
+            const float wm = warp_max[w][slot];
+            if (wm != FERRY_EMPTY_LSE) block_sum += warp_sum[w][slot] * exp2f(wm - block_max);
+          }
+          factor[qt][h] = col_max[qt][h] == FERRY_EMPTY_LSE
+                              ? 0.0f
+                              : exp2f(col_max[qt][h] - block_max) / block_sum;
+          if (warp == 0 && lane < 4 && (h == 0 || !hi_lo)) {
+            row_lse[slot] = block_sum > 0.0f ? (block_max + log2f(block_sum)) * kLn2
+                                             : FERRY_EMPTY_LSE;
+          }
         }
       }
       // The stage just consumed is scratch until the next iteration's barrier: no copy in
-      // flight targets it.
+      // flight targets it. Rows (position group, slot), head_dim floats each.
       float* scratch = reinterpret_cast<float*>(smem + stage_use * Config::kStageBytes);
-      {
-        const int r = lane / 4;
 #pragma unroll
-        for (int dt = 0; dt < kDTiles; ++dt) {
-          const int col = (dpart * kDTiles + dt) * 8 + 2 * (lane % 4);
-          float2* row0 = reinterpret_cast<float2*>(scratch + (pgroup * 16 + r) * kHeadDim + col);
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        const int d = (dpart * kMTiles + mt) * 16 + lane / 4;
+#pragma unroll
+        for (int qt = 0; qt < kQTiles; ++qt) {
+          const int slot = q_column_head(qt * 8 + 2 * (lane % 4));
+          float* row = scratch + (pgroup * 16 + slot) * kHeadDim + d;
+          const float* o = o_acc[mt][qt];
           if (hi_lo) {
-            *row0 = make_float2((o_acc[dt][0] + o_acc[dt][2]) * factor[0],
-                                (o_acc[dt][1] + o_acc[dt][3]) * factor[0]);
+            row[0] = (o[0] + o[1]) * factor[qt][0];
+            row[8] = (o[2] + o[3]) * factor[qt][0];
           } else {
-            *row0 = make_float2(o_acc[dt][0] * factor[0], o_acc[dt][1] * factor[0]);
-            *reinterpret_cast<float2*>(scratch + (pgroup * 16 + r + 8) * kHeadDim + col) =
-                make_float2(o_acc[dt][2] * factor[1], o_acc[dt][3] * factor[1]);
+            row[0] = o[0] * factor[qt][0];
+            row[8] = o[2] * factor[qt][0];
+            row[kHeadDim] = o[1] * factor[qt][1];
+            row[kHeadDim + 8] = o[3] * factor[qt][1];
           }
         }
       }
@@ -835,11 +879,11 @@ struct LaunchPlan {
 
 constexpr int kMaxDevices = 64;
 
-template <int kHeadDim, typename Traits>
+template <int kHeadDim, typename Traits, int kQTiles>
 LaunchPlan MakeLaunchPlan(int device) {
   using Config = LeanConfig<kHeadDim>;
   LaunchPlan plan;
-  auto kernel = LeanDecodeKernel<kHeadDim, Traits>;
+  auto kernel = LeanDecodeKernel<kHeadDim, Traits, kQTiles>;
   plan.kernel = reinterpret_cast<const void*>(kernel);
   plan.threads = Config::kThreads;
   int optin = 0, sms = 0, per_sm_smem = 0;
@@ -896,21 +940,28 @@ LaunchPlan MakeLaunchPlan(int device) {
 }
 
 // Plans are per (device, kernel): computed once, under a lock (it sets a function attribute).
-template <int kHeadDim, typename Traits>
+template <int kHeadDim, typename Traits, int kQTiles>
 const LaunchPlan& CachedLaunchPlan(int device) {
   static std::mutex mutex;
   static LaunchPlan plans[kMaxDevices];
   static bool ready[kMaxDevices] = {};
   std::lock_guard<std::mutex> lock(mutex);
   if (!ready[device]) {
-    plans[device] = MakeLaunchPlan<kHeadDim, Traits>(device);
+    plans[device] = MakeLaunchPlan<kHeadDim, Traits, kQTiles>(device);
     ready[device] = plans[device].error == cudaSuccess;
   }
   return plans[device];
 }
 
-// The plan for a (head_dim, dtype), or an error when this build or device does not serve it.
-LaunchPlan FindLaunchPlan(int head_dim, DType dtype, int device) {
+template <int kHeadDim, typename Traits>
+const LaunchPlan& CachedLaunchPlan(int group, int device) {
+  return group <= 4 ? CachedLaunchPlan<kHeadDim, Traits, 1>(device)
+                    : CachedLaunchPlan<kHeadDim, Traits, 2>(device);
+}
+
+// The plan for a (head_dim, dtype, GQA group), or an error when this build or device does not
+// serve it.
+LaunchPlan FindLaunchPlan(int head_dim, DType dtype, int group, int device) {
   LaunchPlan none;
   none.error = cudaErrorNotSupported;
   if (device < 0 || device >= kMaxDevices) return none;
@@ -919,18 +970,18 @@ LaunchPlan FindLaunchPlan(int head_dim, DType dtype, int device) {
   switch (head_dim) {
 #ifdef FERRY_LEAN_HEAD_DIM_64
     case 64:
-      return bf16 ? CachedLaunchPlan<64, mma::Bf16>(device)
-                  : CachedLaunchPlan<64, mma::Fp16>(device);
+      return bf16 ? CachedLaunchPlan<64, mma::Bf16>(group, device)
+                  : CachedLaunchPlan<64, mma::Fp16>(group, device);
 #endif
 #ifdef FERRY_LEAN_HEAD_DIM_128
     case 128:
-      return bf16 ? CachedLaunchPlan<128, mma::Bf16>(device)
-                  : CachedLaunchPlan<128, mma::Fp16>(device);
+      return bf16 ? CachedLaunchPlan<128, mma::Bf16>(group, device)
+                  : CachedLaunchPlan<128, mma::Fp16>(group, device);
 #endif
 #ifdef FERRY_LEAN_HEAD_DIM_256
     case 256:
-      return bf16 ? CachedLaunchPlan<256, mma::Bf16>(device)
-                  : CachedLaunchPlan<256, mma::Fp16>(device);
+      return bf16 ? CachedLaunchPlan<256, mma::Bf16>(group, device)
+                  : CachedLaunchPlan<256, mma::Fp16>(group, device);
 #endif
     default:
       return none;
@@ -978,7 +1029,7 @@ int LeanDecodeGridSize(int num_q_heads, int num_kv_heads, int head_dim, DType dt
                        int device) {
   cudaError_t error = cudaSuccess;
   if (!ShapeIsServed(num_q_heads, num_kv_heads, head_dim, &error)) return 0;
-  const LaunchPlan plan = FindLaunchPlan(head_dim, dtype, device);
+  const LaunchPlan plan = FindLaunchPlan(head_dim, dtype, num_q_heads / num_kv_heads, device);
   return plan.error == cudaSuccess ? plan.grid : 0;
 }
 
@@ -992,7 +1043,7 @@ size_t LeanDecodeWorkspaceSize(int max_num_seqs, int num_q_heads, int num_kv_hea
     return 0;
   }
   if (!ShapeIsServed(num_q_heads, num_kv_heads, head_dim, error)) return 0;
-  const LaunchPlan plan = FindLaunchPlan(head_dim, dtype, device);
+  const LaunchPlan plan = FindLaunchPlan(head_dim, dtype, num_q_heads / num_kv_heads, device);
   if (plan.error != cudaSuccess) {
     *error = plan.error;
     return 0;
@@ -1033,9 +1084,9 @@ cudaError_t LeanDecode(const DecodeAttentionArgs& args, void* workspace, size_t 
   // Pool offsets are computed in int64 but positions in int32 (seq_lens are int32).
   int device = 0;
   if ((error = cudaGetDevice(&device)) != cudaSuccess) return error;
-  const LaunchPlan plan = FindLaunchPlan(kv.head_dim, kv.dtype, device);
-  if (plan.error != cudaSuccess) return plan.error;
   const int group = args.num_q_heads / kv.num_kv_heads;
+  const LaunchPlan plan = FindLaunchPlan(kv.head_dim, kv.dtype, group, device);
+  if (plan.error != cudaSuccess) return plan.error;
   const WorkspaceLayout layout =
       LayoutWorkspace(args.num_seqs, kv.num_kv_heads, group, kv.head_dim, plan.grid);
   if (workspace_bytes < layout.total) return cudaErrorInvalidValue;

@@ -86,6 +86,15 @@ __device__ __forceinline__ void LdMatrixX4Trans(uint32_t* r, uint32_t addr) {
                : "r"(addr));
 }
 
+// The transpose of an 8 x 8 16-bit matrix held one register per lane in the C / ldmatrix layout
+// (lane holds row lane / 4, columns 2 (lane % 4) + {0, 1}): turns an accumulator, packed to
+// 16 bits, into a B operand of the next product (sm_75 and later).
+__device__ __forceinline__ uint32_t MovMatrixTrans(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][kHeadDim] 16-bit tile:
 // the XOR spreads the 8 rows one ldmatrix reads over all 32 banks (needs kHeadDim >= 64).
 template <int kHeadDim>
