@@ -1,8 +1,11 @@
 // Decode-attention benchmark of LeanDecode on the issue's suite, plus the device's HBM read
 // bandwidth measured in the same process (a plain streaming-read kernel).
 //
-// Usage: lean_decode_bench [--csv PATH] [--iters N] [--only SUBSTRING] [--mode rotate|single|sync|ordered]
-//                          [--uniform-block-size N (default 64)]
+// Usage: lean_decode_bench [--csv PATH] [--iters N] [--only SUBSTRING]
+//                          [--mode rotate|single|sync|ordered] [--uniform-block-size N]
+//                          [--states-only]
+// --states-only: the partial states alone (state_o, state_lse), as the runtime calls the kernel;
+// by default the kernel also writes the normalised bf16 output.
 // Each shape: inputs generated on the device (no zeros), two disjoint copies of the KV cache
 // (separate block tables into one pool) alternated launch by launch so L2 (50 MB) never serves
 // a launch from the previous one; CUDA events between back-to-back launches (no host sync in
@@ -131,6 +134,8 @@ struct ShapeResult {
 // Timing modes, for diagnosis: the default alternates the two KV copies back to back;
 // "single" reuses one copy; "sync" synchronises after every launch (host overhead included).
 std::string g_mode = "rotate";
+// Without the bf16 output (args.out = nullptr): the call the runtime makes (states only).
+bool g_states_only = false;
 
 // K and V pools are allocated once, for the largest shape, and reused by every shape (as a
 // worker holds its pools): per-shape cudaMalloc/cudaFree of multi-GB pools made the timings of a
@@ -195,7 +200,7 @@ ShapeResult RunShape(const BenchShape& shape, int iters) {
   args.softmax_scale = 1.0f / std::sqrt(static_cast<float>(d));
   args.state_o = state_o;
   args.state_lse = state_lse;
-  args.out = out;
+  args.out = g_states_only ? nullptr : out;
   cudaError_t error = cudaSuccess;
   const size_t ws_bytes = LeanDecodeWorkspaceSize(num_seqs, shape.num_q_heads,
                                                   shape.num_kv_heads, d, DType::kBFloat16, 0,
@@ -259,6 +264,7 @@ int Main(int argc, char** argv) {
     else if (arg == "--iters" && i + 1 < argc) iters = std::atoi(argv[++i]);
     else if (arg == "--only" && i + 1 < argc) only = argv[++i];
     else if (arg == "--mode" && i + 1 < argc) g_mode = argv[++i];
+    else if (arg == "--states-only") g_states_only = true;
     else if (arg == "--uniform-block-size" && i + 1 < argc) {
       g_uniform_block_size = std::atoi(argv[++i]);
     }
