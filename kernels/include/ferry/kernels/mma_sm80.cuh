@@ -75,6 +75,28 @@ __device__ __forceinline__ uint64_t L2EvictFirstPolicy() {
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
   return policy;
 }
+// An L2 cache policy marking lines evict-last (small outputs read back soon, or rewritten by
+// the next launch: kept out of DRAM while a read stream passes).
+__device__ __forceinline__ uint64_t L2EvictLastPolicy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+// Global stores with an L2 cache policy: 4 bytes, 16 bytes (16-byte aligned), 2 bytes.
+__device__ __forceinline__ void StoreWithPolicy(float* dst, float v, uint64_t policy) {
+  asm volatile("st.global.L2::cache_hint.f32 [%0], %1, %2;\n" ::"l"(dst), "f"(v), "l"(policy)
+               : "memory");
+}
+__device__ __forceinline__ void StoreWithPolicy(float* dst, float4 v, uint64_t policy) {
+  asm volatile("st.global.L2::cache_hint.v4.f32 [%0], {%1, %2, %3, %4}, %5;\n" ::"l"(dst),
+               "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "l"(policy)
+               : "memory");
+}
+__device__ __forceinline__ void StoreWithPolicy(void* dst, uint16_t bits, uint64_t policy) {
+  asm volatile("st.global.L2::cache_hint.b16 [%0], %1, %2;\n" ::"l"(dst), "h"(bits),
+               "l"(policy)
+               : "memory");
+}
 // CpAsync16 with an L2 cache policy (L2EvictFirstPolicy).
 __device__ __forceinline__ void CpAsync16Stream(uint32_t dst, const void* src, bool valid,
                                                 uint64_t policy) {
