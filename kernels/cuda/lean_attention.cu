@@ -20,7 +20,9 @@
 // * A block walks its range rotated: the head holding its last tile first, then from its first
 //   tile on, so the (at most two) heads it shares with neighbouring blocks finish early and
 //   their partials merge mid-stream. Work at the end of a head is on the stream's critical path
-//   (skipping all of it measured 3-9% faster on the H100), so it is kept small.
+//   (skipping all of it measured 3-9% faster on the H100), so it is kept small, and the outputs
+//   are stored evict-last in L2 (their write-back to DRAM inside the read stream was most of
+//   what the stores cost).
 // * q is float32 in global memory; the next head's q is prefetched into registers while the
 //   current head streams, so the head switch costs two barriers and no global-latency stall.
 #include <cuda_bf16.h>
