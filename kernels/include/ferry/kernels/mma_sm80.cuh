@@ -1,6 +1,7 @@
 // Device helpers for tensor-core attention kernels on sm_80 and later (sm_90 runs them too):
 // mma.sync m16n8k16 with float32 accumulators for bf16 and fp16 operands, cp.async 16-byte
-// global -> shared copies, ldmatrix, and the XOR swizzle of 16-bit [rows][head_dim] tiles.
+// global -> shared copies, ldmatrix and movmatrix, L2 cache policies (evict-first reads,
+// evict-last stores), and the XOR swizzle of 16-bit [rows][head_dim] tiles.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16, g = lane / 4, c = 2 * (lane % 4)):
 //   A (16 x 16, row-major)  a[0] = (g, c..c+1)  a[1] = (g+8, c..c+1)  a[2] = (g, c+8..c+9)
