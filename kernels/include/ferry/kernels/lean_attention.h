@@ -23,7 +23,11 @@
 //   (no host synchronisation, graph-safe). A head split across blocks writes one partial state
 //   per block into the workspace; the last block to finish the head (atomic counter) merges the
 //   partials in block order (deterministic for a given device) and resets the counter. No block
-//   ever waits for another, so any residency is deadlock-free.
+//   ever waits for another, so any residency is deadlock-free. A block walks its range starting
+//   with the head that holds its last tile, so the heads it shares end early in its walk.
+//   K and V are read with an L2 evict-first hint; state_o, state_lse, out and the partials are
+//   stored evict-last: callers that reuse their output buffers launch after launch (as the
+//   runtime does) keep those writes in L2. Leaving out `out` saves its bytes (the runtime does).
 //
 // Workspace: device memory of LeanDecodeWorkspaceSize() bytes, owned by the caller, zero-filled
 //   once before the first launch (cudaMemset); every launch leaves its counters at zero again
