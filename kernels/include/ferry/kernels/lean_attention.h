@@ -31,8 +31,9 @@
 //
 // Workspace: device memory of LeanDecodeWorkspaceSize() bytes, owned by the caller, zero-filled
 //   once before the first launch (cudaMemset); every launch leaves its counters at zero again
-//   (the partial states in it are scratch). Launches that share a workspace must be ordered (one stream or graph). The first
-//   int32 of the workspace is an error word the kernel ORs bits into and never clears:
+//   (the partial states in it are scratch). Launches that share a workspace must be ordered
+//   (one stream or graph). The first int32 of the workspace is an error word the kernel ORs
+//   bits into and never clears:
 //   kLeanErrorBadRange (a sequence's range or length does not fit its blocks: its state is NaN)
 //   and kLeanErrorBadBlock (a block id outside the pool: the block is read as zeros).
 //   Block tables live on the device, so the host cannot check them without a synchronisation;
