@@ -210,6 +210,7 @@ TEST_F(LeanDecodeTest, BlockSizesAndRaggedLengths) {
 // kernels that copy whole pages or boxes must keep those rows out of the result.
 TEST_F(LeanDecodeTest, PoolRowsPastTheEndAreNeverUsed) {
   uint64_t seed = 150;
+  int checked = 0;
   for (int block_size : {16, 64, 48}) {
     for (int head_dim : {64, 128, 256}) {
       DecodeProblemShape shape;
@@ -242,8 +243,10 @@ TEST_F(LeanDecodeTest, PoolRowsPastTheEndAreNeverUsed) {
       }
       bool served = false;
       CheckProblem(p, &served);  // head dims this build lacks are not served: nothing to check
+      checked += served ? 1 : 0;
     }
   }
+  if (checked == 0) GTEST_SKIP() << "no head dim of this test is served by this build";
 }
 
 TEST_F(LeanDecodeTest, GroupSizes) {
