@@ -6,9 +6,11 @@
 //   nvcc -O2 -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr
 //     -DFERRY_LINEAR_HEAD_DIM_64 -DFERRY_LINEAR_HEAD_DIM_128 -Ikernels/include
 //     bench/linear_attention/core_timing.cu kernels/cuda/linear_attention_fwd.cu
-//     kernels/cuda/linear_attention_bwd.cu -o core_timing      (one command line)
-//   [LINEAR_TIMING_B=4] ./core_timing [N=8192] [d: 0 = both] [map: 1 = 1+x max-norm, 2 = elu+1,
-//     0 = both] [repetitions=23]
+//     kernels/cuda/linear_attention_fwd_sm90.cu kernels/cuda/linear_attention_bwd.cu
+//     -o core_timing      (one command line)
+//   [LINEAR_TIMING_B=4] [LINEAR_TIMING_SEGMENTS=0] ./core_timing [N=8192] [d: 0 = both]
+//     [map: 1 = 1+x max-norm, 2 = elu+1, 0 = both] [repetitions=23]
+// LINEAR_TIMING_SEGMENTS is the launchers' segment_chunks (0 automatic, -1 unsplit).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -65,6 +67,8 @@ float Median(std::vector<float> v) {
 int main(int argc, char** argv) {
   const char* batch_env = std::getenv("LINEAR_TIMING_B");
   const int batch = batch_env != nullptr ? std::atoi(batch_env) : 4;
+  const char* segments_env = std::getenv("LINEAR_TIMING_SEGMENTS");
+  const int segments = segments_env != nullptr ? std::atoi(segments_env) : 0;
   constexpr int kHeads = 16;
   const int n_tokens = argc > 1 ? std::atoi(argv[1]) : 8192;
   const int only_d = argc > 2 ? std::atoi(argv[2]) : 0;
@@ -96,8 +100,8 @@ int main(int argc, char** argv) {
       float* stats = nullptr;
       CHECK_CUDA(cudaMalloc(&stats, sizeof(float) * kLinearRowStats * tokens * kHeads));
       const size_t ws_bytes =
-          std::max<size_t>({LinearAttentionForwardWorkspaceSize(c, tokens),
-                            LinearAttentionBackwardWorkspaceSize(c, tokens), 256});
+          std::max<size_t>({LinearAttentionForwardWorkspaceSize(c, tokens, segments),
+                            LinearAttentionBackwardWorkspaceSize(c, tokens, segments), 256});
       void* ws = nullptr;
       CHECK_CUDA(cudaMalloc(&ws, ws_bytes));
       LinearAttentionForwardArgs fa;
@@ -129,9 +133,9 @@ int main(int argc, char** argv) {
       std::vector<float> fwd_ms, bwd_ms;
       for (int rep = 0; rep < reps; ++rep) {
         CHECK_CUDA(cudaEventRecord(e0));
-        CHECK_CUDA(LinearAttentionForwardCuda(fa, stats, buf[4], ws, ws_bytes, nullptr));
+        CHECK_CUDA(LinearAttentionForwardCuda(fa, stats, buf[4], ws, ws_bytes, nullptr, segments));
         CHECK_CUDA(cudaEventRecord(e1));
-        CHECK_CUDA(LinearAttentionBackwardCuda(ba, ws, ws_bytes, nullptr));
+        CHECK_CUDA(LinearAttentionBackwardCuda(ba, ws, ws_bytes, nullptr, segments));
         CHECK_CUDA(cudaEventRecord(e2));
         CHECK_CUDA(cudaEventSynchronize(e2));
         float a = 0, b = 0;

@@ -5,6 +5,7 @@
 
 #include "ferry/kernels/cuda_linear_attention.h"
 #include "linear_attention_core.cuh"
+#include "linear_attention_sm90.h"
 
 namespace ferry::kernels {
 
@@ -70,6 +71,10 @@ cudaError_t LinearAttentionForwardCuda(const LinearAttentionForwardArgs& args, f
   p.initial_state = args.initial_state;
   p.final_state = args.final_state;
   p.grid_heads = c.num_q_heads;
+  // Unsplit walks on Hopper run the wgmma kernel (linear_attention_sm90.h).
+  if (chunks_per_segment == 0 && Sm90ForwardServes(p, c.head_dim)) {
+    return RunSm90Forward(p, c.head_dim, stream);
+  }
   error = PrepareSegments(p, w, static_cast<uint8_t*>(workspace), chunks_per_segment,
                           args.total_tokens, stream);
   if (error != cudaSuccess) return error;

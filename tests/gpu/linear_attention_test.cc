@@ -528,95 +528,101 @@ Problem Slice(const Problem& p, int32_t from, int32_t to) {
 TEST_F(LinearAttentionCudaTest, ChunkedPrefillThenDecodeEqualsOneForward) {
   std::mt19937_64 rng(FreshSeed());
   constexpr int32_t kLen = 150, kA = 70, kB = 130;
-  for (int d : HeadDims()) {
-    for (const Variant& variant : kVariants) {
-      const Problem whole = MakeProblem(variant, DType::kBFloat16, {kLen, kLen}, 4, 2, d, rng);
-      const ForwardResult one = CudaForward(whole);
-      if (one.error == cudaErrorNotSupported) break;
-      ASSERT_EQ(one.error, cudaSuccess) << cudaGetErrorString(one.error);
-      const std::string name = Describe(whole, std::string(variant.name) + " hand-off");
-      const ForwardResult head = CudaForward(Slice(whole, 0, kA));
-      ASSERT_EQ(head.error, cudaSuccess);
-      const ForwardResult mid = CudaForward(Slice(whole, kA, kB), &head.final_state);
-      ASSERT_EQ(mid.error, cudaSuccess);
+  // Split at every chunk, and unsplit (on Hopper the unsplit forward is another kernel).
+  for (int chunks : {1, -1}) {
+    g_segment_chunks = chunks;
+    for (int d : HeadDims()) {
+      for (const Variant& variant : kVariants) {
+        const Problem whole = MakeProblem(variant, DType::kBFloat16, {kLen, kLen}, 4, 2, d, rng);
+        const ForwardResult one = CudaForward(whole);
+        if (one.error == cudaErrorNotSupported) break;
+        ASSERT_EQ(one.error, cudaSuccess) << cudaGetErrorString(one.error);
+        const std::string name =
+            Describe(whole, std::string(variant.name) + " hand-off " + SegmentName());
+        const ForwardResult head = CudaForward(Slice(whole, 0, kA));
+        ASSERT_EQ(head.error, cudaSuccess);
+        const ForwardResult mid = CudaForward(Slice(whole, kA, kB), &head.final_state);
+        ASSERT_EQ(mid.error, cudaSuccess);
 
-      // Decode: the state of sequence s lives in slot 1 - s.
-      const int64_t stride = whole.stride();
-      const int64_t per_seq = int64_t{whole.config.num_kv_heads} * stride;
-      std::vector<float> slots_host(2 * per_seq);
-      for (int s = 0; s < 2; ++s) {
-        std::copy(mid.final_state.begin() + s * per_seq, mid.final_state.begin() + (s + 1) * per_seq,
-                  slots_host.begin() + (1 - s) * per_seq);
-      }
-      DeviceBuffer states, slot_ids, q, k, v, out;
-      states.Upload(slots_host);
-      slot_ids.Upload(std::vector<int32_t>{1, 0});
-      const int64_t qw = int64_t{whole.config.num_q_heads} * d;
-      const int64_t kvw = int64_t{whole.config.num_kv_heads} * d;
-      std::vector<float> decoded(2 * (kLen - kB) * qw);
-      for (int32_t t = kB; t < kLen; ++t) {
-        std::vector<uint16_t> qs, ks, vs;
+        // Decode: the state of sequence s lives in slot 1 - s.
+        const int64_t stride = whole.stride();
+        const int64_t per_seq = int64_t{whole.config.num_kv_heads} * stride;
+        std::vector<float> slots_host(2 * per_seq);
         for (int s = 0; s < 2; ++s) {
-          const int64_t row = whole.cu_seqlens[s] + t;
-          qs.insert(qs.end(), whole.q.begin() + row * qw, whole.q.begin() + (row + 1) * qw);
-          ks.insert(ks.end(), whole.k.begin() + row * kvw, whole.k.begin() + (row + 1) * kvw);
-          vs.insert(vs.end(), whole.v.begin() + row * kvw, whole.v.begin() + (row + 1) * kvw);
+          std::copy(mid.final_state.begin() + s * per_seq, mid.final_state.begin() + (s + 1) * per_seq,
+                    slots_host.begin() + (1 - s) * per_seq);
         }
-        q.Upload(qs);
-        k.Upload(ks);
-        v.Upload(vs);
-        out.Upload(std::vector<uint16_t>(2 * qw, kPoisonBits));
-        LinearAttentionDecodeArgs args;
-        args.config = whole.config;
-        args.config.num_seqs = 2;
-        args.q = q.get();
-        args.k = k.get();
-        args.v = v.get();
-        args.states = states.get<float>();
-        args.state_slots = slot_ids.get<int32_t>();
-        args.num_state_slots = 2;
-        args.out = out.get();
-        CUDA_ASSERT(LinearAttentionDecodeCuda(args, nullptr));
-        std::vector<uint16_t> bits;
-        out.Download(bits);
-        for (int s = 0; s < 2; ++s) {
-          for (int64_t i = 0; i < qw; ++i) {
-            decoded[(s * (kLen - kB) + (t - kB)) * qw + i] = FromBits(bits[s * qw + i], DType::kBFloat16);
+        DeviceBuffer states, slot_ids, q, k, v, out;
+        states.Upload(slots_host);
+        slot_ids.Upload(std::vector<int32_t>{1, 0});
+        const int64_t qw = int64_t{whole.config.num_q_heads} * d;
+        const int64_t kvw = int64_t{whole.config.num_kv_heads} * d;
+        std::vector<float> decoded(2 * (kLen - kB) * qw);
+        for (int32_t t = kB; t < kLen; ++t) {
+          std::vector<uint16_t> qs, ks, vs;
+          for (int s = 0; s < 2; ++s) {
+            const int64_t row = whole.cu_seqlens[s] + t;
+            qs.insert(qs.end(), whole.q.begin() + row * qw, whole.q.begin() + (row + 1) * qw);
+            ks.insert(ks.end(), whole.k.begin() + row * kvw, whole.k.begin() + (row + 1) * kvw);
+            vs.insert(vs.end(), whole.v.begin() + row * kvw, whole.v.begin() + (row + 1) * kvw);
+          }
+          q.Upload(qs);
+          k.Upload(ks);
+          v.Upload(vs);
+          out.Upload(std::vector<uint16_t>(2 * qw, kPoisonBits));
+          LinearAttentionDecodeArgs args;
+          args.config = whole.config;
+          args.config.num_seqs = 2;
+          args.q = q.get();
+          args.k = k.get();
+          args.v = v.get();
+          args.states = states.get<float>();
+          args.state_slots = slot_ids.get<int32_t>();
+          args.num_state_slots = 2;
+          args.out = out.get();
+          CUDA_ASSERT(LinearAttentionDecodeCuda(args, nullptr));
+          std::vector<uint16_t> bits;
+          out.Download(bits);
+          for (int s = 0; s < 2; ++s) {
+            for (int64_t i = 0; i < qw; ++i) {
+              decoded[(s * (kLen - kB) + (t - kB)) * qw + i] = FromBits(bits[s * qw + i], DType::kBFloat16);
+            }
           }
         }
-      }
-      CUDA_ASSERT(cudaDeviceSynchronize());
-      // Reassemble the pieces in the whole problem's order.
-      std::vector<float> pieces(whole.q_size());
-      for (int s = 0; s < 2; ++s) {
-        for (int32_t t = 0; t < kLen; ++t) {
-          const float* src = t < kA   ? &head.out[(s * kA + t) * qw]
-                             : t < kB ? &mid.out[(s * (kB - kA) + t - kA) * qw]
-                                      : &decoded[(s * (kLen - kB) + t - kB) * qw];
-          std::copy(src, src + qw, pieces.begin() + (whole.cu_seqlens[s] + t) * qw);
+        CUDA_ASSERT(cudaDeviceSynchronize());
+        // Reassemble the pieces in the whole problem's order.
+        std::vector<float> pieces(whole.q_size());
+        for (int s = 0; s < 2; ++s) {
+          for (int32_t t = 0; t < kLen; ++t) {
+            const float* src = t < kA   ? &head.out[(s * kA + t) * qw]
+                               : t < kB ? &mid.out[(s * (kB - kA) + t - kA) * qw]
+                                        : &decoded[(s * (kLen - kB) + t - kB) * qw];
+            std::copy(src, src + qw, pieces.begin() + (whole.cu_seqlens[s] + t) * qw);
+          }
         }
+        EXPECT_EQ(CountNonFinite(pieces), 0) << name;
+        const std::vector<double> want = reference::LinearAttentionReference(
+            whole.config, whole.cu_seqlens.data(), ToDouble(whole.qf).data(),
+            ToDouble(whole.kf).data(), ToDouble(whole.vf).data());
+        const double vs_reference = RelativeError(pieces, want);
+        const double vs_one = RelativeError(pieces, ToDouble(one.out));
+        EXPECT_LT(vs_reference, kOutTolerance) << name;
+        EXPECT_LT(vs_one, kOutTolerance) << name;
+        std::vector<float> final_slots;
+        states.Download(final_slots);
+        std::vector<float> final_states(final_slots.size());
+        for (int s = 0; s < 2; ++s) {
+          std::copy(final_slots.begin() + (1 - s) * per_seq, final_slots.begin() + (2 - s) * per_seq,
+                    final_states.begin() + s * per_seq);
+        }
+        const double state_error = RelativeError(final_states, ToDouble(one.final_state));
+        EXPECT_LT(state_error, InputsExact(whole) ? kExactStateTolerance : kStateTolerance) << name;
+        std::printf("  %-72s vs float64 %.2e  vs one forward %.2e  state %.2e\n", name.c_str(),
+                    vs_reference, vs_one, state_error);
       }
-      EXPECT_EQ(CountNonFinite(pieces), 0) << name;
-      const std::vector<double> want = reference::LinearAttentionReference(
-          whole.config, whole.cu_seqlens.data(), ToDouble(whole.qf).data(),
-          ToDouble(whole.kf).data(), ToDouble(whole.vf).data());
-      const double vs_reference = RelativeError(pieces, want);
-      const double vs_one = RelativeError(pieces, ToDouble(one.out));
-      EXPECT_LT(vs_reference, kOutTolerance) << name;
-      EXPECT_LT(vs_one, kOutTolerance) << name;
-      std::vector<float> final_slots;
-      states.Download(final_slots);
-      std::vector<float> final_states(final_slots.size());
-      for (int s = 0; s < 2; ++s) {
-        std::copy(final_slots.begin() + (1 - s) * per_seq, final_slots.begin() + (2 - s) * per_seq,
-                  final_states.begin() + s * per_seq);
-      }
-      const double state_error = RelativeError(final_states, ToDouble(one.final_state));
-      EXPECT_LT(state_error, InputsExact(whole) ? kExactStateTolerance : kStateTolerance) << name;
-      std::printf("  %-72s vs float64 %.2e  vs one forward %.2e  state %.2e\n", name.c_str(),
-                  vs_reference, vs_one, state_error);
     }
   }
+  g_segment_chunks = 1;
 }
 
 // CUDA decode matches the CPU decode from the same state, directly and replayed from a graph.

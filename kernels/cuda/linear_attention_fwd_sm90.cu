@@ -1,0 +1,554 @@
+// Causal linear attention forward on Hopper (wgmma): contract in linear_attention_sm90.h.
+//
+// One warpgroup (4 warps) per (64 value columns, q head, sequence) walks the sequence's 64-token
+// chunks. With Q', K' the chunk's feature rows (phi(q), phi(k), bf16), V its value rows and S, z
+// the state before the chunk (float32 in registers), each chunk is three batches of wgmma:
+//   1. O = Q' S_hi + Q' S_lo       S as bf16 hi + lo pairs (~16 mantissa bits), B N-major
+//      D = Q' [z_hi, z_lo, 0...]   the inter-chunk denominator, m64n8
+//      P = Q' K'^T                 the scores, both operands K-major
+//   2. S += K'^T V, z += K'^T 1    M = key features in m64 blocks, A = K' read M-major
+//   3. O += P_hi V + P_lo V        P masked to j <= i, from registers as hi + lo pairs
+// then den = D[0] + D[1] + sum_j P and out = O / den. That is about 40 warpgroup instructions per
+// chunk where the mma.sync core (linear_attention_core.cuh) issued several hundred per warp, and
+// the feature map runs once per tile and 64 columns instead of once per 32-column slice.
+//
+// Shared memory: two stages of raw tiles (cp.async, 16-byte chunks, the 128-byte swizzle wgmma
+// reads), transformed in place by the thread that copied each chunk; S hi / lo and [z_hi, z_lo]
+// written from the accumulators after every chunk; an output staging tile for coalesced stores.
+#include "linear_attention_sm90.h"
+
+#include <mutex>
+
+#include "ferry/kernels/wgmma_sm90.cuh"
+
+namespace ferry::kernels::linear_cuda {
+namespace {
+
+constexpr int kSm90Cols = 64;  // value columns per block
+
+template <int kD>
+struct Sm90Shape {
+  static constexpr int kPanels = kD / 64;          // 64-column panels of a feature tile
+  static constexpr int kPanel = kChunk * 128;      // bytes of 64 rows x 64 bf16 columns
+  static constexpr int kQTile = 0;
+  static constexpr int kKTile = kQTile + kPanels * kPanel;
+  static constexpr int kVTile = kKTile + kPanels * kPanel;
+  static constexpr int kStageBytes = kVTile + kPanel;
+  static constexpr int kStages = 2;
+  static constexpr int kSHi = kStages * kStageBytes;  // kD rows x 64 columns, N-major B
+  static constexpr int kSLo = kSHi + kD * 128;
+  static constexpr int kZ = kSLo + kD * 128;           // rows z_hi, z_lo, 0 x 6 over kD: K-major
+  static constexpr int kOnes = kZ + kPanels * 1024;    // rows 1, 0 x 7 over 64 tokens: K-major
+  static constexpr int kOutStride = kSm90Cols + 8;     // elements; 144-byte rows: no conflicts
+  static constexpr int kOut = kOnes + 1024;
+  static constexpr int kReduce = kOut + kChunk * kOutStride * 2;  // float[8]
+  static constexpr int kUsed = kReduce + 8 * 4;
+  static constexpr int kSmemBytes = kUsed + 1024;  // slack to align the base to 1024 bytes
+  static_assert(kSmemBytes <= kMaxSharedBytes, "shared memory");
+};
+
+// 16-byte chunk c of a 128-byte row r of a swizzled tile.
+__device__ __forceinline__ uint32_t Swizzled(int r, int c) {
+  return static_cast<uint32_t>(r * 128 + ((c ^ (r & 7)) << 4));
+}
+
+__device__ __forceinline__ uint64_t KMajor(uint32_t addr) {
+  return wgmma::MakeDescriptor(addr, 16, 1024);
+}
+__device__ __forceinline__ uint64_t MnMajor(uint32_t addr) {
+  return wgmma::MakeDescriptor(addr, Sm90Shape<64>::kPanel, 1024);
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// In place over this thread's chunks of a stage (the ones it copied, so no barrier is needed
+// after its own cp.async wait): phi (kElu) and bf16 for Q and K, bf16 for V (kFp16); feature
+// rows past the sequence become zero (phi(0) would not be).
+template <int kD, bool kFp16, bool kElu>
+__device__ __forceinline__ void TransformOwnChunks(uint8_t* stage, uint32_t qk_off, int qk_row0,
+                                                   uint32_t v_off, int rows) {
+  using Shape = Sm90Shape<kD>;
+  constexpr int kStep = kThreads / (kD / 8);
+#pragma unroll
+  for (int i = 0; i < kChunk / kStep; ++i) {
+    const bool valid = qk_row0 + i * kStep < rows;
+#pragma unroll
+    for (int tile = 0; tile < 2; ++tile) {
+      uint4* ptr = reinterpret_cast<uint4*>(stage + (tile ? Shape::kKTile : Shape::kQTile) +
+                                            qk_off + i * kStep * 128);
+      float x[8];
+      Unpack8<kFp16>(*ptr, x);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = kElu ? EluPlusOneFast(x[e]) : x[e];
+      *ptr = valid ? PackBf16x8(x) : make_uint4(0, 0, 0, 0);
+    }
+  }
+  if constexpr (kFp16) {
+#pragma unroll
+    for (int i = 0; i < kChunk / (kThreads / 8); ++i) {
+      uint4* ptr = reinterpret_cast<uint4*>(stage + Shape::kVTile + v_off + i * (kThreads / 8) * 128);
+      float x[8];
+      Unpack8<true>(*ptr, x);
+      *ptr = PackBf16x8(x);
+    }
+  }
+}
+
+// Running maxima of the raw rows' L2 norms over this thread's rows (the final state keeps them):
+// each row's kD / 8 chunks sit in kD / 8 consecutive lanes.
+template <int kD, bool kFp16>
+__device__ __forceinline__ void AccumulateNorms(const uint8_t* stage, uint32_t qk_off,
+                                                float& run_q, float& run_k) {
+  using Shape = Sm90Shape<kD>;
+  constexpr int kCpr = kD / 8;
+  constexpr int kStep = kThreads / kCpr;
+#pragma unroll
+  for (int i = 0; i < kChunk / kStep; ++i) {
+#pragma unroll
+    for (int tile = 0; tile < 2; ++tile) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(
+          stage + (tile ? Shape::kKTile : Shape::kQTile) + qk_off + i * kStep * 128);
+      float x[8];
+      Unpack8<kFp16>(raw, x);
+      float sum = 0.0f;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum = fmaf(x[e], x[e], sum);
+#pragma unroll
+      for (int off = 1; off < kCpr; off *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      float& run = tile ? run_k : run_q;
+      run = fmaxf(run, sqrtf(sum));  // rows past the sequence are zero-filled: norm 0
+    }
+  }
+}
+#endif
+
+template <int kD>
+__global__ void __launch_bounds__(kThreads, 1) LinearForwardSm90Kernel(const CoreParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Shape = Sm90Shape<kD>;
+  constexpr int kPanels = Shape::kPanels;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw_addr = SmemAddr(smem_raw);
+  uint8_t* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);
+  const uint32_t base = SmemAddr(smem);
+
+  const int slice = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, c2 = 2 * (lane % 4);
+  const int hq = p.num_q_heads, hkv = p.num_kv_heads;
+  const int kv_head = head / p.group;
+  const int g_in_group = head - kv_head * p.group;
+  const int64_t first = p.cu_seqlens[seq], last = p.cu_seqlens[seq + 1];
+  if (first < 0 || last < first || last > p.total_tokens) return;
+  const int64_t len = last - first;
+  const int num_chunks = static_cast<int>((len + kChunk - 1) / kChunk);
+  const bool elu = p.feature_map == static_cast<int>(LinearFeatureMap::kEluPlusOne);
+  const bool fp16 = p.fp16;
+  const LinearStateLayout& layout = p.layout;
+  const int64_t record = (int64_t{seq} * hkv + kv_head) * layout.stride;
+  const float* init = p.initial_state != nullptr ? p.initial_state + record : nullptr;
+  float* fin = p.final_state != nullptr ? p.final_state + record : nullptr;
+  const bool kv_writer = fin != nullptr && g_in_group == 0;  // S, z, V: one q head per kv head
+  const int64_t qd = int64_t{hq} * kD, kvd = int64_t{hkv} * kD;
+  const int col0 = slice * kSm90Cols;
+
+  // ---- copies: a fixed 16-byte column chunk per thread, rows a constant step apart (a multiple
+  // of 8, so the swizzle is the same for all of a thread's rows) ----
+  constexpr int kCpr = kD / 8;
+  constexpr int kStep = kThreads / kCpr;
+  constexpr int kVStep = kThreads / 8;
+  const int qk_row0 = tid / kCpr, qk_cc = tid % kCpr;
+  const uint32_t qk_off = (qk_cc / 8) * Shape::kPanel + Swizzled(qk_row0, qk_cc % 8);
+  const int v_row0 = tid / 8;
+  const uint32_t v_off = Swizzled(v_row0, tid % 8);
+  const uint16_t* q_src = p.q + (first + qk_row0) * qd + int64_t{head} * kD + qk_cc * 8;
+  const uint16_t* k_src = p.k + (first + qk_row0) * kvd + int64_t{kv_head} * kD + qk_cc * 8;
+  const uint16_t* v_src = p.v + (first + v_row0) * kvd + int64_t{kv_head} * kD + col0 + (tid % 8) * 8;
+  auto rows_of = [&](int chunk) {
+    const int64_t left = len - int64_t{chunk} * kChunk;
+    return static_cast<int>(left < kChunk ? left : kChunk);
+  };
+  auto issue_loads = [&](int chunk, int stage) {
+    uint8_t* st = smem + stage * Shape::kStageBytes;
+    const int rows = rows_of(chunk);
+    const int64_t t = int64_t{chunk} * kChunk;
+#pragma unroll
+    for (int i = 0; i < kChunk / kStep; ++i) {
+      const bool valid = qk_row0 + i * kStep < rows;
+      const int64_t row = t + i * kStep;
+      CpAsync16(st + Shape::kQTile + qk_off + i * kStep * 128, valid ? q_src + row * qd : p.q, valid);
+      CpAsync16(st + Shape::kKTile + qk_off + i * kStep * 128, valid ? k_src + row * kvd : p.k,
+                valid);
+    }
+#pragma unroll
+    for (int i = 0; i < kChunk / kVStep; ++i) {
+      const bool valid = v_row0 + i * kVStep < rows;
+      CpAsync16(st + Shape::kVTile + v_off + i * kVStep * 128,
+                valid ? v_src + (t + i * kVStep) * kvd : p.v, valid);
+    }
+  };
+  if (num_chunks > 0) issue_loads(0, 0);
+  CpAsyncCommit();
+
+  // ---- the state in registers, in the accumulator layouts of the products that update it ----
+  // sacc[mb]: S rows 64 mb + 16 warp + g (+8) of this block's 64 columns; zacc[mb]: column 0 = z
+  // of the same rows; vsum: column 0 = V's sum over value column 16 warp + g (+8).
+  float sacc[kPanels][32], zacc[kPanels][4], vsum[4];
+#pragma unroll
+  for (int mb = 0; mb < kPanels; ++mb) {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int f = 64 * mb + 16 * warp + g + ((i & 2) ? 8 : 0);
+      const int col = 8 * (i / 4) + c2 + (i & 1);
+      sacc[mb][i] = init != nullptr ? init[layout.s_offset + int64_t{f} * kD + col0 + col] : 0.0f;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int f = 64 * mb + 16 * warp + g + (e >= 2 ? 8 : 0);
+      zacc[mb][e] = init != nullptr && c2 == 0 && (e & 1) == 0 ? init[layout.z_offset + f] : 0.0f;
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int vc = 16 * warp + g + (e >= 2 ? 8 : 0);
+    vsum[e] = kv_writer && init != nullptr && c2 == 0 && (e & 1) == 0
+                  ? init[layout.v_sum_offset + col0 + vc]
+                  : 0.0f;
+  }
+  float run_q = 0.0f, run_k = 0.0f;  // raw norm maxima (for the final state only)
+
+  // Constant operands: [z_hi, z_lo] rows 2..7 and the ones matrix's rows 1..7 are zero.
+  for (int i = tid; i < (kPanels * 1024 + 1024) / 16; i += kThreads) {
+    reinterpret_cast<uint4*>(smem + Shape::kZ)[i] = make_uint4(0, 0, 0, 0);
+  }
+  __syncthreads();
+  if (tid < 8) {  // row 0 of the ones matrix: 64 bf16 ones (its 16-byte chunks unswizzled)
+    reinterpret_cast<uint4*>(smem + Shape::kOnes)[tid] =
+        make_uint4(0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u);
+  }
+  auto store_state = [&]() {
+#pragma unroll
+    for (int mb = 0; mb < kPanels; ++mb) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int f = 64 * mb + 16 * warp + g + 8 * h;
+          uint32_t hi, lo;
+          SplitBf16(sacc[mb][4 * j + 2 * h], sacc[mb][4 * j + 2 * h + 1], hi, lo);
+          const uint32_t off = Swizzled(f, j) + c2 * 2;
+          *reinterpret_cast<uint32_t*>(smem + Shape::kSHi + off) = hi;
+          *reinterpret_cast<uint32_t*>(smem + Shape::kSLo + off) = lo;
+        }
+      }
+      if (c2 == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int f = 64 * mb + 16 * warp + g + 8 * h;
+          const float z = zacc[mb][2 * h];
+          const __nv_bfloat16 z_hi = __float2bfloat16_rn(z);
+          const __nv_bfloat16 z_lo = __float2bfloat16_rn(z - __bfloat162float(z_hi));
+          // Row n of the K-major [z_hi; z_lo] operand, feature f = column (f % 64) of panel f / 64.
+          uint8_t* zb = smem + Shape::kZ + (f / 64) * 1024 + (f % 8) * 2;
+          *reinterpret_cast<__nv_bfloat16*>(zb + Swizzled(0, (f % 64) / 8)) = z_hi;
+          *reinterpret_cast<__nv_bfloat16*>(zb + Swizzled(1, (f % 64) / 8)) = z_lo;
+        }
+      }
+    }
+    wgmma::FenceSharedForAsyncProxy();
+  };
+  store_state();
+
+  const int r_lo = 16 * warp + g, r_hi = r_lo + 8;  // this thread's rows of a chunk's outputs
+  uint16_t* out_s = reinterpret_cast<uint16_t*>(smem + Shape::kOut);
+  const uint32_t ones_addr = base + Shape::kOnes;
+  float o[32], pacc[32], dacc[4];
+
+  for (int n = 0; n < num_chunks; ++n) {
+    const int stage = n & 1;
+    const int rows = rows_of(n);
+    uint8_t* st = smem + stage * Shape::kStageBytes;
+    CpAsyncWaitAll();
+    if (fin != nullptr) {
+      if (fp16) {
+        AccumulateNorms<kD, true>(st, qk_off, run_q, run_k);
+      } else {
+        AccumulateNorms<kD, false>(st, qk_off, run_q, run_k);
+      }
+    }
+    if (fp16) {
+      if (elu) {
+        TransformOwnChunks<kD, true, true>(st, qk_off, qk_row0, v_off, rows);
+      } else {
+        TransformOwnChunks<kD, true, false>(st, qk_off, qk_row0, v_off, rows);
+      }
+    } else if (elu) {
+      TransformOwnChunks<kD, false, true>(st, qk_off, qk_row0, v_off, rows);
+    }  // bf16 identity: the copies are the operands (rows past the sequence zero-filled)
+    wgmma::FenceSharedForAsyncProxy();
+    __syncthreads();  // (A) this chunk's operands and the state's smem copy are ready
+    if (n + 1 < num_chunks) issue_loads(n + 1, stage ^ 1);  // its last reader finished before (A)
+    CpAsyncCommit();
+
+    const uint32_t q_addr = base + stage * Shape::kStageBytes + Shape::kQTile;
+    const uint32_t k_addr = base + stage * Shape::kStageBytes + Shape::kKTile;
+    const uint32_t v_addr = base + stage * Shape::kStageBytes + Shape::kVTile;
+#pragma unroll
+    for (int mb = 0; mb < kPanels; ++mb) {
+      wgmma::KeepOrder<32>(sacc[mb]);
+      wgmma::KeepOrder<4>(zacc[mb]);
+    }
+    wgmma::KeepOrder<4>(vsum);
+    wgmma::Fence();
+    // Batch 1: O = Q' (S_hi + S_lo), D = Q' [z_hi, z_lo], P = Q' K'^T.
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      const uint32_t k_step = (kk / 4) * Shape::kPanel + (kk % 4) * 32;
+      const uint64_t a = KMajor(q_addr + k_step);
+      const uint64_t s_hi = MnMajor(base + Shape::kSHi + kk * 2048);
+      const uint64_t s_lo = MnMajor(base + Shape::kSLo + kk * 2048);
+      const uint64_t zb = KMajor(base + Shape::kZ + (kk / 4) * 1024 + (kk % 4) * 32);
+      const uint64_t kb = KMajor(k_addr + k_step);
+      if (kk == 0) {
+        wgmma::Ss<64, 0, 1>::First(o, a, s_hi);
+        wgmma::Ss<8, 0, 0>::First(dacc, a, zb);
+        wgmma::Ss<64, 0, 0>::First(pacc, a, kb);
+      } else {
+        wgmma::Ss<64, 0, 1>::Next(o, a, s_hi);
+        wgmma::Ss<8, 0, 0>::Next(dacc, a, zb);
+        wgmma::Ss<64, 0, 0>::Next(pacc, a, kb);
+      }
+      wgmma::Ss<64, 0, 1>::Next(o, a, s_lo);
+    }
+    wgmma::Commit();
+    // Batch 2: S += K'^T V, z += K'^T 1 and V's sum (the final state's).
+#pragma unroll
+    for (int kt = 0; kt < kChunk / 16; ++kt) {
+      const uint64_t vb = MnMajor(v_addr + kt * 2048);
+      const uint64_t ones = KMajor(ones_addr + kt * 32);
+#pragma unroll
+      for (int mb = 0; mb < kPanels; ++mb) {
+        const uint64_t a = MnMajor(k_addr + mb * Shape::kPanel + kt * 2048);
+        wgmma::Ss<64, 1, 1>::Next(sacc[mb], a, vb);
+        wgmma::Ss<8, 1, 0>::Next(zacc[mb], a, ones);
+      }
+      wgmma::Ss<8, 1, 0>::Next(vsum, vb, ones);  // unconditional: a branch here splits the batch
+    }
+    wgmma::Commit();
+    wgmma::Wait<1>();
+    wgmma::KeepOrder<32>(o);
+    wgmma::KeepOrder<32>(pacc);
+    wgmma::KeepOrder<4>(dacc);
+
+    // Scores past the diagonal drop out; the intra-chunk denominator is the masked row sum.
+    float den_lo = 0.0f, den_hi = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) {
+      const int col = 8 * (i / 4) + c2 + (i & 1);
+      const bool hi = (i & 2) != 0;
+      if (col > (hi ? r_hi : r_lo)) pacc[i] = 0.0f;
+      if (hi) {
+        den_hi += pacc[i];
+      } else {
+        den_lo += pacc[i];
+      }
+    }
+    uint32_t ph[4][4], pl[4][4];  // A fragments of P per 16-key step, hi + lo
+#pragma unroll
+    for (int kt = 0; kt < 4; ++kt) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        // r: (row g, keys c2..), (row g + 8, keys c2..), (row g, keys 8 + c2..), (row g + 8, ...)
+        const int i = 8 * kt + 4 * (r / 2) + 2 * (r % 2);
+        SplitBf16(pacc[i], pacc[i + 1], ph[kt][r], pl[kt][r]);
+      }
+    }
+    wgmma::Fence();
+    // Batch 3: O += P V (hi + lo).
+#pragma unroll
+    for (int kt = 0; kt < kChunk / 16; ++kt) {
+      const uint64_t vb = MnMajor(v_addr + kt * 2048);
+      wgmma::Rs<64>::Next(o, ph[kt], vb);
+      wgmma::Rs<64>::Next(o, pl[kt], vb);
+    }
+    wgmma::Commit();
+    den_lo += __shfl_xor_sync(0xffffffffu, den_lo, 1);
+    den_lo += __shfl_xor_sync(0xffffffffu, den_lo, 2);
+    den_hi += __shfl_xor_sync(0xffffffffu, den_hi, 1);
+    den_hi += __shfl_xor_sync(0xffffffffu, den_hi, 2);
+    den_lo += __shfl_sync(0xffffffffu, dacc[0] + dacc[1], lane & ~3);
+    den_hi += __shfl_sync(0xffffffffu, dacc[2] + dacc[3], lane & ~3);
+    wgmma::Wait<0>();
+    wgmma::KeepOrder<32>(o);
+#pragma unroll
+    for (int mb = 0; mb < kPanels; ++mb) {
+      wgmma::KeepOrder<32>(sacc[mb]);
+      wgmma::KeepOrder<4>(zacc[mb]);
+    }
+    wgmma::KeepOrder<4>(vsum);
+
+    // ---- epilogue: row stats, out (staged per warp for 16-byte stores), out's residual ----
+    const int64_t t0 = first + int64_t{n} * kChunk;
+    if (p.stats != nullptr && slice == 0 && c2 == 0) {
+      if (r_lo < rows) {
+        reinterpret_cast<float4*>(p.stats)[(t0 + r_lo) * hq + head] =
+            make_float4(den_lo, 1.0f, 1.0f, 1.0f);
+      }
+      if (r_hi < rows) {
+        reinterpret_cast<float4*>(p.stats)[(t0 + r_hi) * hq + head] =
+            make_float4(den_hi, 1.0f, 1.0f, 1.0f);
+      }
+    }
+    if (!p.normalize) den_lo = den_hi = 1.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = h ? r_hi : r_lo;
+        const float den = h ? den_hi : den_lo;
+        const float y0 = o[4 * j + 2 * h] / den, y1 = o[4 * j + 2 * h + 1] / den;
+        const uint16_t b0 = FloatToBits(y0, fp16), b1 = FloatToBits(y1, fp16);
+        *reinterpret_cast<uint32_t*>(out_s + r * Shape::kOutStride + 8 * j + c2) =
+            static_cast<uint32_t>(b0) | (static_cast<uint32_t>(b1) << 16);
+        if (p.out_residual != nullptr && r < rows) {
+          const uint32_t res =
+              static_cast<uint32_t>(FloatToBits(y0 - BitsToFloat(b0, fp16), fp16)) |
+              (static_cast<uint32_t>(FloatToBits(y1 - BitsToFloat(b1, fp16), fp16)) << 16);
+          *reinterpret_cast<uint32_t*>(p.out_residual + (t0 + r) * qd + int64_t{head} * kD +
+                                       col0 + 8 * j + c2) = res;
+        }
+      }
+    }
+    __syncwarp();
+    uint16_t* out_base = p.out + int64_t{head} * kD + col0;
+#pragma unroll
+    for (int i = lane; i < 16 * 8; i += 32) {
+      const int r = 16 * warp + i / 8;
+      if (r < rows) {
+        *reinterpret_cast<uint4*>(out_base + (t0 + r) * qd + (i % 8) * 8) =
+            *reinterpret_cast<const uint4*>(out_s + r * Shape::kOutStride + (i % 8) * 8);
+      }
+    }
+    __syncthreads();  // (B) every warp's batch 1 has read S and z: they may be rewritten
+    store_state();
+  }
+
+  // ---- the final state ----
+  if (fin == nullptr) return;
+  float* reduce = reinterpret_cast<float*>(smem + Shape::kReduce);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+    run_q = fmaxf(run_q, __shfl_xor_sync(0xffffffffu, run_q, off));
+    run_k = fmaxf(run_k, __shfl_xor_sync(0xffffffffu, run_k, off));
+  }
+  if (lane == 0) {
+    reduce[warp] = run_q;
+    reduce[4 + warp] = run_k;
+  }
+  __syncthreads();
+  if (kv_writer) {
+#pragma unroll
+    for (int mb = 0; mb < kPanels; ++mb) {
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int f = 64 * mb + 16 * warp + g + ((i & 2) ? 8 : 0);
+        const int col = 8 * (i / 4) + c2 + (i & 1);
+        fin[layout.s_offset + int64_t{f} * kD + col0 + col] = sacc[mb][i];
+      }
+      if (slice == 0 && c2 == 0) {
+        fin[layout.z_offset + 64 * mb + 16 * warp + g] = zacc[mb][0];
+        fin[layout.z_offset + 64 * mb + 16 * warp + g + 8] = zacc[mb][2];
+      }
+    }
+    if (c2 == 0) {
+      fin[layout.v_sum_offset + col0 + 16 * warp + g] = vsum[0];
+      fin[layout.v_sum_offset + col0 + 16 * warp + g + 8] = vsum[2];
+    }
+    if (slice == 0) {
+      if (tid == 0) {
+        fin[layout.count_offset] =
+            (init != nullptr ? init[layout.count_offset] : 0.0f) + static_cast<float>(len);
+        const float k_max = fmaxf(fmaxf(reduce[4], reduce[5]), fmaxf(reduce[6], reduce[7]));
+        fin[layout.k_norm_offset] = fmaxf(init != nullptr ? init[layout.k_norm_offset] : 0.0f, k_max);
+      }
+      // Padding is copied through.
+      for (int64_t i = layout.q_norm_offset + p.group + tid; i < layout.stride; i += kThreads) {
+        fin[i] = init != nullptr ? init[i] : 0.0f;
+      }
+    }
+  }
+  if (slice == 0 && tid == 0) {
+    const float q_max = fmaxf(fmaxf(reduce[0], reduce[1]), fmaxf(reduce[2], reduce[3]));
+    const int64_t at = layout.q_norm_offset + g_in_group;
+    fin[at] = fmaxf(init != nullptr ? init[at] : 0.0f, q_max);
+  }
+#else
+  __trap();  // never launched: Sm90ForwardServes requires the sm_90a code
+#endif
+}
+
+template <int kD>
+cudaError_t LaunchSm90Forward(const CoreParams& p, cudaStream_t stream) {
+  static std::mutex mutex;
+  static bool ready[kMaxDevices] = {};
+  CoreParams copy = p;
+  void* args[] = {&copy};
+  return LaunchWithSmem(LinearForwardSm90Kernel<kD>, mutex, ready,
+                        dim3(kD / kSm90Cols, p.num_q_heads, p.num_seqs), dim3(kThreads),
+                        Sm90Shape<kD>::kSmemBytes, stream, args);
+}
+
+// Whether the current device runs the kernel's sm_90a code (not another image of the build).
+template <int kD>
+bool Sm90CodeRuns() {
+  static std::mutex mutex;
+  static int state[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return false;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (state[device] == 0) {
+    cudaFuncAttributes attrs;
+    const bool runs =
+        cudaFuncGetAttributes(&attrs, reinterpret_cast<const void*>(LinearForwardSm90Kernel<kD>)) ==
+            cudaSuccess &&
+        attrs.binaryVersion == 90;
+    if (!runs) (void)cudaGetLastError();  // a missing image is an answer, not a sticky error
+    state[device] = runs ? 1 : 2;
+  }
+  return state[device] == 1;
+}
+
+}  // namespace
+
+bool Sm90ForwardServes(const CoreParams& p, int head_dim) {
+  if (p.feature_map == static_cast<int>(LinearFeatureMap::kOnePlusXMaxNorm)) return false;
+  switch (head_dim) {
+#ifdef FERRY_LINEAR_HEAD_DIM_64
+    case 64:
+      return Sm90CodeRuns<64>();
+#endif
+#ifdef FERRY_LINEAR_HEAD_DIM_128
+    case 128:
+      return Sm90CodeRuns<128>();
+#endif
+    default:
+      return false;
+  }
+}
+
+cudaError_t RunSm90Forward(const CoreParams& p, int head_dim, cudaStream_t stream) {
+  if (p.num_seqs == 0 || p.num_q_heads == 0) return cudaSuccess;
+  switch (head_dim) {
+#ifdef FERRY_LINEAR_HEAD_DIM_64
+    case 64:
+      return LaunchSm90Forward<64>(p, stream);
+#endif
+#ifdef FERRY_LINEAR_HEAD_DIM_128
+    case 128:
+      return LaunchSm90Forward<128>(p, stream);
+#endif
+    default:
+      return cudaErrorNotSupported;
+  }
+}
+
+}  // namespace ferry::kernels::linear_cuda
