@@ -1,6 +1,6 @@
 """PyTorch front end of Ferry's CUDA causal linear attention.
 
-Builds ferry_linear_attn_ext.cpp and kernels/cuda/linear_attention_{fwd,bwd,decode}.cu with
+Builds ferry_linear_attn_ext.cpp and kernels/cuda/linear_attention_{fwd,fwd_sm90,bwd,decode}.cu with
 torch.utils.cpp_extension.load on first use (sm_90a; head dims from FERRY_LINEAR_HEAD_DIMS, default
 "64,128"), into a fresh build directory unless FERRY_EXT_BUILD_DIR names one.
 
@@ -33,7 +33,7 @@ def extension():
         _ext = load(
             name="ferry_linear_attn_ext",
             sources=[os.path.join(_HERE, "ferry_linear_attn_ext.cpp")]
-            + [os.path.join(cuda_dir, f"linear_attention_{part}.cu") for part in ("fwd", "bwd", "decode")],
+            + [os.path.join(cuda_dir, f"linear_attention_{part}.cu") for part in ("fwd", "fwd_sm90", "bwd", "decode")],
             extra_include_paths=[os.path.join(_REPO, "kernels", "include"), cuda_dir],
             extra_cflags=["-O2", "-std=c++17"],
             extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]

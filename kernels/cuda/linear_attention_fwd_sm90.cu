@@ -1,20 +1,25 @@
 // Causal linear attention forward on Hopper (wgmma): contract in linear_attention_sm90.h.
 //
-// One warpgroup (4 warps) per (64 value columns, q head, sequence) walks the sequence's 64-token
-// chunks. With Q', K' the chunk's feature rows (phi(q), phi(k), bf16), V its value rows and S, z
-// the state before the chunk (float32 in registers), each chunk is three batches of wgmma:
+// One block of two warpgroups per (64 value columns, q head, sequence) walks the sequence's
+// 64-token chunks; warpgroup w owns value columns [32w, 32w + 32) of the block's slice. With Q',
+// K' the chunk's feature rows (phi(q), phi(k), bf16), V its value rows and S, z the state before
+// the chunk (float32 in registers), each chunk is three batches of wgmma per warpgroup:
 //   1. O = Q' S_hi + Q' S_lo       S as bf16 hi + lo pairs (~16 mantissa bits), B N-major
 //      D = Q' [z_hi, z_lo, 0...]   the inter-chunk denominator, m64n8
-//      P = Q' K'^T                 the scores, both operands K-major
+//      P = Q' K'^T                 the scores (both warpgroups: cheaper than sharing them)
 //   2. S += K'^T V, z += K'^T 1    M = key features in m64 blocks, A = K' read M-major
 //   3. O += P_hi V + P_lo V        P masked to j <= i, from registers as hi + lo pairs
-// then den = D[0] + D[1] + sum_j P and out = O / den. That is about 40 warpgroup instructions per
-// chunk where the mma.sync core (linear_attention_core.cuh) issued several hundred per warp, and
-// the feature map runs once per tile and 64 columns instead of once per 32-column slice.
+// then den = D[0] + D[1] + sum_j P and out = O / den. That is a few dozen warpgroup instructions
+// per chunk where the mma.sync core (linear_attention_core.cuh) issued several hundred per warp,
+// and the feature map runs once per tile and 64 columns instead of once per 32-column slice.
+// While batches 1 and 2 run, the threads apply the feature map to the next chunk's tiles (copied
+// one chunk ahead), so the elementwise work hides behind the tensor cores'. The state's shared
+// copy (S hi / lo, [z_hi, z_lo]) is double-buffered: one barrier per chunk.
 //
-// Shared memory: two stages of raw tiles (cp.async, 16-byte chunks, the 128-byte swizzle wgmma
-// reads), transformed in place by the thread that copied each chunk; S hi / lo and [z_hi, z_lo]
-// written from the accumulators after every chunk; an output staging tile for coalesced stores.
+// Shared memory: two stages of tiles (cp.async, 16-byte chunks, in the swizzled layouts wgmma
+// reads: Q and K 128-byte rows, V and S 64-byte rows so that each warpgroup's 32 columns are a
+// panel of their own), transformed in place by the thread that copied each chunk; the state's
+// two buffers; an output staging tile for 16-byte stores.
 #include "linear_attention_sm90.h"
 
 #include <mutex>
@@ -24,57 +29,91 @@
 namespace ferry::kernels::linear_cuda {
 namespace {
 
-constexpr int kSm90Cols = 64;  // value columns per block
+constexpr int kSm90Cols = 64;          // value columns per block
+constexpr int kSm90Threads = 256;      // two warpgroups
 
 template <int kD>
 struct Sm90Shape {
-  static constexpr int kPanels = kD / 64;          // 64-column panels of a feature tile
-  static constexpr int kPanel = kChunk * 128;      // bytes of 64 rows x 64 bf16 columns
+  static constexpr int kPanels = kD / 64;       // 64-column panels of a feature tile
+  static constexpr int kPanel = kChunk * 128;   // bytes: 64 rows x 64 bf16 (128-byte swizzle)
+  static constexpr int kVPanel = kChunk * 64;   // bytes: 64 rows x 32 bf16 (64-byte swizzle)
+  static constexpr int kSPanel = kD * 64;       // bytes: kD rows x 32 bf16 (64-byte swizzle)
   static constexpr int kQTile = 0;
   static constexpr int kKTile = kQTile + kPanels * kPanel;
-  static constexpr int kVTile = kKTile + kPanels * kPanel;
-  static constexpr int kStageBytes = kVTile + kPanel;
+  static constexpr int kVTile = kKTile + kPanels * kPanel;  // one panel per warpgroup
+  static constexpr int kStageBytes = kVTile + 2 * kVPanel;
   static constexpr int kStages = 2;
-  static constexpr int kSHi = kStages * kStageBytes;  // kD rows x 64 columns, N-major B
-  static constexpr int kSLo = kSHi + kD * 128;
-  static constexpr int kZ = kSLo + kD * 128;           // rows z_hi, z_lo, 0 x 6 over kD: K-major
-  static constexpr int kOnes = kZ + kPanels * 1024;    // rows 1, 0 x 7 over 64 tokens: K-major
-  static constexpr int kOutStride = kSm90Cols + 8;     // elements; 144-byte rows: no conflicts
+  // One buffer of the state's shared copy: S hi, S lo (a panel per warpgroup each), then
+  // [z_hi, z_lo, 0 x 6] over kD (K-major, 1024 bytes per 64 features).
+  static constexpr int kSHi = 0;
+  static constexpr int kSLo = kSHi + 2 * kSPanel;
+  static constexpr int kZ = kSLo + 2 * kSPanel;
+  static constexpr int kStateBuffer = kZ + kPanels * 1024;
+  static constexpr int kState = kStages * kStageBytes;  // two buffers
+  static constexpr int kOnes = kState + 2 * kStateBuffer;  // rows 1, 0 x 7 over 64 tokens
+  static constexpr int kOutStride = kSm90Cols + 8;  // elements; 144-byte rows: no conflicts
   static constexpr int kOut = kOnes + 1024;
-  static constexpr int kReduce = kOut + kChunk * kOutStride * 2;  // float[8]
-  static constexpr int kUsed = kReduce + 8 * 4;
+  static constexpr int kReduce = kOut + kChunk * kOutStride * 2;  // float[16]
+  static constexpr int kUsed = kReduce + 16 * 4;
   static constexpr int kSmemBytes = kUsed + 1024;  // slack to align the base to 1024 bytes
   static_assert(kSmemBytes <= kMaxSharedBytes, "shared memory");
+  static_assert(kStageBytes % 1024 == 0 && kStateBuffer % 1024 == 0, "atom alignment");
 };
 
-// 16-byte chunk c of a 128-byte row r of a swizzled tile.
-__device__ __forceinline__ uint32_t Swizzled(int r, int c) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr int kWgCols = kSm90Cols / 2;  // value columns per warpgroup
+
+// Byte offset of 16-byte chunk c of row r in a tile of 128-byte (64-byte) swizzled rows.
+__device__ __forceinline__ uint32_t Swizzled128(int r, int c) {
   return static_cast<uint32_t>(r * 128 + ((c ^ (r & 7)) << 4));
 }
-
-__device__ __forceinline__ uint64_t KMajor(uint32_t addr) {
-  return wgmma::MakeDescriptor(addr, 16, 1024);
-}
-__device__ __forceinline__ uint64_t MnMajor(uint32_t addr) {
-  return wgmma::MakeDescriptor(addr, Sm90Shape<64>::kPanel, 1024);
+__device__ __forceinline__ uint32_t Swizzled64(int r, int c) {
+  return static_cast<uint32_t>(r * 64 + ((c ^ ((r >> 1) & 3)) << 4));
 }
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// In place over this thread's chunks of a stage (the ones it copied, so no barrier is needed
-// after its own cp.async wait): phi (kElu) and bf16 for Q and K, bf16 for V (kFp16); feature
-// rows past the sequence become zero (phi(0) would not be).
+// Descriptors. Tiles of 128-byte rows: Q', K', the z and ones rows as K-major operands, and K'
+// as the M-major A of K'^T V (one 64-feature panel, so the panel stride is unused either way).
+// Tiles of 64-byte rows: the S and V panels, N- or M-major (K steps of 16 rows are 1024 bytes;
+// `panels` apart when M spans both).
+__device__ __forceinline__ uint64_t Rows128(uint32_t addr) {
+  return wgmma::MakeDescriptor(addr, 16, 1024, wgmma::Swizzle::k128);
+}
+__device__ __forceinline__ uint64_t MnMajor64(uint32_t addr, uint32_t panels) {
+  return wgmma::MakeDescriptor(addr, panels, 512, wgmma::Swizzle::k64);
+}
+// The descriptor of the matrix `bytes` further on: the start address field is addr / 16 in the
+// low 14 bits, and shared addresses stay below 2^18, so the sum never carries out of it. Built
+// once per kernel and advanced by block-uniform offsets, descriptors cost a uniform add per
+// product (building each from its address was a quarter of the kernel's instructions).
+__device__ __forceinline__ uint64_t Advance(uint64_t descriptor, uint32_t bytes) {
+  return descriptor + (bytes >> 4);
+}
+
+// The copy pattern: thread t copies the 16-byte column chunk t % (kD / 8) of Q and K rows
+// t / (kD / 8) + i kQkStep, and chunk t % 8 of V rows t / 8 + i kVStep (steps that are multiples
+// of 8 rows, so each thread's swizzle is the same for all of its rows).
+template <int kD>
+struct Sm90Copy {
+  static constexpr int kCpr = kD / 8;
+  static constexpr int kQkStep = kSm90Threads / kCpr;
+  static constexpr int kVStep = kSm90Threads / 8;
+};
+
+// In place over this thread's chunks of a stage (the ones it copied: no barrier is needed after
+// its own cp.async wait): phi (kElu) and bf16 for Q and K, bf16 for V (kFp16); feature rows past
+// the sequence become zero (phi(0) would not be).
 template <int kD, bool kFp16, bool kElu>
 __device__ __forceinline__ void TransformOwnChunks(uint8_t* stage, uint32_t qk_off, int qk_row0,
                                                    uint32_t v_off, int rows) {
   using Shape = Sm90Shape<kD>;
-  constexpr int kStep = kThreads / (kD / 8);
+  using Copy = Sm90Copy<kD>;
 #pragma unroll
-  for (int i = 0; i < kChunk / kStep; ++i) {
-    const bool valid = qk_row0 + i * kStep < rows;
+  for (int i = 0; i < kChunk / Copy::kQkStep; ++i) {
+    const bool valid = qk_row0 + i * Copy::kQkStep < rows;
 #pragma unroll
     for (int tile = 0; tile < 2; ++tile) {
       uint4* ptr = reinterpret_cast<uint4*>(stage + (tile ? Shape::kKTile : Shape::kQTile) +
-                                            qk_off + i * kStep * 128);
+                                            qk_off + i * Copy::kQkStep * 128);
       float x[8];
       Unpack8<kFp16>(*ptr, x);
 #pragma unroll
@@ -84,8 +123,8 @@ __device__ __forceinline__ void TransformOwnChunks(uint8_t* stage, uint32_t qk_o
   }
   if constexpr (kFp16) {
 #pragma unroll
-    for (int i = 0; i < kChunk / (kThreads / 8); ++i) {
-      uint4* ptr = reinterpret_cast<uint4*>(stage + Shape::kVTile + v_off + i * (kThreads / 8) * 128);
+    for (int i = 0; i < kChunk / Copy::kVStep; ++i) {
+      uint4* ptr = reinterpret_cast<uint4*>(stage + Shape::kVTile + v_off + i * Copy::kVStep * 64);
       float x[8];
       Unpack8<true>(*ptr, x);
       *ptr = PackBf16x8(x);
@@ -99,21 +138,20 @@ template <int kD, bool kFp16>
 __device__ __forceinline__ void AccumulateNorms(const uint8_t* stage, uint32_t qk_off,
                                                 float& run_q, float& run_k) {
   using Shape = Sm90Shape<kD>;
-  constexpr int kCpr = kD / 8;
-  constexpr int kStep = kThreads / kCpr;
+  using Copy = Sm90Copy<kD>;
 #pragma unroll
-  for (int i = 0; i < kChunk / kStep; ++i) {
+  for (int i = 0; i < kChunk / Copy::kQkStep; ++i) {
 #pragma unroll
     for (int tile = 0; tile < 2; ++tile) {
       const uint4 raw = *reinterpret_cast<const uint4*>(
-          stage + (tile ? Shape::kKTile : Shape::kQTile) + qk_off + i * kStep * 128);
+          stage + (tile ? Shape::kKTile : Shape::kQTile) + qk_off + i * Copy::kQkStep * 128);
       float x[8];
       Unpack8<kFp16>(raw, x);
       float sum = 0.0f;
 #pragma unroll
       for (int e = 0; e < 8; ++e) sum = fmaf(x[e], x[e], sum);
 #pragma unroll
-      for (int off = 1; off < kCpr; off *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+      for (int off = 1; off < Copy::kCpr; off *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
       float& run = tile ? run_k : run_q;
       run = fmaxf(run, sqrtf(sum));  // rows past the sequence are zero-filled: norm 0
     }
@@ -122,9 +160,10 @@ __device__ __forceinline__ void AccumulateNorms(const uint8_t* stage, uint32_t q
 #endif
 
 template <int kD>
-__global__ void __launch_bounds__(kThreads, 1) LinearForwardSm90Kernel(const CoreParams p) {
+__global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const CoreParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = Sm90Shape<kD>;
+  using Copy = Sm90Copy<kD>;
   constexpr int kPanels = Shape::kPanels;
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw_addr = SmemAddr(smem_raw);
@@ -133,6 +172,9 @@ __global__ void __launch_bounds__(kThreads, 1) LinearForwardSm90Kernel(const Cor
 
   const int slice = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  // The warpgroup (broadcast from lane 0: the compiler then knows it is warp-uniform and keeps
+  // what depends on it, the descriptors, in uniform registers) and the warp in it.
+  const int wg = __shfl_sync(0xffffffffu, warp / 4, 0), wi = warp % 4;
   const int g = lane / 4, c2 = 2 * (lane % 4);
   const int hq = p.num_q_heads, hkv = p.num_kv_heads;
   const int kv_head = head / p.group;
@@ -149,125 +191,52 @@ __global__ void __launch_bounds__(kThreads, 1) LinearForwardSm90Kernel(const Cor
   float* fin = p.final_state != nullptr ? p.final_state + record : nullptr;
   const bool kv_writer = fin != nullptr && g_in_group == 0;  // S, z, V: one q head per kv head
   const int64_t qd = int64_t{hq} * kD, kvd = int64_t{hkv} * kD;
-  const int col0 = slice * kSm90Cols;
+  const int col0 = slice * kSm90Cols;    // the block's value columns
+  const int wcol0 = col0 + wg * kWgCols;  // this warpgroup's
 
-  // ---- copies: a fixed 16-byte column chunk per thread, rows a constant step apart (a multiple
-  // of 8, so the swizzle is the same for all of a thread's rows) ----
-  constexpr int kCpr = kD / 8;
-  constexpr int kStep = kThreads / kCpr;
-  constexpr int kVStep = kThreads / 8;
-  const int qk_row0 = tid / kCpr, qk_cc = tid % kCpr;
-  const uint32_t qk_off = (qk_cc / 8) * Shape::kPanel + Swizzled(qk_row0, qk_cc % 8);
-  const int v_row0 = tid / 8;
-  const uint32_t v_off = Swizzled(v_row0, tid % 8);
+  // ---- copies ----
+  const int qk_row0 = tid / Copy::kCpr, qk_cc = tid % Copy::kCpr;
+  const uint32_t qk_off = (qk_cc / 8) * Shape::kPanel + Swizzled128(qk_row0, qk_cc % 8);
+  const int v_row0 = tid / 8, v_cc = tid % 8;
+  const uint32_t v_off = (v_cc / 4) * Shape::kVPanel + Swizzled64(v_row0, v_cc % 4);
   const uint16_t* q_src = p.q + (first + qk_row0) * qd + int64_t{head} * kD + qk_cc * 8;
   const uint16_t* k_src = p.k + (first + qk_row0) * kvd + int64_t{kv_head} * kD + qk_cc * 8;
-  const uint16_t* v_src = p.v + (first + v_row0) * kvd + int64_t{kv_head} * kD + col0 + (tid % 8) * 8;
+  const uint16_t* v_src = p.v + (first + v_row0) * kvd + int64_t{kv_head} * kD + col0 + v_cc * 8;
   auto rows_of = [&](int chunk) {
     const int64_t left = len - int64_t{chunk} * kChunk;
     return static_cast<int>(left < kChunk ? left : kChunk);
   };
-  auto issue_loads = [&](int chunk, int stage) {
-    uint8_t* st = smem + stage * Shape::kStageBytes;
+  // Sources step by constant strides (the 64-bit products per copy were a tenth of the
+  // instructions).
+  const int64_t q_step = Copy::kQkStep * qd, kv_step = Copy::kQkStep * kvd;
+  const int64_t v_step = Copy::kVStep * kvd;
+  auto issue_loads = [&](int chunk) {
+    uint8_t* st = smem + (chunk & 1) * Shape::kStageBytes;
     const int rows = rows_of(chunk);
-    const int64_t t = int64_t{chunk} * kChunk;
+    const uint16_t* qp = q_src + int64_t{chunk} * kChunk * qd;
+    const uint16_t* kp = k_src + int64_t{chunk} * kChunk * kvd;
+    const uint16_t* vp = v_src + int64_t{chunk} * kChunk * kvd;
 #pragma unroll
-    for (int i = 0; i < kChunk / kStep; ++i) {
-      const bool valid = qk_row0 + i * kStep < rows;
-      const int64_t row = t + i * kStep;
-      CpAsync16(st + Shape::kQTile + qk_off + i * kStep * 128, valid ? q_src + row * qd : p.q, valid);
-      CpAsync16(st + Shape::kKTile + qk_off + i * kStep * 128, valid ? k_src + row * kvd : p.k,
-                valid);
+    for (int i = 0; i < kChunk / Copy::kQkStep; ++i) {
+      const bool valid = qk_row0 + i * Copy::kQkStep < rows;
+      const uint32_t dst = qk_off + i * Copy::kQkStep * 128;
+      CpAsync16(st + Shape::kQTile + dst, valid ? qp : p.q, valid);
+      CpAsync16(st + Shape::kKTile + dst, valid ? kp : p.k, valid);
+      qp += q_step;
+      kp += kv_step;
     }
 #pragma unroll
-    for (int i = 0; i < kChunk / kVStep; ++i) {
-      const bool valid = v_row0 + i * kVStep < rows;
-      CpAsync16(st + Shape::kVTile + v_off + i * kVStep * 128,
-                valid ? v_src + (t + i * kVStep) * kvd : p.v, valid);
+    for (int i = 0; i < kChunk / Copy::kVStep; ++i) {
+      const bool valid = v_row0 + i * Copy::kVStep < rows;
+      CpAsync16(st + Shape::kVTile + v_off + i * Copy::kVStep * 64, valid ? vp : p.v, valid);
+      vp += v_step;
     }
   };
-  if (num_chunks > 0) issue_loads(0, 0);
-  CpAsyncCommit();
-
-  // ---- the state in registers, in the accumulator layouts of the products that update it ----
-  // sacc[mb]: S rows 64 mb + 16 warp + g (+8) of this block's 64 columns; zacc[mb]: column 0 = z
-  // of the same rows; vsum: column 0 = V's sum over value column 16 warp + g (+8).
-  float sacc[kPanels][32], zacc[kPanels][4], vsum[4];
-#pragma unroll
-  for (int mb = 0; mb < kPanels; ++mb) {
-#pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      const int f = 64 * mb + 16 * warp + g + ((i & 2) ? 8 : 0);
-      const int col = 8 * (i / 4) + c2 + (i & 1);
-      sacc[mb][i] = init != nullptr ? init[layout.s_offset + int64_t{f} * kD + col0 + col] : 0.0f;
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int f = 64 * mb + 16 * warp + g + (e >= 2 ? 8 : 0);
-      zacc[mb][e] = init != nullptr && c2 == 0 && (e & 1) == 0 ? init[layout.z_offset + f] : 0.0f;
-    }
-  }
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const int vc = 16 * warp + g + (e >= 2 ? 8 : 0);
-    vsum[e] = kv_writer && init != nullptr && c2 == 0 && (e & 1) == 0
-                  ? init[layout.v_sum_offset + col0 + vc]
-                  : 0.0f;
-  }
   float run_q = 0.0f, run_k = 0.0f;  // raw norm maxima (for the final state only)
-
-  // Constant operands: [z_hi, z_lo] rows 2..7 and the ones matrix's rows 1..7 are zero.
-  for (int i = tid; i < (kPanels * 1024 + 1024) / 16; i += kThreads) {
-    reinterpret_cast<uint4*>(smem + Shape::kZ)[i] = make_uint4(0, 0, 0, 0);
-  }
-  __syncthreads();
-  if (tid < 8) {  // row 0 of the ones matrix: 64 bf16 ones (its 16-byte chunks unswizzled)
-    reinterpret_cast<uint4*>(smem + Shape::kOnes)[tid] =
-        make_uint4(0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u);
-  }
-  auto store_state = [&]() {
-#pragma unroll
-    for (int mb = 0; mb < kPanels; ++mb) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int f = 64 * mb + 16 * warp + g + 8 * h;
-          uint32_t hi, lo;
-          SplitBf16(sacc[mb][4 * j + 2 * h], sacc[mb][4 * j + 2 * h + 1], hi, lo);
-          const uint32_t off = Swizzled(f, j) + c2 * 2;
-          *reinterpret_cast<uint32_t*>(smem + Shape::kSHi + off) = hi;
-          *reinterpret_cast<uint32_t*>(smem + Shape::kSLo + off) = lo;
-        }
-      }
-      if (c2 == 0) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int f = 64 * mb + 16 * warp + g + 8 * h;
-          const float z = zacc[mb][2 * h];
-          const __nv_bfloat16 z_hi = __float2bfloat16_rn(z);
-          const __nv_bfloat16 z_lo = __float2bfloat16_rn(z - __bfloat162float(z_hi));
-          // Row n of the K-major [z_hi; z_lo] operand, feature f = column (f % 64) of panel f / 64.
-          uint8_t* zb = smem + Shape::kZ + (f / 64) * 1024 + (f % 8) * 2;
-          *reinterpret_cast<__nv_bfloat16*>(zb + Swizzled(0, (f % 64) / 8)) = z_hi;
-          *reinterpret_cast<__nv_bfloat16*>(zb + Swizzled(1, (f % 64) / 8)) = z_lo;
-        }
-      }
-    }
-    wgmma::FenceSharedForAsyncProxy();
-  };
-  store_state();
-
-  const int r_lo = 16 * warp + g, r_hi = r_lo + 8;  // this thread's rows of a chunk's outputs
-  uint16_t* out_s = reinterpret_cast<uint16_t*>(smem + Shape::kOut);
-  const uint32_t ones_addr = base + Shape::kOnes;
-  float o[32], pacc[32], dacc[4];
-
-  for (int n = 0; n < num_chunks; ++n) {
-    const int stage = n & 1;
-    const int rows = rows_of(n);
-    uint8_t* st = smem + stage * Shape::kStageBytes;
-    CpAsyncWaitAll();
+  // Feature map (and norms) of a chunk whose copies this thread has waited for.
+  auto prepare_chunk = [&](int chunk) {
+    uint8_t* st = smem + (chunk & 1) * Shape::kStageBytes;
+    const int rows = rows_of(chunk);
     if (fin != nullptr) {
       if (fp16) {
         AccumulateNorms<kD, true>(st, qk_off, run_q, run_k);
@@ -284,17 +253,108 @@ __global__ void __launch_bounds__(kThreads, 1) LinearForwardSm90Kernel(const Cor
     } else if (elu) {
       TransformOwnChunks<kD, false, true>(st, qk_off, qk_row0, v_off, rows);
     }  // bf16 identity: the copies are the operands (rows past the sequence zero-filled)
-    wgmma::FenceSharedForAsyncProxy();
-    __syncthreads();  // (A) this chunk's operands and the state's smem copy are ready
-    if (n + 1 < num_chunks) issue_loads(n + 1, stage ^ 1);  // its last reader finished before (A)
-    CpAsyncCommit();
+  };
+  if (num_chunks > 0) issue_loads(0);
+  CpAsyncCommit();
+  if (num_chunks > 1) issue_loads(1);
+  CpAsyncCommit();
 
-    const uint32_t q_addr = base + stage * Shape::kStageBytes + Shape::kQTile;
-    const uint32_t k_addr = base + stage * Shape::kStageBytes + Shape::kKTile;
-    const uint32_t v_addr = base + stage * Shape::kStageBytes + Shape::kVTile;
+  // ---- the state in registers, in the accumulator layouts of the products that update it ----
+  // sacc[mb]: S rows 64 mb + 16 wi + g (+8) of this warpgroup's 32 columns; zacc[mb]: column 0 =
+  // z of the same rows; vsum: column 0 = V's sum over block column 16 wi + g (+8). Both
+  // warpgroups compute z and V's sum (a few m64n8 steps); warpgroup 0 keeps them.
+  float sacc[kPanels][16], zacc[kPanels][4], vsum[4];
+#pragma unroll
+  for (int mb = 0; mb < kPanels; ++mb) {
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int f = 64 * mb + 16 * wi + g + ((i & 2) ? 8 : 0);
+      const int col = 8 * (i / 4) + c2 + (i & 1);
+      sacc[mb][i] = init != nullptr ? init[layout.s_offset + int64_t{f} * kD + wcol0 + col] : 0.0f;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int f = 64 * mb + 16 * wi + g + (e >= 2 ? 8 : 0);
+      zacc[mb][e] = init != nullptr && c2 == 0 && (e & 1) == 0 ? init[layout.z_offset + f] : 0.0f;
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int vc = 16 * wi + g + (e >= 2 ? 8 : 0);
+    vsum[e] = kv_writer && init != nullptr && c2 == 0 && (e & 1) == 0
+                  ? init[layout.v_sum_offset + col0 + vc]
+                  : 0.0f;
+  }
+
+  // Constant operands: [z_hi, z_lo] rows 2..7 of both buffers and the ones matrix's rows 1..7
+  // are zero.
+  for (int i = tid; i < (2 * Shape::kStateBuffer + 1024) / 16; i += kSm90Threads) {
+    reinterpret_cast<uint4*>(smem + Shape::kState)[i] = make_uint4(0, 0, 0, 0);
+  }
+  __syncthreads();
+  if (tid < 8) {  // row 0 of the ones matrix: 64 bf16 ones (its 16-byte chunks unswizzled)
+    reinterpret_cast<uint4*>(smem + Shape::kOnes)[tid] =
+        make_uint4(0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u);
+  }
+  // The state's shared copy into buffer b (read by the next chunk's batch 1).
+  auto store_state = [&](int b) {
+    uint8_t* buffer = smem + Shape::kState + b * Shape::kStateBuffer;
 #pragma unroll
     for (int mb = 0; mb < kPanels; ++mb) {
-      wgmma::KeepOrder<32>(sacc[mb]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int f = 64 * mb + 16 * wi + g + 8 * h;
+          uint32_t hi, lo;
+          SplitBf16(sacc[mb][4 * j + 2 * h], sacc[mb][4 * j + 2 * h + 1], hi, lo);
+          const uint32_t off = wg * Shape::kSPanel + Swizzled64(f, j) + c2 * 2;
+          *reinterpret_cast<uint32_t*>(buffer + Shape::kSHi + off) = hi;
+          *reinterpret_cast<uint32_t*>(buffer + Shape::kSLo + off) = lo;
+        }
+      }
+      if (wg == 0 && c2 == 0) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int f = 64 * mb + 16 * wi + g + 8 * h;
+          const float z = zacc[mb][2 * h];
+          const __nv_bfloat16 z_hi = __float2bfloat16_rn(z);
+          const __nv_bfloat16 z_lo = __float2bfloat16_rn(z - __bfloat162float(z_hi));
+          // Rows 0 and 1 of the K-major operand; feature f is column f % 64 of panel f / 64.
+          uint8_t* zb = buffer + Shape::kZ + (f / 64) * 1024 + (f % 8) * 2;
+          *reinterpret_cast<__nv_bfloat16*>(zb + Swizzled128(0, (f % 64) / 8)) = z_hi;
+          *reinterpret_cast<__nv_bfloat16*>(zb + Swizzled128(1, (f % 64) / 8)) = z_lo;
+        }
+      }
+    }
+  };
+  store_state(0);
+  if (num_chunks > 0) {
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // chunk 0's copies
+    prepare_chunk(0);
+  }
+  wgmma::FenceSharedForAsyncProxy();
+  __syncthreads();
+
+  const int r_lo = 16 * wi + g, r_hi = r_lo + 8;  // this thread's rows of a chunk's outputs
+  uint16_t* out_s = reinterpret_cast<uint16_t*>(smem + Shape::kOut);
+  // Descriptors at stage 0 / state buffer 0; a chunk advances them by its uniform offsets.
+  const uint64_t q_desc = Rows128(base + Shape::kQTile);
+  const uint64_t k_desc = Rows128(base + Shape::kKTile);
+  const uint64_t v_desc = MnMajor64(base + Shape::kVTile + wg * Shape::kVPanel, Shape::kVPanel);
+  const uint64_t v_both_desc = MnMajor64(base + Shape::kVTile, Shape::kVPanel);  // A = V^T
+  const uint64_t s_desc = MnMajor64(base + Shape::kState + wg * Shape::kSPanel, Shape::kSPanel);
+  const uint64_t z_desc = Rows128(base + Shape::kState + Shape::kZ);
+  const uint64_t ones_desc = Rows128(base + Shape::kOnes);
+  float o[16], pacc[32], dacc[4];
+
+  for (int n = 0; n < num_chunks; ++n) {
+    const int rows = rows_of(n);
+    const uint32_t stage = (n & 1) * Shape::kStageBytes;
+    const uint32_t state = (n & 1) * Shape::kStateBuffer;
+#pragma unroll
+    for (int mb = 0; mb < kPanels; ++mb) {
+      wgmma::KeepOrder<16>(sacc[mb]);
       wgmma::KeepOrder<4>(zacc[mb]);
     }
     wgmma::KeepOrder<4>(vsum);
@@ -303,62 +363,77 @@ __global__ void __launch_bounds__(kThreads, 1) LinearForwardSm90Kernel(const Cor
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       const uint32_t k_step = (kk / 4) * Shape::kPanel + (kk % 4) * 32;
-      const uint64_t a = KMajor(q_addr + k_step);
-      const uint64_t s_hi = MnMajor(base + Shape::kSHi + kk * 2048);
-      const uint64_t s_lo = MnMajor(base + Shape::kSLo + kk * 2048);
-      const uint64_t zb = KMajor(base + Shape::kZ + (kk / 4) * 1024 + (kk % 4) * 32);
-      const uint64_t kb = KMajor(k_addr + k_step);
+      const uint64_t a = Advance(q_desc, stage + k_step);
+      const uint64_t s_hi = Advance(s_desc, state + Shape::kSHi + kk * 1024);
+      const uint64_t s_lo = Advance(s_desc, state + Shape::kSLo + kk * 1024);
+      const uint64_t zb = Advance(z_desc, state + (kk / 4) * 1024 + (kk % 4) * 32);
+      const uint64_t kb = Advance(k_desc, stage + k_step);
       if (kk == 0) {
-        wgmma::Ss<64, 0, 1>::First(o, a, s_hi);
+        wgmma::Ss<32, 0, 1>::First(o, a, s_hi);
         wgmma::Ss<8, 0, 0>::First(dacc, a, zb);
         wgmma::Ss<64, 0, 0>::First(pacc, a, kb);
       } else {
-        wgmma::Ss<64, 0, 1>::Next(o, a, s_hi);
+        wgmma::Ss<32, 0, 1>::Next(o, a, s_hi);
         wgmma::Ss<8, 0, 0>::Next(dacc, a, zb);
         wgmma::Ss<64, 0, 0>::Next(pacc, a, kb);
       }
-      wgmma::Ss<64, 0, 1>::Next(o, a, s_lo);
+      wgmma::Ss<32, 0, 1>::Next(o, a, s_lo);
     }
     wgmma::Commit();
     // Batch 2: S += K'^T V, z += K'^T 1 and V's sum (the final state's).
 #pragma unroll
     for (int kt = 0; kt < kChunk / 16; ++kt) {
-      const uint64_t vb = MnMajor(v_addr + kt * 2048);
-      const uint64_t ones = KMajor(ones_addr + kt * 32);
+      const uint64_t vb = Advance(v_desc, stage + kt * 1024);
+      const uint64_t ones = Advance(ones_desc, kt * 32);
 #pragma unroll
       for (int mb = 0; mb < kPanels; ++mb) {
-        const uint64_t a = MnMajor(k_addr + mb * Shape::kPanel + kt * 2048);
-        wgmma::Ss<64, 1, 1>::Next(sacc[mb], a, vb);
+        const uint64_t a = Advance(k_desc, stage + mb * Shape::kPanel + kt * 2048);
+        wgmma::Ss<32, 1, 1>::Next(sacc[mb], a, vb);
         wgmma::Ss<8, 1, 0>::Next(zacc[mb], a, ones);
       }
-      wgmma::Ss<8, 1, 0>::Next(vsum, vb, ones);  // unconditional: a branch here splits the batch
+      // A = V^T over the block's 64 columns: the two panels.
+      wgmma::Ss<8, 1, 0>::Next(vsum, Advance(v_both_desc, stage + kt * 1024), ones);
     }
     wgmma::Commit();
+    // The next chunk's feature map while the tensor cores work (its copies were issued a chunk
+    // ago, into the other stage).
+    if (n + 1 < num_chunks) {
+      CpAsyncWaitAll();
+      prepare_chunk(n + 1);
+    }
     wgmma::Wait<1>();
-    wgmma::KeepOrder<32>(o);
+    wgmma::KeepOrder<16>(o);
     wgmma::KeepOrder<32>(pacc);
     wgmma::KeepOrder<4>(dacc);
 
-    // Scores past the diagonal drop out; the intra-chunk denominator is the masked row sum.
+    // Scores past the diagonal drop out; the intra-chunk denominator is the masked row sum. Warp
+    // wi's rows are 16 wi..16 wi + 15: key step kt < wi lies below the diagonal (no mask), kt == wi
+    // crosses it, kt > wi is above it (zero), a warp-uniform choice.
     float den_lo = 0.0f, den_hi = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 32; ++i) {
-      const int col = 8 * (i / 4) + c2 + (i & 1);
-      const bool hi = (i & 2) != 0;
-      if (col > (hi ? r_hi : r_lo)) pacc[i] = 0.0f;
-      if (hi) {
-        den_hi += pacc[i];
-      } else {
-        den_lo += pacc[i];
-      }
-    }
     uint32_t ph[4][4], pl[4][4];  // A fragments of P per 16-key step, hi + lo
 #pragma unroll
     for (int kt = 0; kt < 4; ++kt) {
+      if (kt > wi) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) ph[kt][r] = pl[kt][r] = 0u;
+        continue;
+      }
+      if (kt == wi) {
+#pragma unroll
+        for (int i = 8 * kt; i < 8 * kt + 8; ++i) {
+          const int col = 8 * (i / 4) + c2 + (i & 1);
+          if (col > ((i & 2) ? r_hi : r_lo)) pacc[i] = 0.0f;
+        }
+      }
 #pragma unroll
       for (int r = 0; r < 4; ++r) {
         // r: (row g, keys c2..), (row g + 8, keys c2..), (row g, keys 8 + c2..), (row g + 8, ...)
         const int i = 8 * kt + 4 * (r / 2) + 2 * (r % 2);
+        if (r % 2) {
+          den_hi += pacc[i] + pacc[i + 1];
+        } else {
+          den_lo += pacc[i] + pacc[i + 1];
+        }
         SplitBf16(pacc[i], pacc[i + 1], ph[kt][r], pl[kt][r]);
       }
     }
@@ -366,9 +441,9 @@ __global__ void __launch_bounds__(kThreads, 1) LinearForwardSm90Kernel(const Cor
     // Batch 3: O += P V (hi + lo).
 #pragma unroll
     for (int kt = 0; kt < kChunk / 16; ++kt) {
-      const uint64_t vb = MnMajor(v_addr + kt * 2048);
-      wgmma::Rs<64>::Next(o, ph[kt], vb);
-      wgmma::Rs<64>::Next(o, pl[kt], vb);
+      const uint64_t vb = Advance(v_desc, stage + kt * 1024);
+      wgmma::Rs<32>::Next(o, ph[kt], vb);
+      wgmma::Rs<32>::Next(o, pl[kt], vb);
     }
     wgmma::Commit();
     den_lo += __shfl_xor_sync(0xffffffffu, den_lo, 1);
@@ -378,17 +453,17 @@ __global__ void __launch_bounds__(kThreads, 1) LinearForwardSm90Kernel(const Cor
     den_lo += __shfl_sync(0xffffffffu, dacc[0] + dacc[1], lane & ~3);
     den_hi += __shfl_sync(0xffffffffu, dacc[2] + dacc[3], lane & ~3);
     wgmma::Wait<0>();
-    wgmma::KeepOrder<32>(o);
+    wgmma::KeepOrder<16>(o);
 #pragma unroll
     for (int mb = 0; mb < kPanels; ++mb) {
-      wgmma::KeepOrder<32>(sacc[mb]);
+      wgmma::KeepOrder<16>(sacc[mb]);
       wgmma::KeepOrder<4>(zacc[mb]);
     }
     wgmma::KeepOrder<4>(vsum);
 
     // ---- epilogue: row stats, out (staged per warp for 16-byte stores), out's residual ----
     const int64_t t0 = first + int64_t{n} * kChunk;
-    if (p.stats != nullptr && slice == 0 && c2 == 0) {
+    if (p.stats != nullptr && slice == 0 && wg == 0 && c2 == 0) {
       if (r_lo < rows) {
         reinterpret_cast<float4*>(p.stats)[(t0 + r_lo) * hq + head] =
             make_float4(den_lo, 1.0f, 1.0f, 1.0f);
@@ -398,38 +473,44 @@ __global__ void __launch_bounds__(kThreads, 1) LinearForwardSm90Kernel(const Cor
             make_float4(den_hi, 1.0f, 1.0f, 1.0f);
       }
     }
-    if (!p.normalize) den_lo = den_hi = 1.0f;
+    // One reciprocal per row instead of a division per element.
+    const float inv_lo = p.normalize ? 1.0f / den_lo : 1.0f;
+    const float inv_hi = p.normalize ? 1.0f / den_hi : 1.0f;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
+    for (int j = 0; j < 4; ++j) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = h ? r_hi : r_lo;
-        const float den = h ? den_hi : den_lo;
-        const float y0 = o[4 * j + 2 * h] / den, y1 = o[4 * j + 2 * h + 1] / den;
+        const float inv = h ? inv_hi : inv_lo;
+        const float y0 = o[4 * j + 2 * h] * inv, y1 = o[4 * j + 2 * h + 1] * inv;
         const uint16_t b0 = FloatToBits(y0, fp16), b1 = FloatToBits(y1, fp16);
-        *reinterpret_cast<uint32_t*>(out_s + r * Shape::kOutStride + 8 * j + c2) =
+        *reinterpret_cast<uint32_t*>(out_s + r * Shape::kOutStride + wg * kWgCols + 8 * j + c2) =
             static_cast<uint32_t>(b0) | (static_cast<uint32_t>(b1) << 16);
         if (p.out_residual != nullptr && r < rows) {
           const uint32_t res =
               static_cast<uint32_t>(FloatToBits(y0 - BitsToFloat(b0, fp16), fp16)) |
               (static_cast<uint32_t>(FloatToBits(y1 - BitsToFloat(b1, fp16), fp16)) << 16);
           *reinterpret_cast<uint32_t*>(p.out_residual + (t0 + r) * qd + int64_t{head} * kD +
-                                       col0 + 8 * j + c2) = res;
+                                       wcol0 + 8 * j + c2) = res;
         }
       }
     }
     __syncwarp();
-    uint16_t* out_base = p.out + int64_t{head} * kD + col0;
+    uint16_t* out_base = p.out + int64_t{head} * kD + wcol0;
 #pragma unroll
-    for (int i = lane; i < 16 * 8; i += 32) {
-      const int r = 16 * warp + i / 8;
+    for (int i = lane; i < 16 * 4; i += 32) {  // this warp's 16 rows x 32 columns
+      const int r = 16 * wi + i / 4;
       if (r < rows) {
-        *reinterpret_cast<uint4*>(out_base + (t0 + r) * qd + (i % 8) * 8) =
-            *reinterpret_cast<const uint4*>(out_s + r * Shape::kOutStride + (i % 8) * 8);
+        *reinterpret_cast<uint4*>(out_base + (t0 + r) * qd + (i % 4) * 8) =
+            *reinterpret_cast<const uint4*>(out_s + r * Shape::kOutStride + wg * kWgCols +
+                                            (i % 4) * 8);
       }
     }
-    __syncthreads();  // (B) every warp's batch 1 has read S and z: they may be rewritten
-    store_state();
+    store_state((n + 1) & 1);  // its last reader, chunk n - 1's batch 1, finished before (A)
+    wgmma::FenceSharedForAsyncProxy();
+    __syncthreads();  // (A) the next chunk's tiles and state are ready; this chunk's stage is free
+    if (n + 2 < num_chunks) issue_loads(n + 2);
+    CpAsyncCommit();
   }
 
   // ---- the final state ----
@@ -442,42 +523,44 @@ __global__ void __launch_bounds__(kThreads, 1) LinearForwardSm90Kernel(const Cor
   }
   if (lane == 0) {
     reduce[warp] = run_q;
-    reduce[4 + warp] = run_k;
+    reduce[8 + warp] = run_k;
   }
   __syncthreads();
   if (kv_writer) {
 #pragma unroll
     for (int mb = 0; mb < kPanels; ++mb) {
 #pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        const int f = 64 * mb + 16 * warp + g + ((i & 2) ? 8 : 0);
+      for (int i = 0; i < 16; ++i) {
+        const int f = 64 * mb + 16 * wi + g + ((i & 2) ? 8 : 0);
         const int col = 8 * (i / 4) + c2 + (i & 1);
-        fin[layout.s_offset + int64_t{f} * kD + col0 + col] = sacc[mb][i];
+        fin[layout.s_offset + int64_t{f} * kD + wcol0 + col] = sacc[mb][i];
       }
-      if (slice == 0 && c2 == 0) {
-        fin[layout.z_offset + 64 * mb + 16 * warp + g] = zacc[mb][0];
-        fin[layout.z_offset + 64 * mb + 16 * warp + g + 8] = zacc[mb][2];
+      if (slice == 0 && wg == 0 && c2 == 0) {
+        fin[layout.z_offset + 64 * mb + 16 * wi + g] = zacc[mb][0];
+        fin[layout.z_offset + 64 * mb + 16 * wi + g + 8] = zacc[mb][2];
       }
     }
-    if (c2 == 0) {
-      fin[layout.v_sum_offset + col0 + 16 * warp + g] = vsum[0];
-      fin[layout.v_sum_offset + col0 + 16 * warp + g + 8] = vsum[2];
+    if (wg == 0 && c2 == 0) {
+      fin[layout.v_sum_offset + col0 + 16 * wi + g] = vsum[0];
+      fin[layout.v_sum_offset + col0 + 16 * wi + g + 8] = vsum[2];
     }
     if (slice == 0) {
       if (tid == 0) {
         fin[layout.count_offset] =
             (init != nullptr ? init[layout.count_offset] : 0.0f) + static_cast<float>(len);
-        const float k_max = fmaxf(fmaxf(reduce[4], reduce[5]), fmaxf(reduce[6], reduce[7]));
+        float k_max = 0.0f;
+        for (int w = 0; w < 8; ++w) k_max = fmaxf(k_max, reduce[8 + w]);
         fin[layout.k_norm_offset] = fmaxf(init != nullptr ? init[layout.k_norm_offset] : 0.0f, k_max);
       }
       // Padding is copied through.
-      for (int64_t i = layout.q_norm_offset + p.group + tid; i < layout.stride; i += kThreads) {
+      for (int64_t i = layout.q_norm_offset + p.group + tid; i < layout.stride; i += kSm90Threads) {
         fin[i] = init != nullptr ? init[i] : 0.0f;
       }
     }
   }
   if (slice == 0 && tid == 0) {
-    const float q_max = fmaxf(fmaxf(reduce[0], reduce[1]), fmaxf(reduce[2], reduce[3]));
+    float q_max = 0.0f;
+    for (int w = 0; w < 8; ++w) q_max = fmaxf(q_max, reduce[w]);
     const int64_t at = layout.q_norm_offset + g_in_group;
     fin[at] = fmaxf(init != nullptr ? init[at] : 0.0f, q_max);
   }
@@ -493,7 +576,7 @@ cudaError_t LaunchSm90Forward(const CoreParams& p, cudaStream_t stream) {
   CoreParams copy = p;
   void* args[] = {&copy};
   return LaunchWithSmem(LinearForwardSm90Kernel<kD>, mutex, ready,
-                        dim3(kD / kSm90Cols, p.num_q_heads, p.num_seqs), dim3(kThreads),
+                        dim3(kD / kSm90Cols, p.num_q_heads, p.num_seqs), dim3(kSm90Threads),
                         Sm90Shape<kD>::kSmemBytes, stream, args);
 }
 

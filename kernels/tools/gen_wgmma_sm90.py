@@ -8,8 +8,8 @@ spells them out. Run from the repository root:
 
 # (N, A transposed, B transposed) of the shared-memory x shared-memory products, and N of the
 # register x shared-memory ones (B transposed). Used by kernels/cuda/linear_attention_fwd_sm90.cu.
-SS = ((64, 0, 0), (64, 0, 1), (64, 1, 1), (8, 0, 0), (8, 1, 0))
-RS = (64,)
+SS = ((64, 0, 0), (32, 0, 1), (32, 1, 1), (8, 0, 0), (8, 1, 0))
+RS = (32,)
 
 
 def regs(first, count):
@@ -60,7 +60,8 @@ HEADER = """// Warpgroup matrix multiply-accumulate (wgmma.mma_async, sm_90a onl
 //
 // Contract: called by all 128 threads of a warpgroup (4 consecutive warps, the first a multiple
 // of 4), in convergence; d is the thread's N/2 float32 accumulators of the 64 x N result in the
-// m64nNk16 layout (warp w holds rows 16w..16w+15, as mma.sync's C fragment per n8 column block:
+// m64nNk16 layout (warp w of the warpgroup holds rows 16w..16w+15, as mma.sync's C fragment per
+// n8 column block:
 // d[4j + 0..1] = (row g, columns 8j + c, +1), d[4j + 2..3] = (row g + 8, the same), g = lane / 4,
 // c = 2 * (lane % 4)).
 //   Ss<N, kTransA, kTransB>: A (64 x 16) and B (16 x N) in shared memory, described by 64-bit
@@ -100,14 +101,18 @@ __device__ __forceinline__ void FenceSharedForAsyncProxy() {
   asm volatile("fence.proxy.async.shared::cta;\\n" ::: "memory");
 }
 
-// A shared-memory matrix descriptor with the 128-byte swizzle: 8-row x 128-byte atoms in
-// 1024-byte aligned buffers, 16-byte chunk c of row r stored at chunk c ^ (r % 8). K-major:
-// leading offset unused, stride = bytes between 8-row groups. M- or N-major: leading = bytes
-// between 64-element panels of M or N, stride = bytes between 8-row groups of K.
+// Shared-memory layouts the descriptors name: rows of 128 (64) bytes in 8-row atoms of 1024
+// (512) bytes, 1024-byte aligned, 16-byte chunk c of row r stored at chunk c ^ (r % 8) (128-byte
+// swizzle) or c ^ (r / 2 % 4) (64-byte swizzle).
+enum class Swizzle : uint64_t { k128 = 1, k64 = 2 };
+
+// A shared-memory matrix descriptor. K-major: leading offset unused, stride = bytes between
+// 8-row groups. M- or N-major: leading = bytes between panels of M or N (64 elements per
+// 128-byte row, 32 per 64-byte row), stride = bytes between 8-row groups of K.
 __device__ __forceinline__ uint64_t MakeDescriptor(uint32_t smem_addr, uint32_t leading_bytes,
-                                                   uint32_t stride_bytes) {
+                                                   uint32_t stride_bytes, Swizzle swizzle) {
   return uint64_t{(smem_addr & 0x3ffffu) >> 4} | (uint64_t{(leading_bytes & 0x3ffffu) >> 4} << 16) |
-         (uint64_t{(stride_bytes & 0x3ffffu) >> 4} << 32) | (uint64_t{1} << 62);
+         (uint64_t{(stride_bytes & 0x3ffffu) >> 4} << 32) | (static_cast<uint64_t>(swizzle) << 62);
 }
 
 template <int N, int kTransA, int kTransB>
