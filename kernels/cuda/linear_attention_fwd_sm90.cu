@@ -48,13 +48,17 @@ struct Sm90Shape {
   static constexpr int kSHi = 0;
   static constexpr int kSLo = kSHi + 2 * kSPanel;
   static constexpr int kZ = kSLo + 2 * kSPanel;
-  static constexpr int kStateBuffer = kZ + kPanels * 1024;
+  static constexpr int kB = kZ + kPanels * 1024;  // float[64]: V's sum (B of kOnePlusXMaxNorm)
+  static constexpr int kStateBuffer = (kB + 64 * 4 + 1023) / 1024 * 1024;
   static constexpr int kState = kStages * kStageBytes;  // two buffers
   static constexpr int kOnes = kState + 2 * kStateBuffer;  // rows 1, 0 x 7 over 64 tokens
   static constexpr int kOutStride = kSm90Cols + 8;  // elements; 144-byte rows: no conflicts
   static constexpr int kOut = kOnes + 1024;
-  static constexpr int kReduce = kOut + kChunk * kOutStride * 2;  // float[16]
-  static constexpr int kUsed = kReduce + 16 * 4;
+  // Per stage, float[kRowArrays][64] over the chunk's rows: raw q and k norms, then the running
+  // maxima's a, b, c = 1 / (a b) and alpha = c 2^e (a = m 2^e) of kOnePlusXMaxNorm.
+  static constexpr int kRowArrays = 6;
+  static constexpr int kRows = kOut + kChunk * kOutStride * 2;
+  static constexpr int kUsed = kRows + kStages * kRowArrays * kChunk * 4;
   static constexpr int kSmemBytes = kUsed + 1024;  // slack to align the base to 1024 bytes
   static_assert(kSmemBytes <= kMaxSharedBytes, "shared memory");
   static_assert(kStageBytes % 1024 == 0 && kStateBuffer % 1024 == 0, "atom alignment");
@@ -100,24 +104,28 @@ struct Sm90Copy {
 };
 
 // In place over this thread's chunks of a stage (the ones it copied: no barrier is needed after
-// its own cp.async wait): phi (kElu) and bf16 for Q and K, bf16 for V (kFp16); feature rows past
-// the sequence become zero (phi(0) would not be).
-template <int kD, bool kFp16, bool kElu>
+// its own cp.async wait): phi (kElu) and bf16 for Q and K, Q's rows times q_scale[i] (kScaleQ;
+// the thread's i-th row), bf16 for V (kFp16); feature rows past the sequence become zero (phi(0)
+// would not be).
+template <int kD, bool kFp16, bool kElu, bool kScaleQ>
 __device__ __forceinline__ void TransformOwnChunks(uint8_t* stage, uint32_t qk_off, int qk_row0,
-                                                   uint32_t v_off, int rows) {
+                                                   uint32_t v_off, int rows, const float* q_scale) {
   using Shape = Sm90Shape<kD>;
   using Copy = Sm90Copy<kD>;
 #pragma unroll
   for (int i = 0; i < kChunk / Copy::kQkStep; ++i) {
-    const bool valid = qk_row0 + i * Copy::kQkStep < rows;
+    const int r = qk_row0 + i * Copy::kQkStep;
+    const bool valid = r < rows;
 #pragma unroll
     for (int tile = 0; tile < 2; ++tile) {
+      if (tile == 1 && !kFp16 && !kElu) continue;  // raw bf16 k is K' (rows past: zero-filled)
       uint4* ptr = reinterpret_cast<uint4*>(stage + (tile ? Shape::kKTile : Shape::kQTile) +
                                             qk_off + i * Copy::kQkStep * 128);
       float x[8];
       Unpack8<kFp16>(*ptr, x);
+      const float scale = kScaleQ && tile == 0 ? q_scale[i] : 1.0f;
 #pragma unroll
-      for (int e = 0; e < 8; ++e) x[e] = kElu ? EluPlusOneFast(x[e]) : x[e];
+      for (int e = 0; e < 8; ++e) x[e] = (kElu ? EluPlusOneFast(x[e]) : x[e]) * scale;
       *ptr = valid ? PackBf16x8(x) : make_uint4(0, 0, 0, 0);
     }
   }
@@ -132,11 +140,11 @@ __device__ __forceinline__ void TransformOwnChunks(uint8_t* stage, uint32_t qk_o
   }
 }
 
-// Running maxima of the raw rows' L2 norms over this thread's rows (the final state keeps them):
-// each row's kD / 8 chunks sit in kD / 8 consecutive lanes.
+// The raw rows' L2 norms of this thread's rows into norm_q / norm_k (each row's kD / 8 chunks
+// sit in kD / 8 consecutive lanes; the first of them writes).
 template <int kD, bool kFp16>
-__device__ __forceinline__ void AccumulateNorms(const uint8_t* stage, uint32_t qk_off,
-                                                float& run_q, float& run_k) {
+__device__ __forceinline__ void RowNorms(const uint8_t* stage, uint32_t qk_off, int qk_row0,
+                                        bool leader, float* norm_q, float* norm_k) {
   using Shape = Sm90Shape<kD>;
   using Copy = Sm90Copy<kD>;
 #pragma unroll
@@ -152,8 +160,8 @@ __device__ __forceinline__ void AccumulateNorms(const uint8_t* stage, uint32_t q
       for (int e = 0; e < 8; ++e) sum = fmaf(x[e], x[e], sum);
 #pragma unroll
       for (int off = 1; off < Copy::kCpr; off *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-      float& run = tile ? run_k : run_q;
-      run = fmaxf(run, sqrtf(sum));  // rows past the sequence are zero-filled: norm 0
+      // Rows past the sequence are zero-filled: norm 0.
+      if (leader) (tile ? norm_k : norm_q)[qk_row0 + i * Copy::kQkStep] = sqrtf(sum);
     }
   }
 }
@@ -232,26 +240,93 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
       vp += v_step;
     }
   };
-  float run_q = 0.0f, run_k = 0.0f;  // raw norm maxima (for the final state only)
-  // Feature map (and norms) of a chunk whose copies this thread has waited for.
+  // Running maxima of the raw q and k norms (every warp keeps them), from the initial state's. They
+  // scale kOnePlusXMaxNorm's features and go into the final state; without either use the
+  // norms are not computed (out does not change by a bit).
+  const bool lifted = p.feature_map == static_cast<int>(LinearFeatureMap::kOnePlusXMaxNorm);
+  const bool norms = lifted || fin != nullptr;
+  float run_q = init != nullptr ? init[layout.q_norm_offset + g_in_group] : 0.0f;
+  float run_k = init != nullptr ? init[layout.k_norm_offset] : 0.0f;
+  auto row_arrays = [&](int chunk) {
+    return reinterpret_cast<float*>(smem + Shape::kRows) + (chunk & 1) * Shape::kRowArrays * kChunk;
+  };
+  // Norms, row scalars and feature map of a chunk whose copies this thread has waited for.
   auto prepare_chunk = [&](int chunk) {
     uint8_t* st = smem + (chunk & 1) * Shape::kStageBytes;
+    float* rv = row_arrays(chunk);
     const int rows = rows_of(chunk);
-    if (fin != nullptr) {
+    float q_scale[kChunk / Copy::kQkStep];  // kOnePlusXMaxNorm: 2^-e of this thread's rows
+    if (norms) {
       if (fp16) {
-        AccumulateNorms<kD, true>(st, qk_off, run_q, run_k);
+        RowNorms<kD, true>(st, qk_off, qk_row0, qk_cc == 0, rv, rv + kChunk);
       } else {
-        AccumulateNorms<kD, false>(st, qk_off, run_q, run_k);
+        RowNorms<kD, false>(st, qk_off, qk_row0, qk_cc == 0, rv, rv + kChunk);
+      }
+      __syncthreads();
+      // Every warp scans the chunk's norms (rows 2 lane, 2 lane + 1 per lane): inclusive running
+      // maxima continuing the carried ones, and the row scalars they give; warp 0 stores them
+      // for the epilogue, each thread takes the q scales of its own rows by shuffles (one barrier
+      // per chunk, where a scan by one warp needed two).
+      const float qn0 = rv[2 * lane], qn1 = rv[2 * lane + 1];
+      const float kn0 = rv[kChunk + 2 * lane], kn1 = rv[kChunk + 2 * lane + 1];
+      float mq = fmaxf(qn0, qn1), mk = fmaxf(kn0, kn1);
+#pragma unroll
+      for (int off = 1; off < 32; off *= 2) {
+        const float oq = __shfl_up_sync(0xffffffffu, mq, off);
+        const float ok = __shfl_up_sync(0xffffffffu, mk, off);
+        if (lane >= off) {
+          mq = fmaxf(mq, oq);
+          mk = fmaxf(mk, ok);
+        }
+      }
+      float eq = __shfl_up_sync(0xffffffffu, mq, 1);
+      float ek = __shfl_up_sync(0xffffffffu, mk, 1);
+      if (lane == 0) eq = ek = 0.0f;
+      const float q0 = fmaxf(fmaxf(run_q, eq), qn0), q1 = fmaxf(q0, qn1);
+      const float k0 = fmaxf(fmaxf(run_k, ek), kn0), k1 = fmaxf(k0, kn1);
+      run_q = __shfl_sync(0xffffffffu, q1, 31);
+      run_k = __shfl_sync(0xffffffffu, k1, 31);
+      float scale_pair[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = 2 * lane + h;
+        const float a = fmaxf(kLinearNormFloor, h ? q1 : q0);
+        const float b = fmaxf(kLinearNormFloor, h ? k1 : k0);
+        const float c = (1.0f / a) * (1.0f / b);
+        // q_r enters the tensor cores divided by 2^e (a = m 2^e, m in [0.5, 1)), exact in bf16,
+        // so q . S stays in float range however large q and S are; alpha carries 2^e.
+        int e = 0;
+        frexpf(a, &e);
+        scale_pair[h] = ldexpf(1.0f, -e);
+        if (warp == 0) {
+          rv[2 * kChunk + r] = a;
+          rv[3 * kChunk + r] = b;
+          rv[4 * kChunk + r] = c;
+          rv[5 * kChunk + r] = ldexpf(c, e);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kChunk / Copy::kQkStep; ++i) {
+        const int r = qk_row0 + i * Copy::kQkStep;
+        const float s0 = __shfl_sync(0xffffffffu, scale_pair[0], r / 2);
+        const float s1 = __shfl_sync(0xffffffffu, scale_pair[1], r / 2);
+        q_scale[i] = r % 2 ? s1 : s0;
       }
     }
-    if (fp16) {
-      if (elu) {
-        TransformOwnChunks<kD, true, true>(st, qk_off, qk_row0, v_off, rows);
+    if (lifted) {
+      if (fp16) {
+        TransformOwnChunks<kD, true, false, true>(st, qk_off, qk_row0, v_off, rows, q_scale);
       } else {
-        TransformOwnChunks<kD, true, false>(st, qk_off, qk_row0, v_off, rows);
+        TransformOwnChunks<kD, false, false, true>(st, qk_off, qk_row0, v_off, rows, q_scale);
+      }
+    } else if (fp16) {
+      if (elu) {
+        TransformOwnChunks<kD, true, true, false>(st, qk_off, qk_row0, v_off, rows, q_scale);
+      } else {
+        TransformOwnChunks<kD, true, false, false>(st, qk_off, qk_row0, v_off, rows, q_scale);
       }
     } else if (elu) {
-      TransformOwnChunks<kD, false, true>(st, qk_off, qk_row0, v_off, rows);
+      TransformOwnChunks<kD, false, true, false>(st, qk_off, qk_row0, v_off, rows, q_scale);
     }  // bf16 identity: the copies are the operands (rows past the sequence zero-filled)
   };
   if (num_chunks > 0) issue_loads(0);
@@ -281,7 +356,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
     const int vc = 16 * wi + g + (e >= 2 ? 8 : 0);
-    vsum[e] = kv_writer && init != nullptr && c2 == 0 && (e & 1) == 0
+    vsum[e] = init != nullptr && c2 == 0 && (e & 1) == 0
                   ? init[layout.v_sum_offset + col0 + vc]
                   : 0.0f;
   }
@@ -296,9 +371,14 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
     reinterpret_cast<uint4*>(smem + Shape::kOnes)[tid] =
         make_uint4(0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u);
   }
-  // The state's shared copy into buffer b (read by the next chunk's batch 1).
+  // The state's shared copy into buffer b (read by the next chunk's batch 1, and V's sum by its
+  // epilogue).
   auto store_state = [&](int b) {
     uint8_t* buffer = smem + Shape::kState + b * Shape::kStateBuffer;
+    if (lifted && wg == 0 && c2 == 0) {
+      reinterpret_cast<float*>(buffer + Shape::kB)[16 * wi + g] = vsum[0];
+      reinterpret_cast<float*>(buffer + Shape::kB)[16 * wi + g + 8] = vsum[2];
+    }
 #pragma unroll
     for (int mb = 0; mb < kPanels; ++mb) {
 #pragma unroll
@@ -406,6 +486,30 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
     wgmma::KeepOrder<32>(pacc);
     wgmma::KeepOrder<4>(dacc);
 
+    // kOnePlusXMaxNorm: w_ij = alpha_i s_ij + 1 on the keys i sees (alpha = c 2^e, the features
+    // being q 2^-e and raw k), and the inter-chunk terms alpha_i (Q' S) + B, alpha_i (Q' . z) + n
+    // with B, n = V's sum and the count of the earlier tokens.
+    const float* rv = row_arrays(n);
+    float alpha_lo = 1.0f, alpha_hi = 1.0f, count_before = 0.0f;
+    if (lifted) {
+      alpha_lo = rv[5 * kChunk + r_lo];
+      alpha_hi = rv[5 * kChunk + r_hi];
+      count_before = (init != nullptr ? init[layout.count_offset] : 0.0f) +
+                     static_cast<float>(int64_t{n} * kChunk);
+      const float* b_sum = reinterpret_cast<const float*>(
+          smem + Shape::kState + (n & 1) * Shape::kStateBuffer + Shape::kB) + wg * kWgCols;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        o[i] = ((i & 2) ? alpha_hi : alpha_lo) * o[i] + b_sum[8 * (i / 4) + c2 + (i & 1)];
+      }
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const int col = 8 * (i / 4) + c2 + (i & 1);
+        const int row = (i & 2) ? r_hi : r_lo;
+        pacc[i] = col <= row && col < rows ? ((i & 2) ? alpha_hi : alpha_lo) * pacc[i] + 1.0f
+                                           : 0.0f;
+      }
+    }
     // Scores past the diagonal drop out; the intra-chunk denominator is the masked row sum. Warp
     // wi's rows are 16 wi..16 wi + 15: key step kt < wi lies below the diagonal (no mask), kt == wi
     // crosses it, kt > wi is above it (zero), a warp-uniform choice.
@@ -450,8 +554,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
     den_lo += __shfl_xor_sync(0xffffffffu, den_lo, 2);
     den_hi += __shfl_xor_sync(0xffffffffu, den_hi, 1);
     den_hi += __shfl_xor_sync(0xffffffffu, den_hi, 2);
-    den_lo += __shfl_sync(0xffffffffu, dacc[0] + dacc[1], lane & ~3);
-    den_hi += __shfl_sync(0xffffffffu, dacc[2] + dacc[3], lane & ~3);
+    den_lo += alpha_lo * __shfl_sync(0xffffffffu, dacc[0] + dacc[1], lane & ~3) + count_before;
+    den_hi += alpha_hi * __shfl_sync(0xffffffffu, dacc[2] + dacc[3], lane & ~3) + count_before;
     wgmma::Wait<0>();
     wgmma::KeepOrder<16>(o);
 #pragma unroll
@@ -464,13 +568,15 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
     // ---- epilogue: row stats, out (staged per warp for 16-byte stores), out's residual ----
     const int64_t t0 = first + int64_t{n} * kChunk;
     if (p.stats != nullptr && slice == 0 && wg == 0 && c2 == 0) {
-      if (r_lo < rows) {
-        reinterpret_cast<float4*>(p.stats)[(t0 + r_lo) * hq + head] =
-            make_float4(den_lo, 1.0f, 1.0f, 1.0f);
-      }
-      if (r_hi < rows) {
-        reinterpret_cast<float4*>(p.stats)[(t0 + r_hi) * hq + head] =
-            make_float4(den_hi, 1.0f, 1.0f, 1.0f);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = h ? r_hi : r_lo;
+        if (r < rows) {  // {den, a, b, c}: a, b, c are 1 for the other maps
+          reinterpret_cast<float4*>(p.stats)[(t0 + r) * hq + head] =
+              lifted ? make_float4(h ? den_hi : den_lo, rv[2 * kChunk + r], rv[3 * kChunk + r],
+                                   rv[4 * kChunk + r])
+                     : make_float4(h ? den_hi : den_lo, 1.0f, 1.0f, 1.0f);
+        }
       }
     }
     // One reciprocal per row instead of a division per element.
@@ -515,17 +621,6 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
 
   // ---- the final state ----
   if (fin == nullptr) return;
-  float* reduce = reinterpret_cast<float*>(smem + Shape::kReduce);
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    run_q = fmaxf(run_q, __shfl_xor_sync(0xffffffffu, run_q, off));
-    run_k = fmaxf(run_k, __shfl_xor_sync(0xffffffffu, run_k, off));
-  }
-  if (lane == 0) {
-    reduce[warp] = run_q;
-    reduce[8 + warp] = run_k;
-  }
-  __syncthreads();
   if (kv_writer) {
 #pragma unroll
     for (int mb = 0; mb < kPanels; ++mb) {
@@ -548,9 +643,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
       if (tid == 0) {
         fin[layout.count_offset] =
             (init != nullptr ? init[layout.count_offset] : 0.0f) + static_cast<float>(len);
-        float k_max = 0.0f;
-        for (int w = 0; w < 8; ++w) k_max = fmaxf(k_max, reduce[8 + w]);
-        fin[layout.k_norm_offset] = fmaxf(init != nullptr ? init[layout.k_norm_offset] : 0.0f, k_max);
+        fin[layout.k_norm_offset] = run_k;  // warp 0's running maxima, from the initial state's
       }
       // Padding is copied through.
       for (int64_t i = layout.q_norm_offset + p.group + tid; i < layout.stride; i += kSm90Threads) {
@@ -558,12 +651,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
       }
     }
   }
-  if (slice == 0 && tid == 0) {
-    float q_max = 0.0f;
-    for (int w = 0; w < 8; ++w) q_max = fmaxf(q_max, reduce[w]);
-    const int64_t at = layout.q_norm_offset + g_in_group;
-    fin[at] = fmaxf(init != nullptr ? init[at] : 0.0f, q_max);
-  }
+  if (slice == 0 && tid == 0) fin[layout.q_norm_offset + g_in_group] = run_q;
 #else
   __trap();  // never launched: Sm90ForwardServes requires the sm_90a code
 #endif
@@ -602,8 +690,7 @@ bool Sm90CodeRuns() {
 
 }  // namespace
 
-bool Sm90ForwardServes(const CoreParams& p, int head_dim) {
-  if (p.feature_map == static_cast<int>(LinearFeatureMap::kOnePlusXMaxNorm)) return false;
+bool Sm90ForwardServes(int head_dim) {
   switch (head_dim) {
 #ifdef FERRY_LINEAR_HEAD_DIM_64
     case 64:
@@ -616,6 +703,23 @@ bool Sm90ForwardServes(const CoreParams& p, int head_dim) {
     default:
       return false;
   }
+}
+
+// Measured on the H100 (N = 8192, H = 16, forward ms, bench/RESULTS.md): elu + 1 unsplit here
+// against the core's segments with 64 blocks on 132 SMs: d = 128, B = 2 0.55 against 0.72, d = 64,
+// B = 4 0.40 against 0.43; with 32 blocks the segments win (d = 128, B = 1: 0.56 against 0.38;
+// d = 64, B = 2: 0.41 against 0.24), and for kOnePlusXMaxNorm, whose running norms cost a barrier
+// per chunk here, at 64 blocks too (d = 128, B = 2: 0.77 against 0.69). So: a grid of at least a
+// third of the SMs, maps without running norms.
+bool Sm90ForwardOutrunsSegments(const LinearAttentionConfig& c, int64_t total_tokens) {
+  if (c.feature_map == LinearFeatureMap::kOnePlusXMaxNorm || total_tokens <= 0) return false;
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return false;
+  }
+  const int64_t grid = int64_t{c.head_dim / kSm90Cols} * c.num_q_heads * c.num_seqs;
+  return 3 * grid >= sms;
 }
 
 cudaError_t RunSm90Forward(const CoreParams& p, int head_dim, cudaStream_t stream) {

@@ -1,12 +1,12 @@
 // The Hopper forward of causal linear attention (private to kernels/cuda; public contract:
 // ferry/kernels/cuda_linear_attention.h, whose forward launcher calls these).
 //
-// Serves the forward of the feature maps kEluPlusOne and kIdentity (normalised or not), bf16 and
-// fp16, head dims 64 and 128 (those of the build), any GQA group, varlen batches, an initial and
-// a final state, row_stats and out_residual, for unsplit walks (one block per value-column slice,
-// q head and sequence; segments stay on the mma.sync core), on devices running the sm_90a code.
-// Otherwise (kOnePlusXMaxNorm, d = 256, other GPUs, builds without 90a) the caller runs the
-// mma.sync core (linear_attention_core.cuh). Both compute the same function to float32 rounding.
+// Serves every forward the mma.sync core (linear_attention_core.cuh) serves at head dims 64 and
+// 128 (those of the build) when the walk is unsplit (one block per 64 value columns, q head and
+// sequence; calls split into sequence segments stay on the core), on devices that run its sm_90a
+// code: every feature map, normalised or not, bf16 and fp16, any GQA group, varlen batches, an
+// initial and a final state, row_stats and out_residual. Both kernels compute the same function
+// to float32 rounding (the same bf16 operands, hi + lo pairs for the state and the scores).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -15,9 +15,13 @@
 
 namespace ferry::kernels::linear_cuda {
 
-// Whether RunSm90Forward serves an unsplit forward of `p` with head dim `head_dim` on the
-// current device. Host only; the first call per device reads the kernel's attributes.
-bool Sm90ForwardServes(const CoreParams& p, int head_dim);
+// Whether RunSm90Forward serves an unsplit forward with head dim `head_dim` on the current
+// device. Host only; the first call per device reads the kernel's attributes.
+bool Sm90ForwardServes(int head_dim);
+
+// Whether an automatic call (segment_chunks 0) that the core would split into sequence segments
+// runs faster here unsplit. Host only.
+bool Sm90ForwardOutrunsSegments(const LinearAttentionConfig& c, int64_t total_tokens);
 
 // The forward over every sequence (grid: slices of 64 value columns, q heads, sequences).
 cudaError_t RunSm90Forward(const CoreParams& p, int head_dim, cudaStream_t stream);

@@ -481,25 +481,30 @@ TEST_F(LinearAttentionCudaTest, GqaGroupsAndALongSequence) {
 // elu + 1 is exercised deep in its exponential branch and far in its linear one.
 TEST_F(LinearAttentionCudaTest, ExtremeMagnitudesInBf16) {
   std::mt19937_64 rng(FreshSeed());
-  for (float qk_scale : {1e-15f, 1e15f}) {
-    for (float v_scale : {1e-10f, 1e10f}) {
-      const Problem p = MakeProblem(kVariants[0], DType::kBFloat16, {5, 200}, 2, 1, 128, rng,
-                                    qk_scale, v_scale);
-      if (!CheckForward(p, "one_plus_x_max_norm qk*" + std::to_string(qk_scale) + " v*" +
-                               std::to_string(v_scale))) {
-        GTEST_SKIP() << "d=128 not served";
+  // Split at every chunk, and unsplit (on Hopper the unsplit forward is another kernel).
+  for (int chunks : {1, -1}) {
+    g_segment_chunks = chunks;
+    for (float qk_scale : {1e-15f, 1e15f}) {
+      for (float v_scale : {1e-10f, 1e10f}) {
+        const Problem p = MakeProblem(kVariants[0], DType::kBFloat16, {5, 200}, 2, 1, 128, rng,
+                                      qk_scale, v_scale);
+        if (!CheckForward(p, "one_plus_x_max_norm qk*" + std::to_string(qk_scale) + " v*" +
+                                 std::to_string(v_scale))) {
+          GTEST_SKIP() << "d=128 not served";
+        }
+        const Problem u = MakeProblem(kVariants[1], DType::kBFloat16, {200}, 2, 1, 128, rng,
+                                      qk_scale, v_scale);
+        CheckForward(u, "one_plus_x_max_norm_unnormalised qk*" + std::to_string(qk_scale));
       }
-      const Problem u = MakeProblem(kVariants[1], DType::kBFloat16, {200}, 2, 1, 128, rng,
-                                    qk_scale, v_scale);
-      CheckForward(u, "one_plus_x_max_norm_unnormalised qk*" + std::to_string(qk_scale));
+    }
+    for (float shift : {-30.0f, 30.0f}) {
+      Problem p = MakeProblem(kVariants[2], DType::kBFloat16, {150}, 2, 2, 128, rng);
+      Fill(p.q, p.qf, p.q_size(), DType::kBFloat16, rng, 1.0f, shift);
+      Fill(p.k, p.kf, p.kv_size(), DType::kBFloat16, rng, 1.0f, shift);
+      CheckForward(p, "elu_plus_one shift " + std::to_string(shift));
     }
   }
-  for (float shift : {-30.0f, 30.0f}) {
-    Problem p = MakeProblem(kVariants[2], DType::kBFloat16, {150}, 2, 2, 128, rng);
-    Fill(p.q, p.qf, p.q_size(), DType::kBFloat16, rng, 1.0f, shift);
-    Fill(p.k, p.kf, p.kv_size(), DType::kBFloat16, rng, 1.0f, shift);
-    CheckForward(p, "elu_plus_one shift " + std::to_string(shift));
-  }
+  g_segment_chunks = 1;
 }
 
 // Splits a problem's every sequence at the same offsets [0, a) [a, b) [b, len).
