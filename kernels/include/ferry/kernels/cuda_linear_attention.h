@@ -9,7 +9,8 @@
 // written).
 //
 // Numerics (what differs from the CPU backend's float32 recurrence):
-//   The work is chunkwise (64 tokens) on the tensor cores (mma.sync bf16 -> fp32). The running
+//   The work is chunkwise (64 tokens) on the tensor cores (mma.sync bf16 -> fp32; on Hopper the
+//   unsplit forward at d = 64 and 128 runs wgmma on the same operands). The running
 //   state S, z, V, n stays float32 on chip; the chunk weights and the state are fed to the tensor
 //   cores as hi + lo pairs of bf16 (about 16 mantissa bits), so the inter-chunk sums keep about
 //   float32 accuracy. q, k, v enter the tensor cores as bf16: fp16 inputs are rounded to bf16
@@ -49,6 +50,8 @@
 //   segment_chunks (last argument of the launchers and the size functions, the same in both):
 //   0 = chosen from the current device's SM count and the shape, < 0 = never split, > 0 = that
 //   many chunks. Results agree with the unsplit walk to float32 rounding (sums in another order).
+//   On Hopper the forward's automatic choice may also be the unsplit wgmma kernel where it is
+//   faster (then the workspace is not used).
 //
 // Backward: LinearAttentionBackwardCuda(args, workspace, workspace_bytes, stream, segment_chunks):
 //   dq, dk, dv of sum(dout * out) for a forward with the same config, cu_seqlens, q, k, v and initial_state,
