@@ -172,6 +172,19 @@ struct CoreShape {
   // record positions), padded to 4 floats.
   static constexpr int kSegmentSumFloats = (kMt * kNt * 4 + 1) * kThreads;
   static constexpr int kSegmentRecordFloats = kSegmentSumFloats + 4;
+  // Where a slice's record holds S[f][col] (col < kDv; col == kDv: the ones column, z[f] in
+  // kForward) and B[col]: the fragment layout of CoreWalk's sacc and bsum (readers other than
+  // CoreWalk, the Hopper forward's pass C, go through these).
+  static __host__ __device__ constexpr int RecordIndexOfState(int f, int col) {
+    const int rem = f % (kD / kWarps);
+    const int r16 = rem % 16;
+    const int thread = f / (kD / kWarps) * 32 + (r16 % 8) * 4 + (col % 8) / 2;
+    const int element = ((rem / 16) * kNt + col / 8) * 4 + (r16 / 8) * 2 + col % 2;
+    return element * kThreads + thread;
+  }
+  static __host__ __device__ constexpr int RecordIndexOfB(int col) {
+    return kMt * kNt * 4 * kThreads + col;
+  }
 };
 
 // ---- small device helpers ----
@@ -331,18 +344,29 @@ __device__ __forceinline__ void TransformTileImpl(uint16_t* tile, int stride, in
   }
 }
 
-// sum_c x[c]^2 over one row of kCols 16-bit values (eight partial sums: the loads overlap).
+// sum_c x[c]^2 over one row of kCols 16-bit values, in the one order every forward kernel uses
+// (the max-norm map's running maxima must agree to the bit between the core's segment sums and
+// the Hopper kernel's walk, or the backward finds a new maximum where there is none): a chain of
+// fmas over each 16-byte chunk's 8 values, then a balanced tree over the chunks, pairing
+// neighbours first (what a butterfly of xor shuffles over the chunks' lanes computes).
 template <int kCols, bool kFp16>
 __device__ __forceinline__ float RowSumSquares(const uint16_t* row) {
-  float part[8] = {};
+  constexpr int kChunks = kCols / 8;
+  float part[kChunks];
 #pragma unroll
-  for (int cv = 0; cv < kCols / 8; ++cv) {
+  for (int cv = 0; cv < kChunks; ++cv) {
     float x[8];
     Unpack8<kFp16>(*reinterpret_cast<const uint4*>(row + cv * 8), x);
+    part[cv] = 0.0f;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) part[e] = fmaf(x[e], x[e], part[e]);
+    for (int e = 0; e < 8; ++e) part[cv] = fmaf(x[e], x[e], part[cv]);
   }
-  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+#pragma unroll
+  for (int width = 1; width < kChunks; width *= 2) {
+#pragma unroll
+    for (int i = 0; i < kChunks; i += 2 * width) part[i] += part[i + width];
+  }
+  return part[0];
 }
 
 // In place over a 64-row tile of `kCols` columns: phi (optional), times a per-row scale
@@ -1593,13 +1617,11 @@ cudaError_t LaunchCore(const CoreParams& params, int grid_z, cudaStream_t stream
                         Shape::kSmemBytes, stream, args);
 }
 
-// One pass over every sequence: unsplit (grid z = sequences), or, when params.seg_first is set
-// (its table already built), pass A, pass B and pass C over the segments.
+// Passes A and B of a segmented walk (params.seg_first set, its table built): every segment's
+// record holds the earlier segments' sums when they end.
 template <Op kOp, int kD>
-cudaError_t RunCore(const CoreParams& params, int64_t total_tokens, cudaStream_t stream) {
+cudaError_t RunSegmentSums(const CoreParams& params, int64_t total_tokens, cudaStream_t stream) {
   using Shape = CoreShape<kOp, kD>;
-  if (params.num_seqs == 0 || params.grid_heads == 0) return cudaSuccess;
-  if (params.seg_first == nullptr) return LaunchCore<kOp, kD, false>(params, params.num_seqs, stream);
   const int grid_z =
       static_cast<int>(MaxSegments(params.num_seqs, total_tokens, params.segment_chunks));
   cudaError_t error = LaunchCore<kOp, kD, true>(params, grid_z, stream);
@@ -1611,10 +1633,21 @@ cudaError_t RunCore(const CoreParams& params, int64_t total_tokens, cudaStream_t
   int sum_floats = Shape::kSegmentSumFloats;
   int head_floats = Shape::kSlices * Shape::kSegmentRecordFloats;
   void* args[] = {&states, &seg_first, &record_floats, &sum_floats, &head_floats};
-  error = cudaLaunchKernel(reinterpret_cast<const void*>(LinearSegmentPrefixKernel<kReverse>),
-                           dim3((head_floats + 255) / 256, params.grid_heads, params.num_seqs),
-                           dim3(256), args, 0, stream);
+  return cudaLaunchKernel(reinterpret_cast<const void*>(LinearSegmentPrefixKernel<kReverse>),
+                          dim3((head_floats + 255) / 256, params.grid_heads, params.num_seqs),
+                          dim3(256), args, 0, stream);
+}
+
+// One pass over every sequence: unsplit (grid z = sequences), or, when params.seg_first is set
+// (its table already built), pass A, pass B and pass C over the segments.
+template <Op kOp, int kD>
+cudaError_t RunCore(const CoreParams& params, int64_t total_tokens, cudaStream_t stream) {
+  if (params.num_seqs == 0 || params.grid_heads == 0) return cudaSuccess;
+  if (params.seg_first == nullptr) return LaunchCore<kOp, kD, false>(params, params.num_seqs, stream);
+  cudaError_t error = RunSegmentSums<kOp, kD>(params, total_tokens, stream);
   if (error != cudaSuccess) return error;
+  const int grid_z =
+      static_cast<int>(MaxSegments(params.num_seqs, total_tokens, params.segment_chunks));
   return LaunchCore<kOp, kD, false>(params, grid_z, stream);
 }
 
@@ -1633,6 +1666,27 @@ cudaError_t RunCoreForHeadDim(const CoreParams& params, int head_dim, int64_t to
 #ifdef FERRY_LINEAR_HEAD_DIM_256
     case 256:
       return RunCore<kOp, 256>(params, total_tokens, stream);
+#endif
+    default:
+      return cudaErrorNotSupported;
+  }
+}
+
+template <Op kOp>
+cudaError_t RunSegmentSumsForHeadDim(const CoreParams& params, int head_dim, int64_t total_tokens,
+                                     cudaStream_t stream) {
+  switch (head_dim) {
+#ifdef FERRY_LINEAR_HEAD_DIM_64
+    case 64:
+      return RunSegmentSums<kOp, 64>(params, total_tokens, stream);
+#endif
+#ifdef FERRY_LINEAR_HEAD_DIM_128
+    case 128:
+      return RunSegmentSums<kOp, 128>(params, total_tokens, stream);
+#endif
+#ifdef FERRY_LINEAR_HEAD_DIM_256
+    case 256:
+      return RunSegmentSums<kOp, 256>(params, total_tokens, stream);
 #endif
     default:
       return cudaErrorNotSupported;

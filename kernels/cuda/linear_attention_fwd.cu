@@ -71,16 +71,22 @@ cudaError_t LinearAttentionForwardCuda(const LinearAttentionForwardArgs& args, f
   p.initial_state = args.initial_state;
   p.final_state = args.final_state;
   p.grid_heads = c.num_q_heads;
-  // Unsplit walks on Hopper run the wgmma kernel (linear_attention_sm90.h), and so do automatic
-  // calls that it runs faster unsplit than the core in segments.
-  if (Sm90ForwardServes(c.head_dim) &&
-      (chunks_per_segment == 0 ||
-       (segment_chunks == 0 && Sm90ForwardOutrunsSegments(c, args.total_tokens)))) {
+  // On Hopper the walks (unsplit, or pass C of segments) run the wgmma kernel
+  // (linear_attention_sm90.h); automatic calls it runs faster unsplit are not split.
+  if (chunks_per_segment > 0 && segment_chunks == 0 && Sm90ForwardServes(c, false) &&
+      Sm90ForwardOutrunsSegments(c, args.total_tokens)) {
     return RunSm90Forward(p, c.head_dim, stream);
   }
   error = PrepareSegments(p, w, static_cast<uint8_t*>(workspace), chunks_per_segment,
                           args.total_tokens, stream);
   if (error != cudaSuccess) return error;
+  if (Sm90ForwardServes(c, chunks_per_segment > 0)) {
+    if (chunks_per_segment > 0) {  // passes A and B on the core, pass C on Hopper
+      error = RunSegmentSumsForHeadDim<Op::kForward>(p, c.head_dim, args.total_tokens, stream);
+      if (error != cudaSuccess) return error;
+    }
+    return RunSm90Forward(p, c.head_dim, stream);
+  }
   return RunCoreForHeadDim<Op::kForward>(p, c.head_dim, args.total_tokens, stream);
 }
 

@@ -141,7 +141,7 @@ __device__ __forceinline__ void TransformOwnChunks(uint8_t* stage, uint32_t qk_o
 }
 
 // The raw rows' L2 norms of this thread's rows into norm_q / norm_k (each row's kD / 8 chunks
-// sit in kD / 8 consecutive lanes; the first of them writes).
+// sit in kD / 8 consecutive lanes; the first of them writes), summed in RowSumSquares's order.
 template <int kD, bool kFp16>
 __device__ __forceinline__ void RowNorms(const uint8_t* stage, uint32_t qk_off, int qk_row0,
                                         bool leader, float* norm_q, float* norm_k) {
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
   uint8_t* smem = smem_raw + (((raw_addr + 1023u) & ~1023u) - raw_addr);
   const uint32_t base = SmemAddr(smem);
 
-  const int slice = blockIdx.x, head = blockIdx.y, seq = blockIdx.z;
+  const int slice = blockIdx.x, head = blockIdx.y;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   // The warpgroup (broadcast from lane 0: the compiler then knows it is warp-uniform and keeps
   // what depends on it, the descriptors, in uniform registers) and the warp in it.
@@ -187,16 +187,49 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
   const int hq = p.num_q_heads, hkv = p.num_kv_heads;
   const int kv_head = head / p.group;
   const int g_in_group = head - kv_head * p.group;
+  // The sequence (grid z), or with segments (pass C of a segmented walk: the core's passes A and
+  // B left each segment's record holding the earlier segments' sums) the global segment.
+  int seq = blockIdx.z, seg_local = 0, seg_count = 1;
+  if (p.seg_first != nullptr) {
+    const int gseg = blockIdx.z;
+    if (gseg >= p.seg_first[p.num_seqs]) return;
+    int lo = 0, hi = p.num_seqs - 1;  // the last sequence whose first segment is <= gseg
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (p.seg_first[mid] <= gseg) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    seq = lo;
+    seg_local = gseg - p.seg_first[seq];
+    seg_count = p.seg_first[seq + 1] - p.seg_first[seq];
+  }
   const int64_t first = p.cu_seqlens[seq], last = p.cu_seqlens[seq + 1];
   if (first < 0 || last < first || last > p.total_tokens) return;
   const int64_t len = last - first;
   const int num_chunks = static_cast<int>((len + kChunk - 1) / kChunk);
+  // This block's chunks [c_begin, c_end); the last segment writes the final state.
+  const int c_begin = p.seg_first != nullptr ? min(num_chunks, seg_local * p.segment_chunks) : 0;
+  const int c_end =
+      p.seg_first != nullptr ? min(num_chunks, c_begin + p.segment_chunks) : num_chunks;
+  using CoreRecord = CoreShape<Op::kForward, kD>;  // the layout of a segment's record
+  // The records of the core's 32-column slices 2 slice and 2 slice + 1 (warpgroup w's columns
+  // are slice 2 slice + w).
+  const float* records =
+      p.seg_first != nullptr
+          ? p.seg_states + (int64_t{blockIdx.z} * p.grid_heads + head) * CoreRecord::kSlices *
+                               CoreRecord::kSegmentRecordFloats +
+                (2 * slice) * CoreRecord::kSegmentRecordFloats
+          : nullptr;
   const bool elu = p.feature_map == static_cast<int>(LinearFeatureMap::kEluPlusOne);
   const bool fp16 = p.fp16;
   const LinearStateLayout& layout = p.layout;
   const int64_t record = (int64_t{seq} * hkv + kv_head) * layout.stride;
   const float* init = p.initial_state != nullptr ? p.initial_state + record : nullptr;
-  float* fin = p.final_state != nullptr ? p.final_state + record : nullptr;
+  float* fin =
+      p.final_state != nullptr && seg_local == seg_count - 1 ? p.final_state + record : nullptr;
   const bool kv_writer = fin != nullptr && g_in_group == 0;  // S, z, V: one q head per kv head
   const int64_t qd = int64_t{hq} * kD, kvd = int64_t{hkv} * kD;
   const int col0 = slice * kSm90Cols;    // the block's value columns
@@ -247,6 +280,11 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
   const bool norms = lifted || fin != nullptr;
   float run_q = init != nullptr ? init[layout.q_norm_offset + g_in_group] : 0.0f;
   float run_k = init != nullptr ? init[layout.k_norm_offset] : 0.0f;
+  if (records != nullptr) {  // the earlier segments' maxima (int-ordered bits; INT_MIN: none)
+    const int* scalars = reinterpret_cast<const int*>(records + CoreRecord::kSegmentSumFloats);
+    run_q = fmaxf(run_q, __int_as_float(max(scalars[0], 0)));
+    run_k = fmaxf(run_k, __int_as_float(max(scalars[1], 0)));
+  }
   auto row_arrays = [&](int chunk) {
     return reinterpret_cast<float*>(smem + Shape::kRows) + (chunk & 1) * Shape::kRowArrays * kChunk;
   };
@@ -329,9 +367,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
       TransformOwnChunks<kD, false, true, false>(st, qk_off, qk_row0, v_off, rows, q_scale);
     }  // bf16 identity: the copies are the operands (rows past the sequence zero-filled)
   };
-  if (num_chunks > 0) issue_loads(0);
+  if (c_begin < c_end) issue_loads(c_begin);
   CpAsyncCommit();
-  if (num_chunks > 1) issue_loads(1);
+  if (c_begin + 1 < c_end) issue_loads(c_begin + 1);
   CpAsyncCommit();
 
   // ---- the state in registers, in the accumulator layouts of the products that update it ----
@@ -359,6 +397,30 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
     vsum[e] = init != nullptr && c2 == 0 && (e & 1) == 0
                   ? init[layout.v_sum_offset + col0 + vc]
                   : 0.0f;
+  }
+  if (records != nullptr) {  // plus the earlier segments' sums
+    const float* own = records + wg * CoreRecord::kSegmentRecordFloats;
+#pragma unroll
+    for (int mb = 0; mb < kPanels; ++mb) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int f = 64 * mb + 16 * wi + g + ((i & 2) ? 8 : 0);
+        sacc[mb][i] += own[CoreRecord::RecordIndexOfState(f, 8 * (i / 4) + c2 + (i & 1))];
+      }
+      if (c2 == 0) {
+        const int f = 64 * mb + 16 * wi + g;
+        zacc[mb][0] += own[CoreRecord::RecordIndexOfState(f, kWgCols)];
+        zacc[mb][2] += own[CoreRecord::RecordIndexOfState(f + 8, kWgCols)];
+      }
+    }
+    if (c2 == 0) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int vc = 16 * wi + g + 8 * h;  // block column: the record of its slice
+        vsum[2 * h] += records[(vc / kWgCols) * CoreRecord::kSegmentRecordFloats +
+                               CoreRecord::RecordIndexOfB(vc % kWgCols)];
+      }
+    }
   }
 
   // Constant operands: [z_hi, z_lo] rows 2..7 of both buffers and the ones matrix's rows 1..7
@@ -409,9 +471,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
     }
   };
   store_state(0);
-  if (num_chunks > 0) {
-    asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // chunk 0's copies
-    prepare_chunk(0);
+  if (c_begin < c_end) {
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // the first chunk's copies
+    prepare_chunk(c_begin);
   }
   wgmma::FenceSharedForAsyncProxy();
   __syncthreads();
@@ -428,9 +490,11 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
   const uint64_t ones_desc = Rows128(base + Shape::kOnes);
   float o[16], pacc[32], dacc[4];
 
-  for (int n = 0; n < num_chunks; ++n) {
-    const int rows = rows_of(n);
-    const uint32_t stage = (n & 1) * Shape::kStageBytes;
+  // c: the chunk in the sequence (its stage and row arrays by parity); n: the step of this walk
+  // (the state buffer by parity).
+  for (int c = c_begin, n = 0; c < c_end; ++c, ++n) {
+    const int rows = rows_of(c);
+    const uint32_t stage = (c & 1) * Shape::kStageBytes;
     const uint32_t state = (n & 1) * Shape::kStateBuffer;
 #pragma unroll
     for (int mb = 0; mb < kPanels; ++mb) {
@@ -477,9 +541,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
     wgmma::Commit();
     // The next chunk's feature map while the tensor cores work (its copies were issued a chunk
     // ago, into the other stage).
-    if (n + 1 < num_chunks) {
+    if (c + 1 < c_end) {
       CpAsyncWaitAll();
-      prepare_chunk(n + 1);
+      prepare_chunk(c + 1);
     }
     wgmma::Wait<1>();
     wgmma::KeepOrder<16>(o);
@@ -489,13 +553,13 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
     // kOnePlusXMaxNorm: w_ij = alpha_i s_ij + 1 on the keys i sees (alpha = c 2^e, the features
     // being q 2^-e and raw k), and the inter-chunk terms alpha_i (Q' S) + B, alpha_i (Q' . z) + n
     // with B, n = V's sum and the count of the earlier tokens.
-    const float* rv = row_arrays(n);
+    const float* rv = row_arrays(c);
     float alpha_lo = 1.0f, alpha_hi = 1.0f, count_before = 0.0f;
     if (lifted) {
       alpha_lo = rv[5 * kChunk + r_lo];
       alpha_hi = rv[5 * kChunk + r_hi];
       count_before = (init != nullptr ? init[layout.count_offset] : 0.0f) +
-                     static_cast<float>(int64_t{n} * kChunk);
+                     static_cast<float>(int64_t{c} * kChunk);
       const float* b_sum = reinterpret_cast<const float*>(
           smem + Shape::kState + (n & 1) * Shape::kStateBuffer + Shape::kB) + wg * kWgCols;
 #pragma unroll
@@ -566,7 +630,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
     wgmma::KeepOrder<4>(vsum);
 
     // ---- epilogue: row stats, out (staged per warp for 16-byte stores), out's residual ----
-    const int64_t t0 = first + int64_t{n} * kChunk;
+    const int64_t t0 = first + int64_t{c} * kChunk;
     if (p.stats != nullptr && slice == 0 && wg == 0 && c2 == 0) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -615,7 +679,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
     store_state((n + 1) & 1);  // its last reader, chunk n - 1's batch 1, finished before (A)
     wgmma::FenceSharedForAsyncProxy();
     __syncthreads();  // (A) the next chunk's tiles and state are ready; this chunk's stage is free
-    if (n + 2 < num_chunks) issue_loads(n + 2);
+    if (c + 2 < c_end) issue_loads(c + 2);
     CpAsyncCommit();
   }
 
@@ -663,8 +727,12 @@ cudaError_t LaunchSm90Forward(const CoreParams& p, cudaStream_t stream) {
   static bool ready[kMaxDevices] = {};
   CoreParams copy = p;
   void* args[] = {&copy};
+  const int grid_z =
+      p.seg_first != nullptr
+          ? static_cast<int>(MaxSegments(p.num_seqs, p.total_tokens, p.segment_chunks))
+          : p.num_seqs;
   return LaunchWithSmem(LinearForwardSm90Kernel<kD>, mutex, ready,
-                        dim3(kD / kSm90Cols, p.num_q_heads, p.num_seqs), dim3(kSm90Threads),
+                        dim3(kD / kSm90Cols, p.num_q_heads, grid_z), dim3(kSm90Threads),
                         Sm90Shape<kD>::kSmemBytes, stream, args);
 }
 
@@ -690,8 +758,14 @@ bool Sm90CodeRuns() {
 
 }  // namespace
 
-bool Sm90ForwardServes(int head_dim) {
-  switch (head_dim) {
+// The max-norm map at d = 64 in segments stays on the core: there one block walks all 64 columns
+// here against the core's two, and the running norms' barrier weighs more (H100, N = 8192, B = 1,
+// 2, 4: forward 0.167 / 0.288 / 0.525 ms here against 0.135 / 0.233 / 0.426 ms on the core).
+bool Sm90ForwardServes(const LinearAttentionConfig& c, bool segmented) {
+  if (segmented && c.head_dim == 64 && c.feature_map == LinearFeatureMap::kOnePlusXMaxNorm) {
+    return false;
+  }
+  switch (c.head_dim) {
 #ifdef FERRY_LINEAR_HEAD_DIM_64
     case 64:
       return Sm90CodeRuns<64>();
