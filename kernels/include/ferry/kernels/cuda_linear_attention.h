@@ -10,7 +10,7 @@
 //
 // Numerics (what differs from the CPU backend's float32 recurrence):
 //   The work is chunkwise (64 tokens) on the tensor cores (mma.sync bf16 -> fp32; on Hopper the
-//   unsplit forward at d = 64 and 128 runs wgmma on the same operands). The running
+//   forward's walks at d = 64 and 128 run wgmma on the same operands). The running
 //   state S, z, V, n stays float32 on chip; the chunk weights and the state are fed to the tensor
 //   cores as hi + lo pairs of bf16 (about 16 mantissa bits), so the inter-chunk sums keep about
 //   float32 accuracy. q, k, v enter the tensor cores as bf16: fp16 inputs are rounded to bf16
