@@ -33,7 +33,8 @@ def extension():
         _ext = load(
             name="ferry_linear_attn_ext",
             sources=[os.path.join(_HERE, "ferry_linear_attn_ext.cpp")]
-            + [os.path.join(cuda_dir, f"linear_attention_{part}.cu") for part in ("fwd", "fwd_sm90", "bwd", "decode")],
+            + [os.path.join(cuda_dir, f"linear_attention_{part}.cu")
+               for part in ("fwd", "fwd_sm90", "bwd", "decode")],
             extra_include_paths=[os.path.join(_REPO, "kernels", "include"), cuda_dir],
             extra_cflags=["-O2", "-std=c++17"],
             extra_cuda_cflags=["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]

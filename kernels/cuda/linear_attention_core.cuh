@@ -1643,7 +1643,9 @@ cudaError_t RunSegmentSums(const CoreParams& params, int64_t total_tokens, cudaS
 template <Op kOp, int kD>
 cudaError_t RunCore(const CoreParams& params, int64_t total_tokens, cudaStream_t stream) {
   if (params.num_seqs == 0 || params.grid_heads == 0) return cudaSuccess;
-  if (params.seg_first == nullptr) return LaunchCore<kOp, kD, false>(params, params.num_seqs, stream);
+  if (params.seg_first == nullptr) {
+    return LaunchCore<kOp, kD, false>(params, params.num_seqs, stream);
+  }
   cudaError_t error = RunSegmentSums<kOp, kD>(params, total_tokens, stream);
   if (error != cudaSuccess) return error;
   const int grid_z =

@@ -16,6 +16,13 @@
 // one chunk ahead), so the elementwise work hides behind the tensor cores'. The state's shared
 // copy (S hi / lo, [z_hi, z_lo]) is double-buffered: one barrier per chunk.
 //
+// kOnePlusXMaxNorm (linear_attention.h) enters as the core passes it: Q' = q 2^-e with a = m 2^e
+// the running q-norm maximum, K' = raw k, and per row alpha = c 2^e, so that P = alpha s + 1 on
+// the visible keys and the inter-chunk terms become alpha (Q' S) + B, alpha (Q' . z) + n (B, n:
+// V's sum and the count before the chunk). Its running norms cost a barrier per chunk more.
+// With sequence segments a block walks one segment (pass C), starting from the core's record of
+// the earlier segments' sums (linear_attention_core.cuh, "Segments").
+//
 // Shared memory: two stages of tiles (cp.async, 16-byte chunks, in the swizzled layouts wgmma
 // reads: Q and K 128-byte rows, V and S 64-byte rows so that each warpgroup's 32 columns are a
 // panel of their own), transformed in place by the thread that copied each chunk; the state's

@@ -81,7 +81,9 @@ HEADER = """// Warpgroup matrix multiply-accumulate (wgmma.mma_async, sm_90a onl
 
 namespace ferry::kernels::wgmma {
 
-__device__ __forceinline__ void Fence() { asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory"); }
+__device__ __forceinline__ void Fence() {
+  asm volatile("wgmma.fence.sync.aligned;\\n" ::: "memory");
+}
 __device__ __forceinline__ void Commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\\n" ::: "memory");
 }

@@ -554,7 +554,8 @@ TEST_F(LinearAttentionCudaTest, ChunkedPrefillThenDecodeEqualsOneForward) {
         const int64_t per_seq = int64_t{whole.config.num_kv_heads} * stride;
         std::vector<float> slots_host(2 * per_seq);
         for (int s = 0; s < 2; ++s) {
-          std::copy(mid.final_state.begin() + s * per_seq, mid.final_state.begin() + (s + 1) * per_seq,
+          std::copy(mid.final_state.begin() + s * per_seq,
+                    mid.final_state.begin() + (s + 1) * per_seq,
                     slots_host.begin() + (1 - s) * per_seq);
         }
         DeviceBuffer states, slot_ids, q, k, v, out;
@@ -590,7 +591,8 @@ TEST_F(LinearAttentionCudaTest, ChunkedPrefillThenDecodeEqualsOneForward) {
           out.Download(bits);
           for (int s = 0; s < 2; ++s) {
             for (int64_t i = 0; i < qw; ++i) {
-              decoded[(s * (kLen - kB) + (t - kB)) * qw + i] = FromBits(bits[s * qw + i], DType::kBFloat16);
+              decoded[(s * (kLen - kB) + (t - kB)) * qw + i] =
+                  FromBits(bits[s * qw + i], DType::kBFloat16);
             }
           }
         }
@@ -617,7 +619,8 @@ TEST_F(LinearAttentionCudaTest, ChunkedPrefillThenDecodeEqualsOneForward) {
         states.Download(final_slots);
         std::vector<float> final_states(final_slots.size());
         for (int s = 0; s < 2; ++s) {
-          std::copy(final_slots.begin() + (1 - s) * per_seq, final_slots.begin() + (2 - s) * per_seq,
+          std::copy(final_slots.begin() + (1 - s) * per_seq,
+                    final_slots.begin() + (2 - s) * per_seq,
                     final_states.begin() + s * per_seq);
         }
         const double state_error = RelativeError(final_states, ToDouble(one.final_state));
