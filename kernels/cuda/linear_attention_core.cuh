@@ -369,6 +369,57 @@ __device__ __forceinline__ float RowSumSquares(const uint16_t* row) {
   return part[0];
 }
 
+// The running maxima of the raw q and k row norms through a 64-row chunk, in row order, from the
+// carried maxima run_q, run_k (updated to the chunk's last). Warp-wide: lane l passes the norms of
+// rows 2l, 2l + 1 and gets the maxima at those rows.
+struct RunningNorms {
+  float q0, q1, k0, k1;
+};
+__device__ __forceinline__ RunningNorms ScanRunningNorms(float qn0, float qn1, float kn0, float kn1,
+                                                         float& run_q, float& run_k) {
+  const int lane = threadIdx.x % 32;
+  float mq = fmaxf(qn0, qn1), mk = fmaxf(kn0, kn1);
+#pragma unroll
+  for (int off = 1; off < 32; off *= 2) {
+    const float oq = __shfl_up_sync(0xffffffffu, mq, off);
+    const float ok = __shfl_up_sync(0xffffffffu, mk, off);
+    if (lane >= off) {
+      mq = fmaxf(mq, oq);
+      mk = fmaxf(mk, ok);
+    }
+  }
+  float eq = __shfl_up_sync(0xffffffffu, mq, 1);
+  float ek = __shfl_up_sync(0xffffffffu, mk, 1);
+  if (lane == 0) eq = ek = 0.0f;
+  RunningNorms m;
+  m.q0 = fmaxf(fmaxf(run_q, eq), qn0);
+  m.q1 = fmaxf(m.q0, qn1);
+  m.k0 = fmaxf(fmaxf(run_k, ek), kn0);
+  m.k1 = fmaxf(m.k0, kn1);
+  run_q = __shfl_sync(0xffffffffu, m.q1, 31);
+  run_k = __shfl_sync(0xffffffffu, m.k1, 31);
+  return m;
+}
+
+// A row's scalars from its running maxima: kOnePlusXMaxNorm's floored a, b and c = 1 / (a b)
+// (all 1 for the other maps, `lifted` false), and the exact rescaling its features take into the
+// tensor cores: q_r divided by 2^e (a = m 2^e, m in [0.5, 1), exact in bf16, so q . S stays in
+// float range however large q and S are), alpha = c 2^e carrying it back.
+struct RowScalars {
+  float a, b, c, alpha, q_scale;
+};
+__device__ __forceinline__ RowScalars MaxNormRowScalars(float q_max, float k_max, bool lifted) {
+  RowScalars r;
+  r.a = lifted ? fmaxf(kLinearNormFloor, q_max) : 1.0f;
+  r.b = lifted ? fmaxf(kLinearNormFloor, k_max) : 1.0f;
+  r.c = lifted ? (1.0f / r.a) * (1.0f / r.b) : 1.0f;
+  int e = 0;
+  if (lifted) frexpf(r.a, &e);
+  r.alpha = ldexpf(r.c, e);
+  r.q_scale = ldexpf(1.0f, -e);
+  return r;
+}
+
 // In place over a 64-row tile of `kCols` columns: phi (optional), times a per-row scale
 // (optional), stored as bf16; rows >= valid_rows become zero (phi(0) would not be). The options
 // are block-uniform: each combination is its own branch-free loop.
@@ -763,41 +814,19 @@ __device__ __forceinline__ void CoreWalk(const CoreParams& p, const int slice, c
       __syncthreads();
       if (warp == 0) {
         // Running maxima over the chunk's rows (2 per lane), continuing the carried ones.
-        const float qn0 = scratch_s[2 * lane], qn1 = scratch_s[2 * lane + 1];
-        const float kn0 = scratch_s[kChunk + 2 * lane], kn1 = scratch_s[kChunk + 2 * lane + 1];
-        float mq = fmaxf(qn0, qn1), mk = fmaxf(kn0, kn1);
-#pragma unroll
-        for (int off = 1; off < 32; off *= 2) {
-          const float oq = __shfl_up_sync(0xffffffffu, mq, off);
-          const float ok = __shfl_up_sync(0xffffffffu, mk, off);
-          if (lane >= off) {
-            mq = fmaxf(mq, oq);
-            mk = fmaxf(mk, ok);
-          }
-        }
-        float eq = __shfl_up_sync(0xffffffffu, mq, 1);
-        float ek = __shfl_up_sync(0xffffffffu, mk, 1);
-        if (lane == 0) eq = ek = 0.0f;
-        const float q0 = fmaxf(fmaxf(run_q, eq), qn0), q1 = fmaxf(q0, qn1);
-        const float k0 = fmaxf(fmaxf(run_k, ek), kn0), k1 = fmaxf(k0, kn1);
-        run_q = __shfl_sync(0xffffffffu, q1, 31);
-        run_k = __shfl_sync(0xffffffffu, k1, 31);
+        const RunningNorms m = ScanRunningNorms(
+            scratch_s[2 * lane], scratch_s[2 * lane + 1], scratch_s[kChunk + 2 * lane],
+            scratch_s[kChunk + 2 * lane + 1], run_q, run_k);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int r = 2 * lane + h;
-          const float a = lifted ? fmaxf(kLinearNormFloor, h ? q1 : q0) : 1.0f;
-          const float b = lifted ? fmaxf(kLinearNormFloor, h ? k1 : k0) : 1.0f;
-          const float c = lifted ? (1.0f / a) * (1.0f / b) : 1.0f;
-          // q_r enters the tensor cores divided by 2^e (a = m 2^e, m in [0.5, 1)), exact in
-          // bf16, so q . S stays in float range however large q and S are; alpha carries 2^e.
-          int e = 0;
-          if (lifted) frexpf(a, &e);
-          qscale_s[r] = ldexpf(1.0f, -e);
-          alpha_s[r] = ldexpf(c, e);
-          c_s[r] = c;
+          const RowScalars rs = MaxNormRowScalars(h ? m.q1 : m.q0, h ? m.k1 : m.k0, lifted);
+          qscale_s[r] = rs.q_scale;
+          alpha_s[r] = rs.alpha;
+          c_s[r] = rs.c;
           beta_s[r] = lifted ? 1.0f : 0.0f;
-          a_s[r] = a;
-          b_s[r] = b;
+          a_s[r] = rs.a;
+          b_s[r] = rs.b;
         }
       }
       if (fp16 || elu || lifted) {

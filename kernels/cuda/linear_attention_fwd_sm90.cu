@@ -312,42 +312,20 @@ __global__ void __launch_bounds__(kSm90Threads, 1) LinearForwardSm90Kernel(const
       // maxima continuing the carried ones, and the row scalars they give; warp 0 stores them
       // for the epilogue, each thread takes the q scales of its own rows by shuffles (one barrier
       // per chunk, where a scan by one warp needed two).
-      const float qn0 = rv[2 * lane], qn1 = rv[2 * lane + 1];
-      const float kn0 = rv[kChunk + 2 * lane], kn1 = rv[kChunk + 2 * lane + 1];
-      float mq = fmaxf(qn0, qn1), mk = fmaxf(kn0, kn1);
-#pragma unroll
-      for (int off = 1; off < 32; off *= 2) {
-        const float oq = __shfl_up_sync(0xffffffffu, mq, off);
-        const float ok = __shfl_up_sync(0xffffffffu, mk, off);
-        if (lane >= off) {
-          mq = fmaxf(mq, oq);
-          mk = fmaxf(mk, ok);
-        }
-      }
-      float eq = __shfl_up_sync(0xffffffffu, mq, 1);
-      float ek = __shfl_up_sync(0xffffffffu, mk, 1);
-      if (lane == 0) eq = ek = 0.0f;
-      const float q0 = fmaxf(fmaxf(run_q, eq), qn0), q1 = fmaxf(q0, qn1);
-      const float k0 = fmaxf(fmaxf(run_k, ek), kn0), k1 = fmaxf(k0, kn1);
-      run_q = __shfl_sync(0xffffffffu, q1, 31);
-      run_k = __shfl_sync(0xffffffffu, k1, 31);
+      const RunningNorms m = ScanRunningNorms(rv[2 * lane], rv[2 * lane + 1],
+                                              rv[kChunk + 2 * lane], rv[kChunk + 2 * lane + 1],
+                                              run_q, run_k);
       float scale_pair[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = 2 * lane + h;
-        const float a = fmaxf(kLinearNormFloor, h ? q1 : q0);
-        const float b = fmaxf(kLinearNormFloor, h ? k1 : k0);
-        const float c = (1.0f / a) * (1.0f / b);
-        // q_r enters the tensor cores divided by 2^e (a = m 2^e, m in [0.5, 1)), exact in bf16,
-        // so q . S stays in float range however large q and S are; alpha carries 2^e.
-        int e = 0;
-        frexpf(a, &e);
-        scale_pair[h] = ldexpf(1.0f, -e);
+        const RowScalars rs = MaxNormRowScalars(h ? m.q1 : m.q0, h ? m.k1 : m.k0, lifted);
+        scale_pair[h] = rs.q_scale;
         if (warp == 0) {
-          rv[2 * kChunk + r] = a;
-          rv[3 * kChunk + r] = b;
-          rv[4 * kChunk + r] = c;
-          rv[5 * kChunk + r] = ldexpf(c, e);
+          rv[2 * kChunk + r] = rs.a;
+          rv[3 * kChunk + r] = rs.b;
+          rv[4 * kChunk + r] = rs.c;
+          rv[5 * kChunk + r] = rs.alpha;
         }
       }
 #pragma unroll
