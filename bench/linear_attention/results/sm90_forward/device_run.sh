@@ -1,7 +1,8 @@
 #!/bin/bash
-# Device call of the Hopper forward's first check (run tool, carry .gpu-lin90): the gtest, the
-# sanitizers on the forward tests, then core_timing of this commit ("new") and of its parent
-# ("base") alternated. Logs under $OUT.
+# The Hopper forward's checks and timings, one device call (run tool, carry .gpu-lin90, built as
+# in core_timing.cu's header: timing_new from the commit under test, timing_base from 02235f6,
+# the kernels before the Hopper forward): the gtest, the sanitizers on the forward tests, then
+# the two core_timing builds alternated. Logs under $OUT.
 cd .gpu-lin90 && source env.sh
 F='*ForwardMatchesFloat64*:*GqaGroups*:*ChunkedPrefill*'
 timeout 240 ./bin/linear_attention_test > $OUT/test.log 2>&1; echo "test rc $?" >> $OUT/summary.txt
