@@ -71,6 +71,32 @@ struct Sm90Shape {
   static_assert(kStageBytes % 1024 == 0 && kStateBuffer % 1024 == 0, "atom alignment");
 };
 
+// Pass C reads the core's segment records through CoreShape::RecordIndexOfState / OfB; checked at
+// compile time against the order CoreWalk writes them in (element (mt, nt, e) of thread
+// (warp, lane) at ((mt kNt + nt) 4 + e) kThreads + warp 32 + lane, for S row
+// warp kD / 4 + 16 mt + lane / 4 (+8 for e >= 2), column 8 nt + 2 (lane % 4) + e % 2).
+template <int kD>
+constexpr bool RecordLayoutMatchesCoreWalk() {
+  using Record = CoreShape<Op::kForward, kD>;
+  for (int warp = 0; warp < kWarps; ++warp) {
+    for (int lane = 0; lane < 32; ++lane) {
+      for (int mt = 0; mt < Record::kMt; ++mt) {
+        for (int nt = 0; nt < Record::kNt; ++nt) {
+          for (int e = 0; e < 4; ++e) {
+            const int f = warp * (kD / kWarps) + mt * 16 + lane / 4 + (e >= 2 ? 8 : 0);
+            const int col = nt * 8 + 2 * (lane % 4) + (e & 1);
+            const int index = ((mt * Record::kNt + nt) * 4 + e) * kThreads + warp * 32 + lane;
+            if (Record::RecordIndexOfState(f, col) != index) return false;
+          }
+        }
+      }
+    }
+  }
+  return Record::RecordIndexOfB(0) == Record::kMt * Record::kNt * 4 * kThreads;
+}
+static_assert(RecordLayoutMatchesCoreWalk<64>() && RecordLayoutMatchesCoreWalk<128>(),
+              "segment record layout");
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 constexpr int kWgCols = kSm90Cols / 2;  // value columns per warpgroup
 
