@@ -102,6 +102,7 @@ void WorkerServer::Serve() {
       pool.Release(std::move(request.message));
       kv_used_bytes_.store(service_->used_bytes());
       sequences_held_.store(static_cast<int32_t>(service_->sequences_held()));
+      sequences_opened_.store(service_->sequences_opened());
     }
     absl::Status sent = node_->Reply(request.peer, request.call_id, std::move(reply));
     if (!sent.ok()) FERRY_LOG_DEBUG("{}: reply not sent: {}", options_.node.name, sent.ToString());

@@ -50,9 +50,11 @@ class WorkerServer {
   WorkerServer& operator=(const WorkerServer&) = delete;
 
   int port() const { return port_; }
-  // KV bytes in use and sequences held, as of the last request handled. Any thread.
+  // KV bytes in use, sequences held and sequences ever opened (WorkerService::sequences_opened),
+  // as of the last request handled. Any thread.
   int64_t kv_used_bytes() const { return kv_used_bytes_.load(); }
   int32_t sequences_held() const { return sequences_held_.load(); }
+  int64_t sequences_opened() const { return sequences_opened_.load(); }
   int64_t kv_capacity_bytes() const { return options_.service.kv_capacity_bytes; }
   void Stop();
 
@@ -72,6 +74,7 @@ class WorkerServer {
   std::thread thread_;
   std::atomic<int64_t> kv_used_bytes_{0};
   std::atomic<int32_t> sequences_held_{0};
+  std::atomic<int64_t> sequences_opened_{0};
   std::atomic<bool> stopping_{false};
   std::unordered_map<std::string, transport::PeerId> forward_peers_;  // request thread only
 };

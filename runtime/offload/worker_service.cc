@@ -357,6 +357,7 @@ absl::StatusOr<transport::Buffer> WorkerService::OpenSequence(const FrameHeader&
     sequences_[entry.sequence] = Sequence{entry.position, header.shape[1],
                                           std::vector<int64_t>(shape_.num_layers, 0),
                                           std::vector<int64_t>(shape_.num_layers, -1)};
+    ++sequences_opened_;
   }
   return StartReply(header, 0, nullptr, 0).Finish();
 }
@@ -714,6 +715,7 @@ absl::StatusOr<transport::Buffer> WorkerService::ImportBlocks(const FrameHeader&
   }
   FERRY_RETURN_IF_ERROR(cache_->SetLength(id, longest));
   sequences_[id] = Sequence{first, first_kv_head, std::move(lengths), {}};
+  ++sequences_opened_;
   return StartReply(header, 0, nullptr, 0).Finish();
 }
 
@@ -985,6 +987,7 @@ absl::StatusOr<transport::Buffer> WorkerService::ImportStates(const FrameHeader&
   }
   sequences_[id] = Sequence{0, first_kv_head, std::move(lengths),
                             std::vector<int64_t>(layers, -1)};
+  ++sequences_opened_;
   return StartReply(header, 0, nullptr, 0).Finish();
 }
 

@@ -117,6 +117,9 @@ class WorkerService {
   const kv::StateCache* states() const { return states_.get(); }
   int64_t used_bytes() const;
   size_t sequences_held() const;
+  // Sequences added here since start (new, or moved in from another worker); never decreases,
+  // so a watcher that polls now and then still sees that a short-lived sequence was here.
+  int64_t sequences_opened() const { return sequences_opened_; }
   int64_t requests_served() const { return requests_served_; }
   int64_t errors_answered() const { return errors_answered_; }
 
@@ -219,6 +222,7 @@ class WorkerService {
   float softmax_scale_ = 1.0f;
   kernels::CpuDecodeOptions plan_;
   std::unordered_map<uint64_t, Sequence> sequences_;
+  int64_t sequences_opened_ = 0;
   ForwardFn forward_;
   int64_t requests_served_ = 0;
   int64_t errors_answered_ = 0;

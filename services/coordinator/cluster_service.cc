@@ -51,7 +51,8 @@ grpc::Status ClusterServiceImpl::Heartbeat(grpc::ServerContext*,
                                            const ferry::v1::HeartbeatRequest* request,
                                            ferry::v1::HeartbeatResponse* response) {
   absl::StatusOr<WorkerState> state = registry_->Heartbeat(
-      request->worker_id(), request->kv_used_bytes(), request->sequences_held());
+      request->worker_id(), request->kv_used_bytes(), request->sequences_held(),
+      request->sequences_opened());
   if (!state.ok()) return services::ToGrpcStatus(state.status());
   response->set_state(ToProto(*state));
   return grpc::Status::OK;
@@ -70,6 +71,7 @@ grpc::Status ClusterServiceImpl::ListWorkers(grpc::ServerContext*,
     info->set_kv_capacity_bytes(worker.kv_capacity_bytes);
     info->set_kv_used_bytes(worker.kv_used_bytes);
     info->set_sequences_held(worker.sequences_held);
+    info->set_sequences_opened(worker.sequences_opened);
     info->set_attention_bytes_per_second(worker.attention_bytes_per_second);
     info->set_ms_since_heartbeat(worker.since_heartbeat.count());
   }

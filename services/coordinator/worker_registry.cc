@@ -75,7 +75,8 @@ absl::StatusOr<std::string> WorkerRegistry::Register(const WorkerRegistration& r
 
 absl::StatusOr<WorkerState> WorkerRegistry::Heartbeat(const std::string& worker_id,
                                                       int64_t kv_used_bytes,
-                                                      int32_t sequences_held) {
+                                                      int32_t sequences_held,
+                                                      int64_t sequences_opened) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = workers_.find(worker_id);
   if (it == workers_.end()) {
@@ -87,11 +88,13 @@ absl::StatusOr<WorkerState> WorkerRegistry::Heartbeat(const std::string& worker_
     return absl::FailedPreconditionError(
         absl::StrCat("worker ", worker_id, " was declared dead; register again"));
   }
-  if (kv_used_bytes < 0 || sequences_held < 0) {
-    return absl::InvalidArgumentError("kv_used_bytes and sequences_held must be >= 0");
+  if (kv_used_bytes < 0 || sequences_held < 0 || sequences_opened < 0) {
+    return absl::InvalidArgumentError(
+        "kv_used_bytes, sequences_held and sequences_opened must be >= 0");
   }
   entry.status.kv_used_bytes = kv_used_bytes;
   entry.status.sequences_held = sequences_held;
+  entry.status.sequences_opened = sequences_opened;
   entry.last_heartbeat = options_.clock();
   return entry.status.state;
 }

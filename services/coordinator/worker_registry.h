@@ -44,6 +44,7 @@ struct WorkerStatus {
   int64_t kv_capacity_bytes = 0;
   int64_t kv_used_bytes = 0;
   int32_t sequences_held = 0;
+  int64_t sequences_opened = 0;
   double attention_bytes_per_second = 0;
   std::chrono::milliseconds since_heartbeat{0};
 };
@@ -65,7 +66,7 @@ class WorkerRegistry {
   absl::StatusOr<std::string> Register(const WorkerRegistration& registration);
   // Records a heartbeat; NOT_FOUND for an unknown id (the worker should register again).
   absl::StatusOr<WorkerState> Heartbeat(const std::string& worker_id, int64_t kv_used_bytes,
-                                        int32_t sequences_held);
+                                        int32_t sequences_held, int64_t sequences_opened);
   absl::StatusOr<WorkerState> Drain(const std::string& worker_id);
   // Forgets a worker (after its drain finished, or after it died and its KV was rebuilt).
   absl::Status Remove(const std::string& worker_id);

@@ -46,6 +46,7 @@ grpc::Status CoordinatorLink::SendHeartbeat(const std::string& worker_id,
   heartbeat.set_worker_id(worker_id);
   heartbeat.set_kv_used_bytes(load.kv_used_bytes);
   heartbeat.set_sequences_held(load.sequences_held);
+  heartbeat.set_sequences_opened(load.sequences_opened);
   grpc::ClientContext context;
   context.set_deadline(std::chrono::system_clock::now() + options_.rpc_timeout);
   ferry::v1::HeartbeatResponse ignored;

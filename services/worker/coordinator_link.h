@@ -28,6 +28,7 @@ namespace ferry::worker {
 struct WorkerLoad {
   int64_t kv_used_bytes = 0;
   int32_t sequences_held = 0;
+  int64_t sequences_opened = 0;
 };
 
 struct CoordinatorLinkOptions {

@@ -137,7 +137,8 @@ int main(int argc, char** argv) {
   link_options.registration.set_worker_id(flags.worker_id);
   ferry::offload::WorkerServer* raw_server = server->get();
   link_options.load = [raw_server] {
-    return ferry::worker::WorkerLoad{raw_server->kv_used_bytes(), raw_server->sequences_held()};
+    return ferry::worker::WorkerLoad{raw_server->kv_used_bytes(), raw_server->sequences_held(),
+                                     raw_server->sequences_opened()};
   };
   ferry::worker::CoordinatorLink link(link_options);
   link.Start();

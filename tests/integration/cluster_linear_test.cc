@@ -47,7 +47,7 @@ TEST_P(ClusterLinearTest, GenerationMatchesInProcessTokensOverTwoWorkers) {
                                                           kMaxTokens, sampling[i]))
         << "job " << i;
   }
-  for (int i = 0; i < 2; ++i) EXPECT_TRUE(held[i]) << "worker " << i << " never held a state";
+  for (int i = 0; i < 2; ++i) EXPECT_TRUE(held[i]) << "worker " << i << " never opened a state";
   EXPECT_TRUE(cluster.WaitAllKvFreed(5s)) << "a state left on a worker";
 }
 

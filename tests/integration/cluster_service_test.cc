@@ -65,7 +65,7 @@ worker::CoordinatorLinkOptions LinkOptions(int port, const std::string& data_add
   options.rpc_timeout = 300ms;
   options.initial_backoff = 20ms;
   options.max_backoff = 100ms;
-  options.load = [] { return worker::WorkerLoad{12345, 3}; };
+  options.load = [] { return worker::WorkerLoad{12345, 3, 17}; };
   return options;
 }
 
@@ -92,6 +92,7 @@ TEST(ClusterServiceTest, WorkerStartedFirstRegistersOnceTheCoordinatorComesUp) {
   EXPECT_EQ(workers[0].state, coordinator::WorkerState::kReady);
   EXPECT_EQ(workers[0].kv_used_bytes, 12345);
   EXPECT_EQ(workers[0].sequences_held, 3);
+  EXPECT_EQ(workers[0].sequences_opened, 17);
 }
 
 TEST(ClusterServiceTest, DrainReachesTheWorkerAndTheTableShowsIt) {

@@ -151,36 +151,41 @@ class LocalCluster {
   }
 
   // Runs every request at once (a stream each) and returns the results in request order. With
-  // `held`, polls the worker table while they run and sets (*held)[i] when worker i
-  // (WorkerId(i)) reports KV or state bytes in use (heartbeats come every 100 ms, so a hold
-  // shorter than that can be missed).
+  // `held`, sets (*held)[i] when worker i (WorkerId(i)) opened a sequence while they ran: its
+  // cumulative sequences_opened grew, as the heartbeats (every 100 ms) report it, waited for
+  // at most 2 s after the jobs end.
   std::vector<StreamResult> GenerateAll(const std::vector<ferry::v1::GenerateRequest>& requests,
                                         std::chrono::milliseconds deadline,
                                         std::vector<bool>* held = nullptr) {
-    if (held != nullptr) held->assign(workers_.size(), false);
-    std::atomic<bool> running{held != nullptr};
-    std::thread watcher([&] {
-      while (running) {
-        const ferry::v1::ListWorkersResponse workers = Workers();
-        for (const auto& w : workers.workers()) {
-          for (size_t i = 0; i < held->size(); ++i) {
-            if (w.worker_id() == WorkerId(static_cast<int>(i)) && w.kv_used_bytes() > 0) {
-              (*held)[i] = true;
-            }
-          }
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(30));
-      }
-    });
+    const std::vector<int64_t> opened_before = SequencesOpened();
     std::vector<StreamResult> results(requests.size());
     std::vector<std::thread> threads;
     for (size_t i = 0; i < requests.size(); ++i) {
       threads.emplace_back([&, i] { results[i] = Generate(requests[i], deadline); });
     }
     for (auto& thread : threads) thread.join();
-    running = false;
-    watcher.join();
-    return results;
+    if (held == nullptr) return results;
+    held->assign(workers_.size(), false);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    while (true) {
+      const std::vector<int64_t> opened = SequencesOpened();
+      bool all = true;
+      for (size_t i = 0; i < workers_.size(); ++i) {
+        (*held)[i] = opened[i] > opened_before[i];
+        all &= (*held)[i];
+      }
+      if (all || std::chrono::steady_clock::now() > until) return results;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+
+  // Each worker's sequences_opened as the table lists it, by index (0 when not listed).
+  std::vector<int64_t> SequencesOpened() {
+    std::vector<int64_t> opened(workers_.size(), 0);
+    for (size_t i = 0; i < workers_.size(); ++i) {
+      opened[i] = Worker(WorkerId(static_cast<int>(i))).sequences_opened();
+    }
+    return opened;
   }
 
   std::string Logs() const {
