@@ -44,15 +44,15 @@ absl::StatusOr<ferry::v1::ListWorkersResponse> ListWorkers(const std::string& co
 }
 
 void PrintWorkerTable(const ferry::v1::ListWorkersResponse& workers, std::ostream& out) {
-  out << absl::StrFormat("%-10s %-22s %-6s %-9s %12s %12s %6s %12s %10s\n", "ID", "ADDRESS",
-                         "DEVICE", "STATE", "KV USED", "KV FREE", "SEQS", "ATTENTION/S",
-                         "HEARTBEAT");
+  out << absl::StrFormat("%-10s %-22s %-6s %-9s %12s %12s %6s %8s %12s %10s\n", "ID",
+                         "ADDRESS", "DEVICE", "STATE", "KV USED", "KV FREE", "SEQS", "OPENED",
+                         "ATTENTION/S", "HEARTBEAT");
   for (const ferry::v1::WorkerInfo& w : workers.workers()) {
     out << absl::StrFormat(
-        "%-10s %-22s %-6s %-9s %12s %12s %6d %12s %8d ms\n", w.worker_id(), w.data_address(),
+        "%-10s %-22s %-6s %-9s %12s %12s %6d %8d %12s %8d ms\n", w.worker_id(), w.data_address(),
         w.device() == ferry::v1::DEVICE_KIND_CUDA ? "cuda" : "cpu", StateName(w.state()),
         Bytes(w.kv_used_bytes()), Bytes(w.kv_capacity_bytes() - w.kv_used_bytes()),
-        w.sequences_held(),
+        w.sequences_held(), w.sequences_opened(),
         w.attention_bytes_per_second() > 0
             ? Bytes(static_cast<int64_t>(w.attention_bytes_per_second()))
             : std::string("-"),

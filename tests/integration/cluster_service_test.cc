@@ -117,6 +117,9 @@ TEST(ClusterServiceTest, DrainReachesTheWorkerAndTheTableShowsIt) {
   EXPECT_NE(table.str().find(registered->worker_id()), std::string::npos) << table.str();
   EXPECT_NE(table.str().find("DRAINING"), std::string::npos) << table.str();
   EXPECT_NE(table.str().find("127.0.0.1:7002"), std::string::npos) << table.str();
+  EXPECT_NE(table.str().find("OPENED"), std::string::npos) << table.str();
+  // The link's load: 3 sequences held, 17 opened since the worker started.
+  EXPECT_NE(table.str().find("     3       17 "), std::string::npos) << table.str();
 
   EXPECT_EQ(cli::DrainWorker(address, "no-such-worker", 2s).status().code(),
             absl::StatusCode::kNotFound);
