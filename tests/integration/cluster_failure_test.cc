@@ -52,7 +52,7 @@ TEST_F(ClusterFailureTest, CancelledJobFreesItsKvOnEveryWorker) {
   while (tokens < 40 && reader->Read(&response)) tokens += response.has_token();
   ASSERT_EQ(tokens, 40);
   // Mid-stream, the job's 140 positions are in shards over all three workers: blocks are
-  // held on each (heartbeats every 100 ms).
+  // held on each (the table is at most a heartbeat old).
   int holders = 0;
   int64_t blocks = 0;
   for (int attempt = 0; attempt < 100 && holders < 3; ++attempt) {

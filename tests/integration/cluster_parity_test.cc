@@ -64,24 +64,14 @@ TEST(ClusterHeadGroupTest, OneSequencesHeadGroupsLandOnDistinctWorkers) {
   testing::LocalCluster cluster(options);
   ASSERT_TRUE(cluster.ok());
   const std::vector<int32_t> prompt = testing::TestPrompt(50);
-  std::vector<int> holding;
-  const testing::StreamResult result =
-      cluster.Generate(testing::TokenRequest(prompt, 200), 40s, [&](int count) {
-        if (count != 20) return;
-        for (int attempt = 0; attempt < 100; ++attempt) {  // heartbeats every 100 ms
-          holding.clear();
-          for (int i = 0; i < 3; ++i) {
-            holding.push_back(cluster.SequencesOn(testing::LocalCluster::WorkerId(i)));
-          }
-          if (std::count(holding.begin(), holding.end(), 1) == 2) break;
-          std::this_thread::sleep_for(20ms);
-        }
-      });
+  const testing::StreamResult result = cluster.Generate(testing::TokenRequest(prompt, 200), 40s);
   ASSERT_TRUE(result.status.ok()) << result.status.error_message();
   EXPECT_EQ(result.tokens, testing::InProcessTokens(cluster.model_dir(), prompt, 200));
-  // Two workers hold one group each; the third is free for other sequences.
-  EXPECT_EQ(std::count(holding.begin(), holding.end(), 1), 2);
-  EXPECT_EQ(std::count(holding.begin(), holding.end(), 0), 1);
+  // Two workers held one group each; the third stayed free for other sequences.
+  const std::vector<int64_t> opened = cluster.WaitSequencesOpened(
+      2s, [](const std::vector<int64_t>& now) { return std::count(now.begin(), now.end(), 1) == 2; });
+  EXPECT_EQ(std::count(opened.begin(), opened.end(), 1), 2);
+  EXPECT_EQ(std::count(opened.begin(), opened.end(), 0), 1);
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -60,7 +60,8 @@ class LocalCluster {
     }
     address_ = "127.0.0.1:" + std::to_string(UnusedTcpPort());
     std::vector<std::string> args = {"--model", dir_, "--listen", address_, "--ucx-tls", "tcp",
-                                     "--kv-dtype", "fp32", "--heartbeat-ms", "100",
+                                     "--kv-dtype", "fp32", "--heartbeat-ms",
+                                     std::to_string(kHeartbeatMs),
                                      "--dead-after-ms", "1500"};
     args.insert(args.end(), options.coordinator_flags.begin(), options.coordinator_flags.end());
     coordinator_ = std::make_unique<Daemon>(FERRY_COORDINATOR_BINARY, args,
@@ -98,6 +99,9 @@ class LocalCluster {
 
   bool ok() const { return ok_; }
   static std::string WorkerId(int i) { return "w" + std::to_string(i); }
+  // The workers' heartbeat interval: the worker table is at most this stale. Short, so that a
+  // test looking at it mid-generation sees a change well before the job ends.
+  static constexpr int kHeartbeatMs = 20;
   const std::string& model_dir() const { return dir_; }
   Daemon& coordinator() { return *coordinator_; }
   Daemon& worker(int i) { return *workers_[i]; }
@@ -151,9 +155,8 @@ class LocalCluster {
   }
 
   // Runs every request at once (a stream each) and returns the results in request order. With
-  // `held`, sets (*held)[i] when worker i (WorkerId(i)) opened a sequence while they ran: its
-  // cumulative sequences_opened grew, as the heartbeats (every 100 ms) report it, waited for
-  // at most 2 s after the jobs end.
+  // `held`, sets (*held)[i] when worker i (WorkerId(i)) opened a sequence while they ran (its
+  // sequences_opened grew; waited for at most 2 s after the jobs end).
   std::vector<StreamResult> GenerateAll(const std::vector<ferry::v1::GenerateRequest>& requests,
                                         std::chrono::milliseconds deadline,
                                         std::vector<bool>* held = nullptr) {
@@ -165,27 +168,38 @@ class LocalCluster {
     }
     for (auto& thread : threads) thread.join();
     if (held == nullptr) return results;
+    const std::vector<int64_t> opened =
+        WaitSequencesOpened(std::chrono::seconds(2), [&](const std::vector<int64_t>& now) {
+          for (size_t i = 0; i < now.size(); ++i) {
+            if (now[i] <= opened_before[i]) return false;
+          }
+          return true;
+        });
     held->assign(workers_.size(), false);
-    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
-    while (true) {
-      const std::vector<int64_t> opened = SequencesOpened();
-      bool all = true;
-      for (size_t i = 0; i < workers_.size(); ++i) {
-        (*held)[i] = opened[i] > opened_before[i];
-        all &= (*held)[i];
-      }
-      if (all || std::chrono::steady_clock::now() > until) return results;
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
+    for (size_t i = 0; i < workers_.size(); ++i) (*held)[i] = opened[i] > opened_before[i];
+    return results;
   }
 
-  // Each worker's sequences_opened as the table lists it, by index (0 when not listed).
+  // Each worker's sequences_opened (sequences added since it started, cumulative) as the table
+  // lists it, by index (0 when not listed).
   std::vector<int64_t> SequencesOpened() {
     std::vector<int64_t> opened(workers_.size(), 0);
     for (size_t i = 0; i < workers_.size(); ++i) {
       opened[i] = Worker(WorkerId(static_cast<int>(i))).sequences_opened();
     }
     return opened;
+  }
+  // Polls SequencesOpened until `done` accepts it or `timeout` passes; returns the last read.
+  // Counts only grow, so a later heartbeat cannot take back what `done` waits for.
+  std::vector<int64_t> WaitSequencesOpened(
+      std::chrono::milliseconds timeout,
+      const std::function<bool(const std::vector<int64_t>&)>& done) {
+    const auto until = std::chrono::steady_clock::now() + timeout;
+    while (true) {
+      std::vector<int64_t> opened = SequencesOpened();
+      if (done(opened) || std::chrono::steady_clock::now() > until) return opened;
+      std::this_thread::sleep_for(std::chrono::milliseconds(kHeartbeatMs));
+    }
   }
 
   std::string Logs() const {
