@@ -39,7 +39,8 @@
 // still due and sends Truncate to the tail shards of the step's sequences, so appends of layers
 // that did go through are undone on every worker, and the others can retry the step. A worker
 // whose peer failed takes no new shards until the directory lists it at a new address or after
-// it was unlisted; rebuilding a lost worker's KV is the fault-tolerance layer's job.
+// it was unlisted. The scheduler rebuilds a lost worker's sequences from their tokens
+// (batch_scheduler.h): FreeSequence then AddSequence, and the tokens read again.
 // Threads: the scheduler thread only (as AttentionStep); the directory function must be
 // thread-safe.
 #pragma once

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "ferry/status.h"
 #include "runtime/common/log.h"
 
 namespace ferry::scheduler {
@@ -10,6 +11,13 @@ namespace {
 
 double Milliseconds(std::chrono::steady_clock::duration d) {
   return std::chrono::duration<double, std::milli>(d).count();
+}
+
+// A failure that says the request's KV is gone or unreachable: the worker holding it died (the
+// peer reset, became unreachable) or did not answer within its bound.
+bool KvLostWithWorker(const absl::Status& status) {
+  return status.code() == absl::StatusCode::kUnavailable ||
+         status.code() == absl::StatusCode::kDeadlineExceeded;
 }
 
 }  // namespace
@@ -116,6 +124,27 @@ void BatchScheduler::Finish(Active& active, FinishReason reason, const absl::Sta
   active.callbacks.on_finish(reason, error, timings);
 }
 
+absl::Status BatchScheduler::RebuildKv(Active& active) {
+  if (active.added_to_attention) {
+    // Frees what survives; a dead worker's part is gone with it.
+    if (absl::Status freed = decoder_.attention().FreeSequence(active.id); !freed.ok()) {
+      FERRY_LOG_WARN("request {}: freeing its kv failed: {}", active.id, freed.ToString());
+    }
+    active.added_to_attention = false;
+  }
+  FERRY_RETURN_IF_ERROR(decoder_.attention().AddSequence(active.id));
+  active.added_to_attention = true;
+  active.prompt_read = 0;
+  active.rebuild.clear();
+  if (!active.generated.empty()) {
+    active.rebuild = active.request.prompt;
+    active.rebuild.insert(active.rebuild.end(), active.generated.begin(),
+                          active.generated.end() - 1);
+  }
+  ++active.rebuilds;
+  return absl::OkStatus();
+}
+
 void BatchScheduler::TakeCancellations() {
   std::vector<std::unique_ptr<Active>> cancelled_queued;
   std::set<uint64_t> cancelled;
@@ -154,20 +183,20 @@ bool BatchScheduler::Step() {
   int64_t budget = options_.step_token_budget;
   for (auto& active : running_) {
     const int64_t prompt = static_cast<int64_t>(active->request.prompt.size());
-    if (active->prompt_read < prompt || budget <= 0) continue;
+    if (!active->rebuild.empty() || active->prompt_read < prompt || budget <= 0) continue;
     chunks.push_back({active->id, prompt + static_cast<int64_t>(active->generated.size()) - 1,
                       std::span<const int32_t>(&active->generated.back(), 1)});
     parts.push_back({active.get(), false, 1});
     --budget;
   }
   for (auto& active : running_) {
-    const int64_t remaining =
-        static_cast<int64_t>(active->request.prompt.size()) - active->prompt_read;
+    const std::vector<int32_t>& to_read = active->ToRead();
+    const int64_t remaining = static_cast<int64_t>(to_read.size()) - active->prompt_read;
     if (remaining <= 0) continue;
     const int64_t n = std::min<int64_t>({remaining, options_.prefill_chunk_tokens, budget});
     if (n <= 0) break;
     chunks.push_back({active->id, active->prompt_read,
-                      std::span<const int32_t>(active->request.prompt.data() + active->prompt_read,
+                      std::span<const int32_t>(to_read.data() + active->prompt_read,
                                                static_cast<size_t>(n))});
     parts.push_back({active.get(), true, n});
     budget -= n;
@@ -192,6 +221,7 @@ bool BatchScheduler::Step() {
         failing.push_back(part.owner);
       }
     }
+    const bool tied_to_sequences = !failing.empty();
     if (failing.empty() && status.code() == absl::StatusCode::kResourceExhausted &&
         parts.size() > 1) {
       // Not tied to a sequence: the most recently admitted request gives way.
@@ -208,6 +238,18 @@ bool BatchScheduler::Step() {
     }
     const bool others_continue = failing.size() < running_.size();
     for (Active* active : failing) {
+      if (tied_to_sequences && KvLostWithWorker(status) &&
+          active->rebuilds < options_.max_kv_rebuilds) {
+        const absl::Status rebuilt = RebuildKv(*active);
+        if (rebuilt.ok()) {
+          FERRY_LOG_WARN("request {}: {}; rebuilding its kv from its {} tokens", active->id,
+                         status.ToString(),
+                         active->request.prompt.size() + active->generated.size());
+          continue;
+        }
+        FERRY_LOG_WARN("request {}: rebuilding its kv failed: {}", active->id,
+                       rebuilt.ToString());
+      }
       FERRY_LOG_WARN("request {}: {}{}", active->id, status.ToString(),
                      others_continue ? "; the others continue" : "");
       Finish(*active, FinishReason::kError, status);
@@ -222,7 +264,15 @@ bool BatchScheduler::Step() {
     Active& active = *parts[i].owner;
     if (parts[i].prefill) {
       active.prompt_read += parts[i].tokens;
-      if (active.prompt_read < static_cast<int64_t>(active.request.prompt.size())) continue;
+      if (active.prompt_read < static_cast<int64_t>(active.ToRead().size())) continue;
+      if (!active.rebuild.empty()) {
+        // Its KV is whole again up to the last generated token, which the next step decodes;
+        // the token these logits predict was sampled before the loss.
+        FERRY_LOG_INFO("request {}: kv rebuilt ({} positions)", active.id, active.prompt_read);
+        active.rebuild.clear();
+        active.prompt_read = static_cast<int64_t>(active.request.prompt.size());
+        continue;
+      }
     }
     const int32_t token = active.sampler->Sample(
         std::span<const float>(logits.data() + i * static_cast<size_t>(vocab), vocab));

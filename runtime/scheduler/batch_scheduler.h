@@ -14,8 +14,16 @@
 // decoder (every sequence's KV as before the step, on every worker); the requests its failure
 // belongs to (Decoder::failed_sequences: their KV did not fit, or was on a worker that failed)
 // finish with ERROR and that status, freeing their KV everywhere, and the others run on in the
-// next step. A RESOURCE_EXHAUSTED not tied to sequences fails the step's most recently admitted
-// request; any other untied failure fails every request of the step.
+// next step. Except when the failure says the request's KV was lost with a worker (UNAVAILABLE
+// or DEADLINE_EXCEEDED: the worker died or did not answer in time): then, up to
+// max_kv_rebuilds times per request, its KV is freed everywhere and rebuilt from its tokens,
+// which the scheduler keeps: it reads the prompt and every generated token but the last again as
+// prefill chunks (wherever placement now puts them), samples nothing for them, and goes on
+// decoding from the last token, so its Sampler continues where it was: the tokens are those it
+// would have had, up to any rounding difference between reading a token in a prefill chunk and
+// in a decode row (none on the CPU paths: the tests compare the tokens).
+// A RESOURCE_EXHAUSTED not tied to sequences fails the step's most recently admitted request;
+// any other untied failure fails every request of the step.
 // Threads: Submit and Cancel may be called from any thread. Callbacks run on the scheduler
 // thread: keep them short (push to a queue). The Decoder is used only by the scheduler thread.
 #pragma once
@@ -70,6 +78,9 @@ struct BatchSchedulerOptions {
   int step_token_budget = 512;
   std::vector<int32_t> eos_token_ids;
   int64_t max_prompt_tokens = 1 << 20;
+  // Times one request's KV may be rebuilt after worker losses before it fails (0: it fails at
+  // the first loss).
+  int max_kv_rebuilds = 2;
 };
 
 class BatchScheduler {
@@ -97,8 +108,15 @@ class BatchScheduler {
     GenerationRequest request;
     GenerationCallbacks callbacks;
     std::unique_ptr<model::Sampler> sampler;
-    int64_t prompt_read = 0;  // prompt tokens already in the KV cache
+    int64_t prompt_read = 0;  // tokens of ToRead() already in the KV cache
     std::vector<int32_t> generated;
+    // While its KV is rebuilt: the prompt and every generated token but the last; else empty.
+    std::vector<int32_t> rebuild;
+    int rebuilds = 0;
+    // What prefill chunks read: the prompt, or while rebuilding the tokens to read again.
+    const std::vector<int32_t>& ToRead() const {
+      return rebuild.empty() ? request.prompt : rebuild;
+    }
     bool added_to_attention = false;
     Clock::time_point submitted, admitted, first_token;
   };
@@ -107,6 +125,8 @@ class BatchScheduler {
   // One decoder step over the running requests; returns false when there was nothing to do.
   bool Step();
   void Finish(Active& active, FinishReason reason, const absl::Status& error);
+  // Frees the request's KV and starts reading its tokens again (see the top comment).
+  absl::Status RebuildKv(Active& active);
   void TakeCancellations();
 
   model::Decoder& decoder_;

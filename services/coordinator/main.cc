@@ -41,6 +41,7 @@ struct Flags {
   int step_tokens = 512;
   int heartbeat_ms = 500;
   int dead_after_ms = 2000;
+  int kv_rebuilds = 2;
   bool strict = false;
   std::string shard = "sequence";
   int head_groups = 0;
@@ -86,6 +87,11 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(1, 1 << 20));
   app.add_option("--heartbeat-ms", flags.heartbeat_ms)->check(CLI::Range(10, 600000));
   app.add_option("--dead-after-ms", flags.dead_after_ms)->check(CLI::Range(20, 3600000));
+  app.add_option("--kv-rebuilds", flags.kv_rebuilds,
+                 "times a request's KV is rebuilt from its tokens after the worker holding it "
+                 "fails, before the request fails (0: it fails at once)")
+      ->check(CLI::Range(0, 1000))
+      ->capture_default_str();
   app.add_flag("--strict", flags.strict, "refuse checkpoints with unused tensors");
   app.add_option("--shard", flags.shard,
                  "KV placement on workers: sequence (whole sequences, position ranges with "
@@ -234,6 +240,7 @@ int main(int argc, char** argv) {
   scheduler_options.prefill_chunk_tokens = flags.prefill_chunk;
   scheduler_options.step_token_budget = step_rows;
   scheduler_options.eos_token_ids = config.eos_token_ids;
+  scheduler_options.max_kv_rebuilds = flags.kv_rebuilds;
   ferry::scheduler::BatchScheduler scheduler(*decoder, scheduler_options);
 
   ferry::v1::ModelShape shape;

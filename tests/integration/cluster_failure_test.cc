@@ -1,8 +1,9 @@
 // What a cluster does when a job cannot go on, with real daemons on loopback: a cancelled job
 // frees its KV on every worker (blocks counted), a deadline gives DEADLINE_EXCEEDED, a job whose
-// KV cannot fit gives RESOURCE_EXHAUSTED while the others finish, and a worker killed mid-step
-// fails only the jobs whose KV it held: the step's appends on the other workers are undone
-// (Truncate) and those jobs go on with exactly the in-process tokens.
+// KV cannot fit gives RESOURCE_EXHAUSTED while the others finish, and a worker killed mid-step:
+// the step's appends on the other workers are undone (Truncate), the jobs whose KV it held get
+// it rebuilt on the survivors from their tokens, and every job ends with exactly the in-process
+// tokens; with --kv-rebuilds 0 those jobs fail instead and only those.
 #include <algorithm>
 #include <iostream>
 #include <thread>
@@ -140,8 +141,39 @@ TEST_F(ClusterFailureTest, JobsThatCannotFitGetResourceExhaustedWhileTheOthersFi
   EXPECT_TRUE(cluster_->WaitAllKvFreed(5s));
 }
 
-TEST_F(ClusterFailureTest, KilledWorkerFailsOnlyItsJobsAndTheOthersRetryTheStepExactly) {
+TEST_F(ClusterFailureTest, KilledWorkersJobsAreRebuiltAndEveryJobKeepsItsTokens) {
   Start(3, 64 << 20);
+  constexpr int kJobs = 6, kMaxTokens = 400;
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < kJobs; ++i) prompts.push_back(testing::TestPrompt(5 + 7 * i, i));
+  std::vector<ferry::v1::GenerateRequest> requests;
+  for (int i = 0; i < kJobs; ++i) requests.push_back(testing::TokenRequest(prompts[i], kMaxTokens));
+  std::thread killer([&] {
+    // Once every job holds KV, kill the worker holding the most.
+    std::vector<int> held(3, 0);
+    for (int attempt = 0; attempt < 200; ++attempt) {
+      for (int w = 0; w < 3; ++w) {
+        held[w] = cluster_->SequencesOn(testing::LocalCluster::WorkerId(w));
+      }
+      if (held[0] + held[1] + held[2] == kJobs) break;
+      std::this_thread::sleep_for(10ms);
+    }
+    const int victim = static_cast<int>(std::max_element(held.begin(), held.end()) - held.begin());
+    cluster_->worker(victim).Signal(SIGKILL);
+  });
+  const std::vector<testing::StreamResult> results = cluster_->GenerateAll(requests, 50s);
+  killer.join();
+  for (int i = 0; i < kJobs; ++i) {
+    ASSERT_TRUE(results[i].status.ok()) << "job " << i << ": " << results[i].status.error_message();
+    EXPECT_EQ(results[i].reason, ferry::v1::FINISH_REASON_LENGTH) << results[i].error;
+    EXPECT_EQ(results[i].tokens, Expected(prompts[i], kMaxTokens)) << "job " << i;
+  }
+  EXPECT_NE(cluster_->coordinator().Log().find("rebuilding its kv"), std::string::npos)
+      << "the killed worker held no job while one ran";
+}
+
+TEST_F(ClusterFailureTest, WithoutRebuildsAKilledWorkerFailsOnlyItsJobsAndTheOthersRetryExactly) {
+  Start(3, 64 << 20, {"--kv-rebuilds", "0"});
   constexpr int kJobs = 6, kMaxTokens = 400;
   std::vector<std::vector<int32_t>> prompts;
   for (int i = 0; i < kJobs; ++i) prompts.push_back(testing::TestPrompt(5 + 7 * i, i));

@@ -1,8 +1,9 @@
 // A linear-attention model over the daemons: each sequence keeps a recurrent state per layer on
 // the attention worker instead of KV blocks. Two CPU workers; the tokens must be exactly those
 // of in-process generation (the same kernels on the same float32 inputs), whole sequences or
-// head groups per worker, with and without micro-batches, and when a worker holding states is
-// drained mid-generation (the states move).
+// head groups per worker, with and without micro-batches, when a worker holding states is
+// drained mid-generation (the states move), and when it is killed (the states are rebuilt on
+// the survivor from the tokens).
 
 #include "gtest/gtest.h"
 #include "in_process_tokens.h"
@@ -90,6 +91,33 @@ TEST(ClusterLinearDrainTest, DrainingAWorkerMovesItsStatesAndTheTokensStay) {
   EXPECT_NE(cluster.coordinator().Log().find("moved from draining worker " + drained),
             std::string::npos)
       << "the state must have moved while the job ran";
+}
+
+TEST(ClusterLinearRebuildTest, KilledWorkersStatesAreRebuiltAndTheTokensStay) {
+  testing::LocalClusterOptions options;
+  options.num_workers = 2;
+  options.attention_kind = model::AttentionKind::kLinear;
+  testing::LocalCluster cluster(options);
+  ASSERT_TRUE(cluster.ok());
+  const std::vector<int32_t> prompt = testing::TestPrompt(70, 5);
+  std::string killed;
+  const testing::StreamResult result =
+      cluster.Generate(testing::TokenRequest(prompt, 200), 40s, [&](int count) {
+        if (count != 20) return;
+        for (int attempt = 0; attempt < 100 && killed.empty(); ++attempt) {
+          for (int i = 0; i < 2; ++i) {
+            if (cluster.SequencesOn(testing::LocalCluster::WorkerId(i)) == 1) {
+              killed = testing::LocalCluster::WorkerId(i);
+            }
+          }
+          if (killed.empty()) std::this_thread::sleep_for(20ms);
+        }
+        if (!killed.empty()) cluster.worker(killed == "w0" ? 0 : 1).Signal(SIGKILL);
+      });
+  ASSERT_FALSE(killed.empty());
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message() << cluster.Logs();
+  EXPECT_EQ(result.tokens, testing::InProcessTokens(cluster.model_dir(), prompt, 200));
+  EXPECT_NE(cluster.coordinator().Log().find("kv rebuilt"), std::string::npos) << cluster.Logs();
 }
 
 }  // namespace

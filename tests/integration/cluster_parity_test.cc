@@ -68,8 +68,10 @@ TEST(ClusterHeadGroupTest, OneSequencesHeadGroupsLandOnDistinctWorkers) {
   ASSERT_TRUE(result.status.ok()) << result.status.error_message();
   EXPECT_EQ(result.tokens, testing::InProcessTokens(cluster.model_dir(), prompt, 200));
   // Two workers held one group each; the third stayed free for other sequences.
-  const std::vector<int64_t> opened = cluster.WaitSequencesOpened(
-      2s, [](const std::vector<int64_t>& now) { return std::count(now.begin(), now.end(), 1) == 2; });
+  const std::vector<int64_t> opened =
+      cluster.WaitSequencesOpened(2s, [](const std::vector<int64_t>& now) {
+        return std::count(now.begin(), now.end(), 1) == 2;
+      });
   EXPECT_EQ(std::count(opened.begin(), opened.end(), 1), 2);
   EXPECT_EQ(std::count(opened.begin(), opened.end(), 0), 1);
 }

@@ -1,8 +1,9 @@
 // A whole cluster on loopback, as a user runs it: ferry-coordinator with attention on two
 // ferry-worker daemons over UCX (tcp). Checks token parity with in-process attention, a long
 // sequence spread over both workers, draining a worker mid-generation (its KV migrates, the
-// tokens do not change, the worker leaves), and a SIGKILLed worker (its request fails within the
-// bound, the cluster keeps serving).
+// tokens do not change, the worker leaves), and a SIGKILLed worker: its request's KV is rebuilt
+// on the survivor from the request's tokens and the tokens do not change, or with
+// --kv-rebuilds 0 the request fails within the bound; either way the cluster keeps serving.
 #include <iostream>
 #include <thread>
 
@@ -24,9 +25,10 @@ class ClusterTest : public ::testing::Test {
     cluster_.reset();
   }
 
-  void StartCluster(int shard_positions) {
+  void StartCluster(int shard_positions, std::vector<std::string> flags = {}) {
     testing::LocalClusterOptions options;
     options.coordinator_flags = {"--shard-positions", std::to_string(shard_positions)};
+    options.coordinator_flags.insert(options.coordinator_flags.end(), flags.begin(), flags.end());
     cluster_ = std::make_unique<testing::LocalCluster>(options);
     ASSERT_TRUE(cluster_->ok());
   }
@@ -121,8 +123,34 @@ TEST_F(ClusterTest, DrainingAWorkerMovesItsKvAndItLeaves) {
   EXPECT_EQ(after.tokens, InProcessTokens(Prompt(7), 10));
 }
 
-TEST_F(ClusterTest, KilledWorkerFailsItsRequestWithinTheBoundAndTheClusterGoesOn) {
+TEST_F(ClusterTest, KilledWorkersSequenceIsRebuiltOnTheSurvivorAndKeepsItsTokens) {
   StartCluster(0);
+  const std::vector<int32_t> prompt = Prompt(30);
+  std::string killed;
+  const StreamResult result = Generate(prompt, 300, [&](int count) {
+    if (count != 10) return;
+    killed = HolderOfTheOnlySequence();
+    if (!killed.empty()) cluster_->worker(killed == "w0" ? 0 : 1).Signal(SIGKILL);
+  });
+  ASSERT_FALSE(killed.empty());
+  ASSERT_TRUE(result.status.ok()) << result.status.error_message();
+  EXPECT_EQ(result.reason, ferry::v1::FINISH_REASON_LENGTH) << result.error;
+  EXPECT_EQ(result.tokens, InProcessTokens(prompt, 300));
+  EXPECT_NE(cluster_->coordinator().Log().find("rebuilding its kv"), std::string::npos);
+  EXPECT_NE(cluster_->coordinator().Log().find("kv rebuilt"), std::string::npos);
+  // The survivor held the rebuilt KV and freed it when the job ended.
+  const std::string survivor = killed == "w0" ? "w1" : "w0";
+  ferry::v1::WorkerInfo info = cluster_->Worker(survivor);
+  for (int i = 0; i < 250 && (info.kv_used_bytes() != 0 || info.sequences_opened() != 1); ++i) {
+    std::this_thread::sleep_for(20ms);
+    info = cluster_->Worker(survivor);
+  }
+  EXPECT_EQ(info.sequences_opened(), 1);
+  EXPECT_EQ(info.kv_used_bytes(), 0);
+}
+
+TEST_F(ClusterTest, WithoutRebuildsAKilledWorkerFailsItsRequestWithinTheBound) {
+  StartCluster(0, {"--kv-rebuilds", "0"});
   std::string killed;
   std::chrono::steady_clock::time_point kill_time;
   const StreamResult result = Generate(Prompt(30), 3000, [&](int count) {

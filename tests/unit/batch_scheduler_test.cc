@@ -1,12 +1,15 @@
 // Continuous batching over a real tiny checkpoint and the in-process attention: batched
 // generation gives each request the tokens it gets alone, cancellation and errors free KV and
-// spare the other requests, KV exhaustion fails one request and the rest finish.
+// spare the other requests, KV exhaustion fails one request and the rest finish, and a request
+// whose KV is lost with a worker (a failure injected into the real in-process step) gets it
+// rebuilt from its tokens and the tokens it gets alone.
 #include "runtime/scheduler/batch_scheduler.h"
 
 #include <condition_variable>
 #include <filesystem>
 #include <map>
 #include <mutex>
+#include <set>
 
 #include "gtest/gtest.h"
 #include "runtime/model/checkpoint.h"
@@ -97,6 +100,58 @@ class BatchSchedulerTest : public ::testing::Test {
   static model::Model* model_;
   std::unique_ptr<model::InProcessAttention> attention_;
   std::unique_ptr<model::Decoder> decoder_;
+};
+
+// The in-process attention step with worker losses injected: the steps listed in `fail_at`
+// (counting, from 1, the steps that hold rows of `victim`) fail at layer 1 with UNAVAILABLE, as
+// OffloadedAttention reports a worker that died, and AbortStep names the victim. The inner step
+// is aborted for real (its appends undone).
+class LosingAttention : public model::AttentionStep {
+ public:
+  LosingAttention(model::AttentionStep& inner, kv::SequenceId victim, std::set<int> fail_at)
+      : inner_(inner), victim_(victim), fail_at_(std::move(fail_at)) {}
+
+  int adds_of_victim() const { return adds_of_victim_; }
+
+  absl::Status AddSequence(kv::SequenceId seq) override {
+    adds_of_victim_ += seq == victim_;
+    return inner_.AddSequence(seq);
+  }
+  absl::Status FreeSequence(kv::SequenceId seq) override { return inner_.FreeSequence(seq); }
+  absl::StatusOr<int64_t> Length(kv::SequenceId seq) const override { return inner_.Length(seq); }
+  absl::Status BeginStep(std::span<const model::StepRow> rows) override {
+    failing_ = false;
+    const auto holds_victim = [&](const model::StepRow& row) { return row.seq == victim_; };
+    if (std::any_of(rows.begin(), rows.end(), holds_victim)) {
+      failing_ = fail_at_.count(++victim_steps_) != 0;
+    }
+    return inner_.BeginStep(rows);
+  }
+  absl::Status StartAttend(int layer, int64_t first_row, int64_t num_rows, const float* q,
+                           const float* k, const float* v, float* out) override {
+    if (failing_ && layer == 1) return absl::UnavailableError("worker w9: peer reset");
+    return inner_.StartAttend(layer, first_row, num_rows, q, k, v, out);
+  }
+  absl::Status FinishAttend(int layer, int64_t first_row) override {
+    return inner_.FinishAttend(layer, first_row);
+  }
+  absl::Status EndStep() override { return inner_.EndStep(); }
+  std::vector<kv::SequenceId> AbortStep() override {
+    std::vector<kv::SequenceId> failed = inner_.AbortStep();
+    if (failing_) failed.push_back(victim_);
+    return failed;
+  }
+  absl::Status CheckCapacity(int64_t positions) override {
+    return inner_.CheckCapacity(positions);
+  }
+
+ private:
+  model::AttentionStep& inner_;
+  const kv::SequenceId victim_;
+  const std::set<int> fail_at_;
+  int victim_steps_ = 0;
+  bool failing_ = false;
+  int adds_of_victim_ = 0;
 };
 
 std::string* BatchSchedulerTest::dir_ = nullptr;
@@ -235,6 +290,77 @@ TEST_F(BatchSchedulerTest, KvExhaustionFailsOneRequestAndTheOthersFinish) {
   EXPECT_EQ(second.error.code(), absl::StatusCode::kResourceExhausted) << second.error;
   scheduler.Stop();
   EXPECT_EQ(attention_->cache().free_blocks(), 12);
+}
+
+TEST_F(BatchSchedulerTest, KvLostWithAWorkerIsRebuiltFromTheTokensAndTheTokensStay) {
+  MakeDecoder(256);
+  // Request ids count from 1 per scheduler: the victim is the first submitted.
+  std::vector<GenerationRequest> requests(2);
+  requests[0].prompt = Prompt(40, 3);
+  requests[0].max_tokens = 30;
+  requests[0].sampling = {0.8, 20, 0.9, 77u};  // its Sampler must continue where it was
+  requests[1].prompt = Prompt(20, 4);
+  requests[1].max_tokens = 30;
+  std::vector<std::vector<int32_t>> alone;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    requests[i].ignore_eos = true;
+    model::GenerateOptions options;
+    options.max_tokens = requests[i].max_tokens;
+    options.sampling = requests[i].sampling;
+    options.ignore_eos = true;
+    auto result = model::Generate(*decoder_, 100 + i, requests[i].prompt, options);
+    ASSERT_TRUE(result.ok()) << result.status();
+    alone.push_back(result->tokens);
+  }
+  const int64_t free_before = attention_->cache().free_blocks();
+  // Lost in its first step (the prompt read, nothing sampled yet) and again after 11 tokens.
+  LosingAttention losing(*attention_, /*victim=*/1, {1, 12});
+  model::Decoder decoder(*model_, losing);
+  BatchScheduler scheduler(decoder, {});
+  std::vector<Outcome> outcomes(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
+    ASSERT_TRUE(scheduler.Submit(requests[i], outcomes[i].Callbacks()).ok());
+  }
+  for (size_t i = 0; i < requests.size(); ++i) {
+    ASSERT_TRUE(outcomes[i].Wait()) << "request " << i << " did not finish";
+    EXPECT_EQ(outcomes[i].reason, FinishReason::kLength) << outcomes[i].error;
+    EXPECT_EQ(outcomes[i].tokens, alone[i]) << "request " << i;
+  }
+  EXPECT_EQ(losing.adds_of_victim(), 3) << "added, then rebuilt twice";
+  scheduler.Stop();
+  EXPECT_EQ(attention_->cache().free_blocks(), free_before) << "kv leaked";
+}
+
+TEST_F(BatchSchedulerTest, KvRebuildsAreBoundedPerRequest) {
+  MakeDecoder(256);
+  for (const int max_rebuilds : {0, 1}) {
+    SCOPED_TRACE(max_rebuilds);
+    const int64_t free_before = attention_->cache().free_blocks();
+    LosingAttention losing(*attention_, /*victim=*/1, {5, 10});
+    model::Decoder decoder(*model_, losing);
+    BatchSchedulerOptions options;
+    options.max_kv_rebuilds = max_rebuilds;
+    BatchScheduler scheduler(decoder, options);
+    GenerationRequest request;
+    request.prompt = Prompt(10, 5);
+    request.max_tokens = 20;
+    request.ignore_eos = true;
+    Outcome victim, other;
+    ASSERT_TRUE(scheduler.Submit(request, victim.Callbacks()).ok());
+    ASSERT_TRUE(scheduler.Submit(request, other.Callbacks()).ok());
+    ASSERT_TRUE(victim.Wait());
+    ASSERT_TRUE(other.Wait());
+    EXPECT_EQ(victim.reason, FinishReason::kError);
+    EXPECT_EQ(victim.error.code(), absl::StatusCode::kUnavailable) << victim.error;
+    // Steps 1-4 read its prompt and sample 4 tokens; step 5 fails. Rebuilt, step 6 reads the
+    // prompt and 3 tokens again, steps 7-9 sample 3 more, step 10 fails for good.
+    EXPECT_EQ(victim.tokens.size(), max_rebuilds == 0 ? 4u : 7u);
+    EXPECT_EQ(losing.adds_of_victim(), 1 + max_rebuilds);
+    EXPECT_EQ(other.reason, FinishReason::kLength) << other.error;
+    EXPECT_EQ(other.tokens.size(), 20u);
+    scheduler.Stop();
+    EXPECT_EQ(attention_->cache().free_blocks(), free_before) << "kv leaked";
+  }
 }
 
 }  // namespace
