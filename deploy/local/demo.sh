@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The main job on one machine: a real local Ferry cluster. Installs and builds what is missing,
 # makes a tiny model when no --model is given, starts a coordinator and two attention workers
-# (UCX over loopback tcp), streams a generation, runs a small load test, shows the cluster, drains
-# a worker while the cluster runs, and shuts everything down (also on Ctrl-C).
+# (UCX over loopback tcp), streams a generation, runs a small load test, adds a worker while the
+# cluster runs, kills the worker holding a long job (the job's KV is rebuilt on the others and
+# its tokens stay those of an in-process run), drains the worker holding another (its KV moves),
+# and shuts everything down (also on Ctrl-C).
 # Devices: where the build has CUDA and a GPU is found (ferry-worker --list-devices), the workers
 # hold their KV on GPU 0 and the coordinator runs the dense layers there; otherwise all on the CPU.
 #
@@ -57,6 +59,7 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+trap "exit 130" INT TERM  # so that EXIT runs cleanup
 
 if [ -z "$model" ]; then
   model=$work/tiny-llama
@@ -103,15 +106,73 @@ echo "demo: 32 jobs over 8 concurrent streams:"
 "$bin/ferry" generate --coordinator="$coordinator" "${prompt_args[@]}" --max-tokens="$max_tokens" \
   --ignore-eos --requests=32 --concurrency=8
 
+# The worker id holding the most sequences now (the table's SEQS column), or nothing.
+holder() {
+  "$bin/ferry" cluster status --coordinator="$coordinator" --timeout-ms=500 2>/dev/null |
+    awk 'NR > 1 && $4 == "READY" && $9 > most { most = $9; id = $1 } END { print id }'
+}
+# Waits until a worker reports holding a sequence; prints its id (nothing after 5 s).
+wait_holder() {
+  local id=""
+  for _ in $(seq 1 100); do
+    id=$(holder)
+    [ -n "$id" ] && break
+    sleep 0.05
+  done
+  echo "$id"
+}
+long_job() {
+  "$bin/ferry" generate --coordinator="$coordinator" "${prompt_args[@]}" --max-tokens=2000 \
+    --ignore-eos >"$work/$1.txt"
+}
+# The first line of a generate output: the tokens.
+same_tokens() {
+  if [ "$(head -n 1 "$1")" = "$(head -n 1 "$2")" ]; then echo yes; else echo NO; fi
+}
+"$bin/ferry" generate --local --model="$model" "${prompt_args[@]}" --max-tokens=2000 --ignore-eos \
+  --kv-dtype=bf16 --device="$device" >"$work/long_local.txt"
+
+extra=$((num_workers + 1))
 echo
-echo "demo: draining worker ${kind}1 while a long job runs (its KV moves to the others):"
-"$bin/ferry" generate --coordinator="$coordinator" "${prompt_args[@]}" --max-tokens=200 \
-  --ignore-eos >"$work/long.txt" &
+echo "demo: a worker joins the running cluster (${kind}$extra):"
+"$bin/ferry-worker" --coordinator="$coordinator" --kv-capacity=$((256 << 20)) \
+  --device="$device" --ucx-tls="$tls" --worker-id="$kind$extra" >"$work/worker$extra.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do
+  ready=$("$bin/ferry" cluster status --coordinator="$coordinator" --timeout-ms=500 2>/dev/null |
+          grep -c READY || true)
+  [ "$ready" -gt "$num_workers" ] && break
+  sleep 0.1
+done
+"$bin/ferry" cluster status --coordinator="$coordinator"
+
+echo
+echo "demo: killing the worker that holds a long job (its KV is rebuilt on the others from the"
+echo "      job's tokens):"
+long_job killed &
 long=$!
-sleep 0.3
-"$bin/ferry" cluster drain "${kind}1" --coordinator="$coordinator"
+victim=$(wait_holder)
+if [ -n "$victim" ]; then
+  victim_pid=${pids[${victim#"$kind"}]}
+  kill -9 "$victim_pid"
+  wait "$victim_pid" 2>/dev/null || true  # reaped here, so the shell prints no job notice
+  echo "worker $victim: killed (SIGKILL)"
+fi
+wait "$long" || true
+tail -n 1 "$work/killed.txt"
+echo "same tokens as in-process: $(same_tokens "$work/killed.txt" "$work/long_local.txt")"
+grep -h "kv rebuilt" "$work/coordinator.log" | tail -n 1 | sed 's/^.*\] //' || true
+
+echo
+echo "demo: draining the worker that holds another long job (its KV moves to the others):"
+long_job drained &
+long=$!
+drained=$(wait_holder)
+[ -n "$drained" ] && "$bin/ferry" cluster drain "$drained" --coordinator="$coordinator"
 wait "$long"
-tail -n 1 "$work/long.txt"
+tail -n 1 "$work/drained.txt"
+echo "same tokens as in-process: $(same_tokens "$work/drained.txt" "$work/long_local.txt")"
+grep -h "moved from draining worker" "$work/coordinator.log" | tail -n 1 | sed 's/^.*\] //' || true
 sleep 2.5
 "$bin/ferry" cluster status --coordinator="$coordinator"
 echo
