@@ -96,7 +96,7 @@ size_t BatchScheduler::running() const {
 
 size_t BatchScheduler::queued() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return queue_.size();
+  return queue_.size() + preempted_count_;
 }
 
 int64_t BatchScheduler::steps() const {
@@ -106,6 +106,7 @@ int64_t BatchScheduler::steps() const {
 
 void BatchScheduler::Finish(Active& active, FinishReason reason, const absl::Status& error) {
   if (active.added_to_attention) {
+    ++finished_;  // its KV is freed: room for a preempted request
     if (absl::Status freed = decoder_.attention().FreeSequence(active.id); !freed.ok()) {
       FERRY_LOG_ERROR("request {}: freeing its kv failed: {}", active.id, freed.ToString());
     }
@@ -124,7 +125,7 @@ void BatchScheduler::Finish(Active& active, FinishReason reason, const absl::Sta
   active.callbacks.on_finish(reason, error, timings);
 }
 
-absl::Status BatchScheduler::RebuildKv(Active& active) {
+void BatchScheduler::ReleaseKvForRebuild(Active& active) {
   if (active.added_to_attention) {
     // Frees what survives; a dead worker's part is gone with it.
     if (absl::Status freed = decoder_.attention().FreeSequence(active.id); !freed.ok()) {
@@ -132,8 +133,6 @@ absl::Status BatchScheduler::RebuildKv(Active& active) {
     }
     active.added_to_attention = false;
   }
-  FERRY_RETURN_IF_ERROR(decoder_.attention().AddSequence(active.id));
-  active.added_to_attention = true;
   active.prompt_read = 0;
   active.rebuild.clear();
   if (!active.generated.empty()) {
@@ -141,8 +140,65 @@ absl::Status BatchScheduler::RebuildKv(Active& active) {
     active.rebuild.insert(active.rebuild.end(), active.generated.begin(),
                           active.generated.end() - 1);
   }
+}
+
+absl::Status BatchScheduler::RebuildKv(Active& active) {
+  ReleaseKvForRebuild(active);
+  FERRY_RETURN_IF_ERROR(decoder_.attention().AddSequence(active.id));
+  active.added_to_attention = true;
   ++active.rebuilds;
   return absl::OkStatus();
+}
+
+void BatchScheduler::Preempt(Active* active) {
+  ReleaseKvForRebuild(*active);
+  active->finished_before_preemption = finished_;
+  auto it = std::find_if(running_.begin(), running_.end(),
+                         [&](const auto& a) { return a.get() == active; });
+  // Oldest first: a request preempted again goes back before younger ones.
+  auto at = std::find_if(preempted_.begin(), preempted_.end(),
+                         [&](const auto& p) { return p->id > active->id; });
+  preempted_.insert(at, std::move(*it));
+  running_.erase(it);
+}
+
+void BatchScheduler::Admit() {
+  std::vector<std::unique_ptr<Active>> admitted;
+  const bool room_freed =
+      !preempted_.empty() && (running_.empty() ||
+                              finished_ > preempted_.front()->finished_before_preemption);
+  while (room_freed && !preempted_.empty() &&
+         static_cast<int>(running_.size() + admitted.size()) < options_.max_running) {
+    admitted.push_back(std::move(preempted_.front()));
+    preempted_.pop_front();
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    while (preempted_.empty() && !queue_.empty() &&
+           static_cast<int>(running_.size() + admitted.size()) < options_.max_running) {
+      admitted.push_back(std::move(queue_.front()));
+      queue_.pop_front();
+    }
+  }
+  for (auto& active : admitted) {
+    const bool resumed = active->admitted != Clock::time_point();
+    if (!resumed) {
+      active->admitted = Clock::now();
+      const int64_t positions =
+          static_cast<int64_t>(active->request.prompt.size()) + active->request.max_tokens;
+      if (absl::Status fits = decoder_.attention().CheckCapacity(positions); !fits.ok()) {
+        Finish(*active, FinishReason::kError, fits);
+        continue;
+      }
+    }
+    if (absl::Status added = decoder_.attention().AddSequence(active->id); !added.ok()) {
+      Finish(*active, FinishReason::kError, added);
+      continue;
+    }
+    active->added_to_attention = true;
+    if (resumed) FERRY_LOG_INFO("request {}: resumed after preemption", active->id);
+    running_.push_back(std::move(active));
+  }
 }
 
 void BatchScheduler::TakeCancellations() {
@@ -159,6 +215,14 @@ void BatchScheduler::TakeCancellations() {
       } else {
         ++it;
       }
+    }
+  }
+  for (auto it = preempted_.begin(); it != preempted_.end();) {
+    if (cancelled.count((*it)->id)) {
+      cancelled_queued.push_back(std::move(*it));
+      it = preempted_.erase(it);
+    } else {
+      ++it;
     }
   }
   for (auto& active : cancelled_queued) Finish(*active, FinishReason::kCancelled, absl::OkStatus());
@@ -236,6 +300,16 @@ bool BatchScheduler::Step() {
         }
       }
     }
+    // Preempted only while another request runs: its end frees the room this one waits for
+    // (alone, it would be admitted again into the same full KV).
+    if (!tied_to_sequences && status.code() == absl::StatusCode::kResourceExhausted &&
+        failing.size() == 1 && running_.size() > 1 && options_.preempt_when_kv_full) {
+      FERRY_LOG_WARN("request {}: {}; preempted until a running request finishes, then its kv "
+                     "is rebuilt from its tokens",
+                     failing[0]->id, status.ToString());
+      Preempt(failing[0]);
+      return true;
+    }
     const bool others_continue = failing.size() < running_.size();
     for (Active* active : failing) {
       if (tied_to_sequences && KvLostWithWorker(status) &&
@@ -302,38 +376,20 @@ bool BatchScheduler::Step() {
 
 void BatchScheduler::Loop() {
   while (true) {
-    std::vector<std::unique_ptr<Active>> admitted;
     {
       std::unique_lock<std::mutex> lock(mutex_);
       wake_.wait(lock, [&] {
-        return stopping_ || !queue_.empty() || !running_.empty() || !cancelled_.empty();
+        return stopping_ || !queue_.empty() || !running_.empty() || !preempted_.empty() ||
+               !cancelled_.empty();
       });
       if (stopping_) break;
-      while (!queue_.empty() &&
-             static_cast<int>(running_.size() + admitted.size()) < options_.max_running) {
-        admitted.push_back(std::move(queue_.front()));
-        queue_.pop_front();
-      }
     }
-    for (auto& active : admitted) {
-      active->admitted = Clock::now();
-      const int64_t positions =
-          static_cast<int64_t>(active->request.prompt.size()) + active->request.max_tokens;
-      if (absl::Status fits = decoder_.attention().CheckCapacity(positions); !fits.ok()) {
-        Finish(*active, FinishReason::kError, fits);
-        continue;
-      }
-      if (absl::Status added = decoder_.attention().AddSequence(active->id); !added.ok()) {
-        Finish(*active, FinishReason::kError, added);
-        continue;
-      }
-      active->added_to_attention = true;
-      running_.push_back(std::move(active));
-    }
+    Admit();
     TakeCancellations();
     Step();
     std::lock_guard<std::mutex> lock(mutex_);
     running_count_ = running_.size();
+    preempted_count_ = preempted_.size();
   }
   // Shutting down: nothing more will run.
   std::deque<std::unique_ptr<Active>> queued;
@@ -343,10 +399,13 @@ void BatchScheduler::Loop() {
   }
   const absl::Status stopping = absl::UnavailableError("the scheduler stopped");
   for (auto& active : running_) Finish(*active, FinishReason::kCancelled, stopping);
+  for (auto& active : preempted_) Finish(*active, FinishReason::kCancelled, stopping);
   for (auto& active : queued) Finish(*active, FinishReason::kCancelled, stopping);
   running_.clear();
+  preempted_.clear();
   std::lock_guard<std::mutex> lock(mutex_);
   running_count_ = 0;
+  preempted_count_ = 0;
 }
 
 }  // namespace ferry::scheduler

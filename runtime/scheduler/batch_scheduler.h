@@ -22,8 +22,11 @@
 // decoding from the last token, so its Sampler continues where it was: the tokens are those it
 // would have had, up to any rounding difference between reading a token in a prefill chunk and
 // in a decode row (none on the CPU paths: the tests compare the tokens).
-// A RESOURCE_EXHAUSTED not tied to sequences fails the step's most recently admitted request;
-// any other untied failure fails every request of the step.
+// A RESOURCE_EXHAUSTED not tied to sequences (the KV is full) makes the step's most recently
+// admitted request give way: with preempt_when_kv_full (the default) and other requests running,
+// it is preempted, its KV freed and its tokens kept; it is admitted again, before any new
+// request, once a running request has finished, and its KV rebuilt from its tokens as above.
+// Otherwise it fails. Any other untied failure fails every request of the step.
 // Threads: Submit and Cancel may be called from any thread. Callbacks run on the scheduler
 // thread: keep them short (push to a queue). The Decoder is used only by the scheduler thread.
 #pragma once
@@ -81,6 +84,9 @@ struct BatchSchedulerOptions {
   // Times one request's KV may be rebuilt after worker losses before it fails (0: it fails at
   // the first loss).
   int max_kv_rebuilds = 2;
+  // When the KV is full: true, the newest request waits for room (preempted, then rebuilt);
+  // false, it fails with RESOURCE_EXHAUSTED.
+  bool preempt_when_kv_full = true;
 };
 
 class BatchScheduler {
@@ -98,7 +104,7 @@ class BatchScheduler {
   void Stop();
 
   size_t running() const;
-  size_t queued() const;
+  size_t queued() const;  // waiting to be admitted, preempted ones included
   int64_t steps() const;
 
  private:
@@ -113,6 +119,7 @@ class BatchScheduler {
     // While its KV is rebuilt: the prompt and every generated token but the last; else empty.
     std::vector<int32_t> rebuild;
     int rebuilds = 0;
+    int64_t finished_before_preemption = -1;  // finished_ when preempted
     // What prefill chunks read: the prompt, or while rebuilding the tokens to read again.
     const std::vector<int32_t>& ToRead() const {
       return rebuild.empty() ? request.prompt : rebuild;
@@ -125,8 +132,16 @@ class BatchScheduler {
   // One decoder step over the running requests; returns false when there was nothing to do.
   bool Step();
   void Finish(Active& active, FinishReason reason, const absl::Status& error);
-  // Frees the request's KV and starts reading its tokens again (see the top comment).
+  // Frees the request's KV and sets it up to read its tokens again (see the top comment);
+  // re-adding the sequence is the caller's.
+  void ReleaseKvForRebuild(Active& active);
+  // ReleaseKvForRebuild, then the sequence added again.
   absl::Status RebuildKv(Active& active);
+  // Takes the request out of running_ until a running request finishes (see the top comment).
+  void Preempt(Active* active);
+  // Admits preempted requests, then queued ones, up to max_running; new requests wait while a
+  // preempted one does.
+  void Admit();
   void TakeCancellations();
 
   model::Decoder& decoder_;
@@ -139,9 +154,13 @@ class BatchScheduler {
   bool stopping_ = false;
   uint64_t next_id_ = 1;
   size_t running_count_ = 0;
+  size_t preempted_count_ = 0;
   int64_t steps_ = 0;
 
-  std::vector<std::unique_ptr<Active>> running_;  // scheduler thread only
+  // Scheduler thread only:
+  std::vector<std::unique_ptr<Active>> running_;
+  std::deque<std::unique_ptr<Active>> preempted_;  // oldest first
+  int64_t finished_ = 0;                           // requests finished, for preempted_
   std::thread thread_;
 };
 

@@ -42,6 +42,7 @@ struct Flags {
   int heartbeat_ms = 500;
   int dead_after_ms = 2000;
   int kv_rebuilds = 2;
+  std::string kv_full = "preempt";
   bool strict = false;
   std::string shard = "sequence";
   int head_groups = 0;
@@ -91,6 +92,12 @@ int main(int argc, char** argv) {
                  "times a request's KV is rebuilt from its tokens after the worker holding it "
                  "fails, before the request fails (0: it fails at once)")
       ->check(CLI::Range(0, 1000))
+      ->capture_default_str();
+  app.add_option("--kv-full", flags.kv_full,
+                 "when a step finds the KV full, the newest request: preempt (waits until a "
+                 "request finishes, then its KV is rebuilt from its tokens) or fail "
+                 "(RESOURCE_EXHAUSTED)")
+      ->check(CLI::IsMember({"preempt", "fail"}))
       ->capture_default_str();
   app.add_flag("--strict", flags.strict, "refuse checkpoints with unused tensors");
   app.add_option("--shard", flags.shard,
@@ -241,6 +248,7 @@ int main(int argc, char** argv) {
   scheduler_options.step_token_budget = step_rows;
   scheduler_options.eos_token_ids = config.eos_token_ids;
   scheduler_options.max_kv_rebuilds = flags.kv_rebuilds;
+  scheduler_options.preempt_when_kv_full = flags.kv_full == "preempt";
   ferry::scheduler::BatchScheduler scheduler(*decoder, scheduler_options);
 
   ferry::v1::ModelShape shape;

@@ -1,6 +1,7 @@
 // What a cluster does when a job cannot go on, with real daemons on loopback: a cancelled job
 // frees its KV on every worker (blocks counted), a deadline gives DEADLINE_EXCEEDED, a job whose
-// KV cannot fit gives RESOURCE_EXHAUSTED while the others finish, and a worker killed mid-step:
+// KV can never fit gives RESOURCE_EXHAUSTED while the others finish (when the KV runs full the
+// newest job waits and resumes, or with --kv-full fail gives way), and a worker killed mid-step:
 // the step's appends on the other workers are undone (Truncate), the jobs whose KV it held get
 // it rebuilt on the survivors from their tokens, and every job ends with exactly the in-process
 // tokens; with --kv-rebuilds 0 those jobs fail instead and only those.
@@ -90,34 +91,56 @@ TEST_F(ClusterFailureTest, DeadlineExceededEndsTheJobAndFreesItsKv) {
   EXPECT_EQ(after.tokens, Expected(prompt, 8));
 }
 
-TEST_F(ClusterFailureTest, JobsThatCannotFitGetResourceExhaustedWhileTheOthersFinish) {
-  // Two workers of 8 blocks each: 16 blocks, 1024 positions in all.
-  Start(2, 8 * kBlockBytes);
-  struct Job {
-    std::vector<int32_t> prompt;
-    int max_tokens;
-    testing::StreamResult result;
-  };
+// Two workers of 8 blocks each (16 blocks, 1024 positions in all), and five jobs admitted in
+// order: two small ones, two of 600 positions (10 blocks) that fit alone but not together, one
+// of 2100 positions that fits nowhere.
+struct Job {
+  std::vector<int32_t> prompt;
+  int max_tokens;
+  testing::StreamResult result;
+};
+
+std::vector<Job> RunJobsThatDoNotAllFit(testing::LocalCluster& cluster) {
   std::vector<Job> jobs = {
       {testing::TestPrompt(10, 1), 30, {}},    // small: one block
       {testing::TestPrompt(25, 2), 30, {}},    // small: one block
       {testing::TestPrompt(200, 3), 400, {}},  // 600 positions: 10 blocks; fits alone
       {testing::TestPrompt(200, 4), 400, {}},  // the same: both cannot fit at once
-      {testing::TestPrompt(100, 5), 2000},     // 2100 positions: more than the whole cluster
+      {testing::TestPrompt(100, 5), 2000, {}},  // 2100 positions: more than the whole cluster
   };
   std::vector<std::thread> threads;
   for (size_t i = 0; i < jobs.size(); ++i) {
     threads.emplace_back([&, i] {
-      jobs[i].result = cluster_->Generate(
-          testing::TokenRequest(jobs[i].prompt, jobs[i].max_tokens), 50s);
+      jobs[i].result =
+          cluster.Generate(testing::TokenRequest(jobs[i].prompt, jobs[i].max_tokens), 50s);
     });
     std::this_thread::sleep_for(30ms);  // admitted in this order
   }
   for (auto& thread : threads) thread.join();
-
   EXPECT_EQ(jobs[4].result.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
       << jobs[4].result.status.error_message();
   EXPECT_TRUE(jobs[4].result.tokens.empty());
+  return jobs;
+}
+
+TEST_F(ClusterFailureTest, WhenTheKvIsFullTheNewestJobWaitsAndEveryJobThatFitsFinishes) {
+  Start(2, 8 * kBlockBytes);
+  std::vector<Job> jobs = RunJobsThatDoNotAllFit(*cluster_);
+  // One large job is preempted when the room runs out and resumes, its KV rebuilt, once the
+  // other finished; both end with exactly the in-process tokens.
+  for (int i : {0, 1, 2, 3}) {
+    ASSERT_TRUE(jobs[i].result.status.ok()) << i << ": " << jobs[i].result.status.error_message();
+    EXPECT_EQ(jobs[i].result.reason, ferry::v1::FINISH_REASON_LENGTH) << i;
+    EXPECT_EQ(jobs[i].result.tokens, Expected(jobs[i].prompt, jobs[i].max_tokens)) << i;
+  }
+  EXPECT_NE(cluster_->coordinator().Log().find("preempted"), std::string::npos);
+  EXPECT_NE(cluster_->coordinator().Log().find("resumed after preemption"), std::string::npos);
+  EXPECT_TRUE(cluster_->WaitAllKvFreed(5s));
+}
+
+TEST_F(ClusterFailureTest, WithKvFullFailJobsThatCannotFitGetResourceExhaustedWhileOthersFinish) {
+  Start(2, 8 * kBlockBytes, {"--kv-full", "fail"});
+  std::vector<Job> jobs = RunJobsThatDoNotAllFit(*cluster_);
   for (int i : {0, 1}) {
     ASSERT_TRUE(jobs[i].result.status.ok()) << i << ": " << jobs[i].result.status.error_message();
     EXPECT_EQ(jobs[i].result.tokens, Expected(jobs[i].prompt, jobs[i].max_tokens)) << i;

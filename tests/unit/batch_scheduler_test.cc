@@ -1,6 +1,7 @@
 // Continuous batching over a real tiny checkpoint and the in-process attention: batched
 // generation gives each request the tokens it gets alone, cancellation and errors free KV and
-// spare the other requests, KV exhaustion fails one request and the rest finish, and a request
+// spare the other requests, KV exhaustion preempts the newest request, which resumes with the
+// tokens it gets alone (or, without preemption, fails while the rest finish), and a request
 // whose KV is lost with a worker (a failure injected into the real in-process step) gets it
 // rebuilt from its tokens and the tokens it gets alone.
 #include "runtime/scheduler/batch_scheduler.h"
@@ -10,6 +11,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <thread>
 
 #include "gtest/gtest.h"
 #include "runtime/model/checkpoint.h"
@@ -272,9 +274,46 @@ TEST_F(BatchSchedulerTest, BadRequestsAreRejectedAtSubmit) {
             absl::StatusCode::kInvalidArgument);
 }
 
-TEST_F(BatchSchedulerTest, KvExhaustionFailsOneRequestAndTheOthersFinish) {
+TEST_F(BatchSchedulerTest, KvExhaustionPreemptsTheNewestWhichResumesWithItsTokens) {
   MakeDecoder(12);  // 192 positions in all
+  std::vector<GenerationRequest> requests(3);
+  std::vector<std::vector<int32_t>> alone;
+  for (int i = 0; i < 3; ++i) {
+    requests[i].prompt = Prompt(i == 2 ? 5 : 60, 2 + i);
+    requests[i].max_tokens = i == 2 ? 10 : 60;  // 120 positions each for the first two
+    requests[i].ignore_eos = true;
+    if (i == 1) requests[i].sampling = {0.8, 20, 0.9, 31u};
+    model::GenerateOptions options;
+    options.max_tokens = requests[i].max_tokens;
+    options.sampling = requests[i].sampling;
+    options.ignore_eos = true;
+    auto result = model::Generate(*decoder_, 100 + i, requests[i].prompt, options);
+    ASSERT_TRUE(result.ok()) << result.status();
+    alone.push_back(result->tokens);
+  }
   BatchScheduler scheduler(*decoder_, {});
+  std::vector<Outcome> outcomes(3);
+  for (int i = 0; i < 2; ++i) {
+    ASSERT_TRUE(scheduler.Submit(requests[i], outcomes[i].Callbacks()).ok());
+  }
+  // The second runs out of room mid-generation and waits for the first to finish; a third
+  // arrives while it waits (at most 0.4 s later).
+  for (int i = 0; i < 400 && scheduler.queued() == 0; ++i) std::this_thread::sleep_for(1ms);
+  ASSERT_TRUE(scheduler.Submit(requests[2], outcomes[2].Callbacks()).ok());
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(outcomes[i].Wait()) << "request " << i;
+    EXPECT_EQ(outcomes[i].reason, FinishReason::kLength) << outcomes[i].error;
+    EXPECT_EQ(outcomes[i].tokens, alone[i]) << "request " << i;
+  }
+  scheduler.Stop();
+  EXPECT_EQ(attention_->cache().free_blocks(), 12);
+}
+
+TEST_F(BatchSchedulerTest, WithoutPreemptionKvExhaustionFailsOneRequestAndTheOthersFinish) {
+  MakeDecoder(12);  // 192 positions in all
+  BatchSchedulerOptions options;
+  options.preempt_when_kv_full = false;
+  BatchScheduler scheduler(*decoder_, options);
   GenerationRequest request;
   request.prompt = Prompt(60, 2);
   request.max_tokens = 60;  // 120 positions each: two cannot both fit
