@@ -160,20 +160,24 @@ absl::StatusOr<int> OffloadedAttention::OpenShard(kv::SequenceId seq, Sequence& 
       (g == group ? exclude : avoid).push_back(shard.worker);
     }
   }
-  const int worker = PickWorker(exclude, avoid, blocks, reserved);
-  if (worker < 0) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "sequence ", seq, " group ", group, ": no attention worker has room for ", blocks,
-        " more KV blocks"));
-  }
   const SequenceEntry entry{WireId(seq, group), first_position};
-  absl::Status opened = client_->OpenSequences(worker, {&entry, 1}, group * group_kv_heads_);
-  if (!opened.ok()) {
+  while (true) {
+    const int worker = PickWorker(exclude, avoid, blocks, reserved);
+    if (worker < 0) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "sequence ", seq, " group ", group, ": no attention worker has room for ", blocks,
+          " more KV blocks"));
+    }
+    absl::Status opened = client_->OpenSequences(worker, {&entry, 1}, group * group_kv_heads_);
+    if (opened.ok()) {
+      sequence.groups[group].shards.push_back({worker, first_position});
+      return worker;
+    }
     NoteFailure(worker, opened, {});
-    return WorkerError(worker, opened);
+    // A worker whose peer just failed is out of PickWorker's choice now: the next one takes
+    // the shard. Any other error is the call's.
+    if (!KnownWorker(worker).failed) return WorkerError(worker, opened);
   }
-  sequence.groups[group].shards.push_back({worker, first_position});
-  return worker;
 }
 
 absl::Status OffloadedAttention::AddSequence(kv::SequenceId seq) {

@@ -164,8 +164,8 @@ class OffloadedAttention : public model::AttentionStep {
   // already promised this step, per worker (may be empty).
   int PickWorker(const std::vector<int>& exclude, const std::vector<int>& avoid, int64_t blocks,
                  const std::vector<int64_t>& reserved = {}) const;
-  // Opens a new tail shard of `group` at `first_position` on a worker with room for `blocks`;
-  // returns the worker.
+  // Opens a new tail shard of `group` at `first_position` on a worker with room for `blocks`
+  // (passing over workers whose peer fails meanwhile); returns the worker.
   absl::StatusOr<int> OpenShard(kv::SequenceId seq, Sequence& sequence, int group,
                                 int64_t first_position, int64_t blocks = 1,
                                 const std::vector<int64_t>& reserved = {});

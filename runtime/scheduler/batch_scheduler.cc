@@ -192,6 +192,7 @@ void BatchScheduler::Admit() {
       }
     }
     if (absl::Status added = decoder_.attention().AddSequence(active->id); !added.ok()) {
+      FERRY_LOG_WARN("request {}: not admitted: {}", active->id, added.ToString());
       Finish(*active, FinishReason::kError, added);
       continue;
     }

@@ -164,15 +164,19 @@ TEST_F(ClusterFailureTest, WithKvFullFailJobsThatCannotFitGetResourceExhaustedWh
   EXPECT_TRUE(cluster_->WaitAllKvFreed(5s));
 }
 
-TEST_F(ClusterFailureTest, KilledWorkersJobsAreRebuiltAndEveryJobKeepsItsTokens) {
-  Start(3, 64 << 20);
-  constexpr int kJobs = 6, kMaxTokens = 400;
+class ClusterRebuildTest : public ClusterFailureTest,
+                           public ::testing::WithParamInterface<testing::ClusterMode> {};
+
+TEST_P(ClusterRebuildTest, KilledWorkersJobsAreRebuiltAndEveryJobKeepsItsTokens) {
+  Start(3, 64 << 20, GetParam().coordinator_flags);
+  constexpr int kJobs = 6, kMaxTokens = 200;
   std::vector<std::vector<int32_t>> prompts;
   for (int i = 0; i < kJobs; ++i) prompts.push_back(testing::TestPrompt(5 + 7 * i, i));
   std::vector<ferry::v1::GenerateRequest> requests;
   for (int i = 0; i < kJobs; ++i) requests.push_back(testing::TokenRequest(prompts[i], kMaxTokens));
   std::thread killer([&] {
-    // Once every job holds KV, kill the worker holding the most.
+    // Once six sequences (or head groups) hold KV, kill the worker holding the most: jobs may
+    // still be arriving, so admissions meet the dead worker too.
     std::vector<int> held(3, 0);
     for (int attempt = 0; attempt < 200; ++attempt) {
       for (int w = 0; w < 3; ++w) {
@@ -194,6 +198,14 @@ TEST_F(ClusterFailureTest, KilledWorkersJobsAreRebuiltAndEveryJobKeepsItsTokens)
   EXPECT_NE(cluster_->coordinator().Log().find("rebuilding its kv"), std::string::npos)
       << "the killed worker held no job while one ran";
 }
+
+INSTANTIATE_TEST_SUITE_P(
+    Placements, ClusterRebuildTest,
+    ::testing::Values(testing::ClusterMode{"whole_sequences", {}},
+                      testing::ClusterMode{"by_sequence_range_2_micro_batches",
+                                           {"--shard-positions", "48", "--micro-batches", "2"}},
+                      testing::ClusterMode{"by_head_group", {"--shard", "heads"}}),
+    testing::ClusterModeName);
 
 TEST_F(ClusterFailureTest, WithoutRebuildsAKilledWorkerFailsOnlyItsJobsAndTheOthersRetryExactly) {
   Start(3, 64 << 20, {"--kv-rebuilds", "0"});
