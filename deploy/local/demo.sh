@@ -78,14 +78,19 @@ for i in $(seq 1 "$num_workers"); do
   pids+=($!)
 done
 
+# Waits (at most 30 s) until N workers are READY; false if they are not.
+wait_workers() {
+  local ready=0
+  for _ in $(seq 1 150); do
+    ready=$("$bin/ferry" cluster status --coordinator="$coordinator" --timeout-ms=500 2>/dev/null |
+            grep -c READY || true)
+    [ "$ready" -ge "$1" ] && return 0
+    sleep 0.2
+  done
+  return 1
+}
 echo "demo: waiting for $num_workers workers to register with the coordinator on $coordinator"
-for _ in $(seq 1 150); do
-  ready=$("$bin/ferry" cluster status --coordinator="$coordinator" --timeout-ms=500 2>/dev/null |
-          grep -c READY || true)
-  [ "$ready" -ge "$num_workers" ] && break
-  sleep 0.2
-done
-if [ "${ready:-0}" -lt "$num_workers" ]; then
+if ! wait_workers "$num_workers"; then
   echo "demo: workers did not register; logs:" >&2
   tail -n 20 "$work"/*.log >&2
   exit 1
@@ -138,12 +143,7 @@ echo "demo: a worker joins the running cluster (${kind}$extra):"
 "$bin/ferry-worker" --coordinator="$coordinator" --kv-capacity=$((256 << 20)) \
   --device="$device" --ucx-tls="$tls" --worker-id="$kind$extra" >"$work/worker$extra.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 1 100); do
-  ready=$("$bin/ferry" cluster status --coordinator="$coordinator" --timeout-ms=500 2>/dev/null |
-          grep -c READY || true)
-  [ "$ready" -gt "$num_workers" ] && break
-  sleep 0.1
-done
+wait_workers "$extra" || echo "demo: worker $kind$extra did not register" >&2
 "$bin/ferry" cluster status --coordinator="$coordinator"
 
 echo

@@ -70,13 +70,7 @@ TEST(ClusterLinearDrainTest, DrainingAWorkerMovesItsStatesAndTheTokensStay) {
   const testing::StreamResult result =
       cluster.Generate(testing::TokenRequest(prompt, 150), 40s, [&](int count) {
         if (count != 20) return;
-        for (int attempt = 0; attempt < 100 && drained.empty(); ++attempt) {
-          for (int i = 0; i < 2; ++i) {
-            const std::string id = testing::LocalCluster::WorkerId(i);
-            if (cluster.SequencesOn(id) == 1) drained = id;
-          }
-          if (drained.empty()) std::this_thread::sleep_for(20ms);
-        }
+        drained = cluster.HolderOfTheOnlySequence();
         grpc::ClientContext context;
         context.set_deadline(std::chrono::system_clock::now() + 2s);
         ferry::v1::DrainWorkerRequest request;
@@ -104,14 +98,7 @@ TEST(ClusterLinearRebuildTest, KilledWorkersStatesAreRebuiltAndTheTokensStay) {
   const testing::StreamResult result =
       cluster.Generate(testing::TokenRequest(prompt, 200), 40s, [&](int count) {
         if (count != 20) return;
-        for (int attempt = 0; attempt < 100 && killed.empty(); ++attempt) {
-          for (int i = 0; i < 2; ++i) {
-            if (cluster.SequencesOn(testing::LocalCluster::WorkerId(i)) == 1) {
-              killed = testing::LocalCluster::WorkerId(i);
-            }
-          }
-          if (killed.empty()) std::this_thread::sleep_for(20ms);
-        }
+        killed = cluster.HolderOfTheOnlySequence();
         if (!killed.empty()) cluster.worker(killed == "w0" ? 0 : 1).Signal(SIGKILL);
       });
   ASSERT_FALSE(killed.empty());

@@ -33,15 +33,6 @@ class ClusterTest : public ::testing::Test {
     ASSERT_TRUE(cluster_->ok());
   }
 
-  // The worker that reports holding the one running sequence; waits (bounded) for heartbeats.
-  std::string HolderOfTheOnlySequence() {
-    for (int i = 0; i < 100; ++i) {
-      const int on_w0 = SequencesOn("w0"), on_w1 = SequencesOn("w1");
-      if (on_w0 + on_w1 == 1) return on_w0 == 1 ? "w0" : "w1";
-      std::this_thread::sleep_for(20ms);
-    }
-    return "";
-  }
   int SequencesOn(const std::string& id) { return cluster_->SequencesOn(id); }
   ferry::v1::ListWorkersResponse Workers() { return cluster_->Workers(); }
 
@@ -101,7 +92,7 @@ TEST_F(ClusterTest, DrainingAWorkerMovesItsKvAndItLeaves) {
   std::string drained;
   const StreamResult result = Generate(prompt, 150, [&](int count) {
     if (count != 20) return;
-    drained = HolderOfTheOnlySequence();
+    drained = cluster_->HolderOfTheOnlySequence();
     grpc::ClientContext context;
     context.set_deadline(std::chrono::system_clock::now() + 2s);
     ferry::v1::DrainWorkerRequest request;
@@ -129,7 +120,7 @@ TEST_F(ClusterTest, KilledWorkersSequenceIsRebuiltOnTheSurvivorAndKeepsItsTokens
   std::string killed;
   const StreamResult result = Generate(prompt, 300, [&](int count) {
     if (count != 10) return;
-    killed = HolderOfTheOnlySequence();
+    killed = cluster_->HolderOfTheOnlySequence();
     if (!killed.empty()) cluster_->worker(killed == "w0" ? 0 : 1).Signal(SIGKILL);
   });
   ASSERT_FALSE(killed.empty());
@@ -155,7 +146,7 @@ TEST_F(ClusterTest, WithoutRebuildsAKilledWorkerFailsItsRequestWithinTheBound) {
   std::chrono::steady_clock::time_point kill_time;
   const StreamResult result = Generate(Prompt(30), 3000, [&](int count) {
     if (count != 10) return;
-    killed = HolderOfTheOnlySequence();
+    killed = cluster_->HolderOfTheOnlySequence();
     if (killed.empty()) return;
     cluster_->worker(killed == "w0" ? 0 : 1).Signal(SIGKILL);
     kill_time = std::chrono::steady_clock::now();

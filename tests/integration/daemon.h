@@ -115,7 +115,7 @@ class Daemon {
     return text.str();
   }
 
- private:
+  // True once the process has exited (it is reaped here).
   bool Exited() {
     if (pid_ <= 0) return true;
     int status = 0;
@@ -127,6 +127,7 @@ class Daemon {
     return false;
   }
 
+ private:
   std::string log_path_;
   pid_t pid_ = -1;
   int exit_code_ = -1;

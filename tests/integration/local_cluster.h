@@ -6,7 +6,7 @@
 
 #include <unistd.h>
 
-#include <atomic>
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <ostream>
@@ -58,14 +58,22 @@ class LocalCluster {
       ADD_FAILURE() << "cannot write the tiny model in " << dir_;
       return;
     }
-    address_ = "127.0.0.1:" + std::to_string(UnusedTcpPort());
-    std::vector<std::string> args = {"--model", dir_, "--listen", address_, "--ucx-tls", "tcp",
-                                     "--kv-dtype", "fp32", "--heartbeat-ms",
-                                     std::to_string(kHeartbeatMs),
-                                     "--dead-after-ms", "1500"};
-    args.insert(args.end(), options.coordinator_flags.begin(), options.coordinator_flags.end());
-    coordinator_ = std::make_unique<Daemon>(FERRY_COORDINATOR_BINARY, args,
-                                            dir_ + "/coordinator.log");
+    // The port is free when picked but may be taken before the coordinator binds it (another
+    // test's listener): a coordinator that exits before it is healthy gets another port.
+    for (int attempt = 0;; ++attempt) {
+      address_ = "127.0.0.1:" + std::to_string(UnusedTcpPort());
+      std::vector<std::string> args = {"--model", dir_, "--listen", address_, "--ucx-tls", "tcp",
+                                       "--kv-dtype", "fp32", "--heartbeat-ms",
+                                       std::to_string(kHeartbeatMs), "--dead-after-ms", "1500"};
+      args.insert(args.end(), options.coordinator_flags.begin(), options.coordinator_flags.end());
+      coordinator_ = std::make_unique<Daemon>(FERRY_COORDINATOR_BINARY, args,
+                                              dir_ + "/coordinator.log");
+      if (coordinator_->WaitHealthy(address_, std::chrono::seconds(20))) break;
+      if (attempt == 2 || !coordinator_->Exited()) {
+        ADD_FAILURE() << "the coordinator did not come up: " << coordinator_->Log();
+        return;
+      }
+    }
     for (int i = 0; i < options.num_workers; ++i) {
       workers_.push_back(std::make_unique<Daemon>(
           FERRY_WORKER_BINARY,
@@ -74,10 +82,6 @@ class LocalCluster {
                                    "--threads", "1", "--worker-id", WorkerId(i),
                                    "--drain-timeout", "10"},
           dir_ + "/worker" + std::to_string(i) + ".log"));
-    }
-    if (!coordinator_->WaitHealthy(address_, std::chrono::seconds(20))) {
-      ADD_FAILURE() << "the coordinator did not come up: " << coordinator_->Log();
-      return;
     }
     channel_ = grpc::CreateChannel(address_, grpc::InsecureChannelCredentials());
     generation_ = ferry::v1::GenerationService::NewStub(channel_);
@@ -132,6 +136,22 @@ class LocalCluster {
   int SequencesOn(const std::string& id) {
     const ferry::v1::WorkerInfo info = Worker(id);
     return info.worker_id().empty() ? -1 : info.sequences_held();
+  }
+  // The worker that reports holding the one running sequence, waited for (at most 2 s) while
+  // heartbeats bring the table up to date; empty if none does.
+  std::string HolderOfTheOnlySequence() {
+    for (int attempt = 0; attempt < 100; ++attempt) {
+      int total = 0;
+      std::string holder;
+      for (size_t i = 0; i < workers_.size(); ++i) {
+        const int held = SequencesOn(WorkerId(static_cast<int>(i)));
+        total += std::max(held, 0);
+        if (held == 1) holder = WorkerId(static_cast<int>(i));
+      }
+      if (total == 1) return holder;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return "";
   }
   // Waits (bounded) until every listed worker reports no KV in use; false on timeout.
   bool WaitAllKvFreed(std::chrono::milliseconds timeout) {

@@ -92,6 +92,22 @@ class BatchSchedulerTest : public ::testing::Test {
     decoder_ = std::make_unique<model::Decoder>(*model_, *attention_);
   }
 
+  // Each request's tokens when it runs alone, through model::Generate (ignoring end tokens, as
+  // the requests of these tests do).
+  std::vector<std::vector<int32_t>> TokensAlone(const std::vector<GenerationRequest>& requests) {
+    std::vector<std::vector<int32_t>> alone;
+    for (size_t i = 0; i < requests.size(); ++i) {
+      model::GenerateOptions options;
+      options.max_tokens = requests[i].max_tokens;
+      options.sampling = requests[i].sampling;
+      options.ignore_eos = true;
+      auto result = model::Generate(*decoder_, 100 + i, requests[i].prompt, options);
+      EXPECT_TRUE(result.ok()) << result.status();
+      alone.push_back(result.ok() ? result->tokens : std::vector<int32_t>{});
+    }
+    return alone;
+  }
+
   std::vector<int32_t> Prompt(int length, int salt) {
     std::vector<int32_t> prompt(length);
     for (int i = 0; i < length; ++i) prompt[i] = (i * 37 + salt * 101 + 5) % 300;
@@ -170,17 +186,7 @@ TEST_F(BatchSchedulerTest, BatchedRequestsGetTheTokensTheyGetAlone) {
     if (i % 2 == 1) request.sampling = {0.8, 20, 0.9, 1000u + i};
     requests.push_back(request);
   }
-  // Alone, one at a time, through model::Generate.
-  std::vector<std::vector<int32_t>> alone;
-  for (size_t i = 0; i < requests.size(); ++i) {
-    model::GenerateOptions options;
-    options.max_tokens = requests[i].max_tokens;
-    options.sampling = requests[i].sampling;
-    options.ignore_eos = true;
-    auto result = model::Generate(*decoder_, 100 + i, requests[i].prompt, options);
-    ASSERT_TRUE(result.ok()) << result.status();
-    alone.push_back(result->tokens);
-  }
+  const std::vector<std::vector<int32_t>> alone = TokensAlone(requests);
   const int64_t free_before = attention_->cache().free_blocks();
 
   BatchSchedulerOptions options;
@@ -277,20 +283,13 @@ TEST_F(BatchSchedulerTest, BadRequestsAreRejectedAtSubmit) {
 TEST_F(BatchSchedulerTest, KvExhaustionPreemptsTheNewestWhichResumesWithItsTokens) {
   MakeDecoder(12);  // 192 positions in all
   std::vector<GenerationRequest> requests(3);
-  std::vector<std::vector<int32_t>> alone;
   for (int i = 0; i < 3; ++i) {
     requests[i].prompt = Prompt(i == 2 ? 5 : 60, 2 + i);
     requests[i].max_tokens = i == 2 ? 10 : 60;  // 120 positions each for the first two
     requests[i].ignore_eos = true;
     if (i == 1) requests[i].sampling = {0.8, 20, 0.9, 31u};
-    model::GenerateOptions options;
-    options.max_tokens = requests[i].max_tokens;
-    options.sampling = requests[i].sampling;
-    options.ignore_eos = true;
-    auto result = model::Generate(*decoder_, 100 + i, requests[i].prompt, options);
-    ASSERT_TRUE(result.ok()) << result.status();
-    alone.push_back(result->tokens);
   }
+  const std::vector<std::vector<int32_t>> alone = TokensAlone(requests);
   BatchScheduler scheduler(*decoder_, {});
   std::vector<Outcome> outcomes(3);
   for (int i = 0; i < 2; ++i) {
@@ -340,17 +339,8 @@ TEST_F(BatchSchedulerTest, KvLostWithAWorkerIsRebuiltFromTheTokensAndTheTokensSt
   requests[0].sampling = {0.8, 20, 0.9, 77u};  // its Sampler must continue where it was
   requests[1].prompt = Prompt(20, 4);
   requests[1].max_tokens = 30;
-  std::vector<std::vector<int32_t>> alone;
-  for (size_t i = 0; i < requests.size(); ++i) {
-    requests[i].ignore_eos = true;
-    model::GenerateOptions options;
-    options.max_tokens = requests[i].max_tokens;
-    options.sampling = requests[i].sampling;
-    options.ignore_eos = true;
-    auto result = model::Generate(*decoder_, 100 + i, requests[i].prompt, options);
-    ASSERT_TRUE(result.ok()) << result.status();
-    alone.push_back(result->tokens);
-  }
+  for (GenerationRequest& request : requests) request.ignore_eos = true;
+  const std::vector<std::vector<int32_t>> alone = TokensAlone(requests);
   const int64_t free_before = attention_->cache().free_blocks();
   // Lost in its first step (the prompt read, nothing sampled yet) and again after 11 tokens.
   LosingAttention losing(*attention_, /*victim=*/1, {1, 12});
