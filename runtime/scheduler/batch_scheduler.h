@@ -160,7 +160,7 @@ class BatchScheduler {
   // Scheduler thread only:
   std::vector<std::unique_ptr<Active>> running_;
   std::deque<std::unique_ptr<Active>> preempted_;  // oldest first
-  int64_t finished_ = 0;                           // requests finished, for preempted_
+  int64_t finished_ = 0;  // requests that finished holding KV (room freed), for preempted_
   std::thread thread_;
 };
 
