@@ -129,6 +129,10 @@ std::vector<std::string> WorkerRegistry::SweepLocked() {
         continue;
       }
       entry.status.state = WorkerState::kDead;
+      // Its KV went with it (the requests it held are rebuilt elsewhere or failed): the table
+      // shows none, not its last report. sequences_opened stays, a count of the past.
+      entry.status.kv_used_bytes = 0;
+      entry.status.sequences_held = 0;
       died.push_back(it->first);
     }
     ++it;

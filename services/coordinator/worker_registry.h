@@ -3,7 +3,7 @@
 // A worker registers with its data-plane address, device kind and KV capacity and gets an id
 // (or keeps the one it asks for, so a restarted worker is recognised). Heartbeats report KV use;
 // a worker that misses heartbeats for `dead_after` is marked DEAD on the next Sweep (or any
-// query), so placement never picks it; a DRAINING worker that holds no sequence and stops
+// query), so placement never picks it, and listed with no KV in use; a DRAINING worker that holds no sequence and stops
 // heartbeating has left and is forgotten. Drain marks a worker DRAINING: it takes no new KV, and its
 // heartbeat reply tells it so. Ready workers are the candidates for placement.
 // Threads: every method is thread-safe (one mutex; calls are short). The clock is injectable so

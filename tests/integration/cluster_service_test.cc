@@ -140,6 +140,9 @@ TEST(ClusterServiceTest, SilentWorkerIsDeclaredDeadAndComesBackByRegisteringAgai
   auto workers = server.registry().List();
   ASSERT_EQ(workers.size(), 1u);
   EXPECT_EQ(workers[0].state, coordinator::WorkerState::kDead);
+  EXPECT_EQ(workers[0].kv_used_bytes, 0) << "a dead worker's KV is gone";
+  EXPECT_EQ(workers[0].sequences_held, 0);
+  EXPECT_EQ(workers[0].sequences_opened, 17);
   EXPECT_TRUE(server.registry().ReadyWorkers().empty());
 
   // The same worker restarts with its id: it is READY again.
