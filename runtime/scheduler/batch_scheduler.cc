@@ -68,6 +68,7 @@ absl::StatusOr<uint64_t> BatchScheduler::Submit(GenerationRequest request,
         absl::StrCat("the queue is full (", options_.max_queued, " requests)"));
   }
   active->id = next_id_++;
+  ++stats_.submitted;
   const uint64_t id = active->id;
   queue_.push_back(std::move(active));
   wake_.notify_all();
@@ -101,7 +102,15 @@ size_t BatchScheduler::queued() const {
 
 int64_t BatchScheduler::steps() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return steps_;
+  return stats_.steps;
+}
+
+SchedulerStats BatchScheduler::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  SchedulerStats stats = stats_;
+  stats.running = static_cast<int64_t>(running_count_);
+  stats.waiting = static_cast<int64_t>(queue_.size() + preempted_count_);
+  return stats;
 }
 
 void BatchScheduler::Finish(Active& active, FinishReason reason, const absl::Status& error) {
@@ -122,6 +131,15 @@ void BatchScheduler::Finish(Active& active, FinishReason reason, const absl::Sta
   timings.total_ms = Milliseconds(now - active.submitted);
   timings.prompt_tokens = static_cast<int>(active.request.prompt.size());
   timings.generated_tokens = static_cast<int>(active.generated.size());
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    switch (reason) {
+      case FinishReason::kLength: ++stats_.finished_length; break;
+      case FinishReason::kStop: ++stats_.finished_stop; break;
+      case FinishReason::kCancelled: ++stats_.cancelled; break;
+      case FinishReason::kError: ++stats_.failed; break;
+    }
+  }
   active.callbacks.on_finish(reason, error, timings);
 }
 
@@ -147,6 +165,8 @@ absl::Status BatchScheduler::RebuildKv(Active& active) {
   FERRY_RETURN_IF_ERROR(decoder_.attention().AddSequence(active.id));
   active.added_to_attention = true;
   ++active.rebuilds;
+  std::lock_guard<std::mutex> lock(mutex_);
+  ++stats_.kv_rebuilds;
   return absl::OkStatus();
 }
 
@@ -160,6 +180,8 @@ void BatchScheduler::Preempt(Active* active) {
                          [&](const auto& p) { return p->id > active->id; });
   preempted_.insert(at, std::move(*it));
   running_.erase(it);
+  std::lock_guard<std::mutex> lock(mutex_);
+  ++stats_.preemptions;
 }
 
 void BatchScheduler::Admit() {
@@ -184,12 +206,14 @@ void BatchScheduler::Admit() {
     const bool resumed = active->admitted != Clock::time_point();
     if (!resumed) {
       active->admitted = Clock::now();
-      const int64_t positions =
-          static_cast<int64_t>(active->request.prompt.size()) + active->request.max_tokens;
+      const int64_t prompt = static_cast<int64_t>(active->request.prompt.size());
+      const int64_t positions = prompt + active->request.max_tokens;
       if (absl::Status fits = decoder_.attention().CheckCapacity(positions); !fits.ok()) {
         Finish(*active, FinishReason::kError, fits);
         continue;
       }
+      std::lock_guard<std::mutex> lock(mutex_);
+      stats_.prompt_tokens += prompt;
     }
     if (absl::Status added = decoder_.attention().AddSequence(active->id); !added.ok()) {
       FERRY_LOG_WARN("request {}: not admitted: {}", active->id, added.ToString());
@@ -272,7 +296,7 @@ bool BatchScheduler::Step() {
   const absl::Status status = decoder_.Forward(chunks, &logits);
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    ++steps_;
+    ++stats_.steps;
   }
   if (!status.ok()) {
     // The decoder aborted the step: every sequence's KV is as before it, so the step can be
@@ -335,6 +359,7 @@ bool BatchScheduler::Step() {
 
   const int vocab = decoder_.model().config.vocab_size;
   std::vector<Active*> finished;
+  int64_t sampled = 0;
   for (size_t i = 0; i < parts.size(); ++i) {
     Active& active = *parts[i].owner;
     if (parts[i].prefill) {
@@ -353,6 +378,7 @@ bool BatchScheduler::Step() {
         std::span<const float>(logits.data() + i * static_cast<size_t>(vocab), vocab));
     if (active.generated.empty()) active.first_token = Clock::now();
     active.generated.push_back(token);
+    ++sampled;
     if (active.callbacks.on_token) {
       active.callbacks.on_token(static_cast<int>(active.generated.size()) - 1, token);
     }
@@ -372,6 +398,8 @@ bool BatchScheduler::Step() {
   std::erase_if(running_, [&](const auto& a) {
     return std::find(finished.begin(), finished.end(), a.get()) != finished.end();
   });
+  std::lock_guard<std::mutex> lock(mutex_);
+  stats_.generated_tokens += sampled;
   return true;
 }
 

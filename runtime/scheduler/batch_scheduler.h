@@ -66,6 +66,22 @@ struct GenerationTimings {
   int generated_tokens = 0;
 };
 
+// What the scheduler has done since it started, and its load now (for metrics).
+struct SchedulerStats {
+  int64_t submitted = 0;  // accepted by Submit
+  int64_t finished_length = 0;
+  int64_t finished_stop = 0;
+  int64_t cancelled = 0;
+  int64_t failed = 0;
+  int64_t prompt_tokens = 0;  // of admitted requests
+  int64_t generated_tokens = 0;
+  int64_t kv_rebuilds = 0;  // after worker losses
+  int64_t preemptions = 0;  // when the KV was full
+  int64_t steps = 0;
+  int64_t running = 0;
+  int64_t waiting = 0;  // queued or preempted
+};
+
 struct GenerationCallbacks {
   std::function<void(int index, int32_t token)> on_token;
   // Called exactly once, last.
@@ -106,6 +122,7 @@ class BatchScheduler {
   size_t running() const;
   size_t queued() const;  // waiting to be admitted, preempted ones included
   int64_t steps() const;
+  SchedulerStats stats() const;
 
  private:
   using Clock = std::chrono::steady_clock;
@@ -155,7 +172,7 @@ class BatchScheduler {
   uint64_t next_id_ = 1;
   size_t running_count_ = 0;
   size_t preempted_count_ = 0;
-  int64_t steps_ = 0;
+  SchedulerStats stats_;  // its counters; running and waiting come from the two counts above
 
   // Scheduler thread only:
   std::vector<std::unique_ptr<Active>> running_;

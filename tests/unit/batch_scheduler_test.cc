@@ -205,6 +205,18 @@ TEST_F(BatchSchedulerTest, BatchedRequestsGetTheTokensTheyGetAlone) {
     EXPECT_EQ(outcomes[i].timings.prompt_tokens, static_cast<int>(requests[i].prompt.size()));
   }
   EXPECT_LT(scheduler.steps(), 6 * 12) << "requests were not batched";
+  const SchedulerStats stats = scheduler.stats();
+  int64_t prompt_tokens = 0, generated_tokens = 0;
+  for (const GenerationRequest& request : requests) {
+    prompt_tokens += static_cast<int64_t>(request.prompt.size());
+    generated_tokens += request.max_tokens;
+  }
+  EXPECT_EQ(stats.submitted, 6);
+  EXPECT_EQ(stats.finished_length, 6);
+  EXPECT_EQ(stats.failed + stats.cancelled + stats.finished_stop, 0);
+  EXPECT_EQ(stats.prompt_tokens, prompt_tokens);
+  EXPECT_EQ(stats.generated_tokens, generated_tokens);
+  EXPECT_EQ(stats.steps, scheduler.steps());
   scheduler.Stop();
   EXPECT_EQ(attention_->cache().free_blocks(), free_before) << "kv leaked";
 }
@@ -304,6 +316,8 @@ TEST_F(BatchSchedulerTest, KvExhaustionPreemptsTheNewestWhichResumesWithItsToken
     EXPECT_EQ(outcomes[i].reason, FinishReason::kLength) << outcomes[i].error;
     EXPECT_EQ(outcomes[i].tokens, alone[i]) << "request " << i;
   }
+  EXPECT_GE(scheduler.stats().preemptions, 1);
+  EXPECT_EQ(scheduler.stats().finished_length, 3);
   scheduler.Stop();
   EXPECT_EQ(attention_->cache().free_blocks(), 12);
 }
@@ -356,6 +370,7 @@ TEST_F(BatchSchedulerTest, KvLostWithAWorkerIsRebuiltFromTheTokensAndTheTokensSt
     EXPECT_EQ(outcomes[i].tokens, alone[i]) << "request " << i;
   }
   EXPECT_EQ(losing.adds_of_victim(), 3) << "added, then rebuilt twice";
+  EXPECT_EQ(scheduler.stats().kv_rebuilds, 2);
   scheduler.Stop();
   EXPECT_EQ(attention_->cache().free_blocks(), free_before) << "kv leaked";
 }
