@@ -359,7 +359,6 @@ bool BatchScheduler::Step() {
 
   const int vocab = decoder_.model().config.vocab_size;
   std::vector<Active*> finished;
-  int64_t sampled = 0;
   for (size_t i = 0; i < parts.size(); ++i) {
     Active& active = *parts[i].owner;
     if (parts[i].prefill) {
@@ -378,7 +377,11 @@ bool BatchScheduler::Step() {
         std::span<const float>(logits.data() + i * static_cast<size_t>(vocab), vocab));
     if (active.generated.empty()) active.first_token = Clock::now();
     active.generated.push_back(token);
-    ++sampled;
+    {
+      // Counted before the callbacks, so that whoever sees a token or a finish sees it counted.
+      std::lock_guard<std::mutex> lock(mutex_);
+      ++stats_.generated_tokens;
+    }
     if (active.callbacks.on_token) {
       active.callbacks.on_token(static_cast<int>(active.generated.size()) - 1, token);
     }
@@ -398,8 +401,6 @@ bool BatchScheduler::Step() {
   std::erase_if(running_, [&](const auto& a) {
     return std::find(finished.begin(), finished.end(), a.get()) != finished.end();
   });
-  std::lock_guard<std::mutex> lock(mutex_);
-  stats_.generated_tokens += sampled;
   return true;
 }
 

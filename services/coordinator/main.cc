@@ -22,6 +22,7 @@
 #include "runtime/scheduler/batch_scheduler.h"
 #include "services/coordinator/cluster_service.h"
 #include "services/coordinator/generation_service.h"
+#include "services/coordinator/metrics.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
 
 namespace {
@@ -43,6 +44,7 @@ struct Flags {
   int dead_after_ms = 2000;
   int kv_rebuilds = 2;
   std::string kv_full = "preempt";
+  std::string metrics_listen;
   bool strict = false;
   std::string shard = "sequence";
   int head_groups = 0;
@@ -93,6 +95,8 @@ int main(int argc, char** argv) {
                  "fails, before the request fails (0: it fails at once)")
       ->check(CLI::Range(0, 1000))
       ->capture_default_str();
+  app.add_option("--metrics-listen", flags.metrics_listen,
+                 "host:port to serve Prometheus metrics on at /metrics (off when empty)");
   app.add_option("--kv-full", flags.kv_full,
                  "when a step finds the KV full, the newest request: preempt (waits until a "
                  "request finishes, then its KV is rebuilt from its tokens) or fail "
@@ -260,6 +264,17 @@ int main(int argc, char** argv) {
   ferry::coordinator::ClusterServiceImpl cluster_service(&registry, shape);
   ferry::coordinator::GenerationServiceImpl generation_service(&scheduler, tokenizer.get());
 
+  std::unique_ptr<ferry::coordinator::MetricsServer> metrics;
+  if (!flags.metrics_listen.empty()) {
+    auto started = ferry::coordinator::MetricsServer::Start(flags.metrics_listen, [&] {
+      return ferry::coordinator::MetricsText(scheduler.stats(), registry.List());
+    });
+    if (!started.ok()) return Fail(started.status());
+    metrics = std::move(*started);
+    FERRY_LOG_INFO("coordinator: metrics on http://{}/metrics (port {})", flags.metrics_listen,
+                   metrics->port());
+  }
+
   grpc::EnableDefaultHealthCheckService(true);
   grpc::ServerBuilder builder;
   // Above the API's own limits (generation.proto: 4 MiB of prompt text, 2^20 prompt ids), so a
@@ -280,6 +295,7 @@ int main(int argc, char** argv) {
   int signal_number = 0;
   sigwait(&signals, &signal_number);
   FERRY_LOG_INFO("coordinator: signal {}, shutting down", signal_number);
+  metrics.reset();
   scheduler.Stop();  // running requests end as cancelled, their streams close
   server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
   return 0;
