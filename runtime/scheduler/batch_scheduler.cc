@@ -63,6 +63,7 @@ absl::StatusOr<uint64_t> BatchScheduler::Submit(GenerationRequest request,
   active->submitted = Clock::now();
   std::lock_guard<std::mutex> lock(mutex_);
   if (stopping_) return absl::UnavailableError("the scheduler is stopping");
+  if (!accepting_) return absl::UnavailableError("shutting down: no new requests");
   if (static_cast<int>(queue_.size()) >= options_.max_queued) {
     return absl::ResourceExhaustedError(
         absl::StrCat("the queue is full (", options_.max_queued, " requests)"));
@@ -79,6 +80,11 @@ void BatchScheduler::Cancel(uint64_t id) {
   std::lock_guard<std::mutex> lock(mutex_);
   cancelled_.insert(id);
   wake_.notify_all();
+}
+
+void BatchScheduler::StopAccepting() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  accepting_ = false;
 }
 
 void BatchScheduler::Stop() {

@@ -116,6 +116,9 @@ class BatchScheduler {
   absl::StatusOr<uint64_t> Submit(GenerationRequest request, GenerationCallbacks callbacks);
   // Finishes the request as CANCELLED at the next step boundary; unknown ids are ignored.
   void Cancel(uint64_t id);
+  // From now on Submit refuses new requests (UNAVAILABLE); those accepted run on. For a graceful
+  // shutdown: stop accepting, wait (bounded) until running() and queued() are 0, then Stop().
+  void StopAccepting();
   // Cancels everything, finishes the step in progress and joins the thread.
   void Stop();
 
@@ -169,6 +172,7 @@ class BatchScheduler {
   std::deque<std::unique_ptr<Active>> queue_;
   std::set<uint64_t> cancelled_;
   bool stopping_ = false;
+  bool accepting_ = true;
   uint64_t next_id_ = 1;
   size_t running_count_ = 0;
   size_t preempted_count_ = 0;

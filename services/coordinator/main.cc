@@ -45,6 +45,7 @@ struct Flags {
   int kv_rebuilds = 2;
   std::string kv_full = "preempt";
   std::string metrics_listen;
+  int shutdown_grace_s = 10;
   bool strict = false;
   std::string shard = "sequence";
   int head_groups = 0;
@@ -94,6 +95,11 @@ int main(int argc, char** argv) {
                  "times a request's KV is rebuilt from its tokens after the worker holding it "
                  "fails, before the request fails (0: it fails at once)")
       ->check(CLI::Range(0, 1000))
+      ->capture_default_str();
+  app.add_option("--shutdown-grace-s", flags.shutdown_grace_s,
+                 "on SIGTERM/SIGINT, seconds the accepted requests get to finish (new ones are "
+                 "refused) before the rest are cancelled; a second signal ends the wait")
+      ->check(CLI::Range(0, 3600))
       ->capture_default_str();
   app.add_option("--metrics-listen", flags.metrics_listen,
                  "host:port to serve Prometheus metrics on at /metrics (off when empty)");
@@ -294,9 +300,30 @@ int main(int argc, char** argv) {
 
   int signal_number = 0;
   sigwait(&signals, &signal_number);
-  FERRY_LOG_INFO("coordinator: signal {}, shutting down", signal_number);
+  // Graceful: refuse new requests (and tell health checks), let the accepted ones finish within
+  // the grace; a second signal cuts the wait short.
+  scheduler.StopAccepting();
+  server->GetHealthCheckService()->SetServingStatus(false);
+  const auto busy = [&] { return scheduler.running() + scheduler.queued(); };
+  if (busy() > 0 && flags.shutdown_grace_s > 0) {
+    FERRY_LOG_INFO("coordinator: signal {}, refusing new requests; {} accepted ones get up to {} s",
+                   signal_number, busy(), flags.shutdown_grace_s);
+    const auto deadline =
+        std::chrono::steady_clock::now() + std::chrono::seconds(flags.shutdown_grace_s);
+    const timespec poll{0, 100'000'000};
+    while (busy() > 0 && std::chrono::steady_clock::now() < deadline) {
+      if (sigtimedwait(&signals, nullptr, &poll) > 0) {
+        FERRY_LOG_INFO("coordinator: a second signal, not waiting any longer");
+        break;
+      }
+    }
+  }
+  FERRY_LOG_INFO("coordinator: shutting down ({} requests left to cancel)", busy());
   metrics.reset();
   scheduler.Stop();  // running requests end as cancelled, their streams close
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  // The streams still open end at once (their jobs are finished or cancelled); the bound is for
+  // the rest, such as an idle client connection, which would otherwise hold Shutdown to its end.
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
+  FERRY_LOG_INFO("coordinator: stopped");
   return 0;
 }

@@ -1,6 +1,8 @@
 // The ferry-coordinator daemon with in-process attention, driven over gRPC as a user would:
 // health, token parity with in-process generation, concurrent streams, deadlines and bad
-// requests that spare the other requests, and a clean exit on SIGTERM.
+// requests that spare the other requests, and SIGTERM: accepted jobs finish within the grace
+// while new ones are refused, or with no grace open streams end and the daemon exits at once.
+#include <atomic>
 #include <filesystem>
 #include <thread>
 
@@ -38,13 +40,18 @@ class CoordinatorLocalTest : public ::testing::Test {
     tiny.out_dir = dir_;
     tiny.seed = 5;
     ASSERT_TRUE(model::WriteTinyCheckpoint(tiny).ok());
+    StartDaemon({});
+  }
+  // (Re)starts the coordinator with the tests' flags and `extra`.
+  void StartDaemon(const std::vector<std::string>& extra) {
+    daemon_.reset();
     address_ = "127.0.0.1:" + std::to_string(testing::UnusedTcpPort());
-    daemon_ = std::make_unique<testing::Daemon>(
-        FERRY_COORDINATOR_BINARY,
-        std::vector<std::string>{"--model", dir_, "--local-attention", "--listen", address_,
-                                 "--threads", "2", "--kv-capacity", "67108864",
-                                 "--kv-dtype", "fp32"},
-        dir_ + ".log");
+    std::vector<std::string> args = {"--model",       dir_,       "--local-attention",
+                                     "--listen",      address_,   "--threads",
+                                     "2",             "--kv-capacity", "67108864",
+                                     "--kv-dtype",    "fp32"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    daemon_ = std::make_unique<testing::Daemon>(FERRY_COORDINATOR_BINARY, args, dir_ + ".log");
     ASSERT_TRUE(daemon_->started());
     ASSERT_TRUE(daemon_->WaitHealthy(address_, 20s)) << daemon_->Log();
     stub_ = ferry::v1::GenerationService::NewStub(
@@ -128,12 +135,45 @@ TEST_F(CoordinatorLocalTest, DeadlinesAndBadRequestsSpareTheOthers) {
   EXPECT_EQ(after.tokens, InProcessTokens(prompt, 6));
 }
 
-TEST_F(CoordinatorLocalTest, SigtermExitsCleanlyWhileAStreamIsOpen) {
-  std::thread stream([&] { Generate(*stub_, Request({1, 2, 3}, 4000), 20s); });
+TEST_F(CoordinatorLocalTest, SigtermLetsAcceptedJobsFinishAndRefusesNewOnes) {
+  const std::vector<int32_t> prompt = {1, 2, 3};
+  std::atomic<bool> signalled{false};
+  StreamResult long_job;
+  std::thread stream([&] {
+    long_job = testing::ReadGeneration(*stub_, Request(prompt, 600), 30s, [&](int count) {
+      if (count == 5) {
+        daemon_->Signal(SIGTERM);
+        signalled = true;
+      }
+    });
+  });
+  for (int i = 0; i < 1000 && !signalled; ++i) std::this_thread::sleep_for(2ms);
+  ASSERT_TRUE(signalled);
+  // Refused once the daemon has taken the signal (a request it accepted just before runs).
+  grpc::Status refused;
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    refused = Generate(*stub_, Request({4, 5}, 1), 5s).status;
+    if (!refused.ok()) break;
+    std::this_thread::sleep_for(10ms);
+  }
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::UNAVAILABLE) << refused.error_message();
+  stream.join();
+  ASSERT_TRUE(long_job.status.ok()) << long_job.status.error_message() << daemon_->Log();
+  EXPECT_EQ(long_job.reason, ferry::v1::FINISH_REASON_LENGTH);
+  EXPECT_EQ(long_job.tokens, InProcessTokens(prompt, 600));
+  EXPECT_EQ(daemon_->Wait(20s), 0) << daemon_->Log();
+}
+
+TEST_F(CoordinatorLocalTest, WithNoGraceSigtermEndsOpenStreamsAndExitsAtOnce) {
+  StartDaemon({"--shutdown-grace-s", "0"});
+  StreamResult long_job;
+  std::thread stream([&] { long_job = Generate(*stub_, Request({1, 2, 3}, 4000), 30s); });
   std::this_thread::sleep_for(200ms);
   daemon_->Signal(SIGTERM);
   EXPECT_EQ(daemon_->Wait(10s), 0) << daemon_->Log();
   stream.join();
+  EXPECT_LT(long_job.tokens.size(), 4000u);
+  EXPECT_TRUE(!long_job.status.ok() || long_job.reason != ferry::v1::FINISH_REASON_LENGTH);
 }
 
 }  // namespace
