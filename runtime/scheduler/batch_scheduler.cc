@@ -137,6 +137,8 @@ void BatchScheduler::Finish(Active& active, FinishReason reason, const absl::Sta
   timings.total_ms = Milliseconds(now - active.submitted);
   timings.prompt_tokens = static_cast<int>(active.request.prompt.size());
   timings.generated_tokens = static_cast<int>(active.generated.size());
+  timings.kv_rebuilds = active.rebuilds;
+  timings.preemptions = active.preemptions;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     switch (reason) {
@@ -179,6 +181,7 @@ absl::Status BatchScheduler::RebuildKv(Active& active) {
 void BatchScheduler::Preempt(Active* active) {
   ReleaseKvForRebuild(*active);
   active->finished_before_preemption = finished_;
+  ++active->preemptions;
   auto it = std::find_if(running_.begin(), running_.end(),
                          [&](const auto& a) { return a.get() == active; });
   // Oldest first: a request preempted again goes back before younger ones.

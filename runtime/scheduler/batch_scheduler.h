@@ -64,6 +64,8 @@ struct GenerationTimings {
   double total_ms = 0;
   int prompt_tokens = 0;
   int generated_tokens = 0;
+  int kv_rebuilds = 0;  // after worker losses
+  int preemptions = 0;  // when the KV was full
 };
 
 // What the scheduler has done since it started, and its load now (for metrics).
@@ -139,6 +141,7 @@ class BatchScheduler {
     // While its KV is rebuilt: the prompt and every generated token but the last; else empty.
     std::vector<int32_t> rebuild;
     int rebuilds = 0;
+    int preemptions = 0;
     int64_t finished_before_preemption = -1;  // finished_ when preempted
     // What prefill chunks read: the prompt, or while rebuilding the tokens to read again.
     const std::vector<int32_t>& ToRead() const {

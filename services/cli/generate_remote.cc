@@ -26,6 +26,8 @@ struct RunResult {
   double seconds = 0;
   double first_token_seconds = 0;
   std::string finish_reason;
+  int kv_rebuilds = 0;
+  int preemptions = 0;
 };
 
 ferry::v1::GenerateRequest MakeRequest(const GenerateLocalOptions& job) {
@@ -76,6 +78,8 @@ RunResult RunOne(ferry::v1::GenerationService::Stub& stub, const ferry::v1::Gene
       if (print) std::fflush(stdout);
     } else if (response.has_finished()) {
       result.finish_reason = ferry::v1::FinishReason_Name(response.finished().reason());
+      result.kv_rebuilds = response.finished().timings().kv_rebuilds();
+      result.preemptions = response.finished().timings().preemptions();
       if (!response.finished().error_message().empty()) {
         result.status = absl::InternalError(response.finished().error_message());
       }
@@ -111,13 +115,20 @@ absl::Status RunGenerateRemote(const GenerateLocalOptions& job,
       std::printf("%s\n", nlohmann::json{{"finish_reason", result.finish_reason},
                                          {"tokens", result.tokens},
                                          {"seconds", result.seconds},
-                                         {"time_to_first_token_s", result.first_token_seconds}}
+                                         {"time_to_first_token_s", result.first_token_seconds},
+                                         {"kv_rebuilds", result.kv_rebuilds},
+                                         {"preemptions", result.preemptions}}
                               .dump()
                               .c_str());
     } else {
       std::printf("\n%d tokens in %.3f s: %.1f tokens/s (first token after %.3f s), finish: %s\n",
                   result.tokens, result.seconds, result.tokens / std::max(1e-9, result.seconds),
                   result.first_token_seconds, result.finish_reason.c_str());
+      if (result.kv_rebuilds > 0 || result.preemptions > 0) {
+        std::printf("its KV was rebuilt from its tokens: %d time(s) after a worker failed, %d "
+                    "after a preemption (the KV was full)\n",
+                    result.kv_rebuilds, result.preemptions);
+      }
     }
     return absl::OkStatus();
   }

@@ -218,6 +218,8 @@ grpc::Status GenerationServiceImpl::Generate(
   timings->set_total_ms(state->timings.total_ms);
   timings->set_prompt_tokens(state->timings.prompt_tokens);
   timings->set_generated_tokens(static_cast<int>(generated.size()));
+  timings->set_kv_rebuilds(state->timings.kv_rebuilds);
+  timings->set_preemptions(state->timings.preemptions);
   writer->Write(response);
   // A job that failed ends the call with its error's code (e.g. RESOURCE_EXHAUSTED when its KV
   // cannot fit, UNAVAILABLE when the worker holding it died), after the finish message.

@@ -133,6 +133,7 @@ TEST_F(ClusterFailureTest, WhenTheKvIsFullTheNewestJobWaitsAndEveryJobThatFitsFi
     EXPECT_EQ(jobs[i].result.reason, ferry::v1::FINISH_REASON_LENGTH) << i;
     EXPECT_EQ(jobs[i].result.tokens, Expected(jobs[i].prompt, jobs[i].max_tokens)) << i;
   }
+  EXPECT_GE(jobs[2].result.timings.preemptions() + jobs[3].result.timings.preemptions(), 1);
   EXPECT_NE(cluster_->coordinator().Log().find("preempted"), std::string::npos);
   EXPECT_NE(cluster_->coordinator().Log().find("resumed after preemption"), std::string::npos);
   EXPECT_TRUE(cluster_->WaitAllKvFreed(5s));

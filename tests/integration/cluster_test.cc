@@ -127,6 +127,8 @@ TEST_F(ClusterTest, KilledWorkersSequenceIsRebuiltOnTheSurvivorAndKeepsItsTokens
   ASSERT_TRUE(result.status.ok()) << result.status.error_message();
   EXPECT_EQ(result.reason, ferry::v1::FINISH_REASON_LENGTH) << result.error;
   EXPECT_EQ(result.tokens, InProcessTokens(prompt, 300));
+  EXPECT_EQ(result.timings.kv_rebuilds(), 1);
+  EXPECT_EQ(result.timings.preemptions(), 0);
   EXPECT_NE(cluster_->coordinator().Log().find("rebuilding its kv"), std::string::npos);
   EXPECT_NE(cluster_->coordinator().Log().find("kv rebuilt"), std::string::npos);
   // The survivor held the rebuilt KV and freed it when the job ended.

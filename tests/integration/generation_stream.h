@@ -17,6 +17,7 @@ struct StreamResult {
   std::vector<int32_t> tokens;
   ferry::v1::FinishReason reason = ferry::v1::FINISH_REASON_UNSPECIFIED;
   std::string error;  // the finish message's error, if any
+  ferry::v1::GenerationTimings timings;  // the finish message's
 };
 
 // Greedy unless a temperature is given, end tokens ignored, so the length is exactly max_tokens
@@ -51,6 +52,7 @@ inline StreamResult ReadGeneration(ferry::v1::GenerationService::Stub& stub,
     } else if (response.has_finished()) {
       result.reason = response.finished().reason();
       result.error = response.finished().error_message();
+      result.timings = response.finished().timings();
     }
   }
   result.status = reader->Finish();

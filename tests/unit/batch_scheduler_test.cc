@@ -317,6 +317,8 @@ TEST_F(BatchSchedulerTest, KvExhaustionPreemptsTheNewestWhichResumesWithItsToken
     EXPECT_EQ(outcomes[i].tokens, alone[i]) << "request " << i;
   }
   EXPECT_GE(scheduler.stats().preemptions, 1);
+  EXPECT_GE(outcomes[1].timings.preemptions, 1) << "the newer of the two large requests";
+  EXPECT_EQ(outcomes[0].timings.preemptions, 0);
   EXPECT_EQ(scheduler.stats().finished_length, 3);
   scheduler.Stop();
   EXPECT_EQ(attention_->cache().free_blocks(), 12);
@@ -371,6 +373,8 @@ TEST_F(BatchSchedulerTest, KvLostWithAWorkerIsRebuiltFromTheTokensAndTheTokensSt
   }
   EXPECT_EQ(losing.adds_of_victim(), 3) << "added, then rebuilt twice";
   EXPECT_EQ(scheduler.stats().kv_rebuilds, 2);
+  EXPECT_EQ(outcomes[0].timings.kv_rebuilds, 2);
+  EXPECT_EQ(outcomes[1].timings.kv_rebuilds, 0);
   scheduler.Stop();
   EXPECT_EQ(attention_->cache().free_blocks(), free_before) << "kv leaked";
 }
