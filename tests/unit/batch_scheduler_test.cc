@@ -309,7 +309,9 @@ TEST_F(BatchSchedulerTest, KvExhaustionPreemptsTheNewestWhichResumesWithItsToken
   }
   // The second runs out of room mid-generation and waits for the first to finish; a third
   // arrives while it waits (or after 5 s, when the test fails).
-  for (int i = 0; i < 5000 && scheduler.queued() == 0; ++i) std::this_thread::sleep_for(1ms);
+  for (int i = 0; i < 5000 && scheduler.stats().preemptions == 0; ++i) {
+    std::this_thread::sleep_for(1ms);
+  }
   ASSERT_TRUE(scheduler.Submit(requests[2], outcomes[2].Callbacks()).ok());
   for (int i = 0; i < 3; ++i) {
     ASSERT_TRUE(outcomes[i].Wait()) << "request " << i;
