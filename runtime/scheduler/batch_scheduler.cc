@@ -238,27 +238,24 @@ void BatchScheduler::Admit() {
 void BatchScheduler::TakeCancellations() {
   std::vector<std::unique_ptr<Active>> cancelled_queued;
   std::set<uint64_t> cancelled;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (cancelled_.empty()) return;
-    cancelled.swap(cancelled_);
-    for (auto it = queue_.begin(); it != queue_.end();) {
+  // Moves the cancelled requests of a waiting list into cancelled_queued.
+  const auto take_cancelled = [&](std::deque<std::unique_ptr<Active>>& waiting) {
+    for (auto it = waiting.begin(); it != waiting.end();) {
       if (cancelled.count((*it)->id)) {
         cancelled_queued.push_back(std::move(*it));
-        it = queue_.erase(it);
+        it = waiting.erase(it);
       } else {
         ++it;
       }
     }
+  };
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (cancelled_.empty()) return;
+    cancelled.swap(cancelled_);
+    take_cancelled(queue_);
   }
-  for (auto it = preempted_.begin(); it != preempted_.end();) {
-    if (cancelled.count((*it)->id)) {
-      cancelled_queued.push_back(std::move(*it));
-      it = preempted_.erase(it);
-    } else {
-      ++it;
-    }
-  }
+  take_cancelled(preempted_);
   for (auto& active : cancelled_queued) Finish(*active, FinishReason::kCancelled, absl::OkStatus());
   for (auto& active : running_) {
     if (active && cancelled.count(active->id)) {
